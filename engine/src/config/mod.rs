@@ -1,0 +1,57 @@
+//! mergekit's YAML merge configuration: the schema (`schema`), a YAML reader that
+//! keeps the line of every key (`yaml`), and parameter settings with gradients
+//! and filters (`params`). Everything a user can get wrong here is reported with
+//! the key and its line.
+
+mod params;
+mod schema;
+mod yaml;
+
+// (re-exports of params/schema/yaml go here once those modules exist)
+
+use std::fmt;
+
+/// A position in the YAML source (1-based line and column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.col)
+    }
+}
+
+/// A value with the position of the YAML node it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spanned<T> {
+    pub value: T,
+    pub span: Span,
+}
+
+impl<T> Spanned<T> {
+    pub fn new(value: T, span: Span) -> Self {
+        Spanned { value, span }
+    }
+}
+
+impl<T> std::ops::Deref for Spanned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// An invalid configuration: what is wrong, with the key path and its place in the file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {key_path}{}: {message}", span.map(|s| format!(" ({s})")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The configuration file as the user named it.
+    pub file: String,
+    /// Dotted path of the offending key, e.g. `models[1].parameters.density`.
+    pub key_path: String,
+    pub span: Option<Span>,
+    pub message: String,
+}

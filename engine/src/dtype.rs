@@ -1,0 +1,273 @@
+//! Tensor element types as safetensors names them, and the conversions between
+//! their bit patterns and the f32 values every kernel computes in.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An element type of a safetensors tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum DType {
+    BOOL,
+    U8,
+    I8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F16,
+    BF16,
+    F32,
+    F64,
+    F8_E4M3,
+    F8_E5M2,
+}
+
+impl DType {
+    /// Parses a safetensors header dtype string.
+    pub fn from_safetensors(s: &str) -> Option<DType> {
+        Some(match s {
+            "BOOL" => DType::BOOL,
+            "U8" => DType::U8,
+            "I8" => DType::I8,
+            "I16" => DType::I16,
+            "U16" => DType::U16,
+            "I32" => DType::I32,
+            "U32" => DType::U32,
+            "I64" => DType::I64,
+            "U64" => DType::U64,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F32" => DType::F32,
+            "F64" => DType::F64,
+            "F8_E4M3" => DType::F8_E4M3,
+            "F8_E5M2" => DType::F8_E5M2,
+            _ => return None,
+        })
+    }
+
+    /// The name safetensors uses in its header.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::BOOL => "BOOL",
+            DType::U8 => "U8",
+            DType::I8 => "I8",
+            DType::I16 => "I16",
+            DType::U16 => "U16",
+            DType::I32 => "I32",
+            DType::U32 => "U32",
+            DType::I64 => "I64",
+            DType::U64 => "U64",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+            DType::F8_E4M3 => "F8_E4M3",
+            DType::F8_E5M2 => "F8_E5M2",
+        }
+    }
+
+    /// Parses a mergekit/torch dtype name (`bfloat16`, `torch.float16`, `float32`, ...).
+    pub fn from_torch_name(s: &str) -> Option<DType> {
+        let s = s.strip_prefix("torch.").unwrap_or(s);
+        Some(match s {
+            "bfloat16" | "bf16" => DType::BF16,
+            "float16" | "fp16" | "f16" | "half" => DType::F16,
+            "float32" | "fp32" | "f32" | "float" => DType::F32,
+            "float64" | "fp64" | "f64" | "double" => DType::F64,
+            "int64" => DType::I64,
+            _ => return None,
+        })
+    }
+
+    /// The name transformers writes as `torch_dtype` in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::I64 => "int64",
+            DType::I32 => "int32",
+            DType::I16 => "int16",
+            DType::I8 => "int8",
+            DType::U8 => "uint8",
+            DType::BOOL => "bool",
+            DType::U16 => "uint16",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
+            DType::F8_E4M3 => "float8_e4m3fn",
+            DType::F8_E5M2 => "float8_e5m2",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::BOOL | DType::U8 | DType::I8 | DType::F8_E4M3 | DType::F8_E5M2 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::I64 | DType::U64 | DType::F64 => 8,
+        }
+    }
+
+    /// Whether merge kernels can read this type as f32 values.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+
+    /// The wider of two float types, as torch's `promote_types` picks it
+    /// (bf16 with f16 promotes to f32).
+    pub fn promote(self, other: DType) -> DType {
+        if self == other {
+            return self;
+        }
+        let rank = |d: DType| match d {
+            DType::F64 => 3,
+            DType::F32 => 2,
+            _ => 1,
+        };
+        match (rank(self), rank(other)) {
+            (a, b) if a > b => self,
+            (a, b) if b > a => other,
+            // bf16 vs f16 (or anything else of rank 1): neither holds the other.
+            _ => DType::F32,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.safetensors_name())
+    }
+}
+
+/// bf16 bits to f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// f32 to bf16 bits, round to nearest even; NaN stays NaN (quiet).
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// Converts `src` (raw little-endian elements of `dtype`) into f32 values.
+/// `src.len()` must be `dst.len() * dtype.size()`.
+pub fn decode_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
+    match dtype {
+        DType::BF16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16_to_f32(u16::from_le_bytes([s[0], s[1]]));
+            }
+        }
+        DType::F16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
+            }
+        }
+        DType::F32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+        DType::F64 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(s);
+                *d = f64::from_le_bytes(b) as f32;
+            }
+        }
+        other => unreachable!("decode_f32 called on non-float dtype {other}"),
+    }
+}
+
+/// Converts f32 values into raw little-endian elements of `dtype`, rounding
+/// to nearest even. `dst.len()` must be `src.len() * dtype.size()`.
+pub fn encode_f32(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    match dtype {
+        DType::BF16 => {
+            for (s, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&f32_to_bf16(*s).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (s, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&half::f16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for (s, d) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                d.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        DType::F64 => {
+            for (s, d) in src.iter().zip(dst.chunks_exact_mut(8)) {
+                d.copy_from_slice(&(*s as f64).to_le_bytes());
+            }
+        }
+        other => unreachable!("encode_f32 called on non-float dtype {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_is_exact() {
+        for bits in (0u16..=u16::MAX).step_by(7) {
+            let x = bf16_to_f32(bits);
+            if x.is_nan() {
+                assert!(bf16_to_f32(f32_to_bf16(x)).is_nan());
+            } else {
+                assert_eq!(f32_to_bf16(x), bits);
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between bf16 1.0 and 1.0078125: ties to even (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3*2^-8 lies halfway between 1.0078125 (odd) and 1.015625 (even).
+        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        // Matches the half crate everywhere on a sweep.
+        for i in 0..100_000u32 {
+            let x = f32::from_bits(0x3000_0000 + i * 4099);
+            assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits());
+        }
+    }
+
+    #[test]
+    fn encode_decode_all_float_types() {
+        let vals = [0.0f32, -1.5, 3.25, 1e-3, -65504.0];
+        for dt in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+            let mut bytes = vec![0u8; vals.len() * dt.size()];
+            encode_f32(dt, &vals, &mut bytes);
+            let mut back = vec![0f32; vals.len()];
+            decode_f32(dt, &bytes, &mut back);
+            for (a, b) in vals.iter().zip(&back) {
+                assert!((a - b).abs() <= a.abs() * 1e-2, "{dt}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn promotion_follows_torch() {
+        assert_eq!(DType::BF16.promote(DType::BF16), DType::BF16);
+        assert_eq!(DType::BF16.promote(DType::F16), DType::F32);
+        assert_eq!(DType::F16.promote(DType::F32), DType::F32);
+        assert_eq!(DType::F64.promote(DType::BF16), DType::F64);
+    }
+}

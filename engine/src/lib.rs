@@ -1,0 +1,16 @@
+//! fleetmerge-engine: everything both binaries share. The YAML config and its
+//! parameter resolution (`config`), checkpoint headers (`checkpoint`), where bytes
+//! live (`storage`), the planner that turns a config into self-contained work
+//! units (`plan`), the merge methods (`methods`), the executor that runs one work
+//! unit (`exec`), and the output files around the tensors (`output`).
+
+pub mod checkpoint;
+pub mod config;
+pub mod dtype;
+pub mod exec;
+pub mod methods;
+pub mod output;
+pub mod plan;
+pub mod storage;
+
+pub use dtype::DType;

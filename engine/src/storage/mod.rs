@@ -1,0 +1,91 @@
+//! Where bytes live. Every read of a checkpoint and every write of an output goes
+//! through [`Storage`], addressed by a location string: a local path today, an
+//! object-store URL when a backend for it is registered. Plans and work units
+//! carry only location strings, never handles, so they travel between processes.
+
+mod local;
+
+pub use local::LocalStorage;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+/// A failed storage operation, with the location it concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{location}: not found")]
+    NotFound { location: String },
+    #[error("{location}: {message}")]
+    Io { location: String, message: String },
+    #[error("{location}: asked for bytes {start}..{end} but the object has {size} bytes")]
+    OutOfRange {
+        location: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
+}
+
+impl StorageError {
+    pub fn io(location: &str, err: impl std::fmt::Display) -> Self {
+        StorageError::Io {
+            location: location.to_string(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Reads and writes objects by location. Implementations are cheap to share
+/// between threads; every call is independent.
+pub trait Storage: Send + Sync {
+    /// Size in bytes of the object.
+    fn size(&self, location: &str) -> Result<u64, StorageError>;
+
+    /// Whether the object exists.
+    fn exists(&self, location: &str) -> Result<bool, StorageError>;
+
+    /// Fills `buf` with the bytes starting at `offset`.
+    fn read_into(&self, location: &str, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+
+    /// The bytes in `range`.
+    fn read_range(&self, location: &str, range: Range<u64>) -> Result<Vec<u8>, StorageError> {
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|e| StorageError::io(location, e))?;
+        let mut buf = vec![0u8; len];
+        self.read_into(location, range.start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The whole object (for small files: configs, tokenizers, journals).
+    fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError>;
+
+    /// Writes a whole object so that readers see either nothing or all of it.
+    fn put(&self, location: &str, bytes: &[u8]) -> Result<(), StorageError>;
+
+    /// Starts a streamed object; nothing is visible under `location` until
+    /// [`ObjectWriter::commit`] returns.
+    fn create(&self, location: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
+
+    /// Deletes the object; deleting a missing object is not an error.
+    fn delete(&self, location: &str) -> Result<(), StorageError>;
+
+    /// Names (relative to `prefix`) of the objects under a directory-like prefix.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+
+    /// Joins a relative name onto a location (`dir` + `/` + `name`).
+    fn join(&self, dir: &str, name: &str) -> String {
+        format!("{}/{}", dir.trim_end_matches('/'), name)
+    }
+}
+
+/// A streamed write of one object: bytes are appended in order, and the object
+/// appears atomically on commit. Dropping it without committing discards it.
+pub trait ObjectWriter: Send {
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
+    fn commit(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// The storage for a location string. Local paths (and `file://` URLs) only for now.
+pub fn for_location(_location: &str) -> Arc<dyn Storage> {
+    Arc::new(LocalStorage)
+}
