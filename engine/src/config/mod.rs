@@ -7,7 +7,12 @@ mod params;
 mod schema;
 mod yaml;
 
-// (re-exports of params/schema/yaml go here once those modules exist)
+pub use params::{Conditional, ParamSetting, Scalar};
+pub use schema::{
+    InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params,
+    TokenizerSource,
+};
+pub use yaml::{Node, NodeKind};
 
 use std::fmt;
 
@@ -45,8 +50,15 @@ impl<T> std::ops::Deref for Spanned<T> {
 }
 
 /// An invalid configuration: what is wrong, with the key path and its place in the file.
+///
+/// Shown as `FILE: KEY_PATH (line L, column C): MESSAGE`; the key path and the
+/// position are left out when unknown (e.g. the file could not be read).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{file}: {key_path}{}: {message}", span.map(|s| format!(" ({s})")).unwrap_or_default())]
+#[error(
+    "{file}{}{}: {message}",
+    if key_path.is_empty() { String::new() } else { format!(": {key_path}") },
+    span.map(|s| format!(" ({s})")).unwrap_or_default()
+)]
 pub struct ConfigError {
     /// The configuration file as the user named it.
     pub file: String,
