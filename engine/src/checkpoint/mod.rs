@@ -1,1 +1,144 @@
-//! placeholder
+//! Input checkpoints: validated safetensors headers (`safetensors`) and model
+//! directories with their shards, index and `config.json` (`model`).
+
+mod model;
+mod safetensors;
+
+pub use model::{Checkpoint, TensorLocation};
+pub use safetensors::{parse_header, read_header, SafetensorsHeader, TensorInfo, MAX_HEADER_LEN};
+
+use crate::dtype::DType;
+use crate::storage::StorageError;
+
+/// Why a checkpoint or one of its files could not be used. Every variant names the
+/// file (and the tensor, where there is one) so a user can find the culprit.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+
+    // --- safetensors header framing ---
+    #[error("{location}: file has {size} bytes, too small to hold a safetensors header length")]
+    FileTooSmall { location: String, size: u64 },
+    #[error("{location}: safetensors header length is 0")]
+    HeaderEmpty { location: String },
+    #[error("{location}: safetensors header length {len} exceeds the limit of {limit} bytes (not a safetensors file?)")]
+    HeaderTooLarge {
+        location: String,
+        len: u64,
+        limit: u64,
+    },
+    #[error("{location}: safetensors header of {len} bytes does not fit in the file of {file_size} bytes (the file is truncated)")]
+    HeaderPastEnd {
+        location: String,
+        len: u64,
+        file_size: u64,
+    },
+    #[error("{location}: safetensors header is not valid UTF-8")]
+    HeaderNotUtf8 { location: String },
+    #[error("{location}: safetensors header is not valid JSON: {message}")]
+    HeaderJson { location: String, message: String },
+    #[error("{location}: safetensors header is not a JSON object")]
+    HeaderNotObject { location: String },
+    #[error("{location}: safetensors header names tensor {tensor} twice")]
+    DuplicateHeaderEntry { location: String, tensor: String },
+    #[error("{location}: __metadata__ must map strings to strings: {message}")]
+    BadMetadata { location: String, message: String },
+
+    // --- one tensor entry ---
+    #[error("{location}: tensor {tensor}: entry is not an object")]
+    EntryNotObject { location: String, tensor: String },
+    #[error(
+        "{location}: tensor {tensor}: unknown key {key:?} (expected dtype, shape, data_offsets)"
+    )]
+    UnknownKey {
+        location: String,
+        tensor: String,
+        key: String,
+    },
+    #[error("{location}: tensor {tensor}: missing {field}")]
+    MissingField {
+        location: String,
+        tensor: String,
+        field: &'static str,
+    },
+    #[error("{location}: tensor {tensor}: unknown dtype {dtype}")]
+    UnknownDtype {
+        location: String,
+        tensor: String,
+        dtype: String,
+    },
+    #[error(
+        "{location}: tensor {tensor}: shape must be a list of non-negative integers, found {found}"
+    )]
+    BadShape {
+        location: String,
+        tensor: String,
+        found: String,
+    },
+    #[error("{location}: tensor {tensor}: data_offsets must be two integers [start, end] with start <= end, found {found}")]
+    BadOffsets {
+        location: String,
+        tensor: String,
+        found: String,
+    },
+    #[error("{location}: tensor {tensor}: shape {shape:?} of {dtype} is too large to address")]
+    SizeOverflow {
+        location: String,
+        tensor: String,
+        shape: Vec<u64>,
+        dtype: DType,
+    },
+    #[error("{location}: tensor {tensor}: shape {shape:?} of {dtype} needs {needed} bytes but data_offsets span {span}")]
+    SizeMismatch {
+        location: String,
+        tensor: String,
+        shape: Vec<u64>,
+        dtype: DType,
+        needed: u64,
+        span: u64,
+    },
+    #[error("{location}: tensor {tensor} ends at byte {end} of the data section, which holds only {data_len} bytes (the file is truncated)")]
+    Truncated {
+        location: String,
+        tensor: String,
+        end: u64,
+        data_len: u64,
+    },
+    #[error("{location}: tensors {first} and {second} overlap in the data section")]
+    Overlap {
+        location: String,
+        first: String,
+        second: String,
+    },
+
+    // --- model directory ---
+    #[error("{location}: model directory not found")]
+    ModelNotFound { location: String },
+    #[error("{location}: no safetensors checkpoint: {found}")]
+    NoSafetensors { location: String, found: String },
+    #[error("{location}: invalid index: {message}")]
+    BadIndex { location: String, message: String },
+    #[error("{location}: weight_map names shard {shard:?}, which is not a plain file name")]
+    BadShardName { location: String, shard: String },
+    #[error("{location}: weight_map puts tensor {tensor} in {shard}, but that shard's header has no such tensor")]
+    TensorNotInShard {
+        location: String,
+        tensor: String,
+        shard: String,
+    },
+    #[error("{location}: tensor {tensor} is in both {first} and {second}")]
+    DuplicateTensor {
+        location: String,
+        tensor: String,
+        first: String,
+        second: String,
+    },
+    #[error("{location}: config.json not found")]
+    ConfigMissing { location: String },
+    #[error("{location}: config.json is invalid: {message}")]
+    ConfigInvalid { location: String, message: String },
+}
+
+#[cfg(test)]
+mod tests;
