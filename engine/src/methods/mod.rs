@@ -1,1 +1,211 @@
-//! placeholder
+//! Merge methods. Each method is one file: a unit struct implementing
+//! [`MergeMethod`] (its parameter spec and its kernel) plus one line in
+//! [`registry`]. Kernels read inputs as f32 chunks through [`kernel`], never as
+//! whole f32 copies, so memory stays bounded by a few chunks per thread.
+
+mod gta;
+pub mod kernel;
+mod linear;
+mod passthrough;
+mod select;
+mod slerp;
+mod torch_sort;
+
+use crate::dtype::DType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use kernel::{Chunk, MergeJob, OutputView, TensorView};
+
+/// A resolved parameter value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Number(f64),
+}
+
+impl ParamValue {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            ParamValue::Number(x) => x,
+            ParamValue::Bool(b) => b as u8 as f64,
+        }
+    }
+    pub fn as_bool(self) -> bool {
+        match self {
+            ParamValue::Bool(b) => b,
+            ParamValue::Number(x) => x != 0.0,
+        }
+    }
+}
+
+/// The type of a parameter, with the range a number must lie in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamKind {
+    Bool,
+    /// A finite number in `[min, max]`.
+    Number {
+        min: f64,
+        max: f64,
+    },
+}
+
+impl ParamKind {
+    pub const ANY_NUMBER: ParamKind = ParamKind::Number {
+        min: f64::MIN,
+        max: f64::MAX,
+    };
+    pub const FRACTION: ParamKind = ParamKind::Number { min: 0.0, max: 1.0 };
+}
+
+/// Which inputs a parameter is resolved for (mergekit 0.1.5's `ParameterScope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One value per output tensor, looked up without a model.
+    Shared,
+    /// One value per input, the base model included.
+    Input,
+    /// One value per input other than the base model.
+    NonBase,
+}
+
+/// What a parameter defaults to when no level of the config sets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamDefault {
+    Required,
+    /// Optional with no value (e.g. passthrough's `scale`).
+    Absent,
+    Value(ParamValue),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    pub scope: Scope,
+    pub default: ParamDefault,
+}
+
+impl ParamSpec {
+    pub const fn shared_bool(name: &'static str, default: bool) -> Self {
+        ParamSpec {
+            name,
+            kind: ParamKind::Bool,
+            scope: Scope::Shared,
+            default: ParamDefault::Value(ParamValue::Bool(default)),
+        }
+    }
+}
+
+/// How a method relates to `base_model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// The base is just another input when present (linear, karcher, passthrough).
+    Ignored,
+    Optional,
+    Required,
+}
+
+/// Everything the planner needs to know about a method without running it.
+#[derive(Debug)]
+pub struct MethodSpec {
+    pub name: &'static str,
+    /// Name and link printed in the model card, as mergekit prints them.
+    pub pretty_name: &'static str,
+    pub reference_url: Option<&'static str>,
+    pub params: &'static [ParamSpec],
+    pub base: BasePolicy,
+    /// Bounds on the number of inputs (base included).
+    pub min_inputs: usize,
+    pub max_inputs: Option<usize>,
+    /// Bounds on the number of non-base inputs.
+    pub min_non_base: usize,
+    pub max_non_base: Option<usize>,
+}
+
+impl MethodSpec {
+    pub fn param(&self, name: &str) -> Option<&ParamSpec> {
+        self.params.iter().find(|p| p.name == name)
+    }
+}
+
+/// Fully resolved parameters of one output tensor: shared values, and one map
+/// per input (in input order; empty for the base where the scope excludes it).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TensorParams {
+    pub shared: BTreeMap<String, ParamValue>,
+    pub per_input: Vec<BTreeMap<String, ParamValue>>,
+}
+
+impl TensorParams {
+    pub fn shared_f64(&self, name: &str) -> Option<f64> {
+        self.shared.get(name).map(|v| v.as_f64())
+    }
+    pub fn shared_bool(&self, name: &str) -> Option<bool> {
+        self.shared.get(name).map(|v| v.as_bool())
+    }
+    pub fn input_f64(&self, input: usize, name: &str) -> Option<f64> {
+        self.per_input.get(input)?.get(name).map(|v| v.as_f64())
+    }
+}
+
+/// A parameter value that is well-typed but unusable, found before any work starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamProblem {
+    /// The parameters involved (the first one is where the message points).
+    pub params: Vec<&'static str>,
+    /// The input concerned, when the problem is with one input's value.
+    pub input: Option<usize>,
+    pub message: String,
+}
+
+/// A failure while computing a tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    #[error("{method}: {message}")]
+    Invalid {
+        method: &'static str,
+        message: String,
+    },
+}
+
+/// A merge method: its spec, its checks, its kernel.
+pub trait MergeMethod: Send + Sync {
+    fn spec(&self) -> &MethodSpec;
+
+    /// Checks the resolved parameters of one tensor beyond their types and ranges
+    /// (called by the planner, so errors surface before any work starts).
+    fn validate(&self, _params: &TensorParams, _base: Option<usize>) -> Result<(), ParamProblem> {
+        Ok(())
+    }
+
+    /// Computes the output tensor. `out` has the output dtype and shape of `job`.
+    fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError>;
+}
+
+/// Every method, by its mergekit name.
+pub fn registry() -> &'static [&'static dyn MergeMethod] {
+    static REGISTRY: &[&dyn MergeMethod] = &[
+        &linear::Linear,
+        &slerp::Slerp,
+        &passthrough::Passthrough,
+        &gta::TASK_ARITHMETIC,
+        &gta::TIES,
+    ];
+    REGISTRY
+}
+
+/// The method registered under `name`.
+pub fn get(name: &str) -> Option<&'static dyn MergeMethod> {
+    registry().iter().copied().find(|m| m.spec().name == name)
+}
+
+/// Names of all registered methods, for error messages.
+pub fn names() -> Vec<&'static str> {
+    registry().iter().map(|m| m.spec().name).collect()
+}
+
+/// The dtype merge kernels compute in (f32 for every float input); kept here so
+/// the CUDA path and the plan agree on one definition.
+pub const COMPUTE_DTYPE: DType = DType::F32;

@@ -1,0 +1,323 @@
+//! Exact top-k selection over a tensor streamed in chunks, without sorting and
+//! without an f32 copy of the tensor: non-negative f32 magnitudes order like
+//! their bit patterns, so the k-th largest is found digit by digit with three
+//! histogram passes (11 + 11 + 10 bits). Which of several elements equal to the
+//! threshold mergekit keeps depends on how torch's sort leaves equal keys: for
+//! tensors of up to [`EXACT_LIMIT`] elements we replay that sort
+//! ([`super::torch_sort`]) and keep exactly mergekit's elements; above it, ties
+//! are kept from the highest index down (deterministic, and a handful of equal
+//! magnitudes out of millions).
+
+use super::kernel::{self, Chunk, MergeJob};
+use super::torch_sort;
+
+/// Largest tensor whose top-k replays torch's sort (cost: one sort per task vector).
+pub const EXACT_LIMIT: usize = 1 << 16;
+
+const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// How one stream's top-k is applied: keep keys above `key`; of the keys equal
+/// to it, each chunk skips its first `skip` and keeps the rest of its `take`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopK {
+    /// k >= n: everything is kept.
+    All,
+    /// k == 0: nothing is kept.
+    Nothing,
+    Threshold {
+        key: u32,
+        quota: Vec<TieQuota>,
+    },
+    /// Exactly these elements (small tensors, replayed torch order).
+    Mask(Vec<bool>),
+}
+
+/// Within one chunk: how many threshold-equal keys to pass over before keeping
+/// `take` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TieQuota {
+    pub skip: u32,
+    pub take: u32,
+}
+
+impl TopK {
+    /// Decides element by element within one chunk; `left` starts at
+    /// [`TopK::chunk_quota`] and counts down.
+    #[inline]
+    pub fn keep(&self, index: usize, key: u32, left: &mut TieQuota) -> bool {
+        match self {
+            TopK::All => true,
+            TopK::Nothing => false,
+            TopK::Mask(m) => m.get(index).copied().unwrap_or(false),
+            TopK::Threshold { key: t, .. } => {
+                if key > *t {
+                    true
+                } else if key == *t {
+                    if left.skip > 0 {
+                        left.skip -= 1;
+                        false
+                    } else if left.take > 0 {
+                        left.take -= 1;
+                        true
+                    } else {
+                        false
+                    }
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    pub fn chunk_quota(&self, chunk: Chunk) -> TieQuota {
+        match self {
+            TopK::Threshold { quota, .. } => quota.get(chunk.index).copied().unwrap_or_default(),
+            _ => TieQuota::default(),
+        }
+    }
+}
+
+/// Key of a magnitude: the bit pattern of `|x|`.
+#[inline(always)]
+pub fn magnitude_key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// For each stream `s` (with `ks[s]` elements to keep), finds the top-k of the
+/// keys that `keys(s, inputs, out)` writes for each chunk.
+pub fn top_k(
+    job: &MergeJob,
+    ks: &[u64],
+    keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
+) -> Vec<TopK> {
+    let n = job.numel() as u64;
+    let streams = ks.len();
+    if job.numel() <= EXACT_LIMIT {
+        return top_k_exact(job, ks, &keys);
+    }
+    // Per stream: (prefix of decided high bits, mask of decided bits, k remaining).
+    let mut state: Vec<Option<(u32, u32, u64)>> = ks
+        .iter()
+        .map(|&k| (k > 0 && k < n).then_some((0u32, 0u32, k)))
+        .collect();
+    let active: Vec<usize> = (0..streams).filter(|&s| state[s].is_some()).collect();
+    if !active.is_empty() {
+        for &(shift, bits) in &DIGITS {
+            let buckets = 1usize << bits;
+            let snapshot = state.clone();
+            let hist = kernel::fold_exact(
+                job,
+                || vec![0u64; streams * buckets],
+                |h, c, x| {
+                    let mut buf = vec![0u32; c.len];
+                    for &s in &active {
+                        let Some((prefix, mask, _)) = snapshot[s] else {
+                            continue;
+                        };
+                        keys(s, x, &mut buf);
+                        let h = &mut h[s * buckets..(s + 1) * buckets];
+                        for &k in &buf {
+                            if k & mask == prefix {
+                                h[((k >> shift) as usize) & (buckets - 1)] += 1;
+                            }
+                        }
+                    }
+                },
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+            for &s in &active {
+                let Some((prefix, mask, remaining)) = state[s] else {
+                    continue;
+                };
+                let h = &hist[s * buckets..(s + 1) * buckets];
+                let mut left = remaining;
+                let mut digit = 0usize;
+                for d in (0..buckets).rev() {
+                    if h[d] >= left {
+                        digit = d;
+                        break;
+                    }
+                    left -= h[d];
+                }
+                let digit_mask = ((buckets as u32) - 1) << shift;
+                state[s] = Some((prefix | ((digit as u32) << shift), mask | digit_mask, left));
+            }
+        }
+    }
+    // Ties: count keys equal to the threshold per chunk, then hand out the
+    // remaining k from the last chunk backwards (highest indices first).
+    let thresholds: Vec<Option<(u32, u64)>> = state
+        .iter()
+        .map(|s| s.map(|(key, _, left)| (key, left)))
+        .collect();
+    let per_chunk = kernel::reduce(job, |c, x| {
+        let mut buf = vec![0u32; c.len];
+        let mut eq = vec![0u32; streams];
+        for (s, t) in thresholds.iter().enumerate() {
+            if let Some((key, _)) = t {
+                keys(s, x, &mut buf);
+                eq[s] = buf.iter().filter(|&&k| k == *key).count() as u32;
+            }
+        }
+        eq
+    });
+    (0..streams)
+        .map(|s| match thresholds[s] {
+            None if ks[s] == 0 => TopK::Nothing,
+            None => TopK::All,
+            Some((key, mut ties)) => {
+                let mut quota: Vec<TieQuota> = per_chunk
+                    .iter()
+                    .rev()
+                    .map(|eq| {
+                        let take = (eq[s] as u64).min(ties);
+                        ties -= take;
+                        TieQuota {
+                            skip: eq[s] - take as u32,
+                            take: take as u32,
+                        }
+                    })
+                    .collect();
+                quota.reverse();
+                TopK::Threshold { key, quota }
+            }
+        })
+        .collect()
+}
+
+/// Small tensors: the first k indices of torch's descending argsort.
+fn top_k_exact(
+    job: &MergeJob,
+    ks: &[u64],
+    keys: &(impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send),
+) -> Vec<TopK> {
+    let n = job.numel();
+    (0..ks.len())
+        .map(|s| {
+            let k = ks[s] as usize;
+            if k == 0 {
+                return TopK::Nothing;
+            }
+            if k >= n {
+                return TopK::All;
+            }
+            let all: Vec<u32> = kernel::reduce(job, |c, x| {
+                let mut buf = vec![0u32; c.len];
+                keys(s, x, &mut buf);
+                buf
+            })
+            .concat();
+            let mut mask = vec![false; n];
+            for &i in &torch_sort::argsort_descending(&all)[..k] {
+                mask[i as usize] = true;
+            }
+            TopK::Mask(mask)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::methods::kernel::{testing::f32_bytes, TensorView, CHUNK};
+    use crate::methods::TensorParams;
+
+    fn select(values: &[f32], k: u64) -> Vec<bool> {
+        let bytes = f32_bytes(values);
+        let params = TensorParams::default();
+        let shape = [values.len() as u64];
+        let job = MergeJob {
+            name: "t",
+            shape: &shape,
+            inputs: vec![TensorView {
+                dtype: DType::F32,
+                bytes: &bytes,
+            }],
+            base: None,
+            params: &params,
+            seed: 0,
+        };
+        let tk = top_k(&job, &[k], |_, x, out| {
+            for (o, &v) in out.iter_mut().zip(x[0]) {
+                *o = magnitude_key(v);
+            }
+        });
+        let mut kept = Vec::new();
+        for (ci, chunk) in values.chunks(CHUNK).enumerate() {
+            let c = Chunk {
+                index: ci,
+                start: ci * CHUNK,
+                len: chunk.len(),
+            };
+            let mut left = tk[0].chunk_quota(c);
+            kept.extend(
+                chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &v)| tk[0].keep(c.start + e, magnitude_key(v), &mut left)),
+            );
+        }
+        kept
+    }
+
+    #[test]
+    fn keeps_exactly_the_k_largest_magnitudes() {
+        let v = [0.5f32, -3.0, 2.0, 0.0, -1.0, 4.0];
+        assert_eq!(select(&v, 3), vec![false, true, true, false, false, true]);
+        assert_eq!(select(&v, 0), vec![false; 6]);
+        assert_eq!(select(&v, 6), vec![true; 6]);
+        assert_eq!(select(&v, 1), vec![false, false, false, false, false, true]);
+    }
+
+    #[test]
+    fn ties_are_kept_from_the_highest_index_down_across_chunks() {
+        let n = CHUNK * 2 + 10;
+        let mut v = vec![1.0f32; n];
+        v[5] = 2.0;
+        // k = 1 + CHUNK + 20: 2.0 plus the last CHUNK + 20 ones.
+        let kept = select(&v, 1 + CHUNK as u64 + 20);
+        assert_eq!(kept.iter().filter(|&&b| b).count(), 1 + CHUNK + 20);
+        assert!(kept[5]);
+        assert!(kept[n - CHUNK - 20..].iter().all(|&b| b));
+        assert!(kept[6..n - CHUNK - 20].iter().all(|&b| !b));
+        // Small tensors replay torch's order: with 17 equal values and k = 2,
+        // torch.argsort(descending=True) starts with [8, 16, ...].
+        let kept = select(&[1.0; 17], 2);
+        assert!(kept[8] && kept[16]);
+        assert_eq!(kept.iter().filter(|&&b| b).count(), 2);
+    }
+
+    #[test]
+    fn matches_a_sort_on_random_data() {
+        let mut x = 12345u64;
+        let v: Vec<f32> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % 20001) as f32 - 10000.0) * 1e-4
+            })
+            .collect();
+        for k in [1u64, 17, 50_000, 99_999] {
+            let kept = select(&v, k);
+            assert_eq!(kept.iter().filter(|&&b| b).count() as u64, k);
+            let mut mags: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+            mags.sort_by(|a, b| b.total_cmp(a));
+            let thr = mags[k as usize - 1];
+            for (i, &b) in kept.iter().enumerate() {
+                if v[i].abs() > thr {
+                    assert!(b);
+                }
+                if v[i].abs() < thr {
+                    assert!(!b);
+                }
+            }
+        }
+    }
+}
