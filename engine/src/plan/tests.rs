@@ -1,0 +1,313 @@
+//! Planner tests on the example models: parameter resolution (precedence,
+//! gradients, filters, pre/post weights at t = 0, per-slice t), layer
+//! renumbering, tied heads, sharding, and the errors raised before any work.
+
+use super::*;
+use crate::config::MergeConfig;
+use std::path::PathBuf;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn plan_yaml(yaml: &str) -> Result<Plan, PlanError> {
+    let cfg = MergeConfig::parse("test.yaml", yaml).map_err(PlanError::Config)?;
+    plan(
+        &cfg,
+        &PlanOptions {
+            out_shard_size: DEFAULT_SHARD_SIZE,
+            seed: 0,
+            allow_crimes: false,
+            base_dir: examples(),
+        },
+    )
+}
+
+fn tensor<'a>(p: &'a Plan, name: &str) -> &'a OutputTensor {
+    p.units
+        .iter()
+        .flat_map(|u| &u.tensors)
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no output tensor {name}"))
+}
+
+fn shared(p: &Plan, name: &str, param: &str) -> f64 {
+    tensor(p, name).params.shared_f64(param).unwrap()
+}
+
+fn per(p: &Plan, name: &str, input: usize, param: &str) -> f64 {
+    tensor(p, name).params.input_f64(input, param).unwrap()
+}
+
+const SLERP_GRADIENT: &str = "
+slices:
+  - sources:
+      - model: models/llama-ft-a
+        layer_range: [0, 6]
+      - model: models/llama-ft-c
+        layer_range: [0, 6]
+merge_method: slerp
+base_model: models/llama-ft-a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+";
+
+#[test]
+fn gradients_interpolate_across_layers() {
+    let p = plan_yaml(SLERP_GRADIENT).unwrap();
+    // Layer k of 6: t = k/5; s = t*4. Layer 3: s = 2.4 → 0.6*0.3 + 0.4*0.7 = 0.46.
+    let at = |l: u32, suffix: &str| shared(&p, &format!("model.layers.{l}.{suffix}"), "t");
+    assert!((at(3, "self_attn.q_proj.weight") - 0.46).abs() < 1e-12);
+    // Layer 1: s = 0.8 → 0.2*0 + 0.8*0.5 = 0.4.
+    assert!((at(1, "self_attn.k_proj.weight") - 0.4).abs() < 1e-12);
+    assert_eq!(at(0, "self_attn.q_proj.weight"), 0.0);
+    assert_eq!(at(5, "self_attn.q_proj.weight"), 1.0);
+    // mlp gradient at layer 3: 0.6*0.7 + 0.4*0.3 = 0.54.
+    assert!((at(3, "mlp.up_proj.weight") - 0.54).abs() < 1e-12);
+    // Neither filter: the catch-all.
+    assert_eq!(at(2, "input_layernorm.weight"), 0.5);
+    // Embeddings and the head take position t = 0 (mergekit's pre/post rule).
+    assert_eq!(shared(&p, "model.embed_tokens.weight", "t"), 0.5);
+    assert_eq!(shared(&p, "lm_head.weight", "t"), 0.5);
+}
+
+#[test]
+fn precedence_source_over_slice_over_global() {
+    let yaml = "
+slices:
+  - sources:
+      - model: models/llama-ft-a
+        layer_range: [0, 3]
+        parameters: {weight: 0.9}
+      - model: models/llama-ft-b
+        layer_range: [0, 3]
+    parameters: {weight: 0.4}
+  - sources:
+      - model: models/llama-ft-a
+        layer_range: [3, 6]
+      - model: models/llama-ft-b
+        layer_range: [3, 6]
+merge_method: linear
+parameters:
+  weight: 0.1
+  normalize: false
+";
+    let p = plan_yaml(yaml).unwrap();
+    let l = "model.layers.1.mlp.up_proj.weight";
+    assert_eq!(per(&p, l, 0, "weight"), 0.9); // source level
+    assert_eq!(per(&p, l, 1, "weight"), 0.4); // slice level
+    let l = "model.layers.4.mlp.up_proj.weight";
+    assert_eq!(per(&p, l, 0, "weight"), 0.1); // global
+    assert_eq!(tensor(&p, l).params.shared_bool("normalize"), Some(false));
+}
+
+#[test]
+fn filters_fall_through_to_lower_levels() {
+    let yaml = "
+models:
+  - model: models/llama-ft-a
+    parameters:
+      weight:
+        - filter: mlp
+          value: 2
+  - model: models/llama-ft-b
+    parameters: {weight: 1}
+merge_method: linear
+parameters:
+  weight: 0.25
+";
+    let p = plan_yaml(yaml).unwrap();
+    assert_eq!(
+        per(&p, "model.layers.0.mlp.down_proj.weight", 0, "weight"),
+        2.0
+    );
+    // No filter matched at the model level: the global value applies.
+    assert_eq!(
+        per(&p, "model.layers.0.self_attn.o_proj.weight", 0, "weight"),
+        0.25
+    );
+}
+
+#[test]
+fn gradient_restarts_in_every_slice_and_single_layer_slices_use_t_1() {
+    let yaml = "
+slices:
+  - sources:
+      - {model: models/llama-ft-a, layer_range: [0, 3]}
+      - {model: models/llama-ft-b, layer_range: [0, 3]}
+  - sources:
+      - {model: models/llama-ft-a, layer_range: [3, 4]}
+      - {model: models/llama-ft-b, layer_range: [3, 4]}
+merge_method: slerp
+base_model: models/llama-ft-a
+parameters:
+  t: [0, 1]
+";
+    let p = plan_yaml(yaml).unwrap();
+    let t = |l: u32| shared(&p, &format!("model.layers.{l}.mlp.up_proj.weight"), "t");
+    assert_eq!((t(0), t(1), t(2)), (0.0, 0.5, 1.0));
+    assert_eq!(t(3), 1.0);
+}
+
+#[test]
+fn slices_renumber_layers_and_take_pre_and_post_from_the_ends() {
+    let yaml = "
+slices:
+  - sources:
+      - {model: models/llama-ft-a, layer_range: [0, 4]}
+  - sources:
+      - {model: models/llama-ft-b, layer_range: [2, 6]}
+merge_method: passthrough
+";
+    let p = plan_yaml(yaml).unwrap();
+    let t = tensor(&p, "model.layers.5.self_attn.q_proj.weight");
+    assert_eq!(t.inputs[0].name, "model.layers.3.self_attn.q_proj.weight");
+    assert!(t.inputs[0].location.contains("llama-ft-b"));
+    assert!(tensor(&p, "model.embed_tokens.weight").inputs[0]
+        .location
+        .contains("llama-ft-a"));
+    assert!(tensor(&p, "lm_head.weight").inputs[0]
+        .location
+        .contains("llama-ft-b"));
+    assert_eq!(p.output.layers, Some(("num_hidden_layers".to_string(), 8)));
+    assert_eq!(p.tensor_count(), 1 + 8 * 9 + 2);
+}
+
+#[test]
+fn base_model_outside_models_is_appended_and_is_the_base() {
+    let yaml = "
+models:
+  - model: models/llama-ft-a
+    parameters: {weight: 1, density: 0.5}
+merge_method: ties
+base_model: models/llama-base
+";
+    let p = plan_yaml(yaml).unwrap();
+    let t = tensor(&p, "model.norm.weight");
+    assert_eq!(t.inputs.len(), 2);
+    assert_eq!(t.base, Some(1));
+    // Per-model parameters are not resolved for the base (mergekit's non_base scope).
+    assert!(t.params.per_input[1].is_empty());
+    assert_eq!(per(&p, "model.norm.weight", 0, "density"), 0.5);
+    assert_eq!(shared(&p, "model.norm.weight", "lambda"), 1.0);
+    assert!(p.output.config_dir.ends_with("llama-base"));
+}
+
+#[test]
+fn linear_needs_a_weight_for_an_appended_base() {
+    // mergekit 0.1.5: `weight` is resolved for every input of linear, base included.
+    let yaml = "
+models:
+  - model: models/llama-ft-a
+    parameters: {weight: 1}
+merge_method: linear
+base_model: models/llama-base
+";
+    let err = plan_yaml(yaml).unwrap_err().to_string();
+    assert!(
+        err.contains("missing required parameter `weight`") && err.contains("base_model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_name_the_key_and_line() {
+    let unknown = "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1}\nmerge_method: averaging\n";
+    let err = plan_yaml(unknown).unwrap_err().to_string();
+    assert!(
+        err.contains("merge_method") && err.contains("line 4"),
+        "{err}"
+    );
+
+    let no_base =
+        "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1}\nmerge_method: ties\n";
+    let err = plan_yaml(no_base).unwrap_err().to_string();
+    assert!(err.contains("base_model"), "{err}");
+
+    let range = "slices:\n  - sources:\n      - model: models/llama-ft-a\n        layer_range: [0, 9]\nmerge_method: passthrough\n";
+    let err = plan_yaml(range).unwrap_err().to_string();
+    assert!(
+        err.contains("layer_range") && err.contains("line 4") && err.contains("6 layers"),
+        "{err}"
+    );
+
+    let missing =
+        "models:\n  - model: models/nope\n    parameters: {weight: 1}\nmerge_method: linear\n";
+    let err = plan_yaml(missing).unwrap_err().to_string();
+    assert!(
+        err.contains("models/nope") && err.contains("line 2"),
+        "{err}"
+    );
+
+    let foreign = "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1, density: 0.5}\nmerge_method: linear\n";
+    let err = plan_yaml(foreign).unwrap_err().to_string();
+    assert!(
+        err.contains("`density` is not a parameter of linear"),
+        "{err}"
+    );
+
+    let shared_under_model =
+        "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1, normalize: true}\nmerge_method: linear\n";
+    let err = plan_yaml(shared_under_model).unwrap_err().to_string();
+    assert!(err.contains("shared parameter"), "{err}");
+
+    let zero_sum = "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1}\n  - model: models/llama-ft-b\n    parameters: {weight: -1}\nmerge_method: linear\n";
+    let err = plan_yaml(zero_sum).unwrap_err().to_string();
+    assert!(err.contains("sum to 0"), "{err}");
+}
+
+#[test]
+fn mixtral_experts_keep_their_per_expert_layout() {
+    let yaml = "
+models:
+  - model: models/mixtral-ft-a
+    parameters: {weight: 0.5}
+  - model: models/mixtral-ft-b
+    parameters: {weight: 0.5}
+merge_method: linear
+";
+    let p = plan_yaml(yaml).unwrap();
+    let t = tensor(&p, "model.layers.1.block_sparse_moe.experts.3.w2.weight");
+    assert_eq!(t.shape, vec![64, 96]);
+    assert_eq!(p.tensor_count(), 2 + 2 * (4 * 3 + 1 + 6) + 1);
+}
+
+#[test]
+fn plans_are_deterministic_and_serialize() {
+    let a = plan_yaml(SLERP_GRADIENT).unwrap();
+    let b = plan_yaml(SLERP_GRADIENT).unwrap();
+    assert_eq!(a, b);
+    let unit = &a.units[0];
+    let json = serde_json::to_string(unit).unwrap();
+    let back: WorkUnit = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, unit);
+}
+
+#[test]
+fn shards_split_by_bytes() {
+    let cfg = MergeConfig::parse(
+        "t.yaml",
+        "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let p = plan(
+        &cfg,
+        &PlanOptions {
+            out_shard_size: 100_000,
+            seed: 0,
+            allow_crimes: false,
+            base_dir: examples(),
+        },
+    )
+    .unwrap();
+    assert!(p.units.len() > 1);
+    for u in &p.units {
+        assert!(u.data_bytes() <= 100_000 || u.tensors.len() == 1);
+    }
+    assert_eq!(p.total_size(), 685_696);
+}
