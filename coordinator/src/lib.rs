@@ -1,1 +1,10 @@
-//! placeholder
+//! fleetmerge-coordinator: hands work units to workers and turns their shards
+//! into a finished model. `scheduler` owns the queue of units and their leases;
+//! `assemble` writes the files around the shards (config.json, tokenizer, model
+//! card) and the index last, so an unfinished merge never looks finished.
+
+pub mod assemble;
+pub mod scheduler;
+
+pub use assemble::{AssembleError, AssembleOptions};
+pub use scheduler::{run_embedded, EmbeddedOptions, RunError, RunSummary};

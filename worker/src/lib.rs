@@ -1,1 +1,44 @@
-//! placeholder
+//! fleetmerge-worker: the loop every worker runs, wherever its units come from.
+//! It asks a [`UnitSource`] for a unit, executes it (reads inputs, merges, writes
+//! the output shard) and reports the result. In `fleetmerge run` the source is the
+//! in-process scheduler; in cluster mode it is the coordinator over gRPC.
+
+use fleetmerge_engine::exec::{self, ExecError, Progress, UnitOutput};
+use fleetmerge_engine::plan::WorkUnit;
+
+/// A unit handed to a worker, with the lease that identifies this attempt.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub lease_id: u64,
+    pub unit: WorkUnit,
+    /// Where the unit's shard goes.
+    pub out_dir: String,
+}
+
+/// Where a worker gets units from and reports them to.
+pub trait UnitSource: Sync {
+    /// The next unit to work on; `None` when there is nothing left for this worker.
+    fn next(&self, worker: &str) -> Option<Lease>;
+    fn complete(&self, lease: &Lease, output: UnitOutput);
+    fn fail(&self, lease: &Lease, error: &ExecError);
+}
+
+/// Works until the source has nothing left. Returns the number of units completed.
+pub fn work(worker: &str, source: &dyn UnitSource, progress: &dyn Progress) -> usize {
+    let mut done = 0;
+    while let Some(lease) = source.next(worker) {
+        tracing::debug!(worker, unit = lease.unit.id, file = %lease.unit.file_name, "unit leased");
+        match exec::execute_unit(&lease.unit, &lease.out_dir, progress) {
+            Ok(output) => {
+                tracing::debug!(worker, unit = lease.unit.id, sha256 = %output.sha256, "unit done");
+                source.complete(&lease, output);
+                done += 1;
+            }
+            Err(e) => {
+                tracing::warn!(worker, unit = lease.unit.id, error = %e, "unit failed");
+                source.fail(&lease, &e);
+            }
+        }
+    }
+    done
+}

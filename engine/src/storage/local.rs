@@ -137,7 +137,8 @@ impl ObjectWriter for LocalWriter {
             .file
             .as_mut()
             .ok_or_else(|| StorageError::io(&self.location, "write after commit"))?;
-        file.write_all(bytes).map_err(|e| map_err(&self.location, e))
+        file.write_all(bytes)
+            .map_err(|e| map_err(&self.location, e))
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
@@ -186,7 +187,10 @@ mod tests {
         let mut w = s.create(&loc2).unwrap();
         w.write_all(b"x").unwrap();
         drop(w);
-        assert_eq!(s.list(&dir.path().join("sub").to_string_lossy()).unwrap(), vec!["a.bin"]);
+        assert_eq!(
+            s.list(&dir.path().join("sub").to_string_lossy()).unwrap(),
+            vec!["a.bin"]
+        );
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! The files of a merged model besides its shards: `config.json` (donor's,
+//! patched), tokenizer files, `README.md` model card, `mergekit_config.yml`, and
+//! — last of all, once every shard exists — `model.safetensors.index.json`.
+
+use fleetmerge_engine::checkpoint::CheckpointError;
+use fleetmerge_engine::output::{self, CardInput, OutputError};
+use fleetmerge_engine::plan::Plan;
+use fleetmerge_engine::storage::{self, StorageError};
+
+/// What to write besides the tensors.
+#[derive(Debug, Clone)]
+pub struct AssembleOptions {
+    pub copy_tokenizer: bool,
+    pub model_card: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{location}: config.json is not a JSON object: {message}")]
+    DonorConfig { location: String, message: String },
+}
+
+/// The last path component of the output location (the model card's title).
+fn model_name(out_dir: &str) -> &str {
+    out_dir
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+}
+
+/// Writes config.json, tokenizer files, the model card and mergekit_config.yml.
+pub fn write_side_files(
+    plan: &Plan,
+    out_dir: &str,
+    opts: &AssembleOptions,
+) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    let meta = &plan.output;
+    let donor = storage::for_location(&meta.config_dir);
+    let config_loc = donor.join(&meta.config_dir, "config.json");
+    let donor_config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&donor.read_all(&config_loc)?).map_err(|e| {
+            AssembleError::DonorConfig {
+                location: config_loc.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    let config = output::output_config(
+        &donor_config,
+        meta.config_dtype,
+        meta.layers.as_ref().map(|(k, n)| (k.as_str(), *n)),
+    );
+    out.put(
+        &out.join(out_dir, "config.json"),
+        output::to_pretty_json(&config).as_bytes(),
+    )?;
+
+    if opts.copy_tokenizer {
+        let tok = storage::for_location(&meta.tokenizer_dir);
+        let copied = output::copy_tokenizer(
+            tok.as_ref(),
+            &meta.tokenizer_dir,
+            out_dir,
+            meta.chat_template.as_deref(),
+        )?;
+        if copied.is_empty() {
+            tracing::warn!(
+                donor = %meta.tokenizer_dir,
+                "no tokenizer files to copy (tokenizer_config.json with tokenizer.json or tokenizer.model); copy a tokenizer into the output yourself"
+            );
+        }
+    }
+
+    if opts.model_card {
+        let card = output::model_card(&CardInput {
+            name: model_name(out_dir),
+            merge_method: &plan.merge_method,
+            method_pretty: Some(&meta.method_pretty),
+            method_url: meta.method_url.as_deref(),
+            base_model: meta.base_reference.as_deref(),
+            models: &meta.references,
+            config_yaml: &meta.config_yaml,
+            model_exists_locally: &|p: &str| std::path::Path::new(p).exists(),
+        });
+        out.put(&out.join(out_dir, "README.md"), card.as_bytes())?;
+        out.put(
+            &out.join(out_dir, "mergekit_config.yml"),
+            meta.config_yaml.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes the index (for sharded outputs): the marker of a complete model.
+pub fn write_index(plan: &Plan, out_dir: &str) -> Result<(), AssembleError> {
+    if plan.units.len() > 1 {
+        let out = storage::for_location(out_dir);
+        let index = output::index_json(plan.total_size(), &plan.weight_map());
+        out.put(
+            &out.join(out_dir, "model.safetensors.index.json"),
+            index.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
