@@ -1,0 +1,204 @@
+//! Shared helpers of the integration tests: run the real `fleetmerge` binary,
+//! read safetensors outputs back, and judge them against mergekit's reference
+//! outputs the way the conformance kit's `compare.py` does.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The example models (a copy of the conformance kit's `models/`).
+pub fn examples() -> PathBuf {
+    root().join("examples")
+}
+
+pub fn fixture(case: &str) -> PathBuf {
+    root().join("tests/fixtures/cases").join(case)
+}
+
+/// Runs `fleetmerge ARGS` in `cwd`.
+pub fn fleetmerge(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .expect("the fleetmerge binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// One tensor read back: dtype name, shape, raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub bytes: Vec<u8>,
+}
+
+impl Tensor {
+    pub fn values(&self) -> Vec<f64> {
+        match self.dtype.as_str() {
+            "BF16" => self
+                .bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64)
+                .collect(),
+            "F16" => self
+                .bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64())
+                .collect(),
+            "F32" => self
+                .bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect(),
+            other => panic!("test helper cannot read {other}"),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> BTreeMap<String, Tensor> {
+    let raw = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..8 + n]).expect("header JSON");
+    let data = &raw[8 + n..];
+    let mut out = BTreeMap::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offs = info["data_offsets"].as_array().unwrap();
+        let (a, b) = (
+            offs[0].as_u64().unwrap() as usize,
+            offs[1].as_u64().unwrap() as usize,
+        );
+        out.insert(
+            name,
+            Tensor {
+                dtype: info["dtype"].as_str().unwrap().to_string(),
+                shape: info["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect(),
+                bytes: data[a..b].to_vec(),
+            },
+        );
+    }
+    out
+}
+
+/// Every tensor of a model directory (index + shards, or model.safetensors).
+pub fn read_model(dir: &Path) -> BTreeMap<String, Tensor> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        let map = idx["weight_map"].as_object().unwrap();
+        let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        let mut out = BTreeMap::new();
+        for f in files {
+            for (name, t) in read_file(&dir.join(f)) {
+                assert_eq!(
+                    map[&name].as_str(),
+                    Some(f),
+                    "index places {name} elsewhere"
+                );
+                out.insert(name, t);
+            }
+        }
+        assert_eq!(out.len(), map.len(), "index and shards disagree");
+        out
+    } else {
+        read_file(&dir.join("model.safetensors"))
+    }
+}
+
+/// How an output is judged (the conformance kit's modes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    Exact,
+    Close,
+    Bf16,
+}
+
+/// Compares an output with a reference, returning the problems found.
+pub fn compare(
+    ours: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    mode: Mode,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let names: Vec<_> = ours.keys().collect();
+    let ref_names: Vec<_> = reference.keys().collect();
+    if names != ref_names {
+        problems.push(format!(
+            "tensor names differ: ours {} vs reference {}",
+            names.len(),
+            ref_names.len()
+        ));
+        return problems;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (name, o) in ours {
+        let r = &reference[name];
+        if o.dtype != r.dtype || o.shape != r.shape {
+            problems.push(format!(
+                "{name}: {}{:?} vs {}{:?}",
+                o.dtype, o.shape, r.dtype, r.shape
+            ));
+            continue;
+        }
+        if mode == Mode::Exact {
+            if o.bytes != r.bytes {
+                problems.push(format!("{name}: not bit-identical"));
+            }
+            continue;
+        }
+        let (ov, rv) = (o.values(), r.values());
+        let (rtol, limit) = if mode == Mode::Close {
+            (2f64.powi(-7), 0.01)
+        } else {
+            (2f64.powi(-5), 0.05)
+        };
+        let mut off = 0usize;
+        for (&a, &b) in ov.iter().zip(&rv) {
+            if !a.is_finite() {
+                problems.push(format!("{name}: non-finite value"));
+                break;
+            }
+            if (a - b).abs() > rtol * b.abs() + 1e-6 {
+                off += 1;
+            }
+            num += (a - b) * (a - b);
+            den += b * b;
+        }
+        let frac = off as f64 / ov.len().max(1) as f64;
+        if frac > limit {
+            problems.push(format!(
+                "{name}: {:.2}% of elements off by more than {rtol}",
+                frac * 100.0
+            ));
+        }
+    }
+    if mode != Mode::Exact && den > 0.0 {
+        let rel = (num / den).sqrt();
+        let limit = if mode == Mode::Close { 0.004 } else { 0.02 };
+        if rel > limit {
+            problems.push(format!("relative L2 error {rel} above {limit}"));
+        }
+    }
+    problems
+}
