@@ -134,18 +134,34 @@ fn run(args: RunArgs) -> Result<()> {
         let secs = started.elapsed().as_secs_f64();
         let read = counters.read.load(Ordering::Relaxed) as f64;
         eprintln!(
-            "merged {} tensors into {} ({} shard{}, {:.2} GB) in {:.2} s, reading {:.2} GB ({:.2} GB/s)",
+            "merged {} tensors into {} ({} shard{}, {}) in {:.2} s, reading {} ({}/s)",
             plan.tensor_count(),
             args.out.display(),
             summary.outputs.len(),
             if summary.outputs.len() == 1 { "" } else { "s" },
-            summary.total_size as f64 / 1e9,
+            bytes(summary.total_size as f64),
             secs,
-            read / 1e9,
-            read / 1e9 / secs.max(1e-9),
+            bytes(read),
+            bytes(read / secs.max(1e-9)),
         );
     }
     Ok(())
+}
+
+/// A byte count for people: `812 KB`, `3.71 GB`.
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
 }
 
 /// Creates the output directory and removes an index left by an earlier merge,
