@@ -1,15 +1,18 @@
 //! The generalized task arithmetic family (mergekit's
-//! `generalized_task_arithmetic.py`): task vectors `δ_i = x_i − base` are
-//! sparsified, weighted, optionally sign-elected, summed, optionally normalised
-//! by the (masked) weight sum, scaled by `lambda` and added back to the base.
-//! The order is mergekit's: sparsify → weight → elect signs on the *weighted*
-//! deltas → masked sum → divide by the masked weight sum → λ.
+//! `generalized_task_arithmetic.py` and `sparsify.py`): task vectors
+//! `δ_i = x_i − base` are sparsified, weighted, optionally sign-elected, summed,
+//! optionally normalised by the (masked) weight sum, scaled by `lambda` and added
+//! back to the base. The order is mergekit's: sparsify (with the L1-preserving
+//! rescale) → weight → elect signs on the *weighted* deltas → masked sum → divide
+//! by the masked weight sum → λ.
 
-use super::kernel::{self, MergeJob, OutputView};
-use super::select::{self, TopK};
+use super::kernel::{self, Chunk, MergeJob, OutputView, CHUNK};
+use super::rng::Stream;
+use super::select::{self, TieQuota, TopK};
+use super::torch_sort;
 use super::{
-    BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
-    ParamValue, Scope,
+    BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
+    ParamSpec, ParamValue, Scope, TensorParams,
 };
 
 /// How each task vector is thinned before merging.
@@ -18,13 +21,22 @@ pub enum Sparsify {
     None,
     /// Keep the `max(1, trunc(density·n))` largest magnitudes (TIES).
     Magnitude,
+    /// Keep each element with probability `density` (DARE).
+    Random,
+    /// Drop the `gamma·n` largest and then the smallest magnitudes, keeping
+    /// `trunc(density·n)` (Model Breadcrumbs).
+    MagnitudeOutliers,
+    /// Keep with a probability that grows with the magnitude's rank in its row,
+    /// from `density − epsilon` to `density + epsilon` (DELLA).
+    DellaMagprune,
 }
 
 /// How signs are elected per element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consensus {
     None,
-    /// The sign of the sum of the weighted deltas (TIES).
+    /// The sign of the sum of the weighted deltas (TIES); mergekit registers no
+    /// method with its `count` variant.
     Sum,
 }
 
@@ -34,31 +46,51 @@ pub struct Gta {
     consensus: Consensus,
 }
 
-const fn param_specs(normalize: bool, rescale: bool) -> [ParamSpec; 6] {
+const fn number(
+    name: &'static str,
+    kind: ParamKind,
+    scope: Scope,
+    default: ParamDefault,
+) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind,
+        scope,
+        default,
+    }
+}
+
+const fn value(x: f64) -> ParamDefault {
+    ParamDefault::Value(ParamValue::Number(x))
+}
+
+const NON_NEGATIVE: ParamKind = ParamKind::Number {
+    min: 0.0,
+    max: f64::MAX,
+};
+
+const fn common(normalize: bool, rescale: bool) -> [ParamSpec; 6] {
     [
         ParamSpec::shared_bool("int8_mask", false),
         ParamSpec::shared_bool("normalize", normalize),
         ParamSpec::shared_bool("rescale", rescale),
-        ParamSpec {
-            name: "lambda",
-            kind: ParamKind::ANY_NUMBER,
-            scope: Scope::Shared,
-            default: ParamDefault::Value(ParamValue::Number(1.0)),
-        },
-        ParamSpec {
-            name: "weight",
-            kind: ParamKind::ANY_NUMBER,
-            scope: Scope::NonBase,
-            default: ParamDefault::Required,
-        },
-        ParamSpec {
-            name: "density",
-            kind: ParamKind::FRACTION,
-            scope: Scope::NonBase,
-            default: ParamDefault::Value(ParamValue::Number(1.0)),
-        },
+        number("lambda", ParamKind::ANY_NUMBER, Scope::Shared, value(1.0)),
+        number(
+            "weight",
+            ParamKind::ANY_NUMBER,
+            Scope::NonBase,
+            ParamDefault::Required,
+        ),
+        number("density", ParamKind::FRACTION, Scope::NonBase, value(1.0)),
     ]
 }
+
+const fn with(base: [ParamSpec; 6], extra: ParamSpec) -> [ParamSpec; 7] {
+    [base[0], base[1], base[2], base[3], base[4], base[5], extra]
+}
+
+const GAMMA: ParamSpec = number("gamma", ParamKind::FRACTION, Scope::NonBase, value(0.01));
+const EPSILON: ParamSpec = number("epsilon", NON_NEGATIVE, Scope::NonBase, value(0.15));
 
 const fn spec(
     name: &'static str,
@@ -79,8 +111,16 @@ const fn spec(
     }
 }
 
-static TASK_ARITHMETIC_PARAMS: [ParamSpec; 6] = param_specs(false, false);
-static TIES_PARAMS: [ParamSpec; 6] = param_specs(true, false);
+static TASK_ARITHMETIC_PARAMS: [ParamSpec; 6] = common(false, false);
+static TIES_PARAMS: [ParamSpec; 6] = common(true, false);
+static DARE_PARAMS: [ParamSpec; 6] = common(false, true);
+static BREADCRUMBS_PARAMS: [ParamSpec; 7] = with(common(false, false), GAMMA);
+static DELLA_PARAMS: [ParamSpec; 7] = with(common(true, true), EPSILON);
+static DELLA_LINEAR_PARAMS: [ParamSpec; 7] = with(common(false, true), EPSILON);
+
+const DARE_URL: &str = "https://arxiv.org/abs/2311.03099";
+const BREADCRUMBS_URL: &str = "https://arxiv.org/abs/2312.06795";
+const DELLA_URL: &str = "https://arxiv.org/abs/2406.11617";
 
 pub static TASK_ARITHMETIC: Gta = Gta {
     spec: spec(
@@ -104,69 +144,300 @@ pub static TIES: Gta = Gta {
     consensus: Consensus::Sum,
 };
 
-/// The per-input state the elementwise pass needs.
+pub static DARE_LINEAR: Gta = Gta {
+    spec: spec("dare_linear", "Linear DARE", DARE_URL, &DARE_PARAMS),
+    sparsify: Sparsify::Random,
+    consensus: Consensus::None,
+};
+
+pub static DARE_TIES: Gta = Gta {
+    spec: spec("dare_ties", "DARE TIES", DARE_URL, &DARE_PARAMS),
+    sparsify: Sparsify::Random,
+    consensus: Consensus::Sum,
+};
+
+pub static BREADCRUMBS: Gta = Gta {
+    spec: spec(
+        "breadcrumbs",
+        "Model Breadcrumbs",
+        BREADCRUMBS_URL,
+        &BREADCRUMBS_PARAMS,
+    ),
+    sparsify: Sparsify::MagnitudeOutliers,
+    consensus: Consensus::None,
+};
+
+pub static BREADCRUMBS_TIES: Gta = Gta {
+    spec: spec(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs with TIES",
+        BREADCRUMBS_URL,
+        &BREADCRUMBS_PARAMS,
+    ),
+    sparsify: Sparsify::MagnitudeOutliers,
+    consensus: Consensus::Sum,
+};
+
+pub static DELLA: Gta = Gta {
+    spec: spec("della", "DELLA", DELLA_URL, &DELLA_PARAMS),
+    sparsify: Sparsify::DellaMagprune,
+    consensus: Consensus::Sum,
+};
+
+pub static DELLA_LINEAR: Gta = Gta {
+    spec: spec(
+        "della_linear",
+        "Linear DELLA",
+        DELLA_URL,
+        &DELLA_LINEAR_PARAMS,
+    ),
+    sparsify: Sparsify::DellaMagprune,
+    consensus: Consensus::None,
+};
+
+/// Which elements of one task vector survive sparsification.
+enum Keep {
+    All,
+    Top(TopK),
+    /// Breadcrumbs: among the `upper` largest but not among the `lower` largest.
+    Band {
+        upper: TopK,
+        lower: TopK,
+    },
+    /// Exactly these elements (small tensors: torch's sort order replayed).
+    Mask(Vec<bool>),
+    Random {
+        p: f32,
+        rng: Stream,
+    },
+    Della {
+        density: f32,
+        epsilon: f32,
+        rng: Stream,
+    },
+}
+
+/// The per-input state the elementwise passes need.
 struct TaskVector {
     input: usize,
     weight: f32,
-    keep: TopK,
+    keep: Keep,
     /// L1-preserving rescale factor (1 when rescale is off).
     scale: f32,
 }
 
+/// `k` for a fraction of `n` elements, as mergekit's `int(density * n)`.
+fn count(fraction: f64, n: u64) -> u64 {
+    (fraction * n as f64) as u64
+}
+
+impl TaskVector {
+    /// Fills `mask` with the survivors of this task vector within chunk `c`
+    /// (`c` is row-aligned for DELLA).
+    fn fill_mask(&self, c: Chunk, x: &[&[f32]], base: usize, row_len: usize, mask: &mut [bool]) {
+        let delta = |e: usize| x[self.input][e] - x[base][e];
+        match &self.keep {
+            Keep::All => mask.fill(true),
+            Keep::Mask(m) => mask.copy_from_slice(&m[c.start..c.start + c.len]),
+            Keep::Top(t) => {
+                let mut q = t.chunk_quota(c);
+                for (e, m) in mask.iter_mut().enumerate() {
+                    *m = t.keep(c.start + e, select::magnitude_key(delta(e)), &mut q);
+                }
+            }
+            Keep::Band { upper, lower } => {
+                let (mut qu, mut ql): (TieQuota, TieQuota) =
+                    (upper.chunk_quota(c), lower.chunk_quota(c));
+                for (e, m) in mask.iter_mut().enumerate() {
+                    let key = select::magnitude_key(delta(e));
+                    let up = upper.keep(c.start + e, key, &mut qu);
+                    let low = lower.keep(c.start + e, key, &mut ql);
+                    *m = up && !low;
+                }
+            }
+            Keep::Random { p, rng } => {
+                for (e, m) in mask.iter_mut().enumerate() {
+                    *m = rng.keep((c.start + e) as u64, *p);
+                }
+            }
+            Keep::Della {
+                density,
+                epsilon,
+                rng,
+            } => {
+                let mut order: Vec<u32> = Vec::with_capacity(row_len);
+                let mut keys: Vec<u32> = Vec::with_capacity(row_len);
+                for r0 in (0..c.len).step_by(row_len.max(1)) {
+                    let r1 = (r0 + row_len).min(c.len);
+                    keys.clear();
+                    keys.extend((r0..r1).map(|e| select::magnitude_key(delta(e))));
+                    order.clear();
+                    order.extend(0..keys.len() as u32);
+                    // Ranks by ascending magnitude, ties by position.
+                    order.sort_by_key(|&i| (keys[i as usize], i));
+                    let n = keys.len();
+                    for (rank, &i) in order.iter().enumerate() {
+                        // mergekit's (rank − min)/(max − min); a row of one element
+                        // is 0/0 there (an error): we take the middle.
+                        let norm = if n > 1 {
+                            rank as f32 / (n - 1) as f32
+                        } else {
+                            0.5
+                        };
+                        let p = (density - epsilon) + 2.0 * epsilon * norm;
+                        let e = r0 + i as usize;
+                        mask[e] = rng.keep((c.start + e) as u64, p);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Gta {
+    /// The method's default for a boolean parameter the plan did not resolve.
+    fn default_bool(&self, name: &str) -> bool {
+        match self.spec.param(name).map(|p| p.default) {
+            Some(ParamDefault::Value(v)) => v.as_bool(),
+            _ => false,
+        }
+    }
+
+    fn chunk_size(&self, job: &MergeJob) -> usize {
+        match self.sparsify {
+            Sparsify::DellaMagprune => kernel::row_chunk(job.row_len()),
+            _ => CHUNK,
+        }
+    }
+
     fn task_vectors(&self, job: &MergeJob, base: usize) -> Vec<TaskVector> {
         let others = job.non_base();
         let n = job.numel() as u64;
-        let density = |i: usize| job.params.input_f64(i, "density").unwrap_or(1.0);
-        let keeps: Vec<TopK> = match self.sparsify {
-            Sparsify::None => others.iter().map(|_| TopK::All).collect(),
+        let param =
+            |i: usize, name: &str, default: f64| job.params.input_f64(i, name).unwrap_or(default);
+        let magnitude_keys = |s: usize, x: &[&[f32]], out: &mut [u32]| {
+            for ((o, &v), &b) in out.iter_mut().zip(x[others[s]]).zip(x[base]) {
+                *o = select::magnitude_key(v - b);
+            }
+        };
+        let keeps: Vec<Keep> = match self.sparsify {
+            Sparsify::None => others.iter().map(|_| Keep::All).collect(),
             Sparsify::Magnitude => {
                 let ks: Vec<u64> = others
                     .iter()
                     .map(|&i| {
-                        let d = density(i);
+                        let d = param(i, "density", 1.0);
                         if d >= 1.0 {
                             n
                         } else if d <= 0.0 {
                             0
                         } else {
-                            ((d * n as f64) as u64).max(1)
+                            count(d, n).max(1)
                         }
                     })
                     .collect();
-                select::top_k(job, &ks, |s, x, out| {
-                    let xi = x[others[s]];
-                    for ((o, &v), &b) in out.iter_mut().zip(xi).zip(x[base]) {
-                        *o = select::magnitude_key(v - b);
+                select::top_k(job, &ks, magnitude_keys)
+                    .into_iter()
+                    .map(Keep::Top)
+                    .collect()
+            }
+            Sparsify::MagnitudeOutliers => others
+                .iter()
+                .enumerate()
+                .map(|(s, &i)| {
+                    let d = param(i, "density", 1.0);
+                    if d >= 1.0 {
+                        return Keep::All;
+                    }
+                    let keep = count(d, n);
+                    let top = count(param(i, "gamma", 0.01), n);
+                    let bot = n.saturating_sub(keep + top);
+                    if job.numel() <= select::EXACT_LIMIT {
+                        // Sorted ascending positions [bot, bot + keep), in torch's order.
+                        let keys: Vec<u32> = kernel::reduce(job, |c, x| {
+                            let mut buf = vec![0u32; c.len];
+                            magnitude_keys(s, x, &mut buf);
+                            buf
+                        })
+                        .concat();
+                        let order = torch_sort::argsort_ascending(&keys);
+                        let mut mask = vec![false; job.numel()];
+                        for &e in &order[bot as usize..(bot + keep) as usize] {
+                            mask[e as usize] = true;
+                        }
+                        Keep::Mask(mask)
+                    } else {
+                        let single = |k: u64| -> TopK {
+                            select::top_k(job, &[k], |_, x, out| magnitude_keys(s, x, out))
+                                .pop()
+                                .unwrap_or(TopK::Nothing)
+                        };
+                        Keep::Band {
+                            upper: single(n - bot),
+                            lower: single(n - bot - keep),
+                        }
                     }
                 })
-            }
+                .collect(),
+            Sparsify::Random => others
+                .iter()
+                .map(|&i| {
+                    let d = param(i, "density", 1.0);
+                    if d >= 1.0 {
+                        Keep::All
+                    } else {
+                        Keep::Random {
+                            p: d as f32,
+                            rng: Stream::new(job.seed, job.name, i),
+                        }
+                    }
+                })
+                .collect(),
+            Sparsify::DellaMagprune => others
+                .iter()
+                .map(|&i| {
+                    let d = param(i, "density", 1.0);
+                    if d >= 1.0 {
+                        Keep::All
+                    } else if d <= 0.0 {
+                        Keep::Top(TopK::Nothing)
+                    } else {
+                        Keep::Della {
+                            density: d as f32,
+                            epsilon: param(i, "epsilon", 0.15) as f32,
+                            rng: Stream::new(job.seed, job.name, i),
+                        }
+                    }
+                })
+                .collect(),
         };
         let mut tvs: Vec<TaskVector> = others
             .iter()
             .zip(keeps)
             .map(|(&input, keep)| TaskVector {
                 input,
-                weight: job.params.input_f64(input, "weight").unwrap_or(0.0) as f32,
+                weight: param(input, "weight", 0.0) as f32,
                 keep,
                 scale: 1.0,
             })
             .collect();
-        let rescale = job.params.shared_bool("rescale").unwrap_or(false);
+        let rescale = job
+            .params
+            .shared_bool("rescale")
+            .unwrap_or_else(|| self.default_bool("rescale"));
         if rescale && self.sparsify != Sparsify::None {
-            let parts = kernel::reduce(job, |c, x| {
+            let row_len = job.row_len();
+            let parts = kernel::reduce_sized(job, self.chunk_size(job), |c, x| {
+                let mut mask = vec![false; c.len];
                 tvs.iter()
                     .map(|tv| {
-                        let mut left = tv.keep.chunk_quota(c);
+                        tv.fill_mask(c, x, base, row_len, &mut mask);
                         let (mut before, mut after) = (0.0f64, 0.0f64);
-                        for (e, (&v, &b)) in x[tv.input].iter().zip(x[base]).enumerate() {
-                            let d = v - b;
-                            before += d.abs() as f64;
-                            if tv
-                                .keep
-                                .keep(c.start + e, select::magnitude_key(d), &mut left)
-                            {
-                                after += d.abs() as f64;
+                        for (e, &m) in mask.iter().enumerate() {
+                            let d = (x[tv.input][e] - x[base][e]).abs() as f64;
+                            before += d;
+                            if m {
+                                after += d;
                             }
                         }
                         [before, after]
@@ -179,6 +450,7 @@ impl Gta {
                     before += p[s][0];
                     after += p[s][1];
                 }
+                // mergekit: rescale only when both norms are at least 1e-7.
                 if before >= 1e-7 && after >= 1e-7 {
                     tv.scale = (before / after) as f32;
                 }
@@ -193,6 +465,37 @@ impl MergeMethod for Gta {
         &self.spec
     }
 
+    fn validate(&self, params: &TensorParams, base: Option<usize>) -> Result<(), ParamProblem> {
+        if self.sparsify != Sparsify::DellaMagprune {
+            return Ok(());
+        }
+        for (i, p) in params.per_input.iter().enumerate() {
+            if Some(i) == base {
+                continue;
+            }
+            let density = p.get("density").map(|v| v.as_f64()).unwrap_or(1.0);
+            let epsilon = p.get("epsilon").map(|v| v.as_f64()).unwrap_or(0.15);
+            // mergekit's own rule (checked only when pruning happens).
+            if density > 0.0
+                && density < 1.0
+                && (density + epsilon >= 1.0 || density - epsilon <= 0.0)
+            {
+                return Err(ParamProblem {
+                    params: vec!["epsilon", "density"],
+                    input: Some(i),
+                    message: format!(
+                        "density ± epsilon must lie inside (0, 1), but density {density} with \
+                         epsilon {epsilon} spans [{:.4}, {:.4}]; lower epsilon or move density \
+                         away from 0 and 1",
+                        density - epsilon,
+                        density + epsilon
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let Some(base) = job.base else {
             return Err(job.invalid(self.spec.name, "needs a base model"));
@@ -201,7 +504,7 @@ impl MergeMethod for Gta {
         let normalize = job
             .params
             .shared_bool("normalize")
-            .unwrap_or(self.consensus == Consensus::Sum);
+            .unwrap_or_else(|| self.default_bool("normalize"));
         let lambda = job.params.shared_f64("lambda").unwrap_or(1.0) as f32;
         let weight_sum = tvs.iter().fold(0.0f32, |a, tv| a + tv.weight);
         let plain_divisor = if weight_sum.abs() < 1e-8 {
@@ -211,18 +514,22 @@ impl MergeMethod for Gta {
         };
         let consensus = self.consensus;
         let k = tvs.len();
-        kernel::map(job, out, |c, x, y| {
-            let mut left: Vec<select::TieQuota> =
-                tvs.iter().map(|tv| tv.keep.chunk_quota(c)).collect();
+        let row_len = job.row_len();
+        kernel::map_sized(job, out, self.chunk_size(job), |c, x, y| {
+            let mut masks: Vec<Vec<bool>> = tvs
+                .iter()
+                .map(|tv| {
+                    let mut m = vec![false; c.len];
+                    tv.fill_mask(c, x, base, row_len, &mut m);
+                    m
+                })
+                .collect();
             let mut d = vec![0.0f32; k];
             for (e, o) in y.iter_mut().enumerate() {
                 let b = x[base][e];
                 for (s, tv) in tvs.iter().enumerate() {
                     let delta = x[tv.input][e] - b;
-                    let kept =
-                        tv.keep
-                            .keep(c.start + e, select::magnitude_key(delta), &mut left[s]);
-                    d[s] = if kept {
+                    d[s] = if masks[s][e] {
                         delta * tv.scale * tv.weight
                     } else {
                         0.0
@@ -249,6 +556,7 @@ impl MergeMethod for Gta {
                 }
                 *o = b + mixed;
             }
+            masks.clear();
         });
         Ok(())
     }
@@ -383,5 +691,170 @@ mod tests {
         };
         let out = run(&TASK_ARITHMETIC, &[1], &[vec![3.0], vec![1.0]], Some(1), &p).unwrap();
         assert_eq!(out, vec![3.0]); // 1 + 2·(0.5·2)
+    }
+
+    fn gta(
+        method: &Gta,
+        shape: &[u64],
+        inputs: &[Vec<f32>],
+        per: &[&[(&str, ParamValue)]],
+        shared: &[(&str, ParamValue)],
+    ) -> Vec<f32> {
+        let mut sh: Vec<(&str, ParamValue)> = vec![
+            ("normalize", flag(false)),
+            ("rescale", flag(false)),
+            ("lambda", num(1.0)),
+        ];
+        sh.extend_from_slice(shared);
+        let p = params(&sh, per);
+        run(method, shape, inputs, Some(inputs.len() - 1), &p).unwrap()
+    }
+
+    #[test]
+    fn breadcrumbs_drops_the_largest_and_the_smallest() {
+        // n = 10, density 0.5, gamma 0.1: keep 5, drop the top 1 and the bottom 4.
+        let a: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        let out = gta(
+            &BREADCRUMBS,
+            &[10],
+            &[a, vec![0.0; 10]],
+            &[
+                &[
+                    ("weight", num(1.0)),
+                    ("density", num(0.5)),
+                    ("gamma", num(0.1)),
+                ],
+                &[],
+            ],
+            &[],
+        );
+        assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0]);
+    }
+
+    #[test]
+    fn dare_keeps_density_and_preserves_the_l1_norm() {
+        let n = 100_000usize;
+        let a: Vec<f32> = (0..n).map(|i| 0.001 + (i % 97) as f32 * 1e-4).collect();
+        let out = gta(
+            &DARE_LINEAR,
+            &[n as u64],
+            &[a.clone(), vec![0.0; n]],
+            &[&[("weight", num(1.0)), ("density", num(0.3))], &[]],
+            &[("rescale", flag(true))],
+        );
+        let kept = out.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.3).abs() < 0.01, "kept {kept}");
+        let l1 = |v: &[f32]| v.iter().map(|x| x.abs() as f64).sum::<f64>();
+        assert!((l1(&out) / l1(&a) - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn random_masks_do_not_depend_on_threads_and_follow_the_seed() {
+        let n = 3 * CHUNK + 17;
+        let a: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let p = params(
+            &[
+                ("normalize", flag(false)),
+                ("rescale", flag(true)),
+                ("lambda", num(1.0)),
+            ],
+            &[&[("weight", num(1.0)), ("density", num(0.5))], &[]],
+        );
+        let go = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                run(
+                    &DARE_TIES,
+                    &[n as u64],
+                    &[a.clone(), vec![0.0; n]],
+                    Some(1),
+                    &p,
+                )
+                .unwrap()
+            })
+        };
+        let one = go(1);
+        assert_eq!(one, go(4));
+        let other_seed = crate::methods::kernel::testing::run_seeded(
+            &DARE_TIES,
+            &[n as u64],
+            &[a.clone(), vec![0.0; n]],
+            Some(1),
+            &p,
+            43,
+        );
+        assert_ne!(one, other_seed);
+    }
+
+    #[test]
+    fn della_keep_probability_follows_the_magnitude_rank() {
+        // 4000 rows of 10: magnitudes 1..=10 in each row; density 0.5, epsilon 0.4:
+        // rank r keeps with p = 0.1 + 0.8·r/9.
+        let rows = 4000usize;
+        let a: Vec<f32> = (0..rows * 10).map(|i| (i % 10 + 1) as f32).collect();
+        let run_eps = |eps: f64| {
+            gta(
+                &DELLA_LINEAR,
+                &[rows as u64, 10],
+                &[a.clone(), vec![0.0; rows * 10]],
+                &[
+                    &[
+                        ("weight", num(1.0)),
+                        ("density", num(0.5)),
+                        ("epsilon", num(eps)),
+                    ],
+                    &[],
+                ],
+                &[],
+            )
+        };
+        let out = run_eps(0.4);
+        for r in 0..10 {
+            let kept =
+                (0..rows).filter(|row| out[row * 10 + r] != 0.0).count() as f64 / rows as f64;
+            let want = 0.1 + 0.8 * r as f64 / 9.0;
+            assert!(
+                (kept - want).abs() < 0.03,
+                "rank {r}: kept {kept}, want {want}"
+            );
+        }
+        assert_ne!(out, run_eps(0.1), "epsilon must change the output");
+        // Without epsilon every rank keeps with probability density.
+        let flat = run_eps(0.0);
+        let low = (0..rows).filter(|row| flat[row * 10] != 0.0).count() as f64 / rows as f64;
+        assert!((low - 0.5).abs() < 0.03);
+    }
+
+    #[test]
+    fn della_rejects_density_plus_minus_epsilon_outside_the_unit_interval() {
+        let p = params(
+            &[],
+            &[
+                &[
+                    ("weight", num(1.0)),
+                    ("density", num(0.8)),
+                    ("epsilon", num(0.3)),
+                ],
+                &[],
+            ],
+        );
+        let problem = DELLA.validate(&p, Some(1)).unwrap_err();
+        assert_eq!(problem.params, vec!["epsilon", "density"]);
+        assert!(problem.message.contains("density") && problem.message.contains("epsilon"));
+        let ok = params(
+            &[],
+            &[
+                &[
+                    ("weight", num(1.0)),
+                    ("density", num(0.6)),
+                    ("epsilon", num(0.3)),
+                ],
+                &[],
+            ],
+        );
+        assert!(DELLA.validate(&ok, Some(1)).is_ok());
     }
 }

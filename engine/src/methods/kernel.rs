@@ -236,6 +236,28 @@ pub(crate) mod testing {
         run_dtype(method, shape, inputs, base, params, DType::F32, DType::F32)
     }
 
+    /// Runs `method` on f32 inputs with a given seed.
+    pub fn run_seeded(
+        method: &dyn MergeMethod,
+        shape: &[u64],
+        inputs: &[Vec<f32>],
+        base: Option<usize>,
+        params: &TensorParams,
+        seed: u64,
+    ) -> Vec<f32> {
+        run_full(
+            method,
+            shape,
+            inputs,
+            base,
+            params,
+            DType::F32,
+            DType::F32,
+            seed,
+        )
+        .expect("method runs")
+    }
+
     /// Runs `method` with inputs stored as `in_dtype` and output as `out_dtype`.
     pub fn run_dtype(
         method: &dyn MergeMethod,
@@ -245,6 +267,20 @@ pub(crate) mod testing {
         params: &TensorParams,
         in_dtype: DType,
         out_dtype: DType,
+    ) -> Result<Vec<f32>, MethodError> {
+        run_full(method, shape, inputs, base, params, in_dtype, out_dtype, 42)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_full(
+        method: &dyn MergeMethod,
+        shape: &[u64],
+        inputs: &[Vec<f32>],
+        base: Option<usize>,
+        params: &TensorParams,
+        in_dtype: DType,
+        out_dtype: DType,
+        seed: u64,
     ) -> Result<Vec<f32>, MethodError> {
         let encoded: Vec<Vec<u8>> = inputs
             .iter()
@@ -266,7 +302,7 @@ pub(crate) mod testing {
                 .collect(),
             base,
             params,
-            seed: 42,
+            seed,
         };
         let n = job.numel();
         let mut bytes = vec![0u8; n * out_dtype.size()];

@@ -7,6 +7,7 @@ mod gta;
 pub mod kernel;
 mod linear;
 mod passthrough;
+mod rng;
 mod select;
 mod slerp;
 mod torch_sort;
@@ -192,6 +193,12 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
         &passthrough::Passthrough,
         &gta::TASK_ARITHMETIC,
         &gta::TIES,
+        &gta::DARE_LINEAR,
+        &gta::DARE_TIES,
+        &gta::BREADCRUMBS,
+        &gta::BREADCRUMBS_TIES,
+        &gta::DELLA,
+        &gta::DELLA_LINEAR,
     ];
     REGISTRY
 }

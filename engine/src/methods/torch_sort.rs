@@ -18,6 +18,17 @@ pub fn argsort_descending(keys: &[u32]) -> Vec<u32> {
     pairs.into_iter().map(|(_, i)| i).collect()
 }
 
+/// Indices in the order of torch's `sort(descending=False)`.
+pub fn argsort_ascending(keys: &[u32]) -> Vec<u32> {
+    let mut pairs: Vec<(u32, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| (k, i as u32))
+        .collect();
+    std_sort(&mut pairs, &|a: &(u32, u32), b: &(u32, u32)| a.0 < b.0);
+    pairs.into_iter().map(|(_, i)| i).collect()
+}
+
 const THRESHOLD: usize = 16;
 
 /// libstdc++'s `std::sort`.
@@ -219,6 +230,10 @@ mod tests {
             assert!(d
                 .windows(2)
                 .all(|w| keys[w[0] as usize] >= keys[w[1] as usize]));
+            let a = argsort_ascending(&keys);
+            assert!(a
+                .windows(2)
+                .all(|w| keys[w[0] as usize] <= keys[w[1] as usize]));
             let mut seen = d.clone();
             seen.sort();
             assert_eq!(seen, (0..n as u32).collect::<Vec<_>>());
