@@ -44,6 +44,17 @@ fn run_case(name: &str, extra: &[&str]) {
         return;
     }
     assert!(o.status.success(), "{name}: {}", stderr(&o));
+    if case["mode"] == "stat" {
+        let dir = fixture(name);
+        let problems = compare_stat(
+            &read_model(&out),
+            &read_model(&dir.join(case["expected"].as_str().unwrap())),
+            &read_model(&dir.join(case["alt"].as_str().unwrap())),
+            &read_model(&examples().join(case["base"].as_str().unwrap())),
+        );
+        assert!(problems.is_empty(), "{name}: {problems:#?}");
+        return;
+    }
     let mode = match case["mode"].as_str().unwrap() {
         "exact" => Mode::Exact,
         "close" => Mode::Close,
@@ -94,12 +105,16 @@ fn run_case(name: &str, extra: &[&str]) {
 }
 
 macro_rules! cases {
-    ($($name:ident),* $(,)?) => {$(
-        #[test]
-        fn $name() {
-            run_case(stringify!($name), &[]);
-        }
-    )*};
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                run_case(stringify!($name), &[]);
+            }
+        )*
+        /// Every case that has a test above.
+        const CASES: &[&str] = &[$(stringify!($name)),*];
+    };
 }
 
 cases!(
@@ -113,33 +128,21 @@ cases!(
     passthrough_slices,
     mixtral_task_arithmetic,
     mixtral_ties,
+    dare_ties,
+    della,
+    breadcrumbs_ties,
     err_ties_no_base,
     err_unknown_method,
     err_missing_model,
     err_layer_range,
+    err_della_epsilon,
 );
 
 #[test]
 fn every_fixture_case_has_a_test() {
-    let listed = [
-        "linear",
-        "slerp_filter",
-        "slerp_gradient",
-        "task_arithmetic",
-        "ties",
-        "ties_bf16",
-        "ties_single",
-        "passthrough_slices",
-        "mixtral_task_arithmetic",
-        "mixtral_ties",
-        "err_ties_no_base",
-        "err_unknown_method",
-        "err_missing_model",
-        "err_layer_range",
-    ];
     for name in manifest().keys() {
         assert!(
-            listed.contains(&name.as_str()),
+            CASES.contains(&name.as_str()),
             "fixture case {name} has no test"
         );
     }
@@ -183,4 +186,76 @@ fn small_shards_give_the_same_tensors_and_a_valid_index() {
     let total: u64 = tensors.values().map(|t| t.bytes.len() as u64).sum();
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
     assert_eq!(tensors, read_model(&one));
+}
+
+#[test]
+fn randomized_merges_do_not_depend_on_threads_or_unit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    for (name, extra) in [
+        ("t1", vec!["--threads", "1"]),
+        ("t4", vec!["--threads", "4"]),
+        (
+            "w3",
+            vec![
+                "--threads",
+                "3",
+                "--workers",
+                "3",
+                "--out-shard-size",
+                "100K",
+            ],
+        ),
+    ] {
+        for case in ["dare_ties", "della"] {
+            let out = dir.path().join(format!("{case}-{name}"));
+            let config = fixture(case).join("config.yaml");
+            let mut args = vec![
+                "run",
+                config.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--quiet",
+                "--random-seed",
+                "7",
+            ];
+            args.extend(extra.iter().copied());
+            let o = fleetmerge(&examples(), &args);
+            assert!(o.status.success(), "{}", stderr(&o));
+            outputs.push((case, read_model(&out)));
+        }
+    }
+    for case in ["dare_ties", "della"] {
+        let runs: Vec<_> = outputs
+            .iter()
+            .filter(|(c, _)| *c == case)
+            .map(|(_, m)| m)
+            .collect();
+        assert!(
+            runs.windows(2).all(|w| w[0] == w[1]),
+            "{case}: outputs differ between runs"
+        );
+    }
+    // A different seed gives a different draw.
+    let out = dir.path().join("seed8");
+    let config = fixture("dare_ties").join("config.yaml");
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+            "--random-seed",
+            "8",
+        ],
+    );
+    assert!(o.status.success());
+    assert_ne!(
+        &read_model(&out),
+        outputs
+            .iter()
+            .find(|(c, _)| *c == "dare_ties")
+            .map(|(_, m)| m)
+            .unwrap()
+    );
 }

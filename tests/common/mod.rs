@@ -134,6 +134,57 @@ pub enum Mode {
     Bf16,
 }
 
+/// The kit's `stat` mode for randomized methods: our output must be an
+/// independent draw from the distribution mergekit samples. Its distance to the
+/// reference must be 0.6-1.5x the distance between two reference seeds, and the
+/// fraction of elements changed from the base must match within 0.03.
+pub fn compare_stat(
+    ours: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    alt: &BTreeMap<String, Tensor>,
+    base: &BTreeMap<String, Tensor>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if ours.keys().ne(reference.keys()) {
+        problems.push("tensor names differ".to_string());
+        return problems;
+    }
+    let (mut num, mut den, mut kept_dev) = (0.0f64, 0.0f64, 0.0f64);
+    for (name, o) in ours {
+        let (o, r, x) = (o.values(), reference[name].values(), alt[name].values());
+        let b = base
+            .get(name)
+            .map(Tensor::values)
+            .unwrap_or_else(|| vec![0.0; o.len()]);
+        for i in 0..o.len() {
+            num += (o[i] - r[i]).powi(2);
+            den += (x[i] - r[i]).powi(2);
+        }
+        if o.len() >= 4096 {
+            let changed = |v: &[f64]| {
+                v.iter().zip(&b).filter(|(a, b)| a != b).count() as f64 / v.len() as f64
+            };
+            kept_dev = kept_dev.max((changed(&o) - changed(&r)).abs());
+        }
+    }
+    let ratio = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        f64::INFINITY
+    };
+    if !(0.6..=1.5).contains(&ratio) {
+        problems.push(format!(
+            "distance to the reference is {ratio:.3}x the seed-to-seed distance"
+        ));
+    }
+    if kept_dev > 0.03 {
+        problems.push(format!(
+            "fraction of changed elements differs by {kept_dev:.3}"
+        ));
+    }
+    problems
+}
+
 /// Compares an output with a reference, returning the problems found.
 pub fn compare(
     ours: &BTreeMap<String, Tensor>,
