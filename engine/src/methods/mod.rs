@@ -7,7 +7,9 @@ mod gta;
 pub mod kernel;
 mod linear;
 mod passthrough;
+mod ram;
 mod rng;
+mod sce;
 mod select;
 mod slerp;
 mod torch_sort;
@@ -199,6 +201,9 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
         &gta::BREADCRUMBS_TIES,
         &gta::DELLA,
         &gta::DELLA_LINEAR,
+        &sce::Sce,
+        &ram::RAM,
+        &ram::RAMPLUS_TL,
     ];
     REGISTRY
 }
