@@ -131,6 +131,7 @@ cases!(
     dare_ties,
     della,
     breadcrumbs_ties,
+    sce,
     err_ties_no_base,
     err_unknown_method,
     err_missing_model,
