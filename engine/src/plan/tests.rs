@@ -311,3 +311,39 @@ fn shards_split_by_bytes() {
     }
     assert_eq!(p.total_size(), 685_696);
 }
+
+#[test]
+fn della_epsilon_resolves_from_every_level() {
+    let yaml = "
+models:
+  - model: models/llama-ft-a
+    parameters: {weight: 1.0, epsilon: 0.05}
+  - model: models/llama-ft-b
+    parameters: {weight: 1.0}
+merge_method: della
+base_model: models/llama-base
+parameters:
+  density: 0.5
+  epsilon: [0.1, 0.3]
+";
+    let p = plan_yaml(yaml).unwrap();
+    // Per model beats global; the global gradient interpolates across layers
+    // (6 layers: layer 5 is t = 1) and pre/post weights take t = 0.
+    let l5 = "model.layers.5.mlp.up_proj.weight";
+    assert_eq!(per(&p, l5, 0, "epsilon"), 0.05);
+    assert!((per(&p, l5, 1, "epsilon") - 0.3).abs() < 1e-12);
+    assert!((per(&p, "model.layers.1.mlp.up_proj.weight", 1, "epsilon") - 0.14).abs() < 1e-12);
+    assert!((per(&p, "lm_head.weight", 1, "epsilon") - 0.1).abs() < 1e-12);
+    assert_eq!(per(&p, l5, 1, "density"), 0.5);
+    // density ± epsilon outside (0, 1) names both keys and the line.
+    let bad = yaml.replace("epsilon: 0.05", "epsilon: 0.6");
+    let err = plan_yaml(&bad).unwrap_err().to_string();
+    assert!(err.contains("epsilon") && err.contains("density") && err.contains("line 4"), "{err}");
+}
+
+#[test]
+fn non_finite_weights_are_rejected() {
+    let yaml = "models:\n  - model: models/llama-ft-a\n    parameters: {weight: .nan}\nmerge_method: linear\n";
+    let err = plan_yaml(yaml).unwrap_err().to_string();
+    assert!(err.contains("weight") && err.contains("finite"), "{err}");
+}
