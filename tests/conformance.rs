@@ -260,3 +260,42 @@ fn randomized_merges_do_not_depend_on_threads_or_unit_order() {
             .unwrap()
     );
 }
+
+#[test]
+fn merging_again_into_the_same_folder_leaves_one_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let config = fixture("linear").join("config.yaml");
+    let run = |size: &str| {
+        let o = fleetmerge(
+            &examples(),
+            &[
+                "run",
+                config.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--quiet",
+                "--out-shard-size",
+                size,
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let shards = || {
+        let mut v: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors") || n.ends_with(".index.json"))
+            .collect();
+        v.sort();
+        v
+    };
+    run("100K");
+    let many = shards();
+    assert!(many.len() > 3 && many.contains(&"model.safetensors.index.json".to_string()));
+    run("5B");
+    assert_eq!(shards(), vec!["model.safetensors".to_string()]);
+    run("200K");
+    assert!(shards()
+        .iter()
+        .all(|n| n.starts_with("model-") || n == "model.safetensors.index.json"));
+}

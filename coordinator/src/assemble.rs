@@ -98,15 +98,29 @@ pub fn write_side_files(
     Ok(())
 }
 
-/// Writes the index (for sharded outputs): the marker of a complete model.
+/// Whether a file name is one of the shard names a merge writes.
+fn is_shard_name(name: &str) -> bool {
+    name == "model.safetensors"
+        || (name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-"))
+}
+
+/// Writes the index (for sharded outputs): the marker of a complete model. Then
+/// removes shards that an earlier merge into the same folder left behind and
+/// this plan does not have, so the folder holds exactly one model.
 pub fn write_index(plan: &Plan, out_dir: &str) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    let index_location = out.join(out_dir, "model.safetensors.index.json");
     if plan.units.len() > 1 {
-        let out = storage::for_location(out_dir);
         let index = output::index_json(plan.total_size(), &plan.weight_map());
-        out.put(
-            &out.join(out_dir, "model.safetensors.index.json"),
-            index.as_bytes(),
-        )?;
+        out.put(&index_location, index.as_bytes())?;
+    } else {
+        out.delete(&index_location)?;
+    }
+    for name in out.list(out_dir)? {
+        if is_shard_name(&name) && !plan.units.iter().any(|u| u.file_name == name) {
+            tracing::info!(file = %name, "removing a shard of an earlier merge");
+            out.delete(&out.join(out_dir, &name))?;
+        }
     }
     Ok(())
 }
