@@ -266,6 +266,8 @@ fn locate(
     } else {
         opts.base_dir.join(path)
     };
+    // `./models/a` → `models/a` (lexically; `..` and symlinks are left alone).
+    let full: std::path::PathBuf = full.components().collect();
     if !full.is_dir() {
         return Err(cfg_err(
             cfg,
