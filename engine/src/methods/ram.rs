@@ -27,7 +27,11 @@ const fn shared(name: &'static str, default: f64) -> ParamSpec {
     }
 }
 
-const fn spec(name: &'static str, pretty_name: &'static str, params: &'static [ParamSpec]) -> MethodSpec {
+const fn spec(
+    name: &'static str,
+    pretty_name: &'static str,
+    params: &'static [ParamSpec],
+) -> MethodSpec {
     MethodSpec {
         name,
         pretty_name,
@@ -42,7 +46,11 @@ const fn spec(name: &'static str, pretty_name: &'static str, params: &'static [P
 }
 
 static RAM_PARAMS: [ParamSpec; 1] = [shared("epsilon", 1e-5)];
-static PLUS_PARAMS: [ParamSpec; 3] = [shared("r", 0.1), shared("alpha", 0.2), shared("epsilon", 1e-5)];
+static PLUS_PARAMS: [ParamSpec; 3] = [
+    shared("r", 0.1),
+    shared("alpha", 0.2),
+    shared("epsilon", 1e-5),
+];
 
 pub static RAM: Ram = Ram {
     spec: spec("ram", "Reinforced Agent Merging", &RAM_PARAMS),
@@ -50,7 +58,11 @@ pub static RAM: Ram = Ram {
 };
 
 pub static RAMPLUS_TL: Ram = Ram {
-    spec: spec("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)", &PLUS_PARAMS),
+    spec: spec(
+        "ramplus_tl",
+        "Reinforced Agent Merging Plus (Tensor-Local)",
+        &PLUS_PARAMS,
+    ),
     plus: true,
 };
 
@@ -105,7 +117,11 @@ impl MergeMethod for Ram {
                 let mut merged = 0.0f32;
                 for s in (0..k).filter(|&s| active(x, e, s)) {
                     let z = x[others[s]][e] - b;
-                    merged += if count == 1 { z * boost[s] } else { z / count as f32 };
+                    merged += if count == 1 {
+                        z * boost[s]
+                    } else {
+                        z / count as f32
+                    };
                 }
                 *o = b + merged;
             }
@@ -127,7 +143,11 @@ mod tests {
         let out = run(
             &RAM,
             &[4],
-            &[vec![1.0, 2.0, 0.05, 0.0], vec![0.0, 4.0, 0.0, -1.0], vec![0.0; 4]],
+            &[
+                vec![1.0, 2.0, 0.05, 0.0],
+                vec![0.0, 4.0, 0.0, -1.0],
+                vec![0.0; 4],
+            ],
             Some(2),
             &p,
         )
@@ -138,7 +158,10 @@ mod tests {
     #[test]
     fn ramplus_boosts_unique_changes() {
         // a: unique at e0, shared at e1 → rho = 1/1 → clamp to alpha 0.2 → boost 1 + 0.5·0.2 = 1.1.
-        let p = params(&[("epsilon", num(0.1)), ("r", num(0.5)), ("alpha", num(0.2))], &[&[], &[], &[]]);
+        let p = params(
+            &[("epsilon", num(0.1)), ("r", num(0.5)), ("alpha", num(0.2))],
+            &[&[], &[], &[]],
+        );
         let out = run(
             &RAMPLUS_TL,
             &[2],

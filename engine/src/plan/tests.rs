@@ -338,7 +338,10 @@ parameters:
     // density ± epsilon outside (0, 1) names both keys and the line.
     let bad = yaml.replace("epsilon: 0.05", "epsilon: 0.6");
     let err = plan_yaml(&bad).unwrap_err().to_string();
-    assert!(err.contains("epsilon") && err.contains("density") && err.contains("line 4"), "{err}");
+    assert!(
+        err.contains("epsilon") && err.contains("density") && err.contains("line 4"),
+        "{err}"
+    );
 }
 
 #[test]
