@@ -63,6 +63,10 @@ struct RunArgs {
     /// Do not write README.md and mergekit_config.yml.
     #[arg(long)]
     no_model_card: bool,
+    /// Start over: discard the journal of an unfinished merge into OUT instead
+    /// of resuming it.
+    #[arg(long)]
+    restart: bool,
 }
 
 /// The seed used when `--random-seed` is not given, so that runs without one
@@ -127,9 +131,17 @@ fn run(args: RunArgs) -> Result<()> {
                 copy_tokenizer: !args.no_copy_tokenizer,
                 model_card: !args.no_model_card,
             },
+            restart: args.restart,
         },
         &counters,
     )?;
+    if summary.resumed > 0 {
+        eprintln!(
+            "resumed: {} of {} shards were finished by an earlier run and kept",
+            summary.resumed,
+            plan.units.len()
+        );
+    }
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64();
         let read = counters.read.load(Ordering::Relaxed) as f64;
@@ -164,16 +176,9 @@ fn bytes(n: f64) -> String {
     }
 }
 
-/// Creates the output directory and removes an index left by an earlier merge,
-/// so that a run that fails midway never leaves an old index over new shards.
+/// Creates the output directory.
 fn prepare_output(out: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let index = out.join("model.safetensors.index.json");
-    if index.exists() {
-        std::fs::remove_file(&index)
-            .with_context(|| format!("removing the old {}", index.display()))?;
-    }
-    Ok(())
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
 }
 
 fn main() -> ExitCode {

@@ -98,6 +98,14 @@ pub fn write_side_files(
     Ok(())
 }
 
+/// Removes the index of an earlier merge before new shards are written, so an
+/// unfinished merge never looks finished.
+pub fn remove_index(out_dir: &str) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    out.delete(&out.join(out_dir, "model.safetensors.index.json"))?;
+    Ok(())
+}
+
 /// Whether a file name is one of the shard names a merge writes.
 fn is_shard_name(name: &str) -> bool {
     name == "model.safetensors"

@@ -1,9 +1,12 @@
 //! fleetmerge-coordinator: hands work units to workers and turns their shards
 //! into a finished model. `scheduler` owns the queue of units and their leases;
 //! `assemble` writes the files around the shards (config.json, tokenizer, model
-//! card) and the index last, so an unfinished merge never looks finished.
+//! card) and the index last, so an unfinished merge never looks finished;
+//! `journal` records finished units in the output folder so a stopped merge
+//! resumes where it was.
 
 pub mod assemble;
+pub mod journal;
 pub mod scheduler;
 
 pub use assemble::{AssembleError, AssembleOptions};

@@ -4,6 +4,7 @@
 //! with in-process workers, the way `fleetmerge run` merges on one machine.
 
 use crate::assemble::{self, AssembleError, AssembleOptions};
+use crate::journal::{Journal, JournalError};
 use fleetmerge_engine::exec::{ExecError, Progress, UnitOutput};
 use fleetmerge_engine::plan::{Plan, WorkUnit};
 use fleetmerge_worker::{Lease, UnitSource};
@@ -22,6 +23,10 @@ pub enum RunError {
     },
     #[error(transparent)]
     Assemble(#[from] AssembleError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("recording a finished unit in the journal: {0}")]
+    Record(#[from] fleetmerge_engine::storage::StorageError),
 }
 
 /// Options of an embedded (single-machine) run.
@@ -30,6 +35,8 @@ pub struct EmbeddedOptions {
     /// Units executed at the same time (each uses the shared thread pool).
     pub workers: usize,
     pub assemble: AssembleOptions,
+    /// Discard the journal of an earlier, unfinished merge into the same folder.
+    pub restart: bool,
 }
 
 /// What a finished merge wrote.
@@ -37,6 +44,8 @@ pub struct EmbeddedOptions {
 pub struct RunSummary {
     pub outputs: Vec<UnitOutput>,
     pub total_size: u64,
+    /// Units an earlier, interrupted run had already finished.
+    pub resumed: usize,
 }
 
 struct State {
@@ -47,8 +56,9 @@ struct State {
 }
 
 /// Leases units to in-process workers.
-pub struct Scheduler {
+pub struct Scheduler<'a> {
     out_dir: String,
+    journal: Option<&'a Journal>,
     state: Mutex<State>,
 }
 
@@ -61,10 +71,12 @@ fn describe(unit: &WorkUnit) -> String {
     }
 }
 
-impl Scheduler {
-    pub fn new(units: Vec<WorkUnit>, out_dir: &str) -> Self {
+impl<'a> Scheduler<'a> {
+    /// A queue of `units`; finished ones are recorded in `journal` when given.
+    pub fn new(units: Vec<WorkUnit>, out_dir: &str, journal: Option<&'a Journal>) -> Self {
         Scheduler {
             out_dir: out_dir.to_string(),
+            journal,
             state: Mutex::new(State {
                 pending: units.into(),
                 next_lease: 1,
@@ -92,7 +104,7 @@ impl Scheduler {
     }
 }
 
-impl UnitSource for Scheduler {
+impl UnitSource for Scheduler<'_> {
     fn next(&self, _worker: &str) -> Option<Lease> {
         let mut s = self.lock();
         if s.failed.is_some() {
@@ -108,7 +120,22 @@ impl UnitSource for Scheduler {
         })
     }
 
-    fn complete(&self, _lease: &Lease, output: UnitOutput) {
+    fn complete(&self, lease: &Lease, output: UnitOutput) {
+        // The record is durable before the unit counts as done.
+        if let Some(journal) = self.journal {
+            if let Err(e) = journal.record(&output) {
+                let mut s = self.lock();
+                if s.failed.is_none() {
+                    s.failed = Some(RunError::Unit {
+                        unit: lease.unit.id,
+                        file: lease.unit.file_name.clone(),
+                        tensors: describe(&lease.unit),
+                        error: format!("recording it in the journal: {e}"),
+                    });
+                }
+                return;
+            }
+        }
         self.lock().done.push(output);
     }
 
@@ -127,25 +154,55 @@ impl UnitSource for Scheduler {
 
 /// Merges `plan` into `out_dir` on this machine: the files around the tensors
 /// first, then the shards from `opts.workers` in-process workers, the index last.
+/// Units that an interrupted run of the same merge finished (per the journal in
+/// `out_dir/.fleetmerge/`) are not computed again.
 pub fn run_embedded(
     plan: &Plan,
     out_dir: &str,
     opts: &EmbeddedOptions,
     progress: &dyn Progress,
 ) -> Result<RunSummary, RunError> {
+    let (journal, resume) = Journal::open(plan, out_dir, opts.restart)?;
+    if resume.finished {
+        tracing::info!(out = out_dir, "this merge is already complete");
+        return Ok(RunSummary {
+            total_size: plan.total_size(),
+            resumed: resume.done.len(),
+            outputs: resume.done.into_values().collect(),
+        });
+    }
+    assemble::remove_index(out_dir)?;
     assemble::write_side_files(plan, out_dir, &opts.assemble)?;
-    let scheduler = Scheduler::new(plan.units.clone(), out_dir);
-    let workers = opts.workers.clamp(1, plan.units.len().max(1));
+    let pending: Vec<WorkUnit> = plan
+        .units
+        .iter()
+        .filter(|u| !resume.done.contains_key(&u.id))
+        .cloned()
+        .collect();
+    if !resume.done.is_empty() {
+        tracing::info!(
+            done = resume.done.len(),
+            total = plan.units.len(),
+            "resuming: units finished by an earlier run are kept"
+        );
+    }
+    let scheduler = Scheduler::new(pending.clone(), out_dir, Some(&journal));
+    let workers = opts.workers.clamp(1, pending.len().max(1));
     std::thread::scope(|s| {
         for i in 0..workers {
             let scheduler = &scheduler;
             s.spawn(move || fleetmerge_worker::work(&format!("local-{i}"), scheduler, progress));
         }
     });
-    let outputs = scheduler.finish()?;
+    let mut outputs = scheduler.finish()?;
+    let resumed = resume.done.len();
+    outputs.extend(resume.done.into_values());
+    outputs.sort_by_key(|o| o.unit);
     assemble::write_index(plan, out_dir)?;
+    journal.finish()?;
     Ok(RunSummary {
         total_size: plan.total_size(),
         outputs,
+        resumed,
     })
 }

@@ -1,0 +1,202 @@
+//! The journal of a merge, kept in `OUT/.fleetmerge/`: the plan, a fingerprint
+//! of what the merge computes, one record per finished unit (written before the
+//! unit counts as done), and a final marker once the index is written. A merge
+//! that stops for any reason resumes from it: finished units whose shard is still
+//! there with the recorded size are not computed again. Every file is written
+//! whole (atomically), so the journal works the same on object stores. A
+//! finished merge may be overwritten by a different one; an unfinished one is
+//! resumed, or refused when the config or inputs changed (unless `--restart`).
+
+use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::plan::Plan;
+use fleetmerge_engine::storage::{self, Storage, StorageError};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const DIR: &str = ".fleetmerge";
+const PLAN: &str = "plan.json";
+const FINGERPRINT: &str = "fingerprint";
+const UNITS: &str = "units";
+const DONE: &str = "done";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(
+        "{out} holds an unfinished merge of a different config or different inputs \
+         (fingerprint {found}, this merge is {expected}); run with --restart to discard it, \
+         or choose another output folder"
+    )]
+    Mismatch {
+        out: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{location}: unreadable journal record: {message}")]
+    Record { location: String, message: String },
+}
+
+/// What the journal says about a merge when it is opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    /// Finished units (by id) whose shards are in place.
+    pub done: BTreeMap<usize, UnitOutput>,
+    /// The merge had already finished (index and final marker written).
+    pub finished: bool,
+}
+
+/// The journal of one output folder.
+pub struct Journal {
+    store: Arc<dyn Storage>,
+    out_dir: String,
+    dir: String,
+    fingerprint: String,
+}
+
+/// The fingerprint of a plan: a hash of everything that decides the output
+/// bytes (config, resolved parameters, every input tensor's location, offset,
+/// dtype and shape, shard layout, seed) plus the size of every input file.
+pub fn fingerprint(plan: &Plan) -> Result<String, StorageError> {
+    let mut h = Sha256::new();
+    let json = serde_json::to_vec(plan).map_err(|e| StorageError::io("plan", e))?;
+    h.update(&json);
+    let mut files: Vec<&str> = plan
+        .units
+        .iter()
+        .flat_map(|u| {
+            u.tensors
+                .iter()
+                .flat_map(|t| t.inputs.iter().map(|i| i.location.as_str()))
+        })
+        .collect();
+    files.sort_unstable();
+    files.dedup();
+    for f in files {
+        let size = storage::for_location(f).size(f)?;
+        h.update(f.as_bytes());
+        h.update(size.to_le_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl Journal {
+    /// Opens (or starts) the journal of `plan` in `out_dir`. With `restart`, an
+    /// earlier journal is discarded; otherwise a journal of a different merge is
+    /// an error, and a matching one tells what is already done.
+    pub fn open(
+        plan: &Plan,
+        out_dir: &str,
+        restart: bool,
+    ) -> Result<(Journal, Resume), JournalError> {
+        let store = storage::for_location(out_dir);
+        let dir = store.join(out_dir, DIR);
+        let journal = Journal {
+            fingerprint: fingerprint(plan)?,
+            out_dir: out_dir.to_string(),
+            dir,
+            store,
+        };
+        let fp_loc = journal.path(FINGERPRINT);
+        let existing = match journal.store.read_all(&fp_loc) {
+            Ok(b) => Some(String::from_utf8_lossy(&b).trim().to_string()),
+            Err(StorageError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut resume = Resume {
+            done: BTreeMap::new(),
+            finished: false,
+        };
+        match existing {
+            Some(found) if found == journal.fingerprint && !restart => {
+                resume.finished = journal.store.exists(&journal.path(DONE))?;
+                resume.done = journal.finished_units(plan)?;
+            }
+            // A different merge that finished may be overwritten, as mergekit
+            // overwrites; an unfinished one is refused rather than mixed with.
+            Some(found) if !restart && !journal.store.exists(&journal.path(DONE))? => {
+                return Err(JournalError::Mismatch {
+                    out: out_dir.to_string(),
+                    found,
+                    expected: journal.fingerprint.clone(),
+                })
+            }
+            _ => {
+                journal.clear()?;
+                let plan_json =
+                    serde_json::to_vec_pretty(plan).map_err(|e| StorageError::io("plan", e))?;
+                journal.store.put(&journal.path(PLAN), &plan_json)?;
+                journal.store.put(&fp_loc, journal.fingerprint.as_bytes())?;
+            }
+        }
+        Ok((journal, resume))
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.store.join(&self.dir, name)
+    }
+
+    fn unit_path(&self, unit: usize) -> String {
+        self.store
+            .join(&self.path(UNITS), &format!("unit-{unit:06}.json"))
+    }
+
+    /// Removes every record of an earlier merge.
+    fn clear(&self) -> Result<(), StorageError> {
+        for name in self.store.list(&self.path(UNITS))? {
+            self.store
+                .delete(&self.store.join(&self.path(UNITS), &name))?;
+        }
+        for name in [DONE, FINGERPRINT, PLAN] {
+            self.store.delete(&self.path(name))?;
+        }
+        Ok(())
+    }
+
+    /// Records of finished units whose shard still exists with its recorded size.
+    fn finished_units(&self, plan: &Plan) -> Result<BTreeMap<usize, UnitOutput>, JournalError> {
+        let mut done = BTreeMap::new();
+        for unit in &plan.units {
+            let loc = self.unit_path(unit.id);
+            let bytes = match self.store.read_all(&loc) {
+                Ok(b) => b,
+                Err(StorageError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let record: UnitOutput =
+                serde_json::from_slice(&bytes).map_err(|e| JournalError::Record {
+                    location: loc.clone(),
+                    message: e.to_string(),
+                })?;
+            let shard = self.store.join(&self.out_dir, &record.file_name);
+            let size = match self.store.size(&shard) {
+                Ok(s) => s,
+                Err(StorageError::NotFound { .. }) => {
+                    tracing::warn!(unit = unit.id, shard = %shard, "journal records a unit whose shard is gone; computing it again");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if record.file_name != unit.file_name || size != record.size {
+                tracing::warn!(unit = unit.id, shard = %shard, "shard differs from its journal record; computing it again");
+                continue;
+            }
+            done.insert(unit.id, record);
+        }
+        Ok(done)
+    }
+
+    /// Records a finished unit (before anyone is told it is done).
+    pub fn record(&self, output: &UnitOutput) -> Result<(), StorageError> {
+        let json =
+            serde_json::to_vec_pretty(output).map_err(|e| StorageError::io("unit record", e))?;
+        self.store.put(&self.unit_path(output.unit), &json)
+    }
+
+    /// Marks the merge finished (after the index).
+    pub fn finish(&self) -> Result<(), StorageError> {
+        self.store
+            .put(&self.path(DONE), self.fingerprint.as_bytes())
+    }
+}
