@@ -3,9 +3,15 @@
 //! [`registry`]. Kernels read inputs as f32 chunks through [`kernel`], never as
 //! whole f32 copies, so memory stays bounded by a few chunks per thread.
 
+mod arcee_fusion;
 mod gta;
+mod karcher;
 pub mod kernel;
 mod linear;
+mod model_stock;
+mod multislerp;
+mod nearswap;
+mod nuslerp;
 mod passthrough;
 mod ram;
 mod rng;
@@ -204,6 +210,12 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
         &sce::Sce,
         &ram::RAM,
         &ram::RAMPLUS_TL,
+        &nuslerp::NuSlerp,
+        &multislerp::MultiSlerp,
+        &karcher::Karcher,
+        &model_stock::ModelStock,
+        &nearswap::NearSwap,
+        &arcee_fusion::ArceeFusion,
     ];
     REGISTRY
 }
