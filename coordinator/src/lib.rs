@@ -6,8 +6,11 @@
 //! resumes where it was.
 
 pub mod assemble;
+pub mod cluster;
 pub mod journal;
 pub mod scheduler;
+pub mod service;
 
 pub use assemble::{AssembleError, AssembleOptions};
 pub use scheduler::{run_embedded, EmbeddedOptions, RunError, RunSummary};
+pub use service::{serve, ServeOptions, TlsIdentity};

@@ -27,6 +27,10 @@ pub enum RunError {
     Journal(#[from] JournalError),
     #[error("recording a finished unit in the journal: {0}")]
     Record(#[from] fleetmerge_engine::storage::StorageError),
+    #[error("{0}")]
+    Serve(String),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Options of an embedded (single-machine) run.

@@ -17,7 +17,10 @@ pub enum StorageError {
     NotFound { location: String },
     #[error("{location}: {message}")]
     Io { location: String, message: String },
-    #[error("{location}: asked for bytes {start}..{end} but the object has {size} bytes")]
+    #[error(
+        "{location}: asked for bytes {start}..{end} but the object has {size} bytes (truncated, \
+         or changed since the merge was planned)"
+    )]
     OutOfRange {
         location: String,
         start: u64,

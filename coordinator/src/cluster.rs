@@ -1,0 +1,485 @@
+//! The state of a cluster merge: every unit is pending, leased (to a worker,
+//! until a deadline that heartbeats extend), done (its shard checked and its
+//! record journaled) or failed. Expired leases go back to the queue; a unit
+//! that failed `max_attempts` times, or failed in a way another attempt cannot
+//! fix, ends the merge with an error naming the unit, its tensors, the workers
+//! and their errors. Pure bookkeeping: no network, no clock of its own.
+
+use crate::journal::Journal;
+use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::storage;
+use std::collections::{BTreeMap, VecDeque};
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Pending,
+    Leased {
+        lease: u64,
+        worker: String,
+        deadline_ms: u64,
+    },
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Unit {
+    unit: WorkUnit,
+    state: State,
+    attempts: u32,
+    /// (worker, error) of every failed attempt.
+    errors: Vec<(String, String)>,
+}
+
+/// A worker the coordinator has heard from.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInfo {
+    pub device: String,
+    pub slots: u32,
+    pub last_seen_ms: u64,
+    pub bytes_read: u64,
+    /// Told that the merge is over.
+    pub dismissed: bool,
+}
+
+/// What a worker asking for work gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseReply {
+    Unit {
+        lease: u64,
+        unit: WorkUnit,
+        deadline_ms: u64,
+    },
+    Wait,
+    Done(String),
+}
+
+/// Counts for status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    pub total: usize,
+    pub done: usize,
+    pub running: usize,
+    pub pending: usize,
+    pub failed: usize,
+    pub bytes_written: u64,
+}
+
+/// How the merge ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every unit is done (assembly not yet run).
+    AllDone,
+    Failed(String),
+}
+
+pub struct Cluster {
+    units: Vec<Unit>,
+    queue: VecDeque<usize>,
+    by_lease: BTreeMap<u64, usize>,
+    next_lease: u64,
+    lease_ms: u64,
+    max_attempts: u32,
+    pub workers: BTreeMap<String, WorkerInfo>,
+    outputs: BTreeMap<usize, UnitOutput>,
+    outcome: Option<Outcome>,
+    out_dir: String,
+}
+
+fn describe(unit: &WorkUnit) -> String {
+    let names: Vec<&str> = unit.tensors.iter().map(|t| t.name.as_str()).collect();
+    match names.as_slice() {
+        [] => "no tensors".into(),
+        [one] => one.to_string(),
+        [first, .., last] => format!("{first} .. {last} ({} tensors)", names.len()),
+    }
+}
+
+impl Cluster {
+    /// Units in plan order; those in `done` were finished by an earlier run.
+    pub fn new(
+        units: Vec<WorkUnit>,
+        done: BTreeMap<usize, UnitOutput>,
+        out_dir: &str,
+        lease_ms: u64,
+        max_attempts: u32,
+        first_lease: u64,
+    ) -> Self {
+        let mut queue = VecDeque::new();
+        let units: Vec<Unit> = units
+            .into_iter()
+            .enumerate()
+            .map(|(i, unit)| {
+                let state = if done.contains_key(&unit.id) {
+                    State::Done
+                } else {
+                    State::Pending
+                };
+                if state == State::Pending {
+                    queue.push_back(i);
+                }
+                Unit {
+                    unit,
+                    state,
+                    attempts: 0,
+                    errors: Vec::new(),
+                }
+            })
+            .collect();
+        let outcome = queue.is_empty().then_some(Outcome::AllDone);
+        Cluster {
+            units,
+            queue,
+            by_lease: BTreeMap::new(),
+            next_lease: first_lease.max(1),
+            lease_ms,
+            max_attempts: max_attempts.max(1),
+            workers: BTreeMap::new(),
+            outputs: done,
+            outcome,
+            out_dir: out_dir.to_string(),
+        }
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// Outputs of every finished unit, in unit order.
+    pub fn outputs(&self) -> Vec<UnitOutput> {
+        self.outputs.values().cloned().collect()
+    }
+
+    pub fn touch(&mut self, worker: &str, now_ms: u64) -> &mut WorkerInfo {
+        let info = self.workers.entry(worker.to_string()).or_default();
+        info.last_seen_ms = now_ms;
+        info
+    }
+
+    fn give_up(&mut self, i: usize, why: &str) {
+        let u = &mut self.units[i];
+        u.state = State::Failed;
+        let workers: Vec<String> = u.errors.iter().map(|(w, e)| format!("{w}: {e}")).collect();
+        self.outcome = Some(Outcome::Failed(format!(
+            "work unit {} ({}, tensors {}) {why}; attempts: {}",
+            u.unit.id,
+            u.unit.file_name,
+            describe(&u.unit),
+            if workers.is_empty() {
+                "none".into()
+            } else {
+                workers.join("; ")
+            }
+        )));
+    }
+
+    /// Puts units whose lease ran out back in the queue (or gives up on them).
+    pub fn expire(&mut self, now_ms: u64) {
+        for i in 0..self.units.len() {
+            if let State::Leased {
+                lease,
+                worker,
+                deadline_ms,
+            } = self.units[i].state.clone()
+            {
+                if deadline_ms < now_ms {
+                    tracing::warn!(unit = i, worker = %worker, "lease expired; handing the unit to another worker");
+                    self.by_lease.remove(&lease);
+                    self.units[i]
+                        .errors
+                        .push((worker, "lease expired (no heartbeat)".into()));
+                    if self.units[i].attempts >= self.max_attempts {
+                        self.give_up(i, &format!("failed {} times", self.units[i].attempts));
+                    } else {
+                        self.units[i].state = State::Pending;
+                        self.queue.push_back(i);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn lease(&mut self, worker: &str, now_ms: u64) -> LeaseReply {
+        self.expire(now_ms);
+        if let Some(o) = &self.outcome {
+            return LeaseReply::Done(match o {
+                Outcome::AllDone => "the merge is complete".into(),
+                Outcome::Failed(e) => format!("the merge failed: {e}"),
+            });
+        }
+        // A queued unit may have been completed meanwhile by a worker whose
+        // lease had expired (or that a previous coordinator had leased it to).
+        let Some(i) = std::iter::from_fn(|| self.queue.pop_front())
+            .find(|&i| self.units[i].state == State::Pending)
+        else {
+            return LeaseReply::Wait;
+        };
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        let deadline_ms = now_ms + self.lease_ms;
+        let u = &mut self.units[i];
+        u.attempts += 1;
+        u.state = State::Leased {
+            lease,
+            worker: worker.to_string(),
+            deadline_ms,
+        };
+        self.by_lease.insert(lease, i);
+        LeaseReply::Unit {
+            lease,
+            unit: u.unit.clone(),
+            deadline_ms,
+        }
+    }
+
+    /// Extends the worker's leases; returns the ones it no longer holds.
+    pub fn heartbeat(&mut self, worker: &str, leases: &[u64], now_ms: u64) -> Vec<u64> {
+        self.expire(now_ms);
+        let deadline = now_ms + self.lease_ms;
+        let mut revoked = Vec::new();
+        for &l in leases {
+            match self.by_lease.get(&l).map(|&i| &mut self.units[i].state) {
+                Some(State::Leased {
+                    worker: w,
+                    deadline_ms,
+                    ..
+                }) if w == worker => *deadline_ms = deadline,
+                _ => revoked.push(l),
+            }
+        }
+        revoked
+    }
+
+    /// Records a finished unit after checking its shard. Returns false when the
+    /// unit was already done (a slow worker whose lease had expired: harmless,
+    /// the outputs are identical and the first commit won).
+    pub fn complete(
+        &mut self,
+        lease: u64,
+        output: UnitOutput,
+        journal: &Journal,
+    ) -> Result<bool, String> {
+        let Some(i) = self.units.iter().position(|u| u.unit.id == output.unit) else {
+            return Err(format!("unknown work unit {}", output.unit));
+        };
+        if self.units[i].state == State::Done {
+            return Ok(false);
+        }
+        if self.units[i].unit.file_name != output.file_name {
+            return Err(format!(
+                "unit {} writes {}, not {}",
+                output.unit, self.units[i].unit.file_name, output.file_name
+            ));
+        }
+        let store = storage::for_location(&self.out_dir);
+        let shard = store.join(&self.out_dir, &output.file_name);
+        match store.size(&shard) {
+            Ok(s) if s == output.size => {}
+            Ok(s) => {
+                return Err(format!(
+                    "{shard} has {s} bytes, the worker reported {}",
+                    output.size
+                ))
+            }
+            Err(e) => return Err(format!("the worker reported {shard} written, but: {e}")),
+        }
+        journal
+            .record(&output)
+            .map_err(|e| format!("recording unit {} in the journal: {e}", output.unit))?;
+        if let State::Leased { lease: current, .. } = self.units[i].state {
+            self.by_lease.remove(&current);
+        }
+        if !matches!(self.units[i].state, State::Leased { lease: l, .. } if l == lease) {
+            tracing::info!(unit = output.unit, lease, "a unit was completed under a lease that is no longer current; its shard is checked and kept");
+        }
+        self.units[i].state = State::Done;
+        self.outputs.insert(output.unit, output);
+        if self.units.iter().all(|u| u.state == State::Done) {
+            self.outcome = Some(Outcome::AllDone);
+        }
+        Ok(true)
+    }
+
+    pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) {
+        let Some(&i) = self.by_lease.get(&lease) else {
+            return;
+        };
+        if !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
+        {
+            return;
+        }
+        self.by_lease.remove(&lease);
+        self.units[i]
+            .errors
+            .push((worker.to_string(), error.to_string()));
+        if !retryable {
+            self.give_up(i, "failed with an error that another attempt cannot fix");
+        } else if self.units[i].attempts >= self.max_attempts {
+            self.give_up(i, &format!("failed {} times", self.units[i].attempts));
+        } else {
+            self.units[i].state = State::Pending;
+            self.queue.push_back(i);
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts {
+            total: self.units.len(),
+            ..Counts::default()
+        };
+        for u in &self.units {
+            match u.state {
+                State::Pending => c.pending += 1,
+                State::Leased { .. } => c.running += 1,
+                State::Done => c.done += 1,
+                State::Failed => c.failed += 1,
+            }
+        }
+        c.bytes_written = self.outputs.values().map(|o| o.size).sum();
+        c
+    }
+
+    /// Leases a worker currently holds.
+    pub fn leases_of(&self, worker: &str) -> Vec<usize> {
+        self.units
+            .iter()
+            .filter(|u| matches!(&u.state, State::Leased { worker: w, .. } if w == worker))
+            .map(|u| u.unit.id)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units(n: usize) -> Vec<WorkUnit> {
+        (0..n)
+            .map(|id| WorkUnit {
+                format: fleetmerge_engine::plan::PLAN_FORMAT,
+                id,
+                file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
+                merge_method: "linear".into(),
+                seed: 0,
+                tensors: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn cluster(n: usize, max_attempts: u32) -> Cluster {
+        Cluster::new(units(n), BTreeMap::new(), "/out", 1000, max_attempts, 1)
+    }
+
+    fn lease(c: &mut Cluster, worker: &str, now: u64) -> (u64, usize) {
+        match c.lease(worker, now) {
+            LeaseReply::Unit { lease, unit, .. } => (lease, unit.id),
+            other => panic!("expected a unit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn units_are_leased_in_order_then_workers_wait() {
+        let mut c = cluster(2, 3);
+        assert_eq!(lease(&mut c, "a", 0).1, 0);
+        assert_eq!(lease(&mut c, "b", 0).1, 1);
+        assert_eq!(c.lease("c", 0), LeaseReply::Wait);
+        assert_eq!(c.counts().running, 2);
+        assert_eq!(c.leases_of("a"), vec![0]);
+    }
+
+    #[test]
+    fn an_expired_lease_goes_to_another_worker_and_heartbeats_keep_it() {
+        let mut c = cluster(1, 3);
+        let (l, _) = lease(&mut c, "a", 0);
+        // Heartbeats extend the lease past its first deadline.
+        assert!(c.heartbeat("a", &[l], 900).is_empty());
+        assert_eq!(c.lease("b", 1500), LeaseReply::Wait);
+        // Silence: the unit goes to b, and a's lease is revoked.
+        let (l2, id) = lease(&mut c, "b", 2000);
+        assert_eq!(id, 0);
+        assert_ne!(l, l2);
+        assert_eq!(c.heartbeat("a", &[l], 2001), vec![l]);
+        // Another worker cannot extend b's lease.
+        assert_eq!(c.heartbeat("a", &[l2], 2002), vec![l2]);
+        // a's late failure report does not touch b's attempt.
+        c.fail(l, "a", "late", true);
+        c.fail(l2, "a", "not mine", false);
+        assert_eq!(c.counts().running, 1);
+        assert!(c.outcome().is_none());
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts_naming_unit_workers_and_errors() {
+        let mut c = cluster(2, 2);
+        let (l, _) = lease(&mut c, "w1", 0);
+        c.fail(l, "w1", "disk full", true);
+        let (_, id) = lease(&mut c, "w2", 0); // unit 1
+        assert_eq!(id, 1);
+        let (l, id) = lease(&mut c, "w3", 0);
+        assert_eq!(id, 0);
+        c.fail(l, "w3", "connection reset", true);
+        let Some(Outcome::Failed(e)) = c.outcome() else {
+            panic!("expected a failure, got {:?}", c.outcome());
+        };
+        for part in [
+            "work unit 0",
+            "model-00001-of-00002.safetensors",
+            "failed 2 times",
+            "w1: disk full",
+            "w3: connection reset",
+        ] {
+            assert!(e.contains(part), "{part:?} missing from: {e}");
+        }
+        assert!(matches!(c.lease("w4", 0), LeaseReply::Done(m) if m.contains("failed")));
+        assert_eq!(c.counts().failed, 1);
+    }
+
+    #[test]
+    fn a_permanent_failure_ends_the_merge_at_once() {
+        let mut c = cluster(3, 5);
+        let (l, _) = lease(&mut c, "w1", 0);
+        c.fail(l, "w1", "bytes 0..8 out of range", false);
+        let Some(Outcome::Failed(e)) = c.outcome() else {
+            panic!("expected a failure");
+        };
+        assert!(
+            e.contains("cannot fix") && e.contains("out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn expiry_counts_as_an_attempt() {
+        let mut c = cluster(1, 2);
+        lease(&mut c, "a", 0);
+        lease(&mut c, "b", 1001);
+        c.expire(2002);
+        let Some(Outcome::Failed(e)) = c.outcome() else {
+            panic!("expected a failure");
+        };
+        assert!(
+            e.contains("a: lease expired") && e.contains("b: lease expired"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn finished_units_of_an_earlier_run_are_not_leased() {
+        let done: BTreeMap<usize, UnitOutput> = [(
+            0,
+            UnitOutput {
+                unit: 0,
+                file_name: "model-00001-of-00002.safetensors".into(),
+                size: 8,
+                sha256: String::new(),
+                tensors: Vec::new(),
+            },
+        )]
+        .into();
+        let mut c = Cluster::new(units(2), done, "/out", 1000, 3, 1);
+        assert_eq!(lease(&mut c, "a", 0).1, 1);
+        assert_eq!(c.lease("a", 0), LeaseReply::Wait);
+        assert_eq!(c.counts().done, 1);
+    }
+}

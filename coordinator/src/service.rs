@@ -1,0 +1,412 @@
+//! The coordinator's gRPC service (`fleetmerge coordinator`): workers register,
+//! lease units, heartbeat, and report completions and failures; the standard
+//! gRPC health service answers probes. When every unit is done the coordinator
+//! writes the index and the journal's final marker, tells the workers to exit,
+//! and returns.
+
+use crate::assemble::{self, AssembleOptions};
+use crate::cluster::{Cluster, LeaseReply, Outcome};
+use crate::journal::Journal;
+use crate::scheduler::{RunError, RunSummary};
+use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::plan::Plan;
+use fleetmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use fleetmerge_proto::*;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+/// Options of `fleetmerge coordinator`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Shared secret every call must carry (`authorization: Bearer <token>`).
+    pub token: Option<String>,
+    /// A unit whose lease is not renewed for this long goes to another worker.
+    pub lease_timeout: Duration,
+    /// Attempts per unit before the merge gives up.
+    pub max_attempts: u32,
+    pub assemble: AssembleOptions,
+    pub restart: bool,
+    /// PEM certificate chain and private key: serve gRPC over TLS.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// The coordinator's TLS certificate chain and key, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity { .. }")
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Shared {
+    cluster: Mutex<Cluster>,
+    journal: Journal,
+    heartbeat_seconds: u32,
+    out_dir: String,
+}
+
+impl Shared {
+    fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn check_version(v: u32) -> Result<(), Status> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "this worker speaks protocol version {v}, the coordinator speaks {PROTOCOL_VERSION}: \
+             run the same fleetmerge version on both"
+        )))
+    }
+}
+
+struct Service(Arc<Shared>);
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        tracing::info!(worker = %r.worker_id, device = %r.device, slots = r.slots, "worker registered");
+        let mut c = self.0.cluster();
+        let info = c.touch(&r.worker_id, now_ms());
+        info.device = r.device;
+        info.slots = r.slots;
+        Ok(Response::new(RegisterResponse {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_seconds: self.0.heartbeat_seconds,
+        }))
+    }
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        let now = now_ms();
+        let mut c = self.0.cluster();
+        c.touch(&r.worker_id, now);
+        let reply = match c.lease(&r.worker_id, now) {
+            LeaseReply::Unit {
+                lease,
+                unit,
+                deadline_ms,
+            } => {
+                tracing::info!(worker = %r.worker_id, unit = unit.id, lease, "unit leased");
+                let json =
+                    serde_json::to_vec(&unit).map_err(|e| Status::internal(e.to_string()))?;
+                lease_response::Reply::Unit(UnitLease {
+                    lease_id: lease,
+                    unit: json,
+                    out_dir: self.0.out_dir.clone(),
+                    deadline_unix_ms: deadline_ms,
+                })
+            }
+            LeaseReply::Wait => lease_response::Reply::RetryAfterMs(500),
+            LeaseReply::Done(why) => {
+                c.touch(&r.worker_id, now).dismissed = true;
+                lease_response::Reply::Done(why)
+            }
+        };
+        Ok(Response::new(LeaseResponse { reply: Some(reply) }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        let now = now_ms();
+        let mut c = self.0.cluster();
+        let info = c.touch(&r.worker_id, now);
+        info.bytes_read += r.progress_bytes;
+        let revoked = c.heartbeat(&r.worker_id, &r.lease_ids, now);
+        let shutdown = c.outcome().is_some();
+        if shutdown {
+            c.touch(&r.worker_id, now).dismissed = true;
+        }
+        Ok(Response::new(HeartbeatResponse {
+            revoked,
+            deadline_unix_ms: now + self.0.heartbeat_seconds as u64 * 1000,
+            shutdown,
+        }))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        let shared = self.0.clone();
+        let worker = r.worker_id.clone();
+        // Checking the shard and journaling it touch storage: off the runtime threads.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut c = shared.cluster();
+            c.touch(&r.worker_id, now_ms());
+            let output = UnitOutput {
+                unit: r.unit as usize,
+                file_name: r.file_name,
+                size: r.size,
+                sha256: r.sha256,
+                tensors: r.tensors,
+            };
+            c.complete(r.lease_id, output, &shared.journal)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match result {
+            Ok(accepted) => {
+                tracing::info!(worker = %worker, accepted, "unit completed");
+                Ok(Response::new(CompleteResponse { accepted }))
+            }
+            Err(e) => {
+                tracing::warn!(worker = %worker, error = %e, "completion rejected");
+                Err(Status::failed_precondition(e))
+            }
+        }
+    }
+
+    async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        let r = req.into_inner();
+        check_version(r.protocol_version)?;
+        tracing::warn!(worker = %r.worker_id, lease = r.lease_id, retryable = r.retryable, error = %r.error, "unit failed");
+        let mut c = self.0.cluster();
+        c.touch(&r.worker_id, now_ms());
+        c.fail(r.lease_id, &r.worker_id, &r.error, r.retryable);
+        Ok(Response::new(FailResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        check_version(req.into_inner().protocol_version)?;
+        let c = self.0.cluster();
+        let counts = c.counts();
+        let workers = c
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerStatus {
+                worker_id: id.clone(),
+                device: w.device.clone(),
+                units: c.leases_of(id).into_iter().map(|u| u as u64).collect(),
+                last_heartbeat_unix_ms: w.last_seen_ms,
+                bytes_read: w.bytes_read,
+            })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            total_units: counts.total as u32,
+            done: counts.done as u32,
+            running: counts.running as u32,
+            pending: counts.pending as u32,
+            failed: counts.failed as u32,
+            bytes_written: counts.bytes_written,
+            workers,
+            state: match c.outcome() {
+                None => "running".into(),
+                Some(Outcome::AllDone) => "complete".into(),
+                Some(Outcome::Failed(e)) => format!("failed: {e}"),
+            },
+        }))
+    }
+}
+
+/// Checks the shared token in constant time; the token itself is never logged.
+fn authorize(token: &Option<Arc<str>>, req: &Request<()>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    let given = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        tracing::warn!(peer = ?req.remote_addr(), "rejected a call with a missing or wrong token");
+        Err(Status::unauthenticated(
+            "missing or wrong token (see --token-file / FLEETMERGE_TOKEN)",
+        ))
+    }
+}
+
+/// Runs the merge as a gRPC coordinator until every unit is done (or one failed).
+pub async fn serve(
+    plan: Plan,
+    out_dir: String,
+    opts: ServeOptions,
+) -> Result<RunSummary, RunError> {
+    let (journal, resume) = Journal::open(&plan, &out_dir, opts.restart)?;
+    if resume.finished {
+        tracing::info!(out = %out_dir, "this merge is already complete");
+        return Ok(RunSummary {
+            total_size: plan.total_size(),
+            resumed: resume.done.len(),
+            outputs: resume.done.into_values().collect(),
+        });
+    }
+    assemble::remove_index(&out_dir)?;
+    assemble::write_side_files(&plan, &out_dir, &opts.assemble)?;
+    let resumed = resume.done.len();
+    if resumed > 0 {
+        tracing::info!(
+            done = resumed,
+            total = plan.units.len(),
+            "resuming: units finished by an earlier run are kept"
+        );
+    }
+    let lease_ms = opts.lease_timeout.as_millis().max(1) as u64;
+    let heartbeat_seconds = ((lease_ms / 3000).max(1)) as u32;
+    let shared = Arc::new(Shared {
+        cluster: Mutex::new(Cluster::new(
+            plan.units.clone(),
+            resume.done,
+            &out_dir,
+            lease_ms,
+            opts.max_attempts,
+            // Lease ids of a restarted coordinator never collide with those that
+            // workers of the previous one still hold.
+            now_ms().saturating_mul(1000),
+        )),
+        journal,
+        heartbeat_seconds,
+        out_dir: out_dir.clone(),
+    });
+    let token: Option<Arc<str>> = opts.token.map(Arc::from);
+    let open_to_anyone = token.is_none();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<Service>>().await;
+    let svc =
+        CoordinatorServer::with_interceptor(Service(shared.clone()), move |req: Request<()>| {
+            authorize(&token, &req).map(|()| req)
+        });
+    // Stop once the merge is over and every worker heard so (or after a grace period).
+    let watcher = shared.clone();
+    let shutdown = async move {
+        let mut over_since: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut c = watcher.cluster();
+            c.expire(now_ms());
+            if c.outcome().is_none() {
+                continue;
+            }
+            let since = *over_since.get_or_insert_with(std::time::Instant::now);
+            let all_told = c.workers.values().all(|w| w.dismissed);
+            if all_told
+                || since.elapsed() > Duration::from_secs(watcher.heartbeat_seconds as u64 * 2 + 1)
+            {
+                break;
+            }
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::bind(opts.listen)
+        .map_err(|e| RunError::Serve(format!("listening on {}: {e}", opts.listen)))?
+        .with_nodelay(Some(true));
+    let bound = incoming.local_addr().unwrap_or(opts.listen);
+    if open_to_anyone {
+        tracing::warn!(
+            "no token configured: anyone who can reach {} can take part in this merge",
+            bound
+        );
+    }
+    tracing::info!(
+        listen = %bound,
+        tls = opts.tls.is_some(),
+        units = plan.units.len(),
+        pending = plan.units.len() - resumed,
+        "coordinator listening"
+    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| RunError::Serve(format!("TLS certificate or key: {e}")))?;
+    }
+    server
+        .add_service(health_service)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| RunError::Serve(format!("serving on {}: {e}", opts.listen)))?;
+    let (outcome, outputs) = {
+        let c = shared.cluster();
+        (c.outcome().cloned(), c.outputs())
+    };
+    match outcome {
+        Some(Outcome::AllDone) => {
+            assemble::write_index(&plan, &out_dir)?;
+            shared.journal.finish()?;
+            Ok(RunSummary {
+                total_size: plan.total_size(),
+                outputs,
+                resumed,
+            })
+        }
+        Some(Outcome::Failed(e)) => Err(RunError::Cluster(e)),
+        None => Err(RunError::Cluster(
+            "the coordinator stopped before the merge ended".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(auth: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(a) = auth {
+            r.metadata_mut().insert("authorization", a.parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn only_the_right_token_passes() {
+        let token: Option<Arc<str>> = Some(Arc::from("s3cret"));
+        assert!(authorize(&token, &request(Some("Bearer s3cret"))).is_ok());
+        for bad in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+        ] {
+            let e = authorize(&token, &request(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated);
+            assert!(!e.message().contains("s3cret"), "{}", e.message());
+        }
+        // Without a configured token every call passes.
+        assert!(authorize(&None, &request(None)).is_ok());
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused_clearly() {
+        assert!(check_version(PROTOCOL_VERSION).is_ok());
+        let e = check_version(PROTOCOL_VERSION + 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("protocol version"), "{}", e.message());
+    }
+}
