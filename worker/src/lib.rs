@@ -3,6 +3,8 @@
 //! the output shard) and reports the result. In `fleetmerge run` the source is the
 //! in-process scheduler; in cluster mode it is the coordinator over gRPC.
 
+pub mod remote;
+
 use fleetmerge_engine::exec::{self, ExecError, Progress, UnitOutput};
 use fleetmerge_engine::plan::WorkUnit;
 

@@ -1,0 +1,405 @@
+//! A worker of a cluster merge (`fleetmerge worker`): connects to the
+//! coordinator, registers, and runs `slots` lease loops. Each leased unit is
+//! executed on the blocking thread pool while a heartbeat keeps its lease alive;
+//! the result is reported with the shard's size and sha256. A lost coordinator
+//! is retried with backoff; SIGTERM stops new leases and lets running units
+//! finish; the coordinator's "done" ends the worker.
+
+use fleetmerge_engine::exec::{self, ExecError, Progress};
+use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::storage::StorageError;
+use fleetmerge_proto::coordinator_client::CoordinatorClient;
+use fleetmerge_proto::*;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+/// Options of `fleetmerge worker`.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// `http://HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    pub token: Option<String>,
+    pub worker_id: String,
+    pub device: String,
+    pub slots: usize,
+    /// Give up when the coordinator cannot be reached for this long.
+    pub give_up_after: Duration,
+    /// PEM certificate(s) to trust for an `https://` coordinator, besides the
+    /// public web PKI roots (a private CA or a self-signed certificate).
+    pub tls_ca: Option<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("coordinator address {address}: {message}")]
+    Address { address: String, message: String },
+    #[error("the coordinator at {address} refused this worker: {message}")]
+    Refused { address: String, message: String },
+    #[error("lost the coordinator at {address} for more than {seconds} s: {message}")]
+    Unreachable {
+        address: String,
+        seconds: u64,
+        message: String,
+    },
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+/// Adds the shared token to every call.
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Whether another attempt (here or on another worker) might succeed.
+fn retryable(e: &ExecError) -> bool {
+    matches!(e, ExecError::Storage(StorageError::Io { .. }))
+}
+
+/// A unit must write one plain file name inside the output folder.
+fn check_unit(unit: &WorkUnit) -> Result<(), String> {
+    let name = &unit.file_name;
+    if name.is_empty()
+        || name.contains('/')
+        || name.contains('\\')
+        || name.contains("..")
+        || !name.ends_with(".safetensors")
+    {
+        return Err(format!("refusing to write {name:?}: a shard must be a plain .safetensors file name inside the output folder"));
+    }
+    Ok(())
+}
+
+struct Shared {
+    client: Client,
+    opts: RemoteOptions,
+    active: Mutex<BTreeSet<u64>>,
+    read: AtomicU64,
+    /// Stop asking for work (SIGTERM or the coordinator said so).
+    draining: AtomicBool,
+    done: AtomicBool,
+}
+
+struct ReadCounter<'a>(&'a AtomicU64);
+impl Progress for ReadCounter<'_> {
+    fn read(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Calls `f` until it succeeds, retrying unavailable-coordinator errors with
+/// exponential backoff up to `give_up_after`.
+async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match f(shared.client.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::PermissionDenied
+                ) =>
+            {
+                return Err(WorkerError::Refused {
+                    address: shared.opts.coordinator.clone(),
+                    message: format!("{what}: {}", s.message()),
+                })
+            }
+            Err(s) => {
+                if started.elapsed() > shared.opts.give_up_after {
+                    return Err(WorkerError::Unreachable {
+                        address: shared.opts.coordinator.clone(),
+                        seconds: shared.opts.give_up_after.as_secs(),
+                        message: s.message().to_string(),
+                    });
+                }
+                tracing::warn!(what, error = %s.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unavailable");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs a worker until the coordinator says the merge is over (or SIGTERM).
+/// Returns the number of units this worker completed.
+pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
+    // Installed first, so a SIGTERM at any later point drains instead of killing.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let address = opts.coordinator.clone();
+    let endpoint = Endpoint::from_shared(address.clone())
+        .map_err(|e| WorkerError::Address {
+            address: address.clone(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(120));
+    let endpoint = if address.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(ca) = &opts.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        endpoint.tls_config(tls).map_err(|e| WorkerError::Address {
+            address: address.clone(),
+            message: format!("TLS: {e}"),
+        })?
+    } else {
+        if opts.tls_ca.is_some() {
+            return Err(WorkerError::Address {
+                address,
+                message: "--tls-ca is given but the address is not https://".into(),
+            });
+        }
+        endpoint
+    };
+    let channel = endpoint.connect_lazy();
+    let token = match &opts.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| WorkerError::Address {
+                    address: address.clone(),
+                    message: "the token contains characters that cannot travel in a header".into(),
+                })?,
+        ),
+        None => None,
+    };
+    let client = CoordinatorClient::with_interceptor(channel, Auth(token));
+    let shared = Arc::new(Shared {
+        client,
+        opts: opts.clone(),
+        active: Mutex::new(BTreeSet::new()),
+        read: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+    });
+    let reg = with_retry(&shared, "register", |mut c| {
+        let req = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: opts.worker_id.clone(),
+            device: opts.device.clone(),
+            memory_bytes: 0,
+            slots: opts.slots as u32,
+        };
+        async move { c.register(req).await }
+    })
+    .await?;
+    if reg.protocol_version != PROTOCOL_VERSION {
+        return Err(WorkerError::Refused {
+            address,
+            message: format!(
+                "the coordinator speaks protocol version {}, this worker {PROTOCOL_VERSION}: \
+                 run the same fleetmerge version on both",
+                reg.protocol_version
+            ),
+        });
+    }
+    tracing::info!(coordinator = %address, worker = %opts.worker_id, "registered");
+
+    // SIGTERM: finish what is running, take nothing new.
+    let sig = shared.clone();
+    tokio::spawn(async move {
+        if let Some(mut term) = term {
+            term.recv().await;
+            tracing::info!("SIGTERM: finishing the current units, then exiting");
+            sig.draining.store(true, Ordering::SeqCst);
+        }
+    });
+    let hb = shared.clone();
+    let period = Duration::from_secs(reg.heartbeat_seconds.max(1) as u64);
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            if hb.done.load(Ordering::SeqCst) {
+                break;
+            }
+            let leases: Vec<u64> = hb
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect();
+            let req = HeartbeatRequest {
+                protocol_version: PROTOCOL_VERSION,
+                worker_id: hb.opts.worker_id.clone(),
+                lease_ids: leases,
+                progress_bytes: hb.read.swap(0, Ordering::Relaxed),
+            };
+            match hb.client.clone().heartbeat(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.shutdown {
+                        hb.draining.store(true, Ordering::SeqCst);
+                    }
+                    for l in r.revoked {
+                        tracing::warn!(
+                            lease = l,
+                            "lease revoked by the coordinator; its result will not count"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
+            }
+        }
+    });
+    let mut slots = Vec::new();
+    for slot in 0..opts.slots.max(1) {
+        slots.push(tokio::spawn(lease_loop(shared.clone(), slot)));
+    }
+    let mut completed = 0;
+    let mut first_error = None;
+    for s in slots {
+        match s.await {
+            Ok(Ok(n)) => completed += n,
+            Ok(Err(e)) => {
+                shared.draining.store(true, Ordering::SeqCst);
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(WorkerError::Refused {
+                    address: address.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    shared.done.store(true, Ordering::SeqCst);
+    heartbeat.abort();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(completed),
+    }
+}
+
+async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerError> {
+    let mut completed = 0;
+    let worker = shared.opts.worker_id.clone();
+    while !shared.draining.load(Ordering::SeqCst) {
+        let reply = with_retry(&shared, "lease", |mut c| {
+            let req = LeaseRequest {
+                protocol_version: PROTOCOL_VERSION,
+                worker_id: worker.clone(),
+            };
+            async move { c.lease(req).await }
+        })
+        .await?;
+        let lease = match reply.reply {
+            Some(lease_response::Reply::Unit(u)) => u,
+            Some(lease_response::Reply::RetryAfterMs(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms.clamp(50, 5000) as u64)).await;
+                continue;
+            }
+            Some(lease_response::Reply::Done(why)) => {
+                tracing::info!(slot, reason = %why, "the coordinator has no more work");
+                shared.draining.store(true, Ordering::SeqCst);
+                break;
+            }
+            None => continue,
+        };
+        let lease_id = lease.lease_id;
+        let unit: Result<WorkUnit, String> =
+            serde_json::from_slice(&lease.unit).map_err(|e| format!("unreadable work unit: {e}"));
+        let unit = unit.and_then(|u| check_unit(&u).map(|()| u));
+        let unit = match unit {
+            Ok(u) => u,
+            Err(e) => {
+                report_failure(&shared, lease_id, &e, false).await?;
+                continue;
+            }
+        };
+        shared
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(lease_id);
+        tracing::info!(slot, unit = unit.id, lease = lease_id, file = %unit.file_name, "working");
+        let job = shared.clone();
+        let out_dir = lease.out_dir.clone();
+        let id = unit.id;
+        let result = tokio::task::spawn_blocking(move || {
+            exec::execute_unit(&unit, &out_dir, &ReadCounter(&job.read))
+                .map_err(|e| (retryable(&e), e.to_string()))
+        })
+        .await
+        .unwrap_or_else(|e| Err((true, format!("the unit's thread died: {e}"))));
+        shared
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease_id);
+        match result {
+            Ok(out) => {
+                let req = CompleteRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker_id: worker.clone(),
+                    lease_id,
+                    file_name: out.file_name,
+                    size: out.size,
+                    sha256: out.sha256,
+                    tensors: out.tensors,
+                    unit: id as u64,
+                };
+                let r = with_retry(&shared, "complete", |mut c| {
+                    let req = req.clone();
+                    async move { c.complete(req).await }
+                })
+                .await;
+                match r {
+                    Ok(r) => {
+                        tracing::info!(slot, unit = id, accepted = r.accepted, "unit done");
+                        completed += 1;
+                    }
+                    // The coordinator rejected the shard: it re-queues the unit itself.
+                    Err(WorkerError::Refused { message, .. }) => {
+                        tracing::warn!(unit = id, %message, "completion refused")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err((retry, e)) => report_failure(&shared, lease_id, &e, retry).await?,
+        }
+    }
+    Ok(completed)
+}
+
+async fn report_failure(
+    shared: &Shared,
+    lease_id: u64,
+    error: &str,
+    retryable: bool,
+) -> Result<(), WorkerError> {
+    tracing::warn!(lease = lease_id, retryable, error, "unit failed");
+    let req = FailRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: shared.opts.worker_id.clone(),
+        lease_id,
+        error: error.to_string(),
+        retryable,
+    };
+    with_retry(shared, "fail", |mut c| {
+        let req = req.clone();
+        async move { c.fail(req).await }
+    })
+    .await
+    .map(|_| ())
+}
