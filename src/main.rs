@@ -3,10 +3,13 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fleetmerge_coordinator::{run_embedded, AssembleOptions, EmbeddedOptions};
+use fleetmerge_coordinator::{
+    run_embedded, serve, AssembleOptions, EmbeddedOptions, ServeOptions, TlsIdentity,
+};
 use fleetmerge_engine::config::MergeConfig;
 use fleetmerge_engine::exec::Progress;
 use fleetmerge_engine::plan::{self, PlanOptions};
+use fleetmerge_worker::remote::{run_remote, RemoteOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +27,84 @@ struct Cli {
 enum Command {
     /// Merge on this machine: plan, compute every shard with all cores, write the model.
     Run(RunArgs),
+    /// Coordinate a merge across workers on other machines (gRPC).
+    Coordinator(CoordinatorArgs),
+    /// Work for a coordinator: lease units, compute them, write their shards.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// The mergekit YAML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: std::net::SocketAddr,
+    /// File holding the shared token every worker must present (else FLEETMERGE_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a unit goes to another worker.
+    #[arg(long, default_value_t = 30.0)]
+    lease_timeout: f64,
+    /// Attempts per unit before the merge gives up.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Start over: discard the journal of an unfinished merge into OUT.
+    #[arg(long)]
+    restart: bool,
+    /// Do not copy tokenizer files from the donor model.
+    #[arg(long)]
+    no_copy_tokenizer: bool,
+    /// Do not write README.md and mergekit_config.yml.
+    #[arg(long)]
+    no_model_card: bool,
+    /// Only warnings and errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The coordinator, e.g. http://10.0.0.5:7070.
+    #[arg(long)]
+    coordinator: String,
+    /// File holding the shared token (else FLEETMERGE_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// PEM certificate to trust for an https:// coordinator (a private CA or a
+    /// self-signed certificate); public CAs are trusted without it.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Give up when the coordinator cannot be reached for this many seconds.
+    #[arg(long, default_value_t = 600)]
+    give_up_after: u64,
+    /// Compute device: cpu (cuda:N needs a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Units computed at the same time.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Name of this worker in the coordinator's logs (default: host name and pid).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Only warnings and errors.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Options shared by everything that plans a merge.
@@ -80,6 +161,7 @@ fn init_logging(quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -181,10 +263,135 @@ fn prepare_output(out: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
 }
 
+/// The shared token: from a file, else FLEETMERGE_TOKEN, else none.
+fn read_token(file: &Option<PathBuf>) -> Result<Option<String>> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("FLEETMERGE_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    match token {
+        Some(t) if t.is_empty() => anyhow::bail!("the token is empty"),
+        t => Ok(t),
+    }
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    init_logging(args.quiet);
+    let config = MergeConfig::load(&args.config)?;
+    let base_dir = std::env::current_dir().context("reading the current directory")?;
+    let plan = plan::plan(
+        &config,
+        &PlanOptions {
+            out_shard_size: args.plan.out_shard_size,
+            seed: args.plan.random_seed,
+            allow_crimes: args.plan.allow_crimes,
+            base_dir,
+        },
+    )?;
+    prepare_output(&args.out)?;
+    let out = std::fs::canonicalize(&args.out)
+        .with_context(|| format!("resolving {}", args.out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    if !(args.lease_timeout.is_finite() && args.lease_timeout > 0.0) {
+        anyhow::bail!("--lease-timeout must be a positive number of seconds");
+    }
+    let opts = ServeOptions {
+        listen: args.listen,
+        token: read_token(&args.token_file)?,
+        lease_timeout: std::time::Duration::from_secs_f64(args.lease_timeout),
+        max_attempts: args.max_attempts,
+        assemble: AssembleOptions {
+            copy_tokenizer: !args.no_copy_tokenizer,
+            model_card: !args.no_model_card,
+        },
+        restart: args.restart,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsIdentity {
+                cert_pem: read_file(cert)?,
+                key_pem: read_file(key)?,
+            }),
+            _ => None,
+        },
+    };
+    let units = plan.units.len();
+    let summary = runtime()?.block_on(serve(plan, out, opts))?;
+    if summary.resumed > 0 {
+        eprintln!(
+            "resumed: {} of {units} shards were finished by an earlier run and kept",
+            summary.resumed
+        );
+    }
+    if !args.quiet {
+        eprintln!(
+            "merged into {} ({} shards, {})",
+            args.out.display(),
+            units,
+            bytes(summary.total_size as f64)
+        );
+    }
+    Ok(())
+}
+
+fn worker(args: WorkerArgs) -> Result<()> {
+    init_logging(args.quiet);
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("setting up the compute threads")?;
+    }
+    if args.device != "cpu" {
+        anyhow::bail!(
+            "--device {}: this build computes on the CPU only (GPU workers need a build with the cuda feature)",
+            args.device
+        );
+    }
+    let worker_id = args.worker_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let opts = RemoteOptions {
+        coordinator: args.coordinator,
+        token: read_token(&args.token_file)?,
+        worker_id,
+        device: args.device,
+        slots: args.slots.max(1),
+        give_up_after: std::time::Duration::from_secs(args.give_up_after),
+        tls_ca: args.tls_ca.as_deref().map(read_file).transpose()?,
+    };
+    let done = runtime()?.block_on(run_remote(opts))?;
+    if !args.quiet {
+        eprintln!("worker finished: {done} units computed");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Coordinator(args) => coordinator(args),
+        Command::Worker(args) => worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
