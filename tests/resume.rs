@@ -8,39 +8,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const LAYERS: u64 = 12;
-const ROWS: u64 = 1024;
-const COLS: u64 = 1536;
 
-/// Base + two fine-tunes, 12 layers of two 1.5M-element tensors each (bf16).
 fn make_models(dir: &Path) {
-    for (m, seed) in [("base", 1u64), ("a", 2), ("b", 3)] {
-        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = (0..LAYERS)
-            .flat_map(|l| {
-                ["mlp.up_proj.weight", "mlp.down_proj.weight"]
-                    .into_iter()
-                    .enumerate()
-                    .map(move |(j, s)| {
-                        let n = (ROWS * COLS) as usize;
-                        let base = noise(100 + l * 2 + j as u64, n, 0.02);
-                        let values = if seed == 1 {
-                            base
-                        } else {
-                            let d = noise(seed * 1000 + l * 2 + j as u64, n, 0.004);
-                            base.iter().zip(d).map(|(b, d)| b + d).collect()
-                        };
-                        (format!("model.layers.{l}.{s}"), vec![ROWS, COLS], values)
-                    })
-            })
-            .collect();
-        write_bf16_model(&dir.join(m), LAYERS, &tensors);
-    }
+    make_ties_models(dir, LAYERS);
 }
 
 fn config(density: f64) -> String {
-    format!(
-        "models:\n  - model: a\n    parameters: {{weight: 1.0, density: {density}}}\n  - model: b\n    \
-         parameters: {{weight: 0.5, density: {density}}}\nmerge_method: ties\nbase_model: base\n"
-    )
+    ties_config(density)
 }
 
 fn journal_entries(out: &Path) -> usize {

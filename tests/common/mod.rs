@@ -3,6 +3,8 @@
 //! outputs the way the conformance kit's `compare.py` does.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -300,4 +302,45 @@ pub fn noise(seed: u64, n: usize, scale: f32) -> Vec<f32> {
             ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
+}
+
+pub const TIES_ROWS: u64 = 1024;
+pub const TIES_COLS: u64 = 1536;
+
+/// Base + two fine-tunes (`base`, `a`, `b` under `dir`), `layers` layers of two
+/// 1.5M-element tensors each (bf16): big enough that a unit takes a while.
+pub fn make_ties_models(dir: &Path, layers: u64) {
+    for (m, seed) in [("base", 1u64), ("a", 2), ("b", 3)] {
+        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = (0..layers)
+            .flat_map(|l| {
+                ["mlp.up_proj.weight", "mlp.down_proj.weight"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(j, s)| {
+                        let n = (TIES_ROWS * TIES_COLS) as usize;
+                        let base = noise(100 + l * 2 + j as u64, n, 0.02);
+                        let values = if seed == 1 {
+                            base
+                        } else {
+                            let d = noise(seed * 1000 + l * 2 + j as u64, n, 0.004);
+                            base.iter().zip(d).map(|(b, d)| b + d).collect()
+                        };
+                        (
+                            format!("model.layers.{l}.{s}"),
+                            vec![TIES_ROWS, TIES_COLS],
+                            values,
+                        )
+                    })
+            })
+            .collect();
+        write_bf16_model(&dir.join(m), layers, &tensors);
+    }
+}
+
+/// A TIES merge of `make_ties_models`' models.
+pub fn ties_config(density: f64) -> String {
+    format!(
+        "models:\n  - model: a\n    parameters: {{weight: 1.0, density: {density}}}\n  - model: b\n    \
+         parameters: {{weight: 0.5, density: {density}}}\nmerge_method: ties\nbase_model: base\n"
+    )
 }
