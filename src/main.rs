@@ -214,6 +214,7 @@ fn run(args: RunArgs) -> Result<()> {
                 model_card: !args.no_model_card,
             },
             restart: args.restart,
+            max_attempts: 3,
         },
         &counters,
     )?;

@@ -217,7 +217,7 @@ impl Cluster {
         };
         let lease = self.next_lease;
         self.next_lease += 1;
-        let deadline_ms = now_ms + self.lease_ms;
+        let deadline_ms = now_ms.saturating_add(self.lease_ms);
         let u = &mut self.units[i];
         u.attempts += 1;
         u.state = State::Leased {
@@ -236,7 +236,7 @@ impl Cluster {
     /// Extends the worker's leases; returns the ones it no longer holds.
     pub fn heartbeat(&mut self, worker: &str, leases: &[u64], now_ms: u64) -> Vec<u64> {
         self.expire(now_ms);
-        let deadline = now_ms + self.lease_ms;
+        let deadline = now_ms.saturating_add(self.lease_ms);
         let mut revoked = Vec::new();
         for &l in leases {
             match self.by_lease.get(&l).map(|&i| &mut self.units[i].state) {

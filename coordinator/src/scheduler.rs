@@ -1,26 +1,22 @@
-//! The unit queue: pending units are leased to workers one at a time; a
-//! completed unit is recorded with its checksum; the first failure stops new
-//! leases and ends the merge with that unit's error. `run_embedded` drives it
-//! with in-process workers, the way `fleetmerge run` merges on one machine.
+//! `fleetmerge run`: the cluster's scheduler ([`Cluster`]) with in-process
+//! workers. Units are leased one at a time; a completed unit is journaled with
+//! its checksum before it counts; a unit that fails with an error another
+//! attempt cannot fix (or too often) ends the merge with that unit's error.
 
 use crate::assemble::{self, AssembleError, AssembleOptions};
+use crate::cluster::{Cluster, LeaseReply, Outcome};
 use crate::journal::{Journal, JournalError};
+use crate::service::now_ms;
 use fleetmerge_engine::exec::{ExecError, Progress, UnitOutput};
 use fleetmerge_engine::plan::{Plan, WorkUnit};
 use fleetmerge_worker::{Lease, UnitSource};
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Why a merge did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("work unit {unit} ({file}, tensors {tensors}) failed: {error}")]
-    Unit {
-        unit: usize,
-        file: String,
-        tensors: String,
-        error: String,
-    },
     #[error(transparent)]
     Assemble(#[from] AssembleError),
     #[error(transparent)]
@@ -41,6 +37,8 @@ pub struct EmbeddedOptions {
     pub assemble: AssembleOptions,
     /// Discard the journal of an earlier, unfinished merge into the same folder.
     pub restart: bool,
+    /// Attempts per unit when it fails with an error that may pass (I/O).
+    pub max_attempts: u32,
 }
 
 /// What a finished merge wrote.
@@ -52,107 +50,92 @@ pub struct RunSummary {
     pub resumed: usize,
 }
 
-struct State {
-    pending: VecDeque<WorkUnit>,
-    next_lease: u64,
-    done: Vec<UnitOutput>,
-    failed: Option<RunError>,
-}
-
-/// Leases units to in-process workers.
+/// Leases units to in-process workers from the same state machine that serves
+/// the cluster's remote workers ([`Cluster`]), with leases that never expire.
 pub struct Scheduler<'a> {
+    cluster: Mutex<Cluster>,
+    journal: &'a Journal,
     out_dir: String,
-    journal: Option<&'a Journal>,
-    state: Mutex<State>,
-}
-
-fn describe(unit: &WorkUnit) -> String {
-    let names: Vec<&str> = unit.tensors.iter().map(|t| t.name.as_str()).collect();
-    match names.as_slice() {
-        [] => "none".into(),
-        [one] => one.to_string(),
-        [first, .., last] => format!("{first} .. {last} ({} tensors)", names.len()),
-    }
 }
 
 impl<'a> Scheduler<'a> {
-    /// A queue of `units`; finished ones are recorded in `journal` when given.
-    pub fn new(units: Vec<WorkUnit>, out_dir: &str, journal: Option<&'a Journal>) -> Self {
+    /// Every unit of the plan; those in `done` were finished by an earlier run.
+    pub fn new(
+        units: Vec<WorkUnit>,
+        done: BTreeMap<usize, UnitOutput>,
+        out_dir: &str,
+        journal: &'a Journal,
+        max_attempts: u32,
+    ) -> Self {
         Scheduler {
-            out_dir: out_dir.to_string(),
+            cluster: Mutex::new(Cluster::new(
+                units,
+                done,
+                out_dir,
+                u64::MAX,
+                max_attempts,
+                1,
+            )),
             journal,
-            state: Mutex::new(State {
-                pending: units.into(),
-                next_lease: 1,
-                done: Vec::new(),
-                failed: None,
-            }),
+            out_dir: out_dir.to_string(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A worker that panicked cannot leave the queue inconsistent: every
-        // update is a single push or pop.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        // Every update of the state machine completes under the lock, so a
+        // worker that panicked cannot leave it inconsistent.
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The outputs of every unit, or the first failure.
+    /// The outputs of every unit (in unit order), or the failure that ended the merge.
     pub fn finish(self) -> Result<Vec<UnitOutput>, RunError> {
-        let state = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = state.failed {
-            return Err(e);
+        let c = self.cluster.into_inner().unwrap_or_else(|p| p.into_inner());
+        match c.outcome() {
+            Some(Outcome::AllDone) => Ok(c.outputs()),
+            Some(Outcome::Failed(e)) => Err(RunError::Cluster(e.clone())),
+            None => Err(RunError::Cluster(
+                "the workers stopped before every unit was done".into(),
+            )),
         }
-        let mut done = state.done;
-        done.sort_by_key(|o| o.unit);
-        Ok(done)
     }
 }
 
 impl UnitSource for Scheduler<'_> {
-    fn next(&self, _worker: &str) -> Option<Lease> {
-        let mut s = self.lock();
-        if s.failed.is_some() {
-            return None;
+    fn next(&self, worker: &str) -> Option<Lease> {
+        loop {
+            let reply = self.lock().lease(worker, now_ms());
+            match reply {
+                LeaseReply::Unit { lease, unit, .. } => {
+                    return Some(Lease {
+                        lease_id: lease,
+                        worker: worker.to_string(),
+                        unit,
+                        out_dir: self.out_dir.clone(),
+                    })
+                }
+                LeaseReply::Done(_) => return None,
+                // Every remaining unit is running elsewhere; one may still fail
+                // and come back to the queue.
+                LeaseReply::Wait => std::thread::sleep(Duration::from_millis(5)),
+            }
         }
-        let unit = s.pending.pop_front()?;
-        let lease_id = s.next_lease;
-        s.next_lease += 1;
-        Some(Lease {
-            lease_id,
-            unit,
-            out_dir: self.out_dir.clone(),
-        })
     }
 
     fn complete(&self, lease: &Lease, output: UnitOutput) {
-        // The record is durable before the unit counts as done.
-        if let Some(journal) = self.journal {
-            if let Err(e) = journal.record(&output) {
-                let mut s = self.lock();
-                if s.failed.is_none() {
-                    s.failed = Some(RunError::Unit {
-                        unit: lease.unit.id,
-                        file: lease.unit.file_name.clone(),
-                        tensors: describe(&lease.unit),
-                        error: format!("recording it in the journal: {e}"),
-                    });
-                }
-                return;
-            }
+        // The journal record is durable before the unit counts as done.
+        let mut c = self.lock();
+        if let Err(e) = c.complete(lease.lease_id, output, self.journal) {
+            c.fail(lease.lease_id, &lease.worker, &e, false);
         }
-        self.lock().done.push(output);
     }
 
     fn fail(&self, lease: &Lease, error: &ExecError) {
-        let mut s = self.lock();
-        if s.failed.is_none() {
-            s.failed = Some(RunError::Unit {
-                unit: lease.unit.id,
-                file: lease.unit.file_name.clone(),
-                tensors: describe(&lease.unit),
-                error: error.to_string(),
-            });
-        }
+        self.lock().fail(
+            lease.lease_id,
+            &lease.worker,
+            &error.to_string(),
+            fleetmerge_worker::retryable(error),
+        );
     }
 }
 
@@ -177,12 +160,7 @@ pub fn run_embedded(
     }
     assemble::remove_index(out_dir)?;
     assemble::write_side_files(plan, out_dir, &opts.assemble)?;
-    let pending: Vec<WorkUnit> = plan
-        .units
-        .iter()
-        .filter(|u| !resume.done.contains_key(&u.id))
-        .cloned()
-        .collect();
+    let pending = plan.units.len() - resume.done.len();
     if !resume.done.is_empty() {
         tracing::info!(
             done = resume.done.len(),
@@ -190,18 +168,22 @@ pub fn run_embedded(
             "resuming: units finished by an earlier run are kept"
         );
     }
-    let scheduler = Scheduler::new(pending.clone(), out_dir, Some(&journal));
-    let workers = opts.workers.clamp(1, pending.len().max(1));
+    let resumed = resume.done.len();
+    let scheduler = Scheduler::new(
+        plan.units.clone(),
+        resume.done,
+        out_dir,
+        &journal,
+        opts.max_attempts,
+    );
+    let workers = opts.workers.clamp(1, pending.max(1));
     std::thread::scope(|s| {
         for i in 0..workers {
             let scheduler = &scheduler;
             s.spawn(move || fleetmerge_worker::work(&format!("local-{i}"), scheduler, progress));
         }
     });
-    let mut outputs = scheduler.finish()?;
-    let resumed = resume.done.len();
-    outputs.extend(resume.done.into_values());
-    outputs.sort_by_key(|o| o.unit);
+    let outputs = scheduler.finish()?;
     assemble::write_index(plan, out_dir)?;
     journal.finish()?;
     Ok(RunSummary {

@@ -7,11 +7,14 @@ pub mod remote;
 
 use fleetmerge_engine::exec::{self, ExecError, Progress, UnitOutput};
 use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::storage::StorageError;
 
 /// A unit handed to a worker, with the lease that identifies this attempt.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub lease_id: u64,
+    /// The worker holding the lease.
+    pub worker: String,
     pub unit: WorkUnit,
     /// Where the unit's shard goes.
     pub out_dir: String,
@@ -23,6 +26,12 @@ pub trait UnitSource: Sync {
     fn next(&self, worker: &str) -> Option<Lease>;
     fn complete(&self, lease: &Lease, output: UnitOutput);
     fn fail(&self, lease: &Lease, error: &ExecError);
+}
+
+/// Whether another attempt (here or on another worker) might succeed: I/O
+/// errors may pass; a corrupt input, a bad parameter or a method error will not.
+pub fn retryable(e: &ExecError) -> bool {
+    matches!(e, ExecError::Storage(StorageError::Io { .. }))
 }
 
 /// Works until the source has nothing left. Returns the number of units completed.

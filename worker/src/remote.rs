@@ -5,9 +5,9 @@
 //! is retried with backoff; SIGTERM stops new leases and lets running units
 //! finish; the coordinator's "done" ends the worker.
 
-use fleetmerge_engine::exec::{self, ExecError, Progress};
+use crate::retryable;
+use fleetmerge_engine::exec::{self, Progress};
 use fleetmerge_engine::plan::WorkUnit;
-use fleetmerge_engine::storage::StorageError;
 use fleetmerge_proto::coordinator_client::CoordinatorClient;
 use fleetmerge_proto::*;
 use std::collections::BTreeSet;
@@ -61,11 +61,6 @@ impl tonic::service::Interceptor for Auth {
         }
         Ok(req)
     }
-}
-
-/// Whether another attempt (here or on another worker) might succeed.
-fn retryable(e: &ExecError) -> bool {
-    matches!(e, ExecError::Storage(StorageError::Io { .. }))
 }
 
 /// A unit must write one plain file name inside the output folder.
