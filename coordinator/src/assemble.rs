@@ -66,6 +66,7 @@ pub fn write_side_files(
         let tok = storage::for_location(&meta.tokenizer_dir);
         let copied = output::copy_tokenizer(
             tok.as_ref(),
+            out.as_ref(),
             &meta.tokenizer_dir,
             out_dir,
             meta.chat_template.as_deref(),

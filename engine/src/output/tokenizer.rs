@@ -37,6 +37,7 @@ const TEMPLATE_FILES: &[&str] = &["chat_template.jinja", "chat_template.json"];
 /// kept); an invalid template is an error before anything is written.
 pub fn copy_tokenizer(
     storage: &dyn Storage,
+    out_storage: &dyn Storage,
     donor_dir: &str,
     out_dir: &str,
     chat_template: Option<&str>,
@@ -63,7 +64,7 @@ pub fn copy_tokenizer(
         if let (Some(t), "tokenizer_config.json") = (&template, name) {
             bytes = with_chat_template(&from, &bytes, t)?.into_bytes();
         }
-        storage.put(&storage.join(out_dir, name), &bytes)?;
+        out_storage.put(&out_storage.join(out_dir, name), &bytes)?;
         copied.push(name.to_string());
     }
     Ok(copied)
@@ -112,7 +113,7 @@ mod tests {
             ("chat_template.jinja", "{{ x }}"),
             ("config.json", "{}"),
         ]);
-        let copied = copy_tokenizer(&LocalStorage, &donor_dir, &out, None).unwrap();
+        let copied = copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, None).unwrap();
         assert_eq!(
             copied,
             [
@@ -133,20 +134,24 @@ mod tests {
     fn sentencepiece_only_donor_counts() {
         let (_d, donor_dir, out) =
             donor(&[("tokenizer_config.json", "{}"), ("tokenizer.model", "spm")]);
-        let copied = copy_tokenizer(&LocalStorage, &donor_dir, &out, None).unwrap();
+        let copied = copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, None).unwrap();
         assert_eq!(copied, ["tokenizer_config.json", "tokenizer.model"]);
     }
 
     #[test]
     fn no_tokenizer_copies_nothing() {
         let (_d, donor_dir, out) = donor(&[("tokenizer.json", "{}"), ("merges.txt", "")]);
-        assert!(copy_tokenizer(&LocalStorage, &donor_dir, &out, None)
-            .unwrap()
-            .is_empty());
+        assert!(
+            copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, None)
+                .unwrap()
+                .is_empty()
+        );
         let (_d, donor_dir, out) = donor(&[("tokenizer_config.json", "{}")]);
-        assert!(copy_tokenizer(&LocalStorage, &donor_dir, &out, None)
-            .unwrap()
-            .is_empty());
+        assert!(
+            copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, None)
+                .unwrap()
+                .is_empty()
+        );
         assert!(!std::path::Path::new(&out).exists());
     }
 
@@ -157,7 +162,14 @@ mod tests {
             ("tokenizer.json", "{}"),
             ("chat_template.jinja", "{{ x }}"),
         ]);
-        let copied = copy_tokenizer(&LocalStorage, &donor_dir, &out, Some("chatml")).unwrap();
+        let copied = copy_tokenizer(
+            &LocalStorage,
+            &LocalStorage,
+            &donor_dir,
+            &out,
+            Some("chatml"),
+        )
+        .unwrap();
         assert_eq!(copied, ["tokenizer_config.json", "tokenizer.json"]);
         let text = std::fs::read_to_string(format!("{out}/tokenizer_config.json")).unwrap();
         let v: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
@@ -182,7 +194,7 @@ mod tests {
             ("tokenizer.json", "{}"),
         ]);
         let t = "{% for m in messages %}{{ m.content }}{% endfor %}";
-        copy_tokenizer(&LocalStorage, &donor_dir, &out, Some(t)).unwrap();
+        copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, Some(t)).unwrap();
         let text = std::fs::read_to_string(format!("{out}/tokenizer_config.json")).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v, serde_json::json!({"a": 1, "chat_template": t}));
@@ -192,7 +204,8 @@ mod tests {
     fn invalid_template_writes_nothing() {
         let (_d, donor_dir, out) =
             donor(&[("tokenizer_config.json", "{}"), ("tokenizer.json", "{}")]);
-        let err = copy_tokenizer(&LocalStorage, &donor_dir, &out, Some("nope")).unwrap_err();
+        let err = copy_tokenizer(&LocalStorage, &LocalStorage, &donor_dir, &out, Some("nope"))
+            .unwrap_err();
         assert!(matches!(err, OutputError::InvalidChatTemplate { .. }));
         assert!(err.to_string().contains("Invalid chat template"));
         assert!(!std::path::Path::new(&out).exists());
@@ -202,7 +215,14 @@ mod tests {
     fn broken_tokenizer_config_with_template_is_an_error() {
         let (_d, donor_dir, out) =
             donor(&[("tokenizer_config.json", "[1]"), ("tokenizer.json", "{}")]);
-        let err = copy_tokenizer(&LocalStorage, &donor_dir, &out, Some("llama3")).unwrap_err();
+        let err = copy_tokenizer(
+            &LocalStorage,
+            &LocalStorage,
+            &donor_dir,
+            &out,
+            Some("llama3"),
+        )
+        .unwrap_err();
         assert!(matches!(err, OutputError::TokenizerConfig { .. }));
     }
 }

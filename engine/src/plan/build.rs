@@ -260,6 +260,10 @@ fn locate(
             ),
         ));
     }
+    if storage::is_url(&r.path) {
+        // Checked when its files are opened (a missing model is a NotFound there).
+        return Ok(r.path.trim_end_matches('/').to_string());
+    }
     let path = std::path::Path::new(r.path.strip_prefix("file://").unwrap_or(&r.path));
     let full = if path.is_absolute() {
         path.to_path_buf()

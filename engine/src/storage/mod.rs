@@ -4,6 +4,7 @@
 //! carry only location strings, never handles, so they travel between processes.
 
 mod local;
+mod object;
 
 pub use local::LocalStorage;
 
@@ -17,6 +18,9 @@ pub enum StorageError {
     NotFound { location: String },
     #[error("{location}: {message}")]
     Io { location: String, message: String },
+    /// Access refused (wrong or missing credentials): another attempt will not help.
+    #[error("{location}: access denied: {message}")]
+    Denied { location: String, message: String },
     #[error(
         "{location}: asked for bytes {start}..{end} but the object has {size} bytes (truncated, \
          or changed since the merge was planned)"
@@ -88,7 +92,59 @@ pub trait ObjectWriter: Send {
     fn commit(self: Box<Self>) -> Result<(), StorageError>;
 }
 
-/// The storage for a location string. Local paths (and `file://` URLs) only for now.
-pub fn for_location(_location: &str) -> Arc<dyn Storage> {
-    Arc::new(LocalStorage)
+/// The storage for a location string: a local path (or `file://` URL), or an
+/// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`).
+pub fn for_location(location: &str) -> Arc<dyn Storage> {
+    if !object::is_url(location) {
+        return Arc::new(LocalStorage);
+    }
+    match object::for_url(location) {
+        Ok(s) => s,
+        Err(e) => Arc::new(Unavailable(e.to_string())),
+    }
+}
+
+/// Whether `location` is an object-store URL rather than a local path.
+pub fn is_url(location: &str) -> bool {
+    object::is_url(location)
+}
+
+/// A store whose client could not be built (bad URL, bad credentials config):
+/// every call reports why.
+struct Unavailable(String);
+
+impl Unavailable {
+    fn err<T>(&self, location: &str) -> Result<T, StorageError> {
+        Err(StorageError::Denied {
+            location: location.to_string(),
+            message: self.0.clone(),
+        })
+    }
+}
+
+impl Storage for Unavailable {
+    fn size(&self, location: &str) -> Result<u64, StorageError> {
+        self.err(location)
+    }
+    fn exists(&self, location: &str) -> Result<bool, StorageError> {
+        self.err(location)
+    }
+    fn read_into(&self, location: &str, _: u64, _: &mut [u8]) -> Result<(), StorageError> {
+        self.err(location)
+    }
+    fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError> {
+        self.err(location)
+    }
+    fn put(&self, location: &str, _: &[u8]) -> Result<(), StorageError> {
+        self.err(location)
+    }
+    fn create(&self, location: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        self.err(location)
+    }
+    fn delete(&self, location: &str) -> Result<(), StorageError> {
+        self.err(location)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.err(prefix)
+    }
 }

@@ -1,0 +1,459 @@
+//! Object stores (`s3://`, `gs://`, `az://`, read-only `http(s)://`) behind the
+//! synchronous [`Storage`] trait, on `object_store`.
+//!
+//! The engine's readers and writers are plain threads, so every call runs on a
+//! private tokio runtime and the caller waits on a channel: this works from any
+//! thread, including those of another runtime (the gRPC worker's). Credentials
+//! and endpoints come from the environment the standard way for each cloud
+//! (`AWS_*`, `GOOGLE_*`, `AZURE_*`); transient failures (5xx, timeouts, resets)
+//! are retried by `object_store` with exponential backoff and jitter, permanent
+//! ones (403, 404) fail at once with the URL.
+//!
+//! - A range read is one GET; a range larger than [`PART`] is split into parts
+//!   fetched concurrently, at most [`concurrency`] at a time per read.
+//! - A streamed write is a multipart upload of [`PART`]-sized parts uploaded
+//!   concurrently; the object appears when the upload completes, and an
+//!   abandoned upload is aborted.
+
+use super::{ObjectWriter, Storage, StorageError};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Size of the parts of large reads and of multipart uploads.
+pub const PART: usize = 16 << 20;
+
+/// Concurrent requests per large read or upload (`FLEETMERGE_IO_CONCURRENCY`, default 8).
+pub fn concurrency() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FLEETMERGE_IO_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(8)
+    })
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("fleetmerge-io")
+            .enable_all()
+            .build()
+            .expect("starting the I/O runtime")
+    })
+}
+
+/// Runs `fut` on the I/O runtime and waits for it from this (any) thread.
+fn block<T: Send + 'static>(
+    location: &str,
+    fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+) -> Result<T, StorageError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| StorageError::io(location, "the I/O task stopped"))?
+}
+
+/// Whether `location` names an object store rather than a local path.
+pub fn is_url(location: &str) -> bool {
+    [
+        "s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://",
+    ]
+    .iter()
+    .any(|p| location.starts_with(p))
+}
+
+/// One bucket (or container, or web origin).
+pub struct ObjectStorage {
+    /// `scheme://bucket`, the prefix of every location it serves.
+    root: String,
+    store: Arc<dyn ObjectStore>,
+}
+
+/// Splits `s3://bucket/a/b` into (`s3://bucket`, `a/b`).
+fn split(location: &str) -> Option<(&str, &str)> {
+    let scheme_end = location.find("://")? + 3;
+    match location[scheme_end..].find('/') {
+        Some(i) => Some((&location[..scheme_end + i], &location[scheme_end + i + 1..])),
+        None => Some((location, "")),
+    }
+}
+
+fn build(root: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    let url = url::Url::parse(root).map_err(|e| e.to_string())?;
+    let retry = object_store::RetryConfig {
+        max_retries: std::env::var("FLEETMERGE_IO_RETRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+        ..Default::default()
+    };
+    let store: Arc<dyn ObjectStore> = match url.scheme() {
+        "s3" | "s3a" => Arc::new(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_url(root)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+        "gs" => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(root)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+        "az" | "abfs" | "abfss" => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(root)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+        "http" | "https" => Arc::new(
+            object_store::http::HttpBuilder::new()
+                .with_url(root)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+        other => return Err(format!("unsupported scheme {other}://")),
+    };
+    Ok(store)
+}
+
+/// The storage for an object-store URL (one client per bucket, shared).
+pub fn for_url(location: &str) -> Result<Arc<ObjectStorage>, StorageError> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<ObjectStorage>>>> = OnceLock::new();
+    let (root, _) =
+        split(location).ok_or_else(|| StorageError::io(location, "not an object-store URL"))?;
+    let mut stores = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = stores.get(root) {
+        return Ok(s.clone());
+    }
+    let store = build(root).map_err(|e| StorageError::io(location, e))?;
+    let s = Arc::new(ObjectStorage {
+        root: root.to_string(),
+        store,
+    });
+    stores.insert(root.to_string(), s.clone());
+    Ok(s)
+}
+
+/// Our error for an `object_store` error on `location`.
+fn error(location: &str, e: object_store::Error) -> StorageError {
+    match e {
+        object_store::Error::NotFound { .. } => StorageError::NotFound {
+            location: location.to_string(),
+        },
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StorageError::Denied {
+            location: location.to_string(),
+            message: e.to_string(),
+        },
+        other => StorageError::io(location, other),
+    }
+}
+
+impl ObjectStorage {
+    fn path(&self, location: &str) -> Result<Path, StorageError> {
+        let key = location
+            .strip_prefix(&self.root)
+            .map(|k| k.trim_start_matches('/'))
+            .ok_or_else(|| StorageError::io(location, format!("not under {}", self.root)))?;
+        Path::parse(key).map_err(|e| StorageError::io(location, e))
+    }
+
+    /// Bytes `range` of the object, in parts fetched concurrently when large.
+    fn get_range(&self, location: &str, range: Range<u64>) -> Result<Vec<Bytes>, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            let parts: Vec<Range<u64>> = (range.start..range.end)
+                .step_by(PART)
+                .map(|s| s..(s + PART as u64).min(range.end))
+                .collect();
+            let fetched: Vec<Bytes> = futures::stream::iter(parts)
+                .map(|r| {
+                    let (store, path) = (store.clone(), path.clone());
+                    async move { store.get_range(&path, r).await }
+                })
+                .buffered(concurrency())
+                .try_collect()
+                .await
+                .map_err(|e| error(&loc, e))?;
+            Ok(fetched)
+        })
+    }
+}
+
+impl Storage for ObjectStorage {
+    fn size(&self, location: &str) -> Result<u64, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            store
+                .head(&path)
+                .await
+                .map(|m| m.size)
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn exists(&self, location: &str) -> Result<bool, StorageError> {
+        match self.size(location) {
+            Ok(_) => Ok(true),
+            Err(StorageError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_into(&self, location: &str, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        let end = offset + buf.len() as u64;
+        let parts = match self.get_range(location, offset..end) {
+            Ok(p) => p,
+            Err(e @ (StorageError::NotFound { .. } | StorageError::Denied { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                // A range past the end reads as an error: say so plainly.
+                return match self.size(location) {
+                    Ok(size) if size < end => Err(StorageError::OutOfRange {
+                        location: location.to_string(),
+                        start: offset,
+                        end,
+                        size,
+                    }),
+                    _ => Err(e),
+                };
+            }
+        };
+        let mut at = 0;
+        for p in parts {
+            let n = p.len().min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&p[..n]);
+            at += n;
+        }
+        if at != buf.len() {
+            let size = self.size(location).unwrap_or(offset + at as u64);
+            return Err(StorageError::OutOfRange {
+                location: location.to_string(),
+                start: offset,
+                end,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            let r = store.get(&path).await.map_err(|e| error(&loc, e))?;
+            r.bytes()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn put(&self, location: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        let payload = PutPayload::from(Bytes::copy_from_slice(bytes));
+        // A single PUT is atomic on every object store.
+        block(location, async move {
+            store
+                .put(&path, payload)
+                .await
+                .map(|_| ())
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn create(&self, location: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        Ok(Box::new(MultipartWriter {
+            location: location.to_string(),
+            path: self.path(location)?,
+            store: self.store.clone(),
+            upload: None,
+            buffer: Vec::new(),
+            in_flight: Vec::new(),
+        }))
+    }
+
+    fn delete(&self, location: &str) -> Result<(), StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            match store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(error(&loc, e)),
+            }
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let dir = self.path(prefix)?;
+        let store = self.store.clone();
+        let loc = prefix.to_string();
+        block(prefix, async move {
+            let metas: Vec<object_store::ObjectMeta> = store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|e| error(&loc, e))?;
+            Ok(metas
+                .into_iter()
+                .filter_map(|m| {
+                    m.location.prefix_match(&dir).map(|parts| {
+                        parts
+                            .map(|p| p.as_ref().to_string())
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    })
+                })
+                .filter(|n| !n.is_empty())
+                .collect())
+        })
+    }
+}
+
+/// A streamed object: small objects go up in one PUT on commit; larger ones as a
+/// multipart upload whose parts are sent while the next ones are produced.
+struct MultipartWriter {
+    location: String,
+    path: Path,
+    store: Arc<dyn ObjectStore>,
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+    buffer: Vec<u8>,
+    in_flight: Vec<tokio::task::JoinHandle<object_store::Result<()>>>,
+}
+
+impl MultipartWriter {
+    /// Starts the upload of a full part, keeping at most [`concurrency`] in flight.
+    fn send_part(&mut self, part: Vec<u8>) -> Result<(), StorageError> {
+        if self.upload.is_none() {
+            let (store, path, loc) = (self.store.clone(), self.path.clone(), self.location.clone());
+            self.upload = Some(block(&self.location, async move {
+                store.put_multipart(&path).await.map_err(|e| error(&loc, e))
+            })?);
+        }
+        let fut = self
+            .upload
+            .as_mut()
+            .expect("started above")
+            .put_part(PutPayload::from(Bytes::from(part)));
+        self.in_flight.push(runtime().spawn(fut));
+        while self.in_flight.len() >= concurrency() {
+            let oldest = self.in_flight.remove(0);
+            self.join(oldest)?;
+        }
+        Ok(())
+    }
+
+    fn join(
+        &self,
+        h: tokio::task::JoinHandle<object_store::Result<()>>,
+    ) -> Result<(), StorageError> {
+        let loc = self.location.clone();
+        block(&self.location, async move {
+            match h.await {
+                Ok(r) => r.map_err(|e| error(&loc, e)),
+                Err(e) => Err(StorageError::io(&loc, e)),
+            }
+        })
+    }
+}
+
+impl ObjectWriter for MultipartWriter {
+    fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        while !bytes.is_empty() {
+            let take = (PART - self.buffer.len()).min(bytes.len());
+            self.buffer.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buffer.len() == PART {
+                let part = std::mem::replace(&mut self.buffer, Vec::with_capacity(PART));
+                self.send_part(part)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        let Some(mut upload) = self.upload.take() else {
+            // Never reached one part: a single atomic PUT.
+            let (store, path, loc) = (self.store.clone(), self.path.clone(), self.location.clone());
+            let payload = PutPayload::from(Bytes::from(std::mem::take(&mut self.buffer)));
+            return block(&self.location, async move {
+                store
+                    .put(&path, payload)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(&loc, e))
+            });
+        };
+        if !self.buffer.is_empty() {
+            let last = std::mem::take(&mut self.buffer);
+            self.in_flight
+                .push(runtime().spawn(upload.put_part(PutPayload::from(Bytes::from(last)))));
+        }
+        let pending = std::mem::take(&mut self.in_flight);
+        let mut result = Ok(());
+        for h in pending {
+            if let Err(e) = self.join(h) {
+                result = result.and(Err(e));
+            }
+        }
+        let loc = self.location.clone();
+        match result {
+            Ok(()) => block(&self.location, async move {
+                upload
+                    .complete()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(&loc, e))
+            }),
+            Err(e) => {
+                runtime().spawn(async move {
+                    let _ = upload.abort().await;
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for MultipartWriter {
+    fn drop(&mut self) {
+        // Not committed: abort the upload so no parts linger.
+        if let Some(mut upload) = self.upload.take() {
+            for h in self.in_flight.drain(..) {
+                h.abort();
+            }
+            runtime().spawn(async move {
+                let _ = upload.abort().await;
+            });
+        }
+    }
+}
