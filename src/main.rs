@@ -201,8 +201,7 @@ fn run(args: RunArgs) -> Result<()> {
             base_dir,
         },
     )?;
-    let out = args.out.to_string_lossy().into_owned();
-    prepare_output(&args.out)?;
+    let out = prepare_output(&args.out)?;
     let counters = Counters::default();
     let summary = run_embedded(
         &plan,
@@ -259,9 +258,19 @@ fn bytes(n: f64) -> String {
     }
 }
 
-/// Creates the output directory.
-fn prepare_output(out: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+/// The output location: an object-store URL as given, or a local directory
+/// (created, and made absolute so that remote workers get a full path).
+fn prepare_output(out: &std::path::Path) -> Result<String> {
+    let text = out.to_string_lossy();
+    if fleetmerge_engine::storage::is_url(&text) {
+        return Ok(text.trim_end_matches('/').to_string());
+    }
+    let local = std::path::Path::new(text.strip_prefix("file://").unwrap_or(&text));
+    std::fs::create_dir_all(local).with_context(|| format!("creating {}", local.display()))?;
+    Ok(std::fs::canonicalize(local)
+        .with_context(|| format!("resolving {}", local.display()))?
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// The shared token: from a file, else FLEETMERGE_TOKEN, else none.
@@ -308,11 +317,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
             base_dir,
         },
     )?;
-    prepare_output(&args.out)?;
-    let out = std::fs::canonicalize(&args.out)
-        .with_context(|| format!("resolving {}", args.out.display()))?
-        .to_string_lossy()
-        .into_owned();
+    let out = prepare_output(&args.out)?;
     if !(args.lease_timeout.is_finite() && args.lease_timeout > 0.0) {
         anyhow::bail!("--lease-timeout must be a positive number of seconds");
     }
