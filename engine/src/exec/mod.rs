@@ -55,12 +55,23 @@ impl Progress for NoProgress {}
 type Inputs = Result<Vec<Vec<u8>>, StorageError>;
 
 fn read_inputs(t: &OutputTensor) -> Inputs {
-    t.inputs
-        .iter()
-        .map(|r| {
-            storage::for_location(&r.location).read_range(&r.location, r.offset..r.offset + r.len)
-        })
-        .collect()
+    let read = |r: &crate::plan::TensorRef| {
+        storage::for_location(&r.location).read_range(&r.location, r.offset..r.offset + r.len)
+    };
+    if t.inputs.len() > 1 && t.inputs.iter().any(|r| storage::is_url(&r.location)) {
+        // Remote reads are latency-bound: fetch every model's slice at once.
+        return std::thread::scope(|s| {
+            let handles: Vec<_> = t.inputs.iter().map(|r| s.spawn(move || read(r))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(StorageError::io(&t.name, "a reader thread died")))
+                })
+                .collect()
+        });
+    }
+    t.inputs.iter().map(read).collect()
 }
 
 /// Executes `unit`, writing its shard into `out_dir`.
