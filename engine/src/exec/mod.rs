@@ -3,6 +3,8 @@
 //! unit's merge method, and streams the shard — header first, tensors in order —
 //! to storage, where it appears atomically when complete.
 
+pub mod read;
+
 use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
 use crate::output::ShardLayout;
 use crate::plan::{OutputTensor, TensorOp, WorkUnit, PLAN_FORMAT};
@@ -52,27 +54,7 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
-type Inputs = Result<Vec<Vec<u8>>, StorageError>;
-
-fn read_inputs(t: &OutputTensor) -> Inputs {
-    let read = |r: &crate::plan::TensorRef| {
-        storage::for_location(&r.location).read_range(&r.location, r.offset..r.offset + r.len)
-    };
-    if t.inputs.len() > 1 && t.inputs.iter().any(|r| storage::is_url(&r.location)) {
-        // Remote reads are latency-bound: fetch every model's slice at once.
-        return std::thread::scope(|s| {
-            let handles: Vec<_> = t.inputs.iter().map(|r| s.spawn(move || read(r))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(StorageError::io(&t.name, "a reader thread died")))
-                })
-                .collect()
-        });
-    }
-    t.inputs.iter().map(read).collect()
-}
+type Inputs = Result<read::Inputs, StorageError>;
 
 /// Executes `unit`, writing its shard into `out_dir`.
 pub fn execute_unit(
@@ -113,11 +95,19 @@ pub fn execute_unit(
         let (tx, rx) = mpsc::sync_channel::<Inputs>(1);
         let tensors = &unit.tensors;
         scope.spawn(move || {
-            for t in tensors {
-                let inputs = read_inputs(t);
-                let failed = inputs.is_err();
-                if tx.send(inputs).is_err() || failed {
-                    break;
+            for batch in read::batches(tensors) {
+                match read::read_batch(&tensors[batch]) {
+                    Ok(all) => {
+                        for inputs in all {
+                            if tx.send(Ok(inputs)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 }
             }
         });
