@@ -138,7 +138,7 @@ fn transient_failures_are_retried_and_change_nothing() {
     let endpoint = s3();
     let dir = tempfile::tempdir().unwrap();
     create_bucket(endpoint, "out-flaky");
-    let (proxy, faults) = flaky_proxy(endpoint, 5, 7);
+    let (proxy, stats) = flaky_proxy(endpoint, 5, 7);
     let want = local("ties", dir.path(), "100K");
     let cfg = config_at("ties", "s3://models/models/", dir.path());
     let mut env = s3_env(&proxy);
@@ -157,11 +157,38 @@ fn transient_failures_are_retried_and_change_nothing() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        faults.load(Ordering::SeqCst) >= 5,
+        stats.faults.load(Ordering::SeqCst) >= 5,
         "too few faults injected"
     );
     let got = dir.path().join("got");
     download_dir(endpoint, "out-flaky", "ties", &got);
+    assert_same_files(&got, &want);
+}
+
+#[test]
+fn moe_expert_tensors_are_fetched_in_few_range_requests() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    create_bucket(endpoint, "out-moe");
+    let (proxy, stats) = flaky_proxy(endpoint, usize::MAX, usize::MAX);
+    let want = local("mixtral_ties", dir.path(), "5B");
+    let cfg = config_at("mixtral_ties", "s3://models/models/", dir.path());
+    let o = fleetmerge_env(
+        dir.path(),
+        &["run", cfg.to_str().unwrap(), "s3://out-moe/m", "--quiet"],
+        &s3_env(&proxy),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 41 tensors read from 3 models (123 tensor reads) in 6 files: at most 2
+    // requests per header and a few spans per file.
+    let gets = stats.range_gets.load(Ordering::SeqCst);
+    eprintln!("range requests: {gets}");
+    assert!(
+        gets <= 6 * 2 + 6 * 2,
+        "{gets} range requests for 123 tensor reads"
+    );
+    let got = dir.path().join("got");
+    download_dir(endpoint, "out-moe", "m", &got);
     assert_same_files(&got, &want);
 }
 

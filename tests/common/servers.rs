@@ -200,37 +200,44 @@ pub fn download_dir(endpoint: &str, bucket: &str, prefix: &str, dir: &Path) {
     }
 }
 
+/// What went through a proxy.
+#[derive(Default)]
+pub struct ProxyStats {
+    pub requests: AtomicUsize,
+    /// GETs with a Range header.
+    pub range_gets: AtomicUsize,
+    pub faults: AtomicUsize,
+}
+
 /// An HTTP proxy in front of `upstream` that fails some requests: every
 /// `fail_every`-th gets a 503, every `drop_every`-th loses its connection
-/// without an answer. Returns its address and the count of injected faults.
+/// without an answer (`usize::MAX`: never). Returns its address and counters.
 pub fn flaky_proxy(
     upstream: &str,
     fail_every: usize,
     drop_every: usize,
-) -> (String, Arc<AtomicUsize>) {
+) -> (String, Arc<ProxyStats>) {
     let upstream = upstream.trim_start_matches("http://").to_string();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    let faults = Arc::new(AtomicUsize::new(0));
-    let count = Arc::new(AtomicUsize::new(0));
-    let f = faults.clone();
+    let stats = Arc::new(ProxyStats::default());
+    let st = stats.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let (upstream, f, count) = (upstream.clone(), f.clone(), count.clone());
+            let (upstream, st) = (upstream.clone(), st.clone());
             std::thread::spawn(move || {
-                let _ = relay(conn, &upstream, &f, &count, fail_every, drop_every);
+                let _ = relay(conn, &upstream, &st, fail_every, drop_every);
             });
         }
     });
-    (addr, faults)
+    (addr, stats)
 }
 
 fn relay(
     mut client: TcpStream,
     upstream: &str,
-    faults: &AtomicUsize,
-    count: &AtomicUsize,
+    stats: &ProxyStats,
     fail_every: usize,
     drop_every: usize,
 ) -> std::io::Result<()> {
@@ -263,16 +270,23 @@ fn relay(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let i = count.fetch_add(1, Ordering::SeqCst) + 1;
+    let i = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if head.starts_with("GET ")
+        && head
+            .lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("range:"))
+    {
+        stats.range_gets.fetch_add(1, Ordering::SeqCst);
+    }
     if i % fail_every == 0 {
-        faults.fetch_add(1, Ordering::SeqCst);
+        stats.faults.fetch_add(1, Ordering::SeqCst);
         client.write_all(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?;
         return Ok(());
     }
     if i % drop_every == 0 {
-        faults.fetch_add(1, Ordering::SeqCst);
+        stats.faults.fetch_add(1, Ordering::SeqCst);
         return Ok(()); // dropped: the client sees the connection close
     }
     // Forward with `Connection: close` so the answer ends at EOF.
