@@ -21,6 +21,19 @@ use std::time::Instant;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// YAML file of per-bucket (or per-prefix) object-store settings: endpoints,
+    /// credentials, regions (see the README, "Object storage").
+    #[arg(long, global = true, env = "FLEETMERGE_STORAGE_CONFIG")]
+    storage_config: Option<PathBuf>,
+}
+
+/// Installs the storage settings of `--storage-config`.
+fn storage_config(file: &Option<PathBuf>) -> Result<()> {
+    let Some(file) = file else { return Ok(()) };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the storage config {}", file.display()))?;
+    let overrides = fleetmerge_engine::storage::overrides::parse(&file.to_string_lossy(), &text)?;
+    fleetmerge_engine::storage::overrides::install(overrides).map_err(anyhow::Error::msg)
 }
 
 #[derive(Subcommand)]
@@ -394,11 +407,11 @@ fn worker(args: WorkerArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = storage_config(&cli.storage_config).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
         Command::Coordinator(args) => coordinator(args),
         Command::Worker(args) => worker(args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

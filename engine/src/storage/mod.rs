@@ -5,6 +5,7 @@
 
 mod local;
 mod object;
+pub mod overrides;
 
 pub use local::LocalStorage;
 

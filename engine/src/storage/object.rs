@@ -90,8 +90,28 @@ fn split(location: &str) -> Option<(&str, &str)> {
     }
 }
 
-fn build(root: &str) -> Result<Arc<dyn ObjectStore>, String> {
+/// Checks that `key` is an option of the object store for `prefix`'s scheme.
+pub fn check_option(prefix: &str, key: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    let scheme = prefix.split("://").next().unwrap_or("");
+    let known = match scheme {
+        "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
+        "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
+        "az" | "abfs" | "abfss" => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
+        "http" | "https" => object_store::ClientConfigKey::from_str(key).is_ok(),
+        other => return Err(format!("unsupported scheme {other}://")),
+    };
+    if known {
+        Ok(())
+    } else {
+        Err(format!("unknown option '{key}' for {scheme}:// locations"))
+    }
+}
+
+fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, String> {
+    use std::str::FromStr;
     let url = url::Url::parse(root).map_err(|e| e.to_string())?;
+    let bad = |k: &str| format!("unknown storage option '{k}'");
     let retry = object_store::RetryConfig {
         max_retries: std::env::var("FLEETMERGE_IO_RETRIES")
             .ok()
@@ -101,29 +121,66 @@ fn build(root: &str) -> Result<Arc<dyn ObjectStore>, String> {
     };
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "s3" | "s3a" => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(root)
+            options
+                .iter()
+                .try_fold(
+                    object_store::aws::AmazonS3Builder::from_env().with_url(root),
+                    |b, (k, v)| {
+                        let key = object_store::aws::AmazonS3ConfigKey::from_str(k)
+                            .map_err(|_| bad(k))?;
+                        Ok::<_, String>(b.with_config(key, v))
+                    },
+                )?
                 .with_retry(retry)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
         "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(root)
+            options
+                .iter()
+                .try_fold(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(root),
+                    |b, (k, v)| {
+                        let key =
+                            object_store::gcp::GoogleConfigKey::from_str(k).map_err(|_| bad(k))?;
+                        Ok::<_, String>(b.with_config(key, v))
+                    },
+                )?
                 .with_retry(retry)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
         "az" | "abfs" | "abfss" => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(root)
+            options
+                .iter()
+                .try_fold(
+                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(root),
+                    |b, (k, v)| {
+                        let key =
+                            object_store::azure::AzureConfigKey::from_str(k).map_err(|_| bad(k))?;
+                        Ok::<_, String>(b.with_config(key, v))
+                    },
+                )?
                 .with_retry(retry)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
         "http" | "https" => Arc::new(
-            object_store::http::HttpBuilder::new()
-                .with_url(root)
+            options
+                .iter()
+                .try_fold(
+                    // An http:// reference is an explicit choice of plain HTTP.
+                    object_store::http::HttpBuilder::new()
+                        .with_url(root)
+                        .with_config(
+                            object_store::ClientConfigKey::AllowHttp,
+                            (url.scheme() == "http").to_string(),
+                        ),
+                    |b, (k, v)| {
+                        let key = object_store::ClientConfigKey::from_str(k).map_err(|_| bad(k))?;
+                        Ok::<_, String>(b.with_config(key, v))
+                    },
+                )?
                 .with_retry(retry)
                 .build()
                 .map_err(|e| e.to_string())?,
@@ -133,24 +190,31 @@ fn build(root: &str) -> Result<Arc<dyn ObjectStore>, String> {
     Ok(store)
 }
 
-/// The storage for an object-store URL (one client per bucket, shared).
+/// The storage for an object-store URL: one client per bucket, or per prefix
+/// that has its own settings (see [`super::overrides`]), shared.
 pub fn for_url(location: &str) -> Result<Arc<ObjectStorage>, StorageError> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<ObjectStorage>>>> = OnceLock::new();
     let (root, _) =
         split(location).ok_or_else(|| StorageError::io(location, "not an object-store URL"))?;
+    let custom = super::overrides::for_location(location);
+    let key = custom.map(|o| o.prefix.as_str()).unwrap_or(root);
     let mut stores = STORES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = stores.get(root) {
+    if let Some(s) = stores.get(key) {
         return Ok(s.clone());
     }
-    let store = build(root).map_err(|e| StorageError::io(location, e))?;
+    let options = custom.map(|o| o.options.as_slice()).unwrap_or(&[]);
+    let store = build(root, options).map_err(|e| StorageError::Denied {
+        location: location.to_string(),
+        message: format!("cannot set up the client: {e}"),
+    })?;
     let s = Arc::new(ObjectStorage {
         root: root.to_string(),
         store,
     });
-    stores.insert(root.to_string(), s.clone());
+    stores.insert(key.to_string(), s.clone());
     Ok(s)
 }
 
