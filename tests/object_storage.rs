@@ -282,6 +282,81 @@ fn gcs_inputs_are_read_by_range() {
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         assert_same_files(&got, &want);
     }
+    // The same objects as plain http:// model references (range GETs, no API).
+    let want = local("ties", dir.path(), "100K");
+    let cfg = config_at("ties", &format!("{endpoint}/models/models/"), dir.path());
+    let got = dir.path().join("got-http");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            got.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "100K",
+        ],
+    );
+    assert!(o.status.success(), "http: {}", stderr(&o));
+    assert_same_files(&got, &want);
+}
+
+#[test]
+fn a_storage_config_sends_one_bucket_to_another_server() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    let other = moto(false, dir.path());
+    create_bucket(&other, "elsewhere");
+    let storage = dir.path().join("storage.yaml");
+    std::fs::write(
+        &storage,
+        format!(
+            "s3://elsewhere:\n  aws_endpoint: {other}\n  aws_access_key_id: test\n  \
+             aws_secret_access_key: test\n  allow_http: true\n"
+        ),
+    )
+    .unwrap();
+    let want = local("linear", dir.path(), "100K");
+    let cfg = config_at("linear", "s3://models/models/", dir.path());
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "s3://elsewhere/linear",
+            "--quiet",
+            "--out-shard-size",
+            "100K",
+            "--storage-config",
+            storage.to_str().unwrap(),
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = dir.path().join("got");
+    download_dir(&other, "elsewhere", "linear", &got);
+    assert_same_files(&got, &want);
+    assert!(list_keys(endpoint, "models", "linear").is_empty());
+
+    // A misspelt option is an error naming it and its line.
+    std::fs::write(&storage, "s3://elsewhere:\n  aws_endpoitn: http://x\n").unwrap();
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "s3://elsewhere/x",
+            "--storage-config",
+            storage.to_str().unwrap(),
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("aws_endpoitn") && err.contains("line 2"),
+        "{err}"
+    );
 }
 
 // ---- cluster mode with inputs and output in S3 ----
