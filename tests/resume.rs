@@ -17,9 +17,15 @@ fn config(density: f64) -> String {
     ties_config(density)
 }
 
+/// Committed journal records; a record being written is a hidden temporary
+/// sibling (`.NAME.partial-...`) and does not count.
 fn journal_entries(out: &Path) -> usize {
     std::fs::read_dir(out.join(".fleetmerge/units"))
-        .map(|d| d.count())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -109,8 +109,11 @@ impl Storage for LocalStorage {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| map_err(prefix, e))?;
-            if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                names.push(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Objects being written (`.NAME.partial-...`) do not exist yet.
+            let in_progress = name.starts_with('.') && name.contains(".partial-");
+            if !in_progress && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                names.push(name);
             }
         }
         names.sort();
@@ -186,6 +189,13 @@ mod tests {
         let loc2 = dir.path().join("sub/b.bin").to_string_lossy().into_owned();
         let mut w = s.create(&loc2).unwrap();
         w.write_all(b"x").unwrap();
+        let sub = dir.path().join("sub");
+        assert_eq!(std::fs::read_dir(&sub).unwrap().count(), 2, "temp file");
+        assert_eq!(
+            s.list(&sub.to_string_lossy()).unwrap(),
+            vec!["a.bin"],
+            "an object being written is not listed"
+        );
         drop(w);
         assert_eq!(
             s.list(&dir.path().join("sub").to_string_lossy()).unwrap(),
