@@ -1,7 +1,10 @@
-//! Runs one work unit: reads each output tensor's inputs by byte range (the next
-//! tensor's reads overlap the current tensor's compute), computes it with the
-//! unit's merge method, and streams the shard — header first, tensors in order —
-//! to storage, where it appears atomically when complete.
+//! Runs one work unit. Its tensors are taken in windows of consecutive tensors
+//! (see [`read::windows`]); a window's inputs are loaded (local files mapped,
+//! remote ranges fetched) while the window before it computes, the window's
+//! tensors are computed in parallel into one reused output buffer, and a writer
+//! thread streams finished buffers — header first, tensors in order — to storage
+//! and hashes them, while the next window computes. The shard appears in storage
+//! atomically when complete.
 
 pub mod read;
 
@@ -9,6 +12,7 @@ use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
 use crate::output::ShardLayout;
 use crate::plan::{OutputTensor, TensorOp, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::sync::mpsc;
 
@@ -54,13 +58,44 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
-type Inputs = Result<read::Inputs, StorageError>;
+/// How much a unit may hold in memory at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecLimits {
+    /// Input bytes of one window of tensors computed together (a tensor larger
+    /// than this is a window by itself).
+    pub window_bytes: u64,
+    /// Load the next window while this one computes (doubles the inputs held).
+    pub read_ahead: bool,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        ExecLimits {
+            window_bytes: read::WINDOW_BYTES,
+            read_ahead: true,
+        }
+    }
+}
 
 /// Executes `unit`, writing its shard into `out_dir`.
 pub fn execute_unit(
     unit: &WorkUnit,
     out_dir: &str,
     progress: &dyn Progress,
+) -> Result<UnitOutput, ExecError> {
+    execute_unit_with(unit, out_dir, progress, &ExecLimits::default())
+}
+
+/// A finished buffer on its way to the writer: the buffer and how much of it is
+/// output.
+type Filled = (Vec<u8>, usize);
+
+/// [`execute_unit`] within `limits`.
+pub fn execute_unit_with(
+    unit: &WorkUnit,
+    out_dir: &str,
+    progress: &dyn Progress,
+    limits: &ExecLimits,
 ) -> Result<UnitOutput, ExecError> {
     if unit.format != PLAN_FORMAT {
         return Err(ExecError::Format {
@@ -80,51 +115,94 @@ pub fn execute_unit(
             .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
             .collect::<Vec<_>>(),
     );
+    let maps = read::Maps::open(&unit.tensors)?;
+    let windows = read::windows(&unit.tensors, limits.window_bytes);
     let out_store = storage::for_location(out_dir);
     let location = out_store.join(out_dir, &unit.file_name);
-    let mut writer = out_store.create(&location)?;
-    let mut hasher = Sha256::new();
-    writer.write_all(&layout.header)?;
-    hasher.update(&layout.header);
-    let mut size = layout.header.len() as u64;
-    let mut out = Vec::new();
+    let writer = out_store.create(&location)?;
 
-    std::thread::scope(|scope| -> Result<(), ExecError> {
-        // Reads run one tensor ahead of compute, bounded so memory stays at a
-        // couple of tensors' inputs.
-        let (tx, rx) = mpsc::sync_channel::<Inputs>(1);
+    let (writer, hasher, size) = std::thread::scope(|scope| {
+        // Loader: one window ahead of compute (or in step with it).
+        let (load_tx, load_rx) = mpsc::sync_channel::<Result<read::Loaded, StorageError>>(0);
+        let (next_tx, next_rx) = mpsc::channel::<()>();
         let tensors = &unit.tensors;
+        let maps_ref = &maps;
+        let windows_ref = &windows;
+        let read_ahead = limits.read_ahead;
         scope.spawn(move || {
-            for batch in read::batches(tensors) {
-                match read::read_batch(&tensors[batch]) {
-                    Ok(all) => {
-                        for inputs in all {
-                            if tx.send(Ok(inputs)).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+            for w in windows_ref {
+                if !read_ahead && next_rx.recv().is_err() {
+                    return;
+                }
+                let loaded = read::load(&tensors[w.clone()], maps_ref);
+                let failed = loaded.is_err();
+                if load_tx.send(loaded).is_err() || failed {
+                    return;
                 }
             }
         });
-        for t in &unit.tensors {
-            let inputs = rx
-                .recv()
-                .map_err(|_| StorageError::io(&location, "input reader stopped"))??;
-            progress.read(inputs.iter().map(|b| b.len() as u64).sum());
-            out.clear();
-            out.resize(t.byte_len() as usize, 0);
-            compute(unit, method, t, &inputs, &mut out)?;
-            writer.write_all(&out)?;
-            hasher.update(&out);
-            size += out.len() as u64;
-            progress.written(out.len() as u64);
-        }
-        Ok(())
+
+        // Writer: header, then every filled buffer in order; buffers go back.
+        let (fill_tx, fill_rx) = mpsc::sync_channel::<Filled>(1);
+        let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+        let header = &layout.header;
+        let writing = scope.spawn(move || -> Result<_, StorageError> {
+            let mut writer = writer;
+            let mut hasher = Sha256::new();
+            writer.write_all(header)?;
+            hasher.update(header);
+            let mut size = header.len() as u64;
+            for (buf, len) in fill_rx {
+                writer.write_all(&buf[..len])?;
+                hasher.update(&buf[..len]);
+                size += len as u64;
+                progress.written(len as u64);
+                let _ = free_tx.send(buf);
+            }
+            Ok((writer, hasher, size))
+        });
+
+        let computed = (|| -> Result<(), ExecError> {
+            let mut spare = vec![Vec::new(), Vec::new()];
+            for w in &windows {
+                if !read_ahead {
+                    let _ = next_tx.send(());
+                }
+                let loaded = load_rx
+                    .recv()
+                    .map_err(|_| StorageError::io(&location, "input reader stopped"))??;
+                let tensors = &unit.tensors[w.clone()];
+                let views = loaded.views(tensors, &maps)?;
+                let len: usize = tensors.iter().map(|t| t.byte_len() as usize).sum();
+                let mut buf = match spare.pop() {
+                    Some(b) => b,
+                    // Both buffers are out: wait for the writer to return one.
+                    None => free_rx
+                        .recv()
+                        .map_err(|_| StorageError::io(&location, "output writer stopped"))?,
+                };
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                compute_window(unit, method, tensors, &views, &mut buf[..len])?;
+                drop(views);
+                progress.read(loaded.bytes);
+                maps.release(tensors);
+                if fill_tx.send((buf, len)).is_err() {
+                    // The writer failed; its error is reported below.
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(fill_tx);
+        drop(load_rx);
+        drop(next_tx);
+        let written = writing
+            .join()
+            .unwrap_or_else(|_| Err(StorageError::io(&location, "the output writer died")));
+        computed?;
+        Ok::<_, ExecError>(written?)
     })?;
     writer.commit()?;
     Ok(UnitOutput {
@@ -136,16 +214,46 @@ pub fn execute_unit(
     })
 }
 
+/// Computes a window's tensors in parallel, each into its slice of `out`.
+fn compute_window(
+    unit: &WorkUnit,
+    method: &dyn methods::MergeMethod,
+    tensors: &[OutputTensor],
+    inputs: &[Vec<&[u8]>],
+    mut out: &mut [u8],
+) -> Result<(), ExecError> {
+    let mut slices = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let (head, rest) = out.split_at_mut(t.byte_len() as usize);
+        slices.push(head);
+        out = rest;
+    }
+    if tensors.len() == 1 {
+        return compute(
+            unit,
+            method,
+            &tensors[0],
+            &inputs[0],
+            slices.pop().unwrap_or_default(),
+        );
+    }
+    tensors
+        .par_iter()
+        .zip(inputs)
+        .zip(slices)
+        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o))
+}
+
 fn compute(
     unit: &WorkUnit,
     method: &dyn methods::MergeMethod,
     t: &OutputTensor,
-    inputs: &[Vec<u8>],
+    inputs: &[&[u8]],
     out: &mut [u8],
 ) -> Result<(), ExecError> {
     match t.op {
         TensorOp::CopyIdentical => {
-            if inputs.iter().any(|b| b != &inputs[0]) {
+            if inputs.iter().any(|b| *b != inputs[0]) {
                 return Err(ExecError::BuffersDiffer {
                     tensor: t.name.clone(),
                     models: t
@@ -156,7 +264,7 @@ fn compute(
                         .join(", "),
                 });
             }
-            out.copy_from_slice(&inputs[0]);
+            out.copy_from_slice(inputs[0]);
             Ok(())
         }
         TensorOp::Merge => {

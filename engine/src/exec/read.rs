@@ -1,36 +1,35 @@
-//! Reading a unit's inputs. Local files are read tensor by tensor (a positioned
-//! read each). Remote objects are latency-bound, so consecutive tensors are read
-//! in batches of up to [`BATCH_BYTES`]: within a batch, the byte ranges that lie
-//! in the same object and at most [`GAP_BYTES`] apart are fetched as one range
+//! Reading a unit's inputs, one window of consecutive tensors at a time.
+//!
+//! Local files are memory-mapped: a tensor's bytes are read in place, without a
+//! copy, and the window's ranges are mapped ahead of the compute ([`Mapped::prefetch`])
+//! and unmapped after it ([`Mapped::release`]), so that resident memory stays at
+//! a couple of windows whatever the model size.
+//!
+//! Remote objects are latency-bound: within a window, the byte ranges that lie in
+//! the same object and at most [`GAP_BYTES`] apart are fetched as one range
 //! request, the spans of different objects at the same time, and each tensor's
-//! bytes are cut out of its span. A unit of hundreds of small expert tensors
+//! bytes are cut out of its span. A window of hundreds of small expert tensors
 //! costs a handful of requests per input file instead of one per tensor.
 
 use crate::plan::{OutputTensor, TensorRef};
-use crate::storage::{self, StorageError};
+use crate::storage::{self, Mapped, StorageError};
+use std::collections::HashMap;
 use std::ops::Range;
 
-/// Input bytes read together at most (one batch of consecutive tensors).
-pub const BATCH_BYTES: u64 = 64 << 20;
+/// Input bytes of one window at most (unless one tensor alone is larger).
+pub const WINDOW_BYTES: u64 = 64 << 20;
 /// Unneeded bytes a span may carry between two needed ranges.
 pub const GAP_BYTES: u64 = 1 << 20;
 
-/// One tensor's inputs, in input order.
-pub type Inputs = Vec<Vec<u8>>;
-
-/// Consecutive tensors read together: a tensor with any local input, or whose
-/// inputs alone exceed [`BATCH_BYTES`], is a batch by itself.
-pub fn batches(tensors: &[OutputTensor]) -> Vec<Range<usize>> {
-    let remote = |t: &OutputTensor| {
-        !t.inputs.is_empty() && t.inputs.iter().all(|r| storage::is_url(&r.location))
-    };
+/// Consecutive tensors computed together: as many as fit in `limit` input
+/// bytes; a tensor whose inputs alone exceed it is a window by itself.
+pub fn windows(tensors: &[OutputTensor], limit: u64) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0u64;
     for (i, t) in tensors.iter().enumerate() {
         let b: u64 = t.inputs.iter().map(|r| r.len).sum();
-        let joins = i > start && remote(t) && remote(&tensors[i - 1]) && bytes + b <= BATCH_BYTES;
-        if i > start && !joins {
+        if i > start && bytes + b > limit {
             out.push(start..i);
             start = i;
             bytes = 0;
@@ -48,18 +47,18 @@ pub fn batches(tensors: &[OutputTensor]) -> Vec<Range<usize>> {
 pub struct Span {
     pub location: String,
     pub range: Range<u64>,
-    /// (tensor index in the batch, input index, offset within the span, length).
+    /// (tensor index in the window, input index, offset within the span, length).
     pub parts: Vec<(usize, usize, u64, u64)>,
 }
 
-/// Groups the inputs of `tensors` into spans: per object, ranges sorted by
-/// offset, merged while the gap is at most `gap` and the span at most `limit`.
-pub fn spans(tensors: &[OutputTensor], gap: u64, limit: u64) -> Vec<Span> {
-    let mut refs: Vec<(usize, usize, &TensorRef)> = tensors
-        .iter()
-        .enumerate()
-        .flat_map(|(ti, t)| t.inputs.iter().enumerate().map(move |(ii, r)| (ti, ii, r)))
-        .collect();
+/// Groups the given inputs into spans: per object, ranges sorted by offset,
+/// merged while the gap is at most `gap` and the span at most `limit`.
+pub fn spans<'a>(
+    refs: impl IntoIterator<Item = (usize, usize, &'a TensorRef)>,
+    gap: u64,
+    limit: u64,
+) -> Vec<Span> {
+    let mut refs: Vec<(usize, usize, &TensorRef)> = refs.into_iter().collect();
     refs.sort_by(|a, b| (&a.2.location, a.2.offset).cmp(&(&b.2.location, b.2.offset)));
     let mut out: Vec<Span> = Vec::new();
     for (ti, ii, r) in refs {
@@ -83,23 +82,119 @@ pub fn spans(tensors: &[OutputTensor], gap: u64, limit: u64) -> Vec<Span> {
     out
 }
 
-fn read_one(r: &TensorRef) -> Result<Vec<u8>, StorageError> {
-    storage::for_location(&r.location).read_range(&r.location, r.offset..r.offset + r.len)
+/// All (tensor, input, ref) triples of a window.
+fn refs(tensors: &[OutputTensor]) -> impl Iterator<Item = (usize, usize, &TensorRef)> {
+    tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, t)| t.inputs.iter().enumerate().map(move |(ii, r)| (ti, ii, r)))
 }
 
-/// Reads the inputs of a batch of tensors (see [`batches`]).
-pub fn read_batch(tensors: &[OutputTensor]) -> Result<Vec<Inputs>, StorageError> {
-    let remote = tensors
-        .iter()
-        .flat_map(|t| &t.inputs)
-        .any(|r| storage::is_url(&r.location));
-    if !remote {
-        return tensors
-            .iter()
-            .map(|t| t.inputs.iter().map(read_one).collect())
-            .collect();
+/// The memory maps of a unit's local input files, opened once per unit.
+#[derive(Default)]
+pub struct Maps {
+    files: HashMap<String, Mapped>,
+}
+
+impl Maps {
+    /// Maps every local file the tensors read.
+    pub fn open(tensors: &[OutputTensor]) -> Result<Self, StorageError> {
+        let mut files = HashMap::new();
+        for (_, _, r) in refs(tensors) {
+            if !storage::is_url(&r.location) && !files.contains_key(&r.location) {
+                files.insert(r.location.clone(), Mapped::open(&r.location)?);
+            }
+        }
+        Ok(Maps { files })
     }
-    let spans = spans(tensors, GAP_BYTES, BATCH_BYTES);
+
+    fn get(&self, r: &TensorRef) -> Option<&Mapped> {
+        self.files.get(&r.location)
+    }
+
+    /// Releases the mapped pages of a window's local inputs.
+    pub fn release(&self, tensors: &[OutputTensor]) {
+        for (_, _, r) in refs(tensors) {
+            if let Some(m) = self.get(r) {
+                m.release(r.offset..r.offset + r.len);
+            }
+        }
+    }
+}
+
+/// A window's inputs, ready for compute: remote spans fetched, local ranges
+/// checked and mapped.
+pub struct Loaded {
+    /// Fetched spans of remote objects.
+    spans: Vec<Vec<u8>>,
+    /// Per tensor, per input: where its bytes are.
+    sources: Vec<Vec<Source>>,
+    /// Input bytes of the window.
+    pub bytes: u64,
+}
+
+#[derive(Clone)]
+enum Source {
+    /// In the memory map of the ref's own file.
+    Mapped,
+    /// `range` of fetched span `span`.
+    Span { span: usize, range: Range<usize> },
+}
+
+impl Loaded {
+    /// Every tensor's input bytes, in input order.
+    pub fn views<'a>(
+        &'a self,
+        tensors: &'a [OutputTensor],
+        maps: &'a Maps,
+    ) -> Result<Vec<Vec<&'a [u8]>>, StorageError> {
+        tensors
+            .iter()
+            .zip(&self.sources)
+            .map(|(t, sources)| {
+                t.inputs
+                    .iter()
+                    .zip(sources)
+                    .map(|(r, s)| match s {
+                        Source::Mapped => maps
+                            .get(r)
+                            .ok_or_else(|| StorageError::io(&r.location, "input file not mapped"))?
+                            .bytes(r.offset..r.offset + r.len),
+                        Source::Span { span, range } => Ok(&self.spans[*span][range.clone()]),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Loads a window: fetches its remote inputs (coalesced, concurrently) and maps
+/// its local ones ahead of use.
+pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageError> {
+    let mut sources: Vec<Vec<Source>> = tensors
+        .iter()
+        .map(|t| vec![Source::Mapped; t.inputs.len()])
+        .collect();
+    let mut bytes = 0;
+    for (_, _, r) in refs(tensors) {
+        bytes += r.len;
+        if let Some(m) = maps.get(r) {
+            // Check the range before anyone touches it, then map it.
+            m.bytes(r.offset..r.offset + r.len)?;
+            m.prefetch(r.offset..r.offset + r.len);
+        }
+    }
+    let remote: Vec<_> = refs(tensors)
+        .filter(|(_, _, r)| maps.get(r).is_none())
+        .collect();
+    if remote.is_empty() {
+        return Ok(Loaded {
+            spans: Vec::new(),
+            sources,
+            bytes,
+        });
+    }
+    let spans = spans(remote, GAP_BYTES, WINDOW_BYTES);
     let fetched: Vec<Result<Vec<u8>, StorageError>> = std::thread::scope(|s| {
         let handles: Vec<_> = spans
             .iter()
@@ -118,17 +213,21 @@ pub fn read_batch(tensors: &[OutputTensor]) -> Result<Vec<Inputs>, StorageError>
             })
             .collect()
     });
-    let mut out: Vec<Inputs> = tensors
-        .iter()
-        .map(|t| vec![Vec::new(); t.inputs.len()])
-        .collect();
-    for (sp, bytes) in spans.iter().zip(fetched) {
-        let bytes = bytes?;
+    let mut buffers = Vec::with_capacity(spans.len());
+    for (i, (sp, data)) in spans.iter().zip(fetched).enumerate() {
+        buffers.push(data?);
         for &(ti, ii, at, len) in &sp.parts {
-            out[ti][ii] = bytes[at as usize..(at + len) as usize].to_vec();
+            sources[ti][ii] = Source::Span {
+                span: i,
+                range: at as usize..(at + len) as usize,
+            };
         }
     }
-    Ok(out)
+    Ok(Loaded {
+        spans: buffers,
+        sources,
+        bytes,
+    })
 }
 
 #[cfg(test)]
@@ -168,7 +267,7 @@ mod tests {
             tensor("b", &[("s3://b/x", 110, 20), ("s3://b/y", 500, 10)]),
             tensor("c", &[("s3://b/x", 135, 5), ("s3://b/y", 10, 10)]),
         ];
-        let sp = spans(&ts, 100, 1 << 20);
+        let sp = spans(refs(&ts), 100, 1 << 20);
         assert_eq!(sp.len(), 3, "{sp:?}");
         assert_eq!(sp[0].location, "s3://b/x");
         assert_eq!(sp[0].range, 100..140);
@@ -187,20 +286,21 @@ mod tests {
             tensor("a", &[("s3://b/x", 0, 60)]),
             tensor("b", &[("s3://b/x", 60, 60)]),
         ];
-        assert_eq!(spans(&ts, 0, 100).len(), 2);
-        assert_eq!(spans(&ts, 0, 120).len(), 1);
+        assert_eq!(spans(refs(&ts), 0, 100).len(), 2);
+        assert_eq!(spans(refs(&ts), 0, 120).len(), 1);
     }
 
     #[test]
-    fn only_remote_tensors_are_batched_up_to_the_limit() {
-        let big = BATCH_BYTES / 2 + 1;
+    fn windows_fill_up_to_the_limit() {
+        let big = 60;
         let ts = vec![
             tensor("a", &[("s3://b/x", 0, 10)]),
-            tensor("b", &[("s3://b/x", 10, 10)]),
-            tensor("c", &[("/local/x", 0, 10)]),
+            tensor("b", &[("/local/x", 10, 10)]),
+            tensor("c", &[("s3://b/x", 20, 90)]),
             tensor("d", &[("s3://b/x", 20, big)]),
             tensor("e", &[("s3://b/x", 20 + big, big)]),
         ];
-        assert_eq!(batches(&ts), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(windows(&ts, 100), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(windows(&ts, 120), vec![0..3, 3..5]);
     }
 }

@@ -1,9 +1,14 @@
-//! Local files: positioned reads (`pread`), writes to a temporary sibling that is
-//! renamed into place on commit.
+//! Local files: positioned reads (`pread`) or memory maps, writes to a temporary
+//! sibling that is renamed into place on commit. Large files (output shards) are
+//! written with `O_DIRECT` where the filesystem allows it, from aligned blocks
+//! that an I/O thread writes while the caller fills the next: on this project's
+//! machine a buffered write costs 0.7-2.2 s of CPU per GB in the kernel (fresh
+//! page-cache pages), a direct one 0.05 s.
 
 use super::{ObjectWriter, Storage, StorageError};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -87,7 +92,7 @@ impl Storage for LocalStorage {
             location: location.to_string(),
             target,
             temp,
-            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            sink: Some(Sink::Pending(file, Vec::new())),
         }))
     }
 
@@ -121,6 +126,103 @@ impl Storage for LocalStorage {
     }
 }
 
+/// A read-only memory map of a local input file, for reading tensors without a
+/// copy. Pages are mapped on demand from the page cache; callers release the
+/// ranges they are done with ([`Mapped::release`]) so that resident memory stays
+/// bounded by the tensors in flight.
+///
+/// A file truncated while it is mapped would fault on access (SIGBUS), as in
+/// every mmap-based loader (safetensors, PyTorch); inputs must not be rewritten
+/// during a merge. The size is checked against every range before use.
+pub struct Mapped {
+    location: String,
+    map: Option<memmap2::Mmap>,
+}
+
+impl Mapped {
+    pub fn open(location: &str) -> Result<Self, StorageError> {
+        let file = File::open(path_of(location)).map_err(|e| map_err(location, e))?;
+        let len = file.metadata().map_err(|e| map_err(location, e))?.len();
+        // An empty file cannot be mapped; every range of it is out of range anyway.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: a read-only private mapping; the file is not modified by us,
+            // and ranges are checked against its size before they are read.
+            Some(
+                unsafe { memmap2::MmapOptions::new().map(&file) }
+                    .map_err(|e| map_err(location, e))?,
+            )
+        };
+        Ok(Mapped {
+            location: location.to_string(),
+            map,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.map.as_ref().map_or(0, |m| m.len() as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of `range`, or why not.
+    pub fn bytes(&self, range: Range<u64>) -> Result<&[u8], StorageError> {
+        let size = self.len();
+        if range.start > range.end || range.end > size {
+            return Err(StorageError::OutOfRange {
+                location: self.location.clone(),
+                start: range.start,
+                end: range.end,
+                size,
+            });
+        }
+        match &self.map {
+            Some(m) => Ok(&m[range.start as usize..range.end as usize]),
+            None => Ok(&[]),
+        }
+    }
+
+    /// Maps `range` now (reading it from disk if it is not cached), so that the
+    /// compute that follows does not stop on page faults.
+    pub fn prefetch(&self, range: Range<u64>) {
+        let Some((m, start, len)) = self.pages(range) else {
+            return;
+        };
+        #[cfg(target_os = "linux")]
+        if m.advise_range(memmap2::Advice::PopulateRead, start, len)
+            .is_ok()
+        {
+            return;
+        }
+        let _ = m.advise_range(memmap2::Advice::WillNeed, start, len);
+    }
+
+    /// Unmaps the pages of `range` from this process (they stay in the page
+    /// cache; reading them again maps them again).
+    pub fn release(&self, range: Range<u64>) {
+        let Some((m, start, len)) = self.pages(range) else {
+            return;
+        };
+        // SAFETY: the mapping is a read-only view of a file: dropping its pages
+        // only means that a later access reads them from the file again.
+        let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+
+    /// `range` widened to whole pages and clamped to the map.
+    fn pages(&self, range: Range<u64>) -> Option<(&memmap2::Mmap, usize, usize)> {
+        const PAGE: u64 = 4096;
+        let m = self.map.as_ref()?;
+        let end = range.end.min(m.len() as u64);
+        let start = range.start / PAGE * PAGE;
+        let end = end.div_ceil(PAGE) * PAGE;
+        let end = end.min(m.len() as u64);
+        (start < end).then_some((m, start as usize, (end - start) as usize))
+    }
+}
+
 fn unique_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -131,36 +233,207 @@ struct LocalWriter {
     location: String,
     target: PathBuf,
     temp: PathBuf,
-    file: Option<std::io::BufWriter<File>>,
+    sink: Option<Sink>,
+}
+
+/// Size of a direct-I/O block; a file smaller than this is written plainly.
+const BLOCK: usize = 8 << 20;
+/// Alignment of direct-I/O buffers, offsets and lengths.
+const ALIGN: usize = 4096;
+
+enum Sink {
+    /// Under one block so far: held in memory.
+    Pending(File, Vec<u8>),
+    Buffered(std::io::BufWriter<File>),
+    Direct(DirectWriter),
+}
+
+/// A buffer with a `BLOCK`-long, `ALIGN`-aligned window.
+fn aligned_block() -> Vec<u8> {
+    vec![0u8; BLOCK + ALIGN]
+}
+
+fn window(buf: &mut [u8]) -> &mut [u8] {
+    let off = buf.as_ptr().align_offset(ALIGN);
+    &mut buf[off..off + BLOCK]
+}
+
+/// Writes whole aligned blocks through an `O_DIRECT` descriptor on an I/O
+/// thread, three blocks in rotation.
+struct DirectWriter {
+    block: Vec<u8>,
+    filled: usize,
+    total: u64,
+    spare: Vec<Vec<u8>>,
+    to_io: Option<std::sync::mpsc::SyncSender<(Vec<u8>, usize)>>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    io: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+}
+
+impl DirectWriter {
+    /// Opens `temp` for direct I/O and writes `first` (one full block) through
+    /// it; `None` when the filesystem does not take direct I/O.
+    #[cfg(target_os = "linux")]
+    fn start(temp: &Path, first: &[u8]) -> Option<DirectWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(temp)
+            .ok()?;
+        let mut block = aligned_block();
+        window(&mut block).copy_from_slice(first);
+        file.write_all(window(&mut block)).ok()?;
+        let (to_io, jobs) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+        let (give_back, free) = std::sync::mpsc::channel();
+        let io = std::thread::Builder::new()
+            .name("direct-write".into())
+            .spawn(move || {
+                for (mut buf, len) in jobs {
+                    file.write_all(&window(&mut buf)[..len])?;
+                    let _ = give_back.send(buf);
+                }
+                Ok(file)
+            })
+            .ok()?;
+        Some(DirectWriter {
+            block,
+            filled: 0,
+            total: BLOCK as u64,
+            spare: vec![aligned_block()],
+            to_io: Some(to_io),
+            free,
+            io: Some(io),
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn start(_temp: &Path, _first: &[u8]) -> Option<DirectWriter> {
+        None
+    }
+
+    /// The I/O thread's error, once it has stopped.
+    fn io_error(&mut self) -> std::io::Error {
+        match self.io.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => std::io::Error::other("the direct-write thread stopped"),
+        }
+    }
+
+    fn send(&mut self, len: usize) -> std::io::Result<()> {
+        let next = match self.spare.pop() {
+            Some(b) => b,
+            None => match self.free.recv() {
+                Ok(b) => b,
+                Err(_) => return Err(self.io_error()),
+            },
+        };
+        let full = std::mem::replace(&mut self.block, next);
+        let sent = self.to_io.as_ref().map(|tx| tx.send((full, len)));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.io_error());
+        }
+        self.filled = 0;
+        Ok(())
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = (BLOCK - self.filled).min(bytes.len());
+            let filled = self.filled;
+            window(&mut self.block)[filled..filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            self.total += n as u64;
+            bytes = &bytes[n..];
+            if self.filled == BLOCK {
+                self.send(BLOCK)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the last block (padded to the alignment, then cut back to size).
+    fn finish(mut self) -> std::io::Result<File> {
+        if self.filled > 0 {
+            let (filled, padded) = (self.filled, self.filled.next_multiple_of(ALIGN));
+            window(&mut self.block)[filled..padded].fill(0);
+            self.send(padded)?;
+        }
+        drop(self.to_io.take());
+        let file = match self.io.take().map(|h| h.join()) {
+            Some(Ok(r)) => r?,
+            _ => return Err(std::io::Error::other("the direct-write thread died")),
+        };
+        file.set_len(self.total)?;
+        Ok(file)
+    }
+}
+
+impl LocalWriter {
+    fn sink(&mut self) -> Result<&mut Sink, StorageError> {
+        self.sink
+            .as_mut()
+            .ok_or_else(|| StorageError::io(&self.location, "write after commit"))
+    }
 }
 
 impl ObjectWriter for LocalWriter {
-    fn write_all(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| StorageError::io(&self.location, "write after commit"))?;
-        file.write_all(bytes)
-            .map_err(|e| map_err(&self.location, e))
+    fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        let location = self.location.clone();
+        let err = |e| map_err(&location, e);
+        while !bytes.is_empty() {
+            match self.sink()? {
+                Sink::Buffered(w) => return w.write_all(bytes).map_err(err),
+                Sink::Direct(d) => return d.write_all(bytes).map_err(err),
+                Sink::Pending(_, pending) => {
+                    let n = (BLOCK - pending.len()).min(bytes.len());
+                    pending.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if pending.len() < BLOCK {
+                        continue;
+                    }
+                }
+            }
+            // A full block: go direct if the filesystem allows, else buffered.
+            let Some(Sink::Pending(file, pending)) = self.sink.take() else {
+                unreachable!("only a pending sink gets here");
+            };
+            self.sink = Some(match DirectWriter::start(&self.temp, &pending) {
+                Some(d) => Sink::Direct(d),
+                None => {
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+                    w.write_all(&pending).map_err(err)?;
+                    Sink::Buffered(w)
+                }
+            });
+        }
+        Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
-        let file = self
-            .file
+        let location = self.location.clone();
+        let err = |e| map_err(&location, e);
+        let file = match self
+            .sink
             .take()
-            .ok_or_else(|| StorageError::io(&self.location, "committed twice"))?;
-        let file = file
-            .into_inner()
-            .map_err(|e| map_err(&self.location, e.into_error()))?;
-        file.sync_all().map_err(|e| map_err(&self.location, e))?;
+            .ok_or_else(|| StorageError::io(&self.location, "committed twice"))?
+        {
+            Sink::Pending(mut file, pending) => {
+                file.write_all(&pending).map_err(err)?;
+                file
+            }
+            Sink::Buffered(w) => w.into_inner().map_err(|e| err(e.into_error()))?,
+            Sink::Direct(d) => d.finish().map_err(err)?,
+        };
+        file.sync_all().map_err(err)?;
         drop(file);
-        fs::rename(&self.temp, &self.target).map_err(|e| map_err(&self.location, e))
+        fs::rename(&self.temp, &self.target).map_err(err)
     }
 }
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if self.sink.take().is_some() {
             let _ = fs::remove_file(&self.temp);
         }
     }
@@ -169,6 +442,38 @@ impl Drop for LocalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_files_round_trip_through_direct_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage;
+        // Around the block size and the alignment, written in odd pieces.
+        for size in [
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            2 * BLOCK + ALIGN + 13,
+            3 * BLOCK,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 131 % 251) as u8).collect();
+            let loc = dir.path().join(format!("{size}.bin"));
+            let loc = loc.to_string_lossy().into_owned();
+            let mut w = s.create(&loc).unwrap();
+            for piece in data.chunks(1_000_003) {
+                w.write_all(piece).unwrap();
+            }
+            assert!(!s.exists(&loc).unwrap());
+            w.commit().unwrap();
+            assert_eq!(s.size(&loc).unwrap(), size as u64);
+            assert!(s.read_all(&loc).unwrap() == data, "{size} bytes differ");
+        }
+        // Abandoned mid-way through a direct write: nothing left behind.
+        let loc = dir.path().join("gone.bin").to_string_lossy().into_owned();
+        let mut w = s.create(&loc).unwrap();
+        w.write_all(&vec![7u8; 2 * BLOCK + 5]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
+    }
 
     #[test]
     fn writes_appear_only_on_commit() {

@@ -7,7 +7,7 @@ mod local;
 mod object;
 pub mod overrides;
 
-pub use local::LocalStorage;
+pub use local::{LocalStorage, Mapped};
 
 use std::ops::Range;
 use std::sync::Arc;
