@@ -294,6 +294,65 @@ impl TaskVector {
     }
 }
 
+impl TaskVector {
+    /// Writes this task vector's surviving, rescaled and weighted deltas for
+    /// chunk `c` into `w` (zero where pruned): `(x − base)·scale·weight`.
+    fn weighted(&self, c: Chunk, x: &[&[f32]], base: usize, row_len: usize, w: &mut [f32]) {
+        let (xi, xb) = (&x[self.input][..c.len], &x[base][..c.len]);
+        let (scale, weight) = (self.scale, self.weight);
+        match &self.keep {
+            Keep::All | Keep::Top(TopK::All) => {
+                for ((o, &a), &b) in w.iter_mut().zip(xi).zip(xb) {
+                    *o = (a - b) * scale * weight;
+                }
+            }
+            Keep::Top(TopK::Nothing) => w.fill(0.0),
+            Keep::Top(TopK::Threshold { key, quota }) => {
+                let t = *key;
+                for ((o, &a), &b) in w.iter_mut().zip(xi).zip(xb) {
+                    let d = a - b;
+                    *o = if select::magnitude_key(d) > t {
+                        d * scale * weight
+                    } else {
+                        0.0
+                    };
+                }
+                // Keys equal to the threshold: this chunk's share of the ties.
+                let mut q = quota.get(c.index).copied().unwrap_or_default();
+                if q.take > 0 {
+                    for ((o, &a), &b) in w.iter_mut().zip(xi).zip(xb) {
+                        let d = a - b;
+                        if select::magnitude_key(d) == t {
+                            if q.skip > 0 {
+                                q.skip -= 1;
+                            } else if q.take > 0 {
+                                q.take -= 1;
+                                *o = d * scale * weight;
+                            } else {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => MASK.with(|m| {
+                let mut mask = m.borrow_mut();
+                mask.clear();
+                mask.resize(c.len, false);
+                self.fill_mask(c, x, base, row_len, &mut mask);
+                for (((o, &a), &b), &m) in w.iter_mut().zip(xi).zip(xb).zip(mask.iter()) {
+                    *o = if m { (a - b) * scale * weight } else { 0.0 };
+                }
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread survivor mask for the sparsifiers that decide element by element.
+    static MASK: std::cell::RefCell<Vec<bool>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Gta {
     /// The method's default for a boolean parameter the plan did not resolve.
     fn default_bool(&self, name: &str) -> bool {
@@ -516,47 +575,64 @@ impl MergeMethod for Gta {
         let k = tvs.len();
         let row_len = job.row_len();
         kernel::map_sized(job, out, self.chunk_size(job), |c, x, y| {
-            let mut masks: Vec<Vec<bool>> = tvs
-                .iter()
-                .map(|tv| {
-                    let mut m = vec![false; c.len];
-                    tv.fill_mask(c, x, base, row_len, &mut m);
-                    m
-                })
-                .collect();
-            let mut d = vec![0.0f32; k];
-            for (e, o) in y.iter_mut().enumerate() {
-                let b = x[base][e];
-                for (s, tv) in tvs.iter().enumerate() {
-                    let delta = x[tv.input][e] - b;
-                    d[s] = if masks[s][e] {
-                        delta * tv.scale * tv.weight
-                    } else {
-                        0.0
-                    };
+            let len = c.len;
+            kernel::with_buffers(k + 2, len, |bufs| {
+                let (w, rest) = bufs.split_at_mut(k);
+                let (sum, div) = rest.split_at_mut(1);
+                let (sum, div) = (&mut sum[0][..len], &mut div[0][..len]);
+                for (tv, w) in tvs.iter().zip(w.iter_mut()) {
+                    tv.weighted(c, x, base, row_len, &mut w[..len]);
                 }
-                let (mixed, divisor) = match consensus {
-                    Consensus::None => (d.iter().fold(0.0f32, |a, &v| a + v), plain_divisor),
+                // Stream-major sums: the same additions, in the same (model) order,
+                // as an element-by-element fold, but in loops the compiler vectorizes.
+                sum.fill(0.0);
+                for w in w.iter() {
+                    for (a, &v) in sum.iter_mut().zip(&w[..len]) {
+                        *a += v;
+                    }
+                }
+                let b = &x[base][..len];
+                match consensus {
+                    Consensus::None => {
+                        for ((o, &m), &b) in y.iter_mut().zip(sum.iter()).zip(b) {
+                            let mut m = if normalize { m / plain_divisor } else { m };
+                            if lambda != 1.0 {
+                                m *= lambda;
+                            }
+                            *o = b + m;
+                        }
+                    }
                     Consensus::Sum => {
-                        let positive = d.iter().fold(0.0f32, |a, &v| a + v) >= 0.0;
-                        let (mut mixed, mut div) = (0.0f32, 0.0f32);
-                        for (s, &v) in d.iter().enumerate() {
-                            // Zeros have sign 0 and never match the elected sign.
-                            if v != 0.0 && (v > 0.0) == positive {
-                                mixed += v;
-                                div += tvs[s].weight;
+                        y.fill(0.0);
+                        div.fill(0.0);
+                        for (tv, w) in tvs.iter().zip(w.iter()) {
+                            let weight = tv.weight;
+                            for (((o, d), &v), &total) in y
+                                .iter_mut()
+                                .zip(div.iter_mut())
+                                .zip(&w[..len])
+                                .zip(sum.iter())
+                            {
+                                // Zeros have sign 0 and never match the elected sign.
+                                // Adding +0.0 leaves the running sums as they were
+                                // (they start at +0.0 and never become -0.0).
+                                // (`&`, not `&&`: branch-free, so the loop vectorizes.)
+                                let agree = (v != 0.0) & ((v > 0.0) == (total >= 0.0));
+                                *o += if agree { v } else { 0.0 };
+                                *d += if agree { weight } else { 0.0 };
                             }
                         }
-                        (mixed, if div == 0.0 { 1.0 } else { div })
+                        for ((o, &d), &b) in y.iter_mut().zip(div.iter()).zip(b) {
+                            let divisor = if d == 0.0 { 1.0 } else { d };
+                            let mut m = if normalize { *o / divisor } else { *o };
+                            if lambda != 1.0 {
+                                m *= lambda;
+                            }
+                            *o = b + m;
+                        }
                     }
-                };
-                let mut mixed = if normalize { mixed / divisor } else { mixed };
-                if lambda != 1.0 {
-                    mixed *= lambda;
                 }
-                *o = b + mixed;
-            }
-            masks.clear();
+            })
         });
         Ok(())
     }

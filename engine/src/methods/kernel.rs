@@ -81,10 +81,21 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(n: usize, chunk: usize) -> Self {
-        Scratch {
-            inputs: (0..n).map(|_| vec![0.0; chunk]).collect(),
-            out: vec![0.0; chunk],
+    /// Makes room for `n` inputs of `chunk` elements; buffers keep whatever they
+    /// held (every use overwrites the part it reads).
+    fn fit(&mut self, n: usize, chunk: usize) {
+        if self.inputs.len() < n {
+            self.inputs.resize_with(n, Vec::new);
+        }
+        for b in self
+            .inputs
+            .iter_mut()
+            .take(n)
+            .chain(std::iter::once(&mut self.out))
+        {
+            if b.len() < chunk {
+                b.resize(chunk, 0.0);
+            }
         }
     }
 
@@ -98,6 +109,45 @@ impl Scratch {
             );
         }
     }
+}
+
+thread_local! {
+    /// Per-thread scratch, reused across chunks and tensors: no allocation (or
+    /// zeroing) per chunk, however finely rayon splits the work.
+    static SCRATCH: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUFFERS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch sized for `n` inputs of `chunk` elements.
+/// Re-entrant (a nested call takes another scratch from the pool).
+fn with_scratch<R>(n: usize, chunk: usize, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut s = SCRATCH.with(|p| p.borrow_mut().pop()).unwrap_or(Scratch {
+        inputs: Vec::new(),
+        out: Vec::new(),
+    });
+    s.fit(n, chunk);
+    let r = f(&mut s);
+    SCRATCH.with(|p| p.borrow_mut().push(s));
+    r
+}
+
+/// Runs `f` with `count` f32 buffers of at least `len` elements each, taken from
+/// a per-thread pool (contents unspecified: overwrite before reading).
+pub fn with_buffers<R>(count: usize, len: usize, f: impl FnOnce(&mut [Vec<f32>]) -> R) -> R {
+    let mut bufs: Vec<Vec<f32>> = BUFFERS.with(|p| {
+        let mut p = p.borrow_mut();
+        let keep = p.len().saturating_sub(count);
+        p.split_off(keep)
+    });
+    bufs.resize_with(count, Vec::new);
+    for b in &mut bufs {
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+    }
+    let r = f(&mut bufs);
+    BUFFERS.with(|p| p.borrow_mut().extend(bufs));
+    r
 }
 
 fn chunks(numel: usize, chunk: usize) -> impl IndexedParallelIterator<Item = Chunk> {
@@ -138,22 +188,21 @@ pub fn map_sized(
     out.bytes
         .par_chunks_mut(chunk * out_size)
         .enumerate()
-        .for_each_init(
-            || Scratch::new(n_inputs, chunk),
-            |scratch, (index, out_bytes)| {
-                let c = Chunk {
-                    index,
-                    start: index * chunk,
-                    len: out_bytes.len() / out_size,
-                };
+        .for_each(|(index, out_bytes)| {
+            let c = Chunk {
+                index,
+                start: index * chunk,
+                len: out_bytes.len() / out_size,
+            };
+            with_scratch(n_inputs, chunk, |scratch| {
                 scratch.load(&job.inputs, c);
                 let Scratch { inputs, out } = scratch;
-                let views: Vec<&[f32]> = inputs.iter().map(|b| &b[..c.len]).collect();
+                let views: Vec<&[f32]> = inputs[..n_inputs].iter().map(|b| &b[..c.len]).collect();
                 let out = &mut out[..c.len];
                 f(c, &views, out);
                 encode_f32(out_dtype, out, out_bytes);
-            },
-        );
+            })
+        });
 }
 
 /// Runs `f` over every chunk and returns its results in chunk order.
@@ -168,15 +217,18 @@ pub fn reduce_sized<T: Send>(
     f: impl Fn(Chunk, &[&[f32]]) -> T + Sync,
 ) -> Vec<T> {
     let n_inputs = job.inputs.len();
+    let chunk = chunk.max(1);
     chunks(job.numel(), chunk)
-        .map_init(
-            || Scratch::new(n_inputs, chunk.max(1)),
-            |scratch, c| {
+        .map(|c| {
+            with_scratch(n_inputs, chunk, |scratch| {
                 scratch.load(&job.inputs, c);
-                let views: Vec<&[f32]> = scratch.inputs.iter().map(|b| &b[..c.len]).collect();
+                let views: Vec<&[f32]> = scratch.inputs[..n_inputs]
+                    .iter()
+                    .map(|b| &b[..c.len])
+                    .collect();
                 f(c, &views)
-            },
-        )
+            })
+        })
         .collect()
 }
 
@@ -191,16 +243,17 @@ pub fn fold_exact<T: Send>(
 ) -> T {
     let n_inputs = job.inputs.len();
     chunks(job.numel(), CHUNK)
-        .fold(
-            || (Scratch::new(n_inputs, CHUNK), init()),
-            |(mut scratch, mut acc), c| {
+        .fold(&init, |mut acc, c| {
+            with_scratch(n_inputs, CHUNK, |scratch| {
                 scratch.load(&job.inputs, c);
-                let views: Vec<&[f32]> = scratch.inputs.iter().map(|b| &b[..c.len]).collect();
+                let views: Vec<&[f32]> = scratch.inputs[..n_inputs]
+                    .iter()
+                    .map(|b| &b[..c.len])
+                    .collect();
                 fold(&mut acc, c, &views);
-                (scratch, acc)
-            },
-        )
-        .map(|(_, acc)| acc)
+            });
+            acc
+        })
         .reduce(&init, &combine)
 }
 

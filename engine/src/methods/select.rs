@@ -1,7 +1,8 @@
 //! Exact top-k selection over a tensor streamed in chunks, without sorting and
 //! without an f32 copy of the tensor: non-negative f32 magnitudes order like
-//! their bit patterns, so the k-th largest is found digit by digit with three
-//! histogram passes (11 + 11 + 10 bits). Which of several elements equal to the
+//! their bit patterns, so the k-th largest is found digit by digit with a
+//! histogram pass over the top 12 bits and a pass that collects the keys of
+//! the one bucket holding the k-th largest. Which of several elements equal to the
 //! threshold mergekit keeps depends on how torch's sort leaves equal keys: for
 //! tensors of up to [`EXACT_LIMIT`] elements we replay that sort
 //! ([`super::torch_sort`]) and keep exactly mergekit's elements; above it, ties
@@ -14,7 +15,10 @@ use super::torch_sort;
 /// Largest tensor whose top-k replays torch's sort (cost: one sort per task vector).
 pub const EXACT_LIMIT: usize = 1 << 16;
 
-const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+/// The first digit of a key (bits 19..31: sign-free exponent and 4 mantissa
+/// bits), then the rest when its bucket is too crowded to collect.
+const FIRST: (u32, u32) = (19, 12);
+const REST: [(u32, u32); 2] = [(9, 10), (0, 9)];
 
 /// How one stream's top-k is applied: keep keys above `key`; of the keys equal
 /// to it, each chunk skips its first `skip` and keeps the rest of its `take`.
@@ -85,10 +89,27 @@ pub fn magnitude_key(x: f32) -> u32 {
 
 /// For each stream `s` (with `ks[s]` elements to keep), finds the top-k of the
 /// keys that `keys(s, inputs, out)` writes for each chunk.
+///
+/// Two passes over the tensor in the common case: a histogram of the top
+/// [`FIRST`] bits finds the bucket that holds the k-th largest key; a second
+/// pass collects the keys of that bucket per chunk, from which the exact
+/// threshold and each chunk's share of the ties follow. When that bucket is too
+/// crowded to collect (e.g. a task vector that is mostly exact zeros), the
+/// remaining bits are resolved by further histogram passes instead.
 pub fn top_k(
     job: &MergeJob,
     ks: &[u64],
     keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
+) -> Vec<TopK> {
+    top_k_limited(job, ks, keys, candidate_limit(job.numel() as u64))
+}
+
+/// [`top_k`], collecting a bucket of at most `limit` keys.
+fn top_k_limited(
+    job: &MergeJob,
+    ks: &[u64],
+    keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
+    limit: u64,
 ) -> Vec<TopK> {
     let n = job.numel() as u64;
     let streams = ks.len();
@@ -100,72 +121,91 @@ pub fn top_k(
         .iter()
         .map(|&k| (k > 0 && k < n).then_some((0u32, 0u32, k)))
         .collect();
-    let active: Vec<usize> = (0..streams).filter(|&s| state[s].is_some()).collect();
-    if !active.is_empty() {
-        for &(shift, bits) in &DIGITS {
-            let buckets = 1usize << bits;
-            let snapshot = state.clone();
-            let hist = kernel::fold_exact(
-                job,
-                || vec![0u64; streams * buckets],
-                |h, c, x| {
-                    let mut buf = vec![0u32; c.len];
-                    for &s in &active {
-                        let Some((prefix, mask, _)) = snapshot[s] else {
-                            continue;
-                        };
-                        keys(s, x, &mut buf);
-                        let h = &mut h[s * buckets..(s + 1) * buckets];
-                        for &k in &buf {
-                            if k & mask == prefix {
-                                h[((k >> shift) as usize) & (buckets - 1)] += 1;
-                            }
-                        }
-                    }
-                },
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
-            for &s in &active {
-                let Some((prefix, mask, remaining)) = state[s] else {
-                    continue;
-                };
-                let h = &hist[s * buckets..(s + 1) * buckets];
-                let mut left = remaining;
-                let mut digit = 0usize;
-                for d in (0..buckets).rev() {
-                    if h[d] >= left {
-                        digit = d;
-                        break;
-                    }
-                    left -= h[d];
-                }
-                let digit_mask = ((buckets as u32) - 1) << shift;
-                state[s] = Some((prefix | ((digit as u32) << shift), mask | digit_mask, left));
-            }
-        }
+    if state.iter().all(Option::is_none) {
+        return ks
+            .iter()
+            .map(|&k| if k == 0 { TopK::Nothing } else { TopK::All })
+            .collect();
     }
-    // Ties: count keys equal to the threshold per chunk, then hand out the
-    // remaining k from the last chunk backwards (highest indices first).
-    let thresholds: Vec<Option<(u32, u64)>> = state
+    let crowded = digit_pass(job, &mut state, FIRST, &keys)
         .iter()
-        .map(|s| s.map(|(key, _, left)| (key, left)))
-        .collect();
-    let per_chunk = kernel::reduce(job, |c, x| {
-        let mut buf = vec![0u32; c.len];
-        let mut eq = vec![0u32; streams];
-        for (s, t) in thresholds.iter().enumerate() {
-            if let Some((key, _)) = t {
-                keys(s, x, &mut buf);
-                eq[s] = buf.iter().filter(|&&k| k == *key).count() as u32;
-            }
+        .any(|&count| count > limit);
+    let thresholds: Vec<Option<(u32, u64)>>;
+    let per_chunk: Vec<Vec<u32>>;
+    if crowded {
+        for &digit in &REST {
+            digit_pass(job, &mut state, digit, &keys);
         }
-        eq
-    });
+        thresholds = state
+            .iter()
+            .map(|s| s.map(|(key, _, left)| (key, left)))
+            .collect();
+        // Ties: count keys equal to the threshold per chunk.
+        per_chunk = kernel::reduce(job, |c, x| {
+            let mut eq = vec![0u32; streams];
+            with_keys(c.len, |buf| {
+                for (s, t) in thresholds.iter().enumerate() {
+                    if let Some((key, _)) = t {
+                        keys(s, x, buf);
+                        eq[s] = buf.iter().map(|&k| (k == *key) as u32).sum();
+                    }
+                }
+            });
+            eq
+        });
+    } else {
+        // Collect the keys of each stream's bucket, chunk by chunk.
+        let candidates: Vec<Vec<Vec<u32>>> = kernel::reduce(job, |c, x| {
+            with_keys(c.len, |buf| {
+                state
+                    .iter()
+                    .enumerate()
+                    .map(|(s, st)| match st {
+                        Some((prefix, mask, _)) => {
+                            keys(s, x, buf);
+                            buf.iter()
+                                .copied()
+                                .filter(|&k| k & mask == *prefix)
+                                .collect()
+                        }
+                        None => Vec::new(),
+                    })
+                    .collect()
+            })
+        });
+        thresholds = state
+            .iter()
+            .enumerate()
+            .map(|(s, st)| {
+                st.map(|(_, _, left)| {
+                    let mut all: Vec<u32> = candidates
+                        .iter()
+                        .flat_map(|c| c[s].iter().copied())
+                        .collect();
+                    // `left` is at least 1 and at most the bucket's count.
+                    let i = (left as usize).clamp(1, all.len()) - 1;
+                    let (_, &mut key, _) = all.select_nth_unstable_by(i, |a, b| b.cmp(a));
+                    let above = all.iter().filter(|&&k| k > key).count() as u64;
+                    (key, left - above)
+                })
+            })
+            .collect();
+        per_chunk = candidates
+            .iter()
+            .map(|c| {
+                thresholds
+                    .iter()
+                    .zip(c)
+                    .map(|(t, keys)| match t {
+                        Some((key, _)) => keys.iter().filter(|&&k| k == *key).count() as u32,
+                        None => 0,
+                    })
+                    .collect()
+            })
+            .collect();
+    }
+    // Hand out the remaining k among threshold-equal keys from the last chunk
+    // backwards (highest indices first).
     (0..streams)
         .map(|s| match thresholds[s] {
             None if ks[s] == 0 => TopK::Nothing,
@@ -188,6 +228,93 @@ pub fn top_k(
             }
         })
         .collect()
+}
+
+/// The most keys a stream's threshold bucket may hold to be collected rather
+/// than resolved by more histogram passes (bounds the memory of the candidates).
+fn candidate_limit(n: u64) -> u64 {
+    (n / 8).clamp(1 << 16, 1 << 24)
+}
+
+/// One histogram pass over the `(shift, bits)` digit of every active stream's
+/// keys (those matching its decided prefix); fixes that digit in `state` and
+/// returns, per stream, how many keys share the decided prefix afterwards.
+fn digit_pass(
+    job: &MergeJob,
+    state: &mut [Option<(u32, u32, u64)>],
+    (shift, bits): (u32, u32),
+    keys: &(impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send),
+) -> Vec<u64> {
+    let streams = state.len();
+    let buckets = 1usize << bits;
+    let snapshot = state.to_vec();
+    let hist = kernel::fold_exact(
+        job,
+        || vec![0u64; streams * buckets],
+        |h, c, x| {
+            with_keys(c.len, |buf| {
+                for (s, st) in snapshot.iter().enumerate() {
+                    let Some((prefix, mask, _)) = *st else {
+                        continue;
+                    };
+                    keys(s, x, buf);
+                    let h = &mut h[s * buckets..(s + 1) * buckets];
+                    if mask == 0 {
+                        for &k in buf.iter() {
+                            h[((k >> shift) as usize) & (buckets - 1)] += 1;
+                        }
+                    } else {
+                        for &k in buf.iter() {
+                            if k & mask == prefix {
+                                h[((k >> shift) as usize) & (buckets - 1)] += 1;
+                            }
+                        }
+                    }
+                }
+            })
+        },
+        |mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+            a
+        },
+    );
+    let mut counts = vec![0u64; streams];
+    for (s, st) in state.iter_mut().enumerate() {
+        let Some((prefix, mask, remaining)) = *st else {
+            continue;
+        };
+        let h = &hist[s * buckets..(s + 1) * buckets];
+        let mut left = remaining;
+        let mut digit = 0usize;
+        for d in (0..buckets).rev() {
+            if h[d] >= left {
+                digit = d;
+                break;
+            }
+            left -= h[d];
+        }
+        let digit_mask = ((buckets as u32) - 1) << shift;
+        *st = Some((prefix | ((digit as u32) << shift), mask | digit_mask, left));
+        counts[s] = h[digit];
+    }
+    counts
+}
+
+thread_local! {
+    static KEYS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's key buffer, `len` long.
+fn with_keys<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    KEYS.with(|k| {
+        let mut k = k.borrow_mut();
+        if k.len() < len {
+            k.resize(len, 0);
+        }
+        f(&mut k[..len])
+    })
 }
 
 /// Small tensors: the first k indices of torch's descending argsort.
@@ -229,6 +356,10 @@ mod tests {
     use crate::methods::TensorParams;
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
+        select_limited(values, k, None)
+    }
+
+    fn select_limited(values: &[f32], k: u64, limit: Option<u64>) -> Vec<bool> {
         let bytes = f32_bytes(values);
         let params = TensorParams::default();
         let shape = [values.len() as u64];
@@ -243,11 +374,15 @@ mod tests {
             params: &params,
             seed: 0,
         };
-        let tk = top_k(&job, &[k], |_, x, out| {
+        let keys = |_: usize, x: &[&[f32]], out: &mut [u32]| {
             for (o, &v) in out.iter_mut().zip(x[0]) {
                 *o = magnitude_key(v);
             }
-        });
+        };
+        let tk = match limit {
+            Some(limit) => top_k_limited(&job, &[k], keys, limit),
+            None => top_k(&job, &[k], keys),
+        };
         let mut kept = Vec::new();
         for (ci, chunk) in values.chunks(CHUNK).enumerate() {
             let c = Chunk {
@@ -291,6 +426,27 @@ mod tests {
         let kept = select(&[1.0; 17], 2);
         assert!(kept[8] && kept[16]);
         assert_eq!(kept.iter().filter(|&&b| b).count(), 2);
+    }
+
+    #[test]
+    fn collected_and_histogram_thresholds_agree_with_many_ties() {
+        // 200 distinct magnitudes over 4 chunks: thousands of keys equal the
+        // threshold, spread over every chunk.
+        let mut x = 99u64;
+        let v: Vec<f32> = (0..CHUNK * 4 + 77)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % 401) as f32 - 200.0) * 1e-3
+            })
+            .collect();
+        for k in [1u64, 1000, 60_000, 131_000] {
+            let collected = select_limited(&v, k, Some(u64::MAX));
+            let histogram = select_limited(&v, k, Some(0));
+            assert_eq!(collected.iter().filter(|&&b| b).count() as u64, k);
+            assert!(collected == histogram, "k = {k}");
+        }
     }
 
     #[test]
