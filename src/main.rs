@@ -7,7 +7,7 @@ use fleetmerge_coordinator::{
     run_embedded, serve, AssembleOptions, EmbeddedOptions, ServeOptions, TlsIdentity,
 };
 use fleetmerge_engine::config::MergeConfig;
-use fleetmerge_engine::exec::Progress;
+use fleetmerge_engine::exec::{self, ExecLimits, Progress};
 use fleetmerge_engine::plan::{self, PlanOptions};
 use fleetmerge_worker::remote::{run_remote, RemoteOptions};
 use std::path::PathBuf;
@@ -109,6 +109,9 @@ struct WorkerArgs {
     /// Units computed at the same time.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// Memory this worker may use (e.g. 8G, 1.5GB, 512MiB), shared by its slots.
+    #[arg(long, value_parser = exec::memory::parse_memory)]
+    max_memory: Option<u64>,
     /// Name of this worker in the coordinator's logs (default: host name and pid).
     #[arg(long)]
     worker_id: Option<String>,
@@ -148,6 +151,10 @@ struct RunArgs {
     /// Work units (output shards) computed at the same time.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Memory the merge may use (e.g. 8G, 1.5GB, 512MiB); the units computed at
+    /// once share it, and each reads fewer tensors ahead to stay within it.
+    #[arg(long, value_parser = exec::memory::parse_memory)]
+    max_memory: Option<u64>,
     /// No progress output, only warnings and errors.
     #[arg(long, short)]
     quiet: bool,
@@ -214,6 +221,7 @@ fn run(args: RunArgs) -> Result<()> {
             base_dir,
         },
     )?;
+    check_memory(&plan, &args)?;
     let out = prepare_output(&args.out)?;
     let counters = Counters::default();
     let summary = run_embedded(
@@ -221,6 +229,7 @@ fn run(args: RunArgs) -> Result<()> {
         &out,
         &EmbeddedOptions {
             workers: args.workers,
+            max_memory: args.max_memory,
             assemble: AssembleOptions {
                 copy_tokenizer: !args.no_copy_tokenizer,
                 model_card: !args.no_model_card,
@@ -250,6 +259,39 @@ fn run(args: RunArgs) -> Result<()> {
             secs,
             bytes(read),
             bytes(read / secs.max(1e-9)),
+        );
+    }
+    Ok(())
+}
+
+/// Checks before anything is written that every unit fits in its share of
+/// `--max-memory`, and logs the estimated peak.
+fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
+    let workers = args.workers.clamp(1, plan.units.len().max(1));
+    let budget = args.max_memory.map(|m| m / workers as u64);
+    let out = args.out.to_string_lossy();
+    let threads = rayon::current_num_threads();
+    let mut peak: Option<(u64, &plan::WorkUnit, ExecLimits)> = None;
+    for unit in &plan.units {
+        let limits = ExecLimits::for_unit(unit, &out, budget)?;
+        let need = exec::memory::PROCESS_BYTES
+            + exec::memory::estimate(unit, &out, &limits, threads).total();
+        if peak.as_ref().is_none_or(|p| need > p.0) {
+            peak = Some((need, unit, limits));
+        }
+    }
+    if let Some((need, unit, limits)) = peak {
+        tracing::info!(
+            "estimated peak memory: {} per unit ({} at once; largest: {}, windows of {} MiB{})",
+            bytes(need as f64),
+            workers,
+            unit.file_name,
+            limits.window_bytes >> 20,
+            if limits.read_ahead {
+                ", read ahead"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -395,6 +437,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         worker_id,
         device: args.device,
         slots: args.slots.max(1),
+        max_memory: args.max_memory,
         give_up_after: std::time::Duration::from_secs(args.give_up_after),
         tls_ca: args.tls_ca.as_deref().map(read_file).transpose()?,
     };

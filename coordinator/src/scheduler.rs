@@ -34,6 +34,8 @@ pub enum RunError {
 pub struct EmbeddedOptions {
     /// Units executed at the same time (each uses the shared thread pool).
     pub workers: usize,
+    /// Memory the units in flight may use together (each gets its share).
+    pub max_memory: Option<u64>,
     pub assemble: AssembleOptions,
     /// Discard the journal of an earlier, unfinished merge into the same folder.
     pub restart: bool,
@@ -177,10 +179,13 @@ pub fn run_embedded(
         opts.max_attempts,
     );
     let workers = opts.workers.clamp(1, pending.max(1));
+    let budget = opts.max_memory.map(|m| m / workers as u64);
     std::thread::scope(|s| {
         for i in 0..workers {
             let scheduler = &scheduler;
-            s.spawn(move || fleetmerge_worker::work(&format!("local-{i}"), scheduler, progress));
+            s.spawn(move || {
+                fleetmerge_worker::work(&format!("local-{i}"), scheduler, progress, budget)
+            });
         }
     });
     let outputs = scheduler.finish()?;

@@ -5,7 +5,7 @@
 
 pub mod remote;
 
-use fleetmerge_engine::exec::{self, ExecError, Progress, UnitOutput};
+use fleetmerge_engine::exec::{self, ExecError, ExecLimits, Progress, UnitOutput};
 use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage::StorageError;
 
@@ -34,12 +34,20 @@ pub fn retryable(e: &ExecError) -> bool {
     matches!(e, ExecError::Storage(StorageError::Io { .. }))
 }
 
-/// Works until the source has nothing left. Returns the number of units completed.
-pub fn work(worker: &str, source: &dyn UnitSource, progress: &dyn Progress) -> usize {
+/// Works until the source has nothing left, each unit within `max_memory`
+/// bytes when given. Returns the number of units completed.
+pub fn work(
+    worker: &str,
+    source: &dyn UnitSource,
+    progress: &dyn Progress,
+    max_memory: Option<u64>,
+) -> usize {
     let mut done = 0;
     while let Some(lease) = source.next(worker) {
         tracing::debug!(worker, unit = lease.unit.id, file = %lease.unit.file_name, "unit leased");
-        match exec::execute_unit(&lease.unit, &lease.out_dir, progress) {
+        let result = ExecLimits::for_unit(&lease.unit, &lease.out_dir, max_memory)
+            .and_then(|l| exec::execute_unit_with(&lease.unit, &lease.out_dir, progress, &l));
+        match result {
             Ok(output) => {
                 tracing::debug!(worker, unit = lease.unit.id, sha256 = %output.sha256, "unit done");
                 source.complete(&lease, output);

@@ -27,6 +27,8 @@ pub struct RemoteOptions {
     pub worker_id: String,
     pub device: String,
     pub slots: usize,
+    /// Memory all slots together may use (each slot gets its share).
+    pub max_memory: Option<u64>,
     /// Give up when the coordinator cannot be reached for this long.
     pub give_up_after: Duration,
     /// PEM certificate(s) to trust for an `https://` coordinator, besides the
@@ -192,7 +194,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
             protocol_version: PROTOCOL_VERSION,
             worker_id: opts.worker_id.clone(),
             device: opts.device.clone(),
-            memory_bytes: 0,
+            memory_bytes: opts.max_memory.unwrap_or(0),
             slots: opts.slots as u32,
         };
         async move { c.register(req).await }
@@ -331,8 +333,13 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
         let job = shared.clone();
         let out_dir = lease.out_dir.clone();
         let id = unit.id;
+        let budget = job
+            .opts
+            .max_memory
+            .map(|m| m / job.opts.slots.max(1) as u64);
         let result = tokio::task::spawn_blocking(move || {
-            exec::execute_unit(&unit, &out_dir, &ReadCounter(&job.read))
+            exec::ExecLimits::for_unit(&unit, &out_dir, budget)
+                .and_then(|l| exec::execute_unit_with(&unit, &out_dir, &ReadCounter(&job.read), &l))
                 .map_err(|e| (retryable(&e), e.to_string()))
         })
         .await

@@ -6,6 +6,7 @@
 //! and hashes them, while the next window computes. The shard appears in storage
 //! atomically when complete.
 
+pub mod memory;
 pub mod read;
 
 use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
@@ -42,6 +43,18 @@ pub enum ExecError {
         expected: u32,
     },
     #[error(
+        "work unit {unit} ({file}) needs at least {needs} of memory (its largest tensor, \
+         {tensor}, is read whole), more than the {budget} it may use; raise --max-memory \
+         or run fewer units at once"
+    )]
+    OverBudget {
+        unit: usize,
+        file: String,
+        tensor: String,
+        needs: String,
+        budget: String,
+    },
+    #[error(
         "{tensor}: the inputs hold different values ({models}), but a non-float tensor can only \
          be copied when every model has the same one"
     )]
@@ -74,6 +87,41 @@ impl Default for ExecLimits {
             window_bytes: read::WINDOW_BYTES,
             read_ahead: true,
         }
+    }
+}
+
+impl ExecLimits {
+    /// The limits that keep `unit` within `budget` bytes (the defaults when
+    /// there is no budget).
+    pub fn for_unit(
+        unit: &WorkUnit,
+        out_dir: &str,
+        budget: Option<u64>,
+    ) -> Result<Self, ExecError> {
+        let Some(budget) = budget else {
+            return Ok(ExecLimits::default());
+        };
+        memory::limits_within(unit, out_dir, budget, rayon::current_num_threads()).map_err(|e| {
+            ExecError::OverBudget {
+                unit: unit.id,
+                file: unit.file_name.clone(),
+                tensor: e.largest_tensor,
+                needs: human_bytes(e.needs),
+                budget: human_bytes(budget),
+            }
+        })
+    }
+}
+
+/// `1.23 GB`, `456 MB`, `789 KB`.
+pub fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.0} MB", n / 1e6)
+    } else {
+        format!("{:.0} KB", n / 1e3)
     }
 }
 

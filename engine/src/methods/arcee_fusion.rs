@@ -112,6 +112,11 @@ impl MergeMethod for ArceeFusion {
         &SPEC
     }
 
+    fn working_memory(&self, numel: u64, _inputs: usize) -> u64 {
+        // The importance sample and one KL value per row.
+        numel.min(SAMPLE as u64) * 4 * 2 + numel * 4 / 64
+    }
+
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let non_base = job.non_base();
         let (Some(base), [other]) = (job.base, non_base.as_slice()) else {

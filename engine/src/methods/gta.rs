@@ -555,6 +555,18 @@ impl MergeMethod for Gta {
         Ok(())
     }
 
+    fn working_memory(&self, numel: u64, inputs: usize) -> u64 {
+        let streams = inputs.saturating_sub(1);
+        match self.sparsify {
+            Sparsify::Magnitude => select::working_memory(numel, streams),
+            // One stream at a time, twice (the band's two edges).
+            Sparsify::MagnitudeOutliers => {
+                select::working_memory(numel, 1) + numel.min(select::EXACT_LIMIT as u64) * 9
+            }
+            Sparsify::None | Sparsify::Random | Sparsify::DellaMagprune => 0,
+        }
+    }
+
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let Some(base) = job.base else {
             return Err(job.invalid(self.spec.name, "needs a base model"));

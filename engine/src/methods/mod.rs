@@ -191,6 +191,13 @@ pub trait MergeMethod: Send + Sync {
 
     /// Computes the output tensor. `out` has the output dtype and shape of `job`.
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError>;
+
+    /// Bytes one [`merge`](MergeMethod::merge) of a tensor of `numel` elements
+    /// from `inputs` inputs may hold beyond the per-thread chunk scratch (e.g.
+    /// candidates of a top-k threshold): an upper bound, for memory estimates.
+    fn working_memory(&self, _numel: u64, _inputs: usize) -> u64 {
+        0
+    }
 }
 
 /// Every method, by its mergekit name.

@@ -45,6 +45,10 @@ impl MergeMethod for Sce {
         &SPEC
     }
 
+    fn working_memory(&self, numel: u64, _inputs: usize) -> u64 {
+        super::select::working_memory(numel, 1)
+    }
+
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let Some(base) = job.base else {
             return Err(job.invalid("sce", "needs a base model"));

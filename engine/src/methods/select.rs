@@ -232,8 +232,8 @@ fn top_k_limited(
 
 /// The most keys a stream's threshold bucket may hold to be collected rather
 /// than resolved by more histogram passes (bounds the memory of the candidates).
-fn candidate_limit(n: u64) -> u64 {
-    (n / 8).clamp(1 << 16, 1 << 24)
+pub fn candidate_limit(n: u64) -> u64 {
+    (n / 16).clamp(1 << 16, 1 << 22)
 }
 
 /// One histogram pass over the `(shift, bits)` digit of every active stream's
@@ -315,6 +315,17 @@ fn with_keys<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
         }
         f(&mut k[..len])
     })
+}
+
+/// Bytes a [`top_k`] over `streams` streams of `n` keys may hold at most.
+pub fn working_memory(n: u64, streams: usize) -> u64 {
+    let chunks = n.div_ceil(kernel::CHUNK as u64);
+    if n as usize <= EXACT_LIMIT {
+        // Every key, its sort order and a mask.
+        return n * 9 * streams as u64;
+    }
+    // The collected keys, the tie quotas, per-thread histograms.
+    streams as u64 * (candidate_limit(n) * 4 * 2 + chunks * 12 + (4 << 10) * 8)
 }
 
 /// Small tensors: the first k indices of torch's descending argsort.

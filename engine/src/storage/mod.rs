@@ -110,6 +110,12 @@ pub fn is_url(location: &str) -> bool {
     object::is_url(location)
 }
 
+/// Bytes a streamed write to an object store buffers at most: the parts in
+/// flight and the one filling.
+pub fn upload_buffer_bytes() -> u64 {
+    (object::concurrency() as u64 + 1) * object::PART as u64
+}
+
 /// A store whose client could not be built (bad URL, bad credentials config):
 /// every call reports why.
 struct Unavailable(String);

@@ -1,0 +1,273 @@
+//! What a work unit holds in memory while it runs, and the [`ExecLimits`] that
+//! keep it within a budget (`--max-memory`).
+//!
+//! A unit holds, at its peak: the inputs of the window being computed and of
+//! the one loaded ahead (mapped pages of local files count, as they do in RSS;
+//! remote inputs are buffers), two output buffers (one computing, one being
+//! written), the output writer's blocks, per-thread chunk scratch, and what the
+//! method keeps per tensor (top-k candidates, samples) for every thread that may
+//! be merging a tensor of the window at once.
+
+use super::{read, ExecLimits};
+use crate::methods;
+use crate::plan::WorkUnit;
+
+/// Bytes of the process itself (code, allocator, runtime), outside any unit.
+pub const PROCESS_BYTES: u64 = 48 << 20;
+
+/// Smallest window tried before giving up on a budget.
+const MIN_WINDOW: u64 = 1 << 20;
+
+/// A unit's peak memory, by what holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryEstimate {
+    /// Inputs of the window in flight and of the one loaded ahead.
+    pub inputs: u64,
+    /// The two output buffers.
+    pub outputs: u64,
+    /// Blocks or parts of the output writer.
+    pub writer: u64,
+    /// Per-thread chunk scratch and the methods' per-tensor working memory.
+    pub working: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.inputs + self.outputs + self.writer + self.working
+    }
+}
+
+/// Bytes the writer of a shard in `out_dir` buffers.
+fn writer_bytes(out_dir: &str) -> u64 {
+    if crate::storage::is_url(out_dir) {
+        crate::storage::upload_buffer_bytes()
+    } else {
+        // Three direct-I/O blocks in rotation.
+        3 * (8 << 20)
+    }
+}
+
+/// The peak memory of running `unit` into `out_dir` within `limits` on
+/// `threads` compute threads.
+pub fn estimate(
+    unit: &WorkUnit,
+    out_dir: &str,
+    limits: &ExecLimits,
+    threads: usize,
+) -> MemoryEstimate {
+    let threads = threads.max(1) as u64;
+    let windows = read::windows(&unit.tensors, limits.window_bytes);
+    let input_bytes = |w: &std::ops::Range<usize>| -> u64 {
+        unit.tensors[w.clone()]
+            .iter()
+            .flat_map(|t| t.inputs.iter().map(|r| r.len))
+            .sum()
+    };
+    let output_bytes = |w: &std::ops::Range<usize>| -> u64 {
+        unit.tensors[w.clone()].iter().map(|t| t.byte_len()).sum()
+    };
+    let ins: Vec<u64> = windows.iter().map(input_bytes).collect();
+    let inputs = (0..ins.len())
+        .map(|i| {
+            let ahead = if limits.read_ahead {
+                ins.get(i + 1).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            ins[i] + ahead
+        })
+        .max()
+        .unwrap_or(0);
+    let outputs = 2 * windows.iter().map(output_bytes).max().unwrap_or(0);
+    let method = methods::get(&unit.merge_method);
+    let max_inputs = unit
+        .tensors
+        .iter()
+        .map(|t| t.inputs.len())
+        .max()
+        .unwrap_or(0) as u64;
+    // Chunk scratch: every input, the output and a few method buffers per input.
+    let scratch = threads * (2 * max_inputs + 4) * methods::kernel::CHUNK as u64 * 4;
+    // Per-tensor working memory: the largest `threads` tensors of a window may
+    // be merged at once.
+    let per_tensor = windows
+        .iter()
+        .map(|w| {
+            let mut m: Vec<u64> = unit.tensors[w.clone()]
+                .iter()
+                .map(|t| method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len())))
+                .collect();
+            m.sort_unstable_by(|a, b| b.cmp(a));
+            m.iter().take(threads as usize).sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    MemoryEstimate {
+        inputs,
+        outputs,
+        writer: writer_bytes(out_dir),
+        working: scratch + per_tensor,
+    }
+}
+
+/// Why a unit cannot run within a budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverBudget {
+    /// The least the unit needs (smallest window, no read-ahead).
+    pub needs: u64,
+    /// The largest tensor by input bytes, which bounds the smallest window.
+    pub largest_tensor: String,
+}
+
+/// The largest window (with read-ahead when it fits) that keeps `unit` within
+/// `budget` bytes, the process's own share included.
+pub fn limits_within(
+    unit: &WorkUnit,
+    out_dir: &str,
+    budget: u64,
+    threads: usize,
+) -> Result<ExecLimits, OverBudget> {
+    let fits =
+        |l: &ExecLimits| PROCESS_BYTES + estimate(unit, out_dir, l, threads).total() <= budget;
+    let mut window = read::WINDOW_BYTES;
+    while window >= MIN_WINDOW {
+        for read_ahead in [true, false] {
+            let l = ExecLimits {
+                window_bytes: window,
+                read_ahead,
+            };
+            if fits(&l) {
+                return Ok(l);
+            }
+        }
+        window /= 2;
+    }
+    let least = ExecLimits {
+        window_bytes: MIN_WINDOW,
+        read_ahead: false,
+    };
+    Err(OverBudget {
+        needs: PROCESS_BYTES + estimate(unit, out_dir, &least, threads).total(),
+        largest_tensor: unit
+            .tensors
+            .iter()
+            .max_by_key(|t| t.inputs.iter().map(|r| r.len).sum::<u64>())
+            .map(|t| t.name.clone())
+            .unwrap_or_default(),
+    })
+}
+
+/// Parses a memory size: `8G`, `1.5GB`, `512M`, `2GiB`, `768MiB`, `100K`, or
+/// bytes. K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024; a trailing `B` is
+/// optional.
+pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    let body = upper.strip_suffix('B').unwrap_or(&upper);
+    let (num, mult) = [
+        ("KI", 1u64 << 10),
+        ("MI", 1 << 20),
+        ("GI", 1 << 30),
+        ("TI", 1 << 40),
+        ("K", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| body.strip_suffix(suffix).map(|n| (n, *m)))
+    .unwrap_or((body, 1));
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a memory size (examples: 8G, 1.5GB, 512MiB)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("'{s}' must be a positive memory size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::plan::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
+
+    fn unit(method: &str, tensors: &[(&str, u64)]) -> WorkUnit {
+        WorkUnit {
+            format: PLAN_FORMAT,
+            id: 0,
+            file_name: "model.safetensors".into(),
+            merge_method: method.into(),
+            seed: 0,
+            tensors: tensors
+                .iter()
+                .map(|&(name, numel)| OutputTensor {
+                    name: name.into(),
+                    dtype: DType::BF16,
+                    shape: vec![numel],
+                    op: TensorOp::Merge,
+                    inputs: (0..3)
+                        .map(|i| TensorRef {
+                            model: i,
+                            location: format!("/m{i}/model.safetensors"),
+                            name: name.into(),
+                            dtype: DType::BF16,
+                            shape: vec![numel],
+                            offset: 0,
+                            len: numel * 2,
+                        })
+                        .collect(),
+                    base: Some(2),
+                    params: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn sizes_parse_in_both_unit_systems() {
+        assert_eq!(parse_memory("8G").unwrap(), 8_000_000_000);
+        assert_eq!(parse_memory("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_memory("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("2gi").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("4096").unwrap(), 4096);
+        assert!(parse_memory("much").is_err());
+        assert!(parse_memory("0").is_err());
+    }
+
+    #[test]
+    fn estimates_follow_the_window_and_the_method() {
+        // 16 tensors of 8 Mi elements: 48 MiB of inputs and 16 MiB of output each.
+        let names: Vec<String> = (0..16).map(|i| format!("t{i}")).collect();
+        let ts: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 8 << 20)).collect();
+        let linear = unit("linear", &ts);
+        let l = ExecLimits::default();
+        let e = estimate(&linear, "/out", &l, 2);
+        // One tensor per 64 MiB window, plus the one loaded ahead.
+        assert_eq!(e.inputs, 2 * (48 << 20));
+        assert_eq!(e.outputs, 2 * (16 << 20));
+        let no_ahead = ExecLimits {
+            read_ahead: false,
+            ..l
+        };
+        assert_eq!(estimate(&linear, "/out", &no_ahead, 2).inputs, 48 << 20);
+        // TIES keeps top-k candidates per tensor being merged.
+        let ties = estimate(&unit("ties", &ts), "/out", &l, 2);
+        assert!(ties.working > e.working + (8 << 20));
+    }
+
+    #[test]
+    fn a_budget_picks_the_largest_window_that_fits() {
+        let names: Vec<String> = (0..64).map(|i| format!("t{i}")).collect();
+        let ts: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1 << 20)).collect();
+        let u = unit("linear", &ts);
+        let roomy = limits_within(&u, "/out", 8 << 30, 2).unwrap();
+        assert_eq!(roomy, ExecLimits::default());
+        let tight = limits_within(&u, "/out", 150 << 20, 2).unwrap();
+        assert!(tight.window_bytes < read::WINDOW_BYTES);
+        assert!(PROCESS_BYTES + estimate(&u, "/out", &tight, 2).total() <= 150 << 20);
+        let err = limits_within(&u, "/out", 60 << 20, 2).unwrap_err();
+        assert!(err.needs > 60 << 20);
+    }
+}
