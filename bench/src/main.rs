@@ -384,6 +384,7 @@ fn main() -> Result<()> {
                     cfg.to_str().unwrap(),
                     out.to_str().unwrap(),
                     "--quiet",
+                    "--no-copy-tokenizer",
                     "--out-shard-size",
                     "2G",
                 ],
