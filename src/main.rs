@@ -1,6 +1,8 @@
 //! The `fleetmerge` command line: a thin layer over the engine, coordinator and
 //! worker crates. Every failure ends in one paragraph on stderr and exit code 1.
 
+mod inspect;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fleetmerge_coordinator::{
@@ -44,6 +46,11 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Work for a coordinator: lease units, compute them, write their shards.
     Worker(WorkerArgs),
+    /// Check that a merged model is whole: shards, headers, index, journal hashes.
+    Verify(inspect::VerifyArgs),
+    /// How far a merge is: from its output folder's journal (finished, running or
+    /// interrupted), or live from a coordinator's address.
+    Status(inspect::StatusArgs),
 }
 
 #[derive(Args)]
@@ -454,6 +461,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Coordinator(args) => coordinator(args),
         Command::Worker(args) => worker(args),
+        Command::Verify(args) => inspect::verify(args),
+        Command::Status(args) => inspect::status(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -544,3 +544,52 @@ fn workers_reach_a_tls_coordinator_that_they_trust() {
     w.succeeds(MINUTE);
     assert_same_model(&out, &reference);
 }
+
+#[test]
+fn status_asks_a_running_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cwd) = (fixture("ties").join("config.yaml"), examples());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "status-secret\n").unwrap();
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &cwd,
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &[
+            "--out-shard-size",
+            "100K",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let url = format!("http://{addr}");
+    let o = fleetmerge(
+        Path::new("."),
+        &["status", &url, "--token-file", token.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{text}{}", stderr(&o));
+    assert!(text.contains(": running"), "{text}");
+    assert!(
+        text.contains("units: 0 done, 0 running, 8 pending, 0 failed, of 8"),
+        "{text}"
+    );
+    assert!(text.contains("workers: none connected"), "{text}");
+    // Without the token the coordinator refuses.
+    let o = fleetmerge(Path::new("."), &["status", &url]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("token"), "{}", stderr(&o));
+
+    let mut worker = start_worker("w1", &addr, &["--token-file", token.to_str().unwrap()], &[]);
+    coordinator.succeeds(MINUTE);
+    worker.succeeds(MINUTE);
+    let o = fleetmerge(Path::new("."), &["status", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains(": finished") && text.contains("8 of 8 done"),
+        "{text}"
+    );
+}

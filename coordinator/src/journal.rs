@@ -47,6 +47,70 @@ pub struct Resume {
     pub finished: bool,
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the journal of an output folder records, read without planning.
+#[derive(Debug, Clone)]
+pub struct Records {
+    /// The planned units, in order.
+    pub plan: Plan,
+    /// Records of finished units, by unit order.
+    pub units: Vec<UnitOutput>,
+    /// When each of `units` was recorded (Unix ms), where the record says.
+    pub recorded_ms: Vec<Option<u64>>,
+    /// Planned units without a record.
+    pub missing: Vec<usize>,
+    /// The final marker is there (the index was written).
+    pub finished: bool,
+}
+
+/// Reads the journal in `out_dir`: `None` when there is none.
+pub fn read_records(store: &dyn Storage, out_dir: &str) -> Result<Option<Records>, JournalError> {
+    let dir = store.join(out_dir, DIR);
+    let plan_loc = store.join(&dir, PLAN);
+    let plan: Plan = match store.read_all(&plan_loc) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Record {
+            location: plan_loc.clone(),
+            message: e.to_string(),
+        })?,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let units_dir = store.join(&dir, UNITS);
+    let mut units = Vec::new();
+    let mut recorded_ms = Vec::new();
+    let mut missing = Vec::new();
+    for unit in &plan.units {
+        let loc = store.join(&units_dir, &format!("unit-{:06}.json", unit.id));
+        match store.read_all(&loc) {
+            Ok(b) => {
+                let bad = |e: serde_json::Error| JournalError::Record {
+                    location: loc.clone(),
+                    message: e.to_string(),
+                };
+                let value: serde_json::Value = serde_json::from_slice(&b).map_err(bad)?;
+                recorded_ms.push(value.get("recorded_unix_ms").and_then(|t| t.as_u64()));
+                units.push(serde_json::from_value::<UnitOutput>(value).map_err(bad)?);
+            }
+            Err(StorageError::NotFound { .. }) => missing.push(unit.id),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let finished = store.exists(&store.join(&dir, DONE))?;
+    Ok(Some(Records {
+        plan,
+        units,
+        recorded_ms,
+        missing,
+        finished,
+    }))
+}
+
 /// The journal of one output folder.
 pub struct Journal {
     store: Arc<dyn Storage>,
@@ -189,8 +253,14 @@ impl Journal {
 
     /// Records a finished unit (before anyone is told it is done).
     pub fn record(&self, output: &UnitOutput) -> Result<(), StorageError> {
+        let mut value =
+            serde_json::to_value(output).map_err(|e| StorageError::io("unit record", e))?;
+        // When it was recorded, for `fleetmerge status` (ignored when resuming).
+        if let Some(map) = value.as_object_mut() {
+            map.insert("recorded_unix_ms".into(), now_ms().into());
+        }
         let json =
-            serde_json::to_vec_pretty(output).map_err(|e| StorageError::io("unit record", e))?;
+            serde_json::to_vec_pretty(&value).map_err(|e| StorageError::io("unit record", e))?;
         self.store.put(&self.unit_path(output.unit), &json)
     }
 

@@ -50,7 +50,7 @@ pub enum WorkerError {
     },
 }
 
-type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the shared token to every call.
 #[derive(Clone)]
@@ -137,12 +137,15 @@ where
     }
 }
 
-/// Runs a worker until the coordinator says the merge is over (or SIGTERM).
-/// Returns the number of units this worker completed.
-pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
-    // Installed first, so a SIGTERM at any later point drains instead of killing.
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let address = opts.coordinator.clone();
+/// A client of the coordinator at `coordinator` (`http://` or `https://`),
+/// sending `token` with every call and trusting `tls_ca` besides public CAs.
+/// Connects lazily: the first call reports an unreachable coordinator.
+pub fn connect(
+    coordinator: &str,
+    token: Option<&str>,
+    tls_ca: Option<&[u8]>,
+) -> Result<Client, WorkerError> {
+    let address = coordinator.to_string();
     let endpoint = Endpoint::from_shared(address.clone())
         .map_err(|e| WorkerError::Address {
             address: address.clone(),
@@ -152,7 +155,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
         .timeout(Duration::from_secs(120));
     let endpoint = if address.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
-        if let Some(ca) = &opts.tls_ca {
+        if let Some(ca) = &tls_ca {
             tls = tls.ca_certificate(Certificate::from_pem(ca));
         }
         endpoint.tls_config(tls).map_err(|e| WorkerError::Address {
@@ -160,7 +163,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
             message: format!("TLS: {e}"),
         })?
     } else {
-        if opts.tls_ca.is_some() {
+        if tls_ca.is_some() {
             return Err(WorkerError::Address {
                 address,
                 message: "--tls-ca is given but the address is not https://".into(),
@@ -169,7 +172,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
         endpoint
     };
     let channel = endpoint.connect_lazy();
-    let token = match &opts.token {
+    let token = match token {
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse()
@@ -180,7 +183,16 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
         ),
         None => None,
     };
-    let client = CoordinatorClient::with_interceptor(channel, Auth(token));
+    Ok(CoordinatorClient::with_interceptor(channel, Auth(token)))
+}
+
+/// Runs a worker until the coordinator says the merge is over (or SIGTERM).
+/// Returns the number of units this worker completed.
+pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
+    // Installed first, so a SIGTERM at any later point drains instead of killing.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let address = opts.coordinator.clone();
+    let client = connect(&address, opts.token.as_deref(), opts.tls_ca.as_deref())?;
     let shared = Arc::new(Shared {
         client,
         opts: opts.clone(),
