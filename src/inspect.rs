@@ -254,3 +254,182 @@ fn live_status(args: &StatusArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct PlanCmdArgs {
+    /// The mergekit YAML config.
+    config: PathBuf,
+    /// Where the output would go (changes only the writer's buffers in the
+    /// memory estimate: object stores buffer upload parts).
+    #[arg(long, default_value = ".")]
+    out: String,
+    #[command(flatten)]
+    plan: crate::PlanArgs,
+    /// Compute threads the memory estimate assumes (default: every core here).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Memory per worker slot, as `run --max-memory` / `worker --max-memory`.
+    #[arg(long, value_parser = fleetmerge_engine::exec::memory::parse_memory)]
+    max_memory: Option<u64>,
+    /// Print the plan as JSON (see the README for its fields).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn plan(args: PlanCmdArgs) -> Result<()> {
+    use fleetmerge_engine::config::MergeConfig;
+    use fleetmerge_engine::plan::{self, summary, PlanOptions};
+    crate::init_logging(true);
+    let config = MergeConfig::load(&args.config)?;
+    let opts = PlanOptions {
+        out_shard_size: args.plan.out_shard_size,
+        seed: args.plan.random_seed,
+        allow_crimes: args.plan.allow_crimes,
+        base_dir: std::env::current_dir()?,
+    };
+    let models = plan::inspect_models(&config, &opts)?;
+    let mismatches = summary::compare(&models);
+    let planned = plan::plan(&config, &opts);
+    let threads = args
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
+    let summary = planned
+        .as_ref()
+        .ok()
+        .map(|p| summary::summarize(p, &models, &args.out, threads, args.max_memory));
+    let over_budget = match (&planned, args.max_memory) {
+        (Ok(p), Some(budget)) => p.units.iter().find_map(|u| {
+            fleetmerge_engine::exec::ExecLimits::for_unit(u, &args.out, Some(budget)).err()
+        }),
+        _ => None,
+    };
+    let error = match (&planned, &over_budget) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Some(e)) => Some(e.to_string()),
+        _ => None,
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "format": 1,
+            "config": args.config,
+            "models": models,
+            "mismatches": mismatches,
+            "plan": summary,
+            "error": error,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_plan(&models, &mismatches, summary.as_ref(), args.max_memory);
+    }
+    match error {
+        Some(e) => anyhow::bail!(e),
+        None => Ok(()),
+    }
+}
+
+fn print_plan(
+    models: &[fleetmerge_engine::plan::ModelFacts],
+    mismatches: &[fleetmerge_engine::plan::summary::Mismatch],
+    summary: Option<&fleetmerge_engine::plan::summary::Summary>,
+    budget: Option<u64>,
+) {
+    use crate::bytes;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    println!("inputs ({} models):", models.len());
+    let width = models
+        .iter()
+        .map(|m| m.reference.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+        "model", "architecture", "layers", "vocab", "hidden", "tensors", "params", "bytes"
+    );
+    for m in models {
+        println!(
+            "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+            m.reference,
+            m.architectures.join(","),
+            m.layers,
+            opt(m.vocab_size),
+            opt(m.hidden_size),
+            m.tensors,
+            count(m.parameters),
+            bytes(m.bytes as f64)
+        );
+    }
+    if mismatches.is_empty() {
+        println!("compatibility: same architecture, layers, vocabulary and tensor shapes");
+    } else {
+        println!("compatibility: {} mismatch(es)", mismatches.len());
+        for m in mismatches {
+            println!("  - {}\n    fix: {}", m.what, m.fix);
+        }
+    }
+    let Some(s) = summary else { return };
+    println!(
+        "plan: {}, {} output tensors ({} parameters) in {} work unit{}",
+        s.merge_method,
+        s.output_tensors,
+        count(s.parameters),
+        s.work_units,
+        if s.work_units == 1 { "" } else { "s" }
+    );
+    let reads: Vec<String> = s
+        .read_per_model
+        .iter()
+        .map(|(m, b)| format!("{m} {}", bytes(*b as f64)))
+        .collect();
+    println!(
+        "read: {} (total {})",
+        reads.join(", "),
+        bytes(s.read_total as f64)
+    );
+    println!("write: {}", bytes(s.write_total as f64));
+    if let Some(u) = &s.largest_unit {
+        println!(
+            "largest unit: {} ({} tensors, reads {}, writes {})",
+            u.file,
+            u.tensors,
+            bytes(u.read as f64),
+            bytes(u.write as f64)
+        );
+    }
+    println!(
+        "peak memory per worker slot: about {} ({} threads{}; an upper bound)",
+        bytes(s.peak_memory_per_slot as f64),
+        s.threads,
+        budget.map_or(String::new(), |b| {
+            let fits = if s.peak_memory_per_slot <= b {
+                "within"
+            } else {
+                "MORE than"
+            };
+            format!(", {fits} --max-memory {}", bytes(b as f64))
+        })
+    );
+    if s.warnings.is_empty() {
+        println!("warnings: none");
+    } else {
+        println!("warnings:");
+        for w in &s.warnings {
+            println!("  - {w}");
+        }
+    }
+}
+
+/// `1.23 B`, `456.7 M`, `12.3 K` parameters.
+fn count(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}

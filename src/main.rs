@@ -51,6 +51,9 @@ enum Command {
     /// How far a merge is: from its output folder's journal (finished, running or
     /// interrupted), or live from a coordinator's address.
     Status(inspect::StatusArgs),
+    /// Dry run: compare the inputs and show what a merge will read, write and
+    /// hold in memory, from the checkpoints' headers only.
+    Plan(inspect::PlanCmdArgs),
 }
 
 #[derive(Args)]
@@ -132,16 +135,16 @@ struct WorkerArgs {
 
 /// Options shared by everything that plans a merge.
 #[derive(Args)]
-struct PlanArgs {
+pub(crate) struct PlanArgs {
     /// Bytes per output shard, with K/M/B suffixes (10^3/10^6/10^9), as mergekit.
     #[arg(long, default_value = "5B", value_parser = plan::parse_size)]
-    out_shard_size: u64,
+    pub(crate) out_shard_size: u64,
     /// Seed of the randomized methods (DARE, DELLA).
     #[arg(long, default_value_t = DEFAULT_SEED)]
-    random_seed: u64,
+    pub(crate) random_seed: u64,
     /// Merge models even when their `architectures` differ.
     #[arg(long)]
-    allow_crimes: bool,
+    pub(crate) allow_crimes: bool,
 }
 
 #[derive(Args)]
@@ -463,6 +466,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker(args),
         Command::Verify(args) => inspect::verify(args),
         Command::Status(args) => inspect::status(args),
+        Command::Plan(args) => inspect::plan(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -204,3 +204,103 @@ fn status_reads_finished_and_interrupted_merges_from_the_journal() {
     assert!(!ok);
     assert!(text.contains("no merge journal"), "{text}");
 }
+
+#[test]
+fn plan_numbers_match_a_hand_count_of_the_example_models() {
+    let config = fixture("ties").join("config.yaml");
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "plan",
+            config.to_str().unwrap(),
+            "--out-shard-size",
+            "100K",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // By hand from config.json (vocab 512, hidden 64, 4 heads / 2 KV heads of 16,
+    // intermediate 176, 6 layers): embeddings 2 x 512·64 = 65,536; per layer
+    // q, o 64·64 + k, v 32·64 = 12,288, MLP 3 x 176·64 = 33,792, 2 norms 128:
+    // 46,208 x 6 = 277,248; final norm 64. Total 342,848 parameters = 685,696 bf16 bytes.
+    let params = 342_848u64;
+    let bytes = 2 * params;
+    assert_eq!(v["models"].as_array().unwrap().len(), 4);
+    for m in v["models"].as_array().unwrap() {
+        assert_eq!(m["parameters"], params);
+        assert_eq!(m["bytes"], bytes);
+        assert_eq!(m["tensors"], 57);
+        assert_eq!(m["layers"], 6);
+        assert_eq!(m["vocab_size"], 512);
+    }
+    assert_eq!(v["mismatches"].as_array().unwrap().len(), 0);
+    let p = &v["plan"];
+    assert_eq!(p["merge_method"], "ties");
+    assert_eq!(p["output_tensors"], 57);
+    assert_eq!(p["parameters"], params);
+    // TIES reads every tensor of the three fine-tunes and of the base.
+    for (_, b) in p["read_per_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x[0].clone(), x[1].clone()))
+    {
+        assert_eq!(b, bytes);
+    }
+    assert_eq!(p["read_total"], 4 * bytes);
+    assert_eq!(p["write_total"], bytes);
+    // 100 KB shards of 685,696 bytes of tensors: the same 8 units `run` writes.
+    assert_eq!(p["work_units"], 8);
+    assert!(p["peak_memory_per_slot"].as_u64().unwrap() > 0);
+    assert_eq!(v["error"], serde_json::Value::Null);
+}
+
+#[test]
+fn plan_lists_mismatches_with_their_fix_and_fails_like_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // ft-b with a different architecture, two layers fewer and a wider MLP tensor.
+    let models = dir.path().join("models");
+    for m in ["llama-base", "llama-ft-a", "llama-ft-b"] {
+        std::fs::create_dir_all(models.join(m)).unwrap();
+        for f in std::fs::read_dir(examples().join("models").join(m)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), models.join(m).join(f.file_name())).unwrap();
+        }
+    }
+    let cfg_path = models.join("llama-ft-b/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["num_hidden_layers"] = 4.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 0.5}\n  - model: \
+         models/llama-ft-b\n    parameters: {weight: 0.5}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let run = fleetmerge(dir.path(), &["run", "m.yaml", "out"]);
+    assert!(!run.status.success());
+    let o = fleetmerge(dir.path(), &["plan", "m.yaml"]);
+    assert!(!o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("compatibility: 2 mismatch(es)"), "{text}");
+    assert!(
+        text.contains("architectures differ") && text.contains("--allow-crimes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("layer counts differ: models/llama-ft-a 6, models/llama-ft-b 4")
+            && text.contains("layer_range"),
+        "{text}"
+    );
+    // The same error as `run`, word for word.
+    let run_err = stderr(&run);
+    assert!(
+        stderr(&o).trim() == run_err.trim(),
+        "plan: {}\nrun: {run_err}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("out").join("model.safetensors").exists());
+}

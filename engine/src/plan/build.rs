@@ -899,3 +899,72 @@ fn shard(tensors: Vec<OutputTensor>, opts: &PlanOptions, method: &str) -> Vec<Wo
         })
         .collect()
 }
+
+/// What `fleetmerge plan` shows of one input model (from its headers and
+/// config.json only).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelFacts {
+    pub reference: String,
+    pub location: String,
+    pub architectures: Vec<String>,
+    pub layers: u64,
+    pub vocab_size: Option<u64>,
+    pub hidden_size: Option<u64>,
+    pub tie_word_embeddings: bool,
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+    #[serde(skip)]
+    pub shapes: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+/// Opens every model the config references (headers and config.json only), as
+/// [`plan`] does, and describes each.
+pub fn inspect_models(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Vec<ModelFacts>, PlanError> {
+    let (refs, _) = model_references(cfg);
+    let models = open_models(cfg, opts, &refs)?;
+    Ok(models
+        .iter()
+        .map(|m| {
+            let config = &m.checkpoint.config;
+            let num = |k: &str| {
+                config.get(k).and_then(|v| v.as_u64()).or_else(|| {
+                    config
+                        .get("text_config")
+                        .and_then(|t| t.get(k))
+                        .and_then(|v| v.as_u64())
+                })
+            };
+            ModelFacts {
+                reference: m.reference.to_string(),
+                location: m.location.clone(),
+                architectures: config
+                    .get("architectures")
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                layers: m.layers,
+                vocab_size: num("vocab_size"),
+                hidden_size: num("hidden_size"),
+                tie_word_embeddings: config
+                    .get("tie_word_embeddings")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+                tensors: m.checkpoint.tensors.len(),
+                parameters: m.checkpoint.tensors.values().map(|t| t.info.numel()).sum(),
+                bytes: m.checkpoint.tensors.values().map(|t| t.info.len).sum(),
+                shapes: m
+                    .checkpoint
+                    .tensors
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.info.shape.clone()))
+                    .collect(),
+            }
+        })
+        .collect())
+}

@@ -7,8 +7,9 @@
 mod build;
 pub mod layout;
 mod resolve;
+pub mod summary;
 
-pub use build::{plan, PlanOptions};
+pub use build::{inspect_models, plan, ModelFacts, PlanOptions};
 
 use crate::checkpoint::CheckpointError;
 use crate::config::ConfigError;

@@ -1,0 +1,262 @@
+//! What `fleetmerge plan` reports before a merge: how the inputs compare
+//! (architectures, layers, vocabularies, tensor shapes, with the fix for each
+//! mismatch), and, for a merge that plans, what it will read, write and hold
+//! in memory.
+
+use super::build::ModelFacts;
+use super::Plan;
+use crate::exec::{memory, ExecLimits};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// A difference between the input models, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mismatch {
+    pub what: String,
+    pub fix: String,
+}
+
+/// Compares the input models with the first one.
+pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let Some(first) = models.first() else {
+        return out;
+    };
+    let list = |f: &dyn Fn(&ModelFacts) -> String| -> String {
+        models
+            .iter()
+            .map(|m| format!("{} {}", m.reference, f(m)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if models
+        .iter()
+        .any(|m| m.architectures != first.architectures)
+    {
+        out.push(Mismatch {
+            what: format!(
+                "architectures differ: {}",
+                list(&|m| format!("{:?}", m.architectures))
+            ),
+            fix: "merge models of one architecture, or pass --allow-crimes if you mean it".into(),
+        });
+    }
+    if models.iter().any(|m| m.layers != first.layers) {
+        out.push(Mismatch {
+            what: format!("layer counts differ: {}", list(&|m| m.layers.to_string())),
+            fix: "use `slices:` with a `layer_range` per source to pair layers explicitly".into(),
+        });
+    }
+    if models.iter().any(|m| m.vocab_size != first.vocab_size) {
+        out.push(Mismatch {
+            what: format!(
+                "vocabulary sizes differ: {}",
+                list(&|m| m.vocab_size.map_or("unknown".into(), |v| v.to_string()))
+            ),
+            fix: "set `tokenizer_source` (e.g. `base`) so embeddings follow one tokenizer".into(),
+        });
+    }
+    // Tensors by name: shape differences and tensors some models lack.
+    let mut names: BTreeMap<&str, Vec<Option<&Vec<u64>>>> = BTreeMap::new();
+    for (i, m) in models.iter().enumerate() {
+        for (name, shape) in &m.shapes {
+            names
+                .entry(name)
+                .or_insert_with(|| vec![None; models.len()])[i] = Some(shape);
+        }
+    }
+    let (mut shape_diffs, mut missing) = (Vec::new(), Vec::new());
+    for (name, shapes) in &names {
+        let present: Vec<&Vec<u64>> = shapes.iter().flatten().copied().collect();
+        if present.len() < models.len() {
+            let lacking: Vec<&str> = shapes
+                .iter()
+                .zip(models)
+                .filter(|(s, _)| s.is_none())
+                .map(|(_, m)| m.reference.as_str())
+                .collect();
+            missing.push(format!("{name} (not in {})", lacking.join(", ")));
+        } else if present.iter().any(|s| *s != present[0]) {
+            shape_diffs.push(format!(
+                "{name}: {}",
+                shapes
+                    .iter()
+                    .zip(models)
+                    .map(|(s, m)| format!("{} {:?}", m.reference, s.cloned().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let few = |v: &[String]| -> String {
+        let mut s = v.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+        if v.len() > 5 {
+            s.push_str(&format!("; and {} more", v.len() - 5));
+        }
+        s
+    };
+    if !shape_diffs.is_empty() {
+        let embeddings_only = shape_diffs
+            .iter()
+            .all(|d| d.contains("embed") || d.contains("lm_head") || d.contains("wte"));
+        out.push(Mismatch {
+            what: format!(
+                "{} tensors differ in shape: {}",
+                shape_diffs.len(),
+                few(&shape_diffs)
+            ),
+            fix: if embeddings_only {
+                "only the embeddings differ: set `tokenizer_source` to pick one vocabulary".into()
+            } else {
+                "these are not fine-tunes of one base model; merge models that share their \
+                 shapes, or use `slices:` to take such layers from one model"
+                    .into()
+            },
+        });
+    }
+    if !missing.is_empty() {
+        out.push(Mismatch {
+            what: format!(
+                "{} tensors are not in every model: {}",
+                missing.len(),
+                few(&missing)
+            ),
+            fix: "tensors missing from some inputs are taken from the models that have them; \
+                  check that this is what you want"
+                .into(),
+        });
+    }
+    out
+}
+
+/// Bytes and counts of a planned merge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub merge_method: String,
+    pub output_tensors: usize,
+    pub parameters: u64,
+    pub work_units: usize,
+    /// Bytes read from each input model, in model order (reference, bytes).
+    pub read_per_model: Vec<(String, u64)>,
+    pub read_total: u64,
+    /// Tensor bytes written (the index's total_size).
+    pub write_total: u64,
+    pub largest_unit: Option<UnitSize>,
+    /// Estimated peak memory of one worker slot running the largest unit.
+    pub peak_memory_per_slot: u64,
+    /// The threads that estimate assumes.
+    pub threads: usize,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnitSize {
+    pub file: String,
+    pub tensors: usize,
+    pub read: u64,
+    pub write: u64,
+}
+
+/// Summarizes `plan` for output into `out` on `threads` compute threads,
+/// within `budget` bytes per slot when given.
+pub fn summarize(
+    plan: &Plan,
+    models: &[ModelFacts],
+    out: &str,
+    threads: usize,
+    budget: Option<u64>,
+) -> Summary {
+    let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
+    let mut per_model = vec![0u64; plan.models.len()];
+    for t in tensors() {
+        for r in &t.inputs {
+            if let Some(b) = per_model.get_mut(r.model) {
+                *b += r.len;
+            }
+        }
+    }
+    let largest = plan.units.iter().max_by_key(|u| u.input_bytes());
+    let peak = plan
+        .units
+        .iter()
+        .map(|u| {
+            let limits = match budget {
+                Some(b) => memory::limits_within(u, out, b, threads).unwrap_or(ExecLimits {
+                    window_bytes: 1 << 20,
+                    read_ahead: false,
+                }),
+                None => ExecLimits::default(),
+            };
+            memory::PROCESS_BYTES + memory::estimate(u, out, &limits, threads).total()
+        })
+        .max()
+        .unwrap_or(0);
+
+    let mut warnings = Vec::new();
+    let mut conversions: BTreeMap<String, usize> = BTreeMap::new();
+    let mut single = Vec::new();
+    for t in tensors() {
+        for r in &t.inputs {
+            if r.dtype != t.dtype {
+                *conversions
+                    .entry(format!("{} -> {}", r.dtype, t.dtype))
+                    .or_default() += 1;
+            }
+        }
+        if t.inputs.len() == 1 && plan.models.len() > 1 {
+            single.push(t.name.clone());
+        }
+    }
+    for (conv, n) in &conversions {
+        warnings.push(format!(
+            "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
+        ));
+    }
+    if !single.is_empty() {
+        warnings.push(format!(
+            "{} output tensors come from one model only: {}{}",
+            single.len(),
+            single
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if single.len() > 3 { ", ..." } else { "" }
+        ));
+    }
+    let tied: Vec<&str> = models
+        .iter()
+        .filter(|m| m.tie_word_embeddings)
+        .map(|m| m.reference.as_str())
+        .collect();
+    if !tied.is_empty() {
+        warnings.push(format!(
+            "tied embeddings (tie_word_embeddings) in {}: the output head is the merged embedding",
+            tied.join(", ")
+        ));
+    }
+    Summary {
+        merge_method: plan.merge_method.clone(),
+        output_tensors: plan.tensor_count(),
+        parameters: tensors().map(|t| t.numel()).sum(),
+        work_units: plan.units.len(),
+        read_per_model: plan
+            .models
+            .iter()
+            .zip(per_model)
+            .map(|(m, b)| (m.reference.clone(), b))
+            .collect(),
+        read_total: plan.units.iter().map(|u| u.input_bytes()).sum(),
+        write_total: plan.total_size(),
+        largest_unit: largest.map(|u| UnitSize {
+            file: u.file_name.clone(),
+            tensors: u.tensors.len(),
+            read: u.input_bytes(),
+            write: u.data_bytes(),
+        }),
+        peak_memory_per_slot: peak,
+        threads,
+        warnings,
+    }
+}
