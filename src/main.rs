@@ -2,11 +2,13 @@
 //! worker crates. Every failure ends in one paragraph on stderr and exit code 1.
 
 mod inspect;
+mod progress;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fleetmerge_coordinator::{
-    run_embedded, serve, AssembleOptions, EmbeddedOptions, ServeOptions, TlsIdentity,
+    run_embedded, serve, AssembleOptions, EmbeddedOptions, ProgressFn, ServeOptions, Snapshot,
+    TlsIdentity,
 };
 use fleetmerge_engine::config::MergeConfig;
 use fleetmerge_engine::exec::{self, ExecLimits, Progress};
@@ -200,6 +202,8 @@ fn init_logging(quiet: bool) {
 struct Counters {
     read: AtomicU64,
     written: AtomicU64,
+    units: AtomicU64,
+    resumed_input: AtomicU64,
 }
 
 impl Progress for Counters {
@@ -208,6 +212,26 @@ impl Progress for Counters {
     }
     fn written(&self, bytes: u64) {
         self.written.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn unit_done(&self, input_bytes: u64, resumed: bool) {
+        self.units.fetch_add(1, Ordering::Relaxed);
+        if resumed {
+            self.resumed_input.fetch_add(input_bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Counters {
+    fn state(&self, plan: &plan::Plan) -> progress::State {
+        progress::State {
+            units_total: plan.units.len(),
+            units_done: self.units.load(Ordering::Relaxed) as usize,
+            input_done: self.read.load(Ordering::Relaxed)
+                + self.resumed_input.load(Ordering::Relaxed),
+            input_total: plan.units.iter().map(|u| u.input_bytes()).sum(),
+            written: self.written.load(Ordering::Relaxed),
+            ..Default::default()
+        }
     }
 }
 
@@ -234,21 +258,34 @@ fn run(args: RunArgs) -> Result<()> {
     check_memory(&plan, &args)?;
     let out = prepare_output(&args.out)?;
     let counters = Counters::default();
-    let summary = run_embedded(
-        &plan,
-        &out,
-        &EmbeddedOptions {
-            workers: args.workers,
-            max_memory: args.max_memory,
-            assemble: AssembleOptions {
-                copy_tokenizer: !args.no_copy_tokenizer,
-                model_card: !args.no_model_card,
+    let mut display = progress::Display::new(args.quiet);
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let summary = std::thread::scope(|s| {
+        s.spawn(|| {
+            while running.load(Ordering::Relaxed) {
+                display.update(&counters.state(&plan));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            display.finish(&counters.state(&plan));
+        });
+        let r = run_embedded(
+            &plan,
+            &out,
+            &EmbeddedOptions {
+                workers: args.workers,
+                max_memory: args.max_memory,
+                assemble: AssembleOptions {
+                    copy_tokenizer: !args.no_copy_tokenizer,
+                    model_card: !args.no_model_card,
+                },
+                restart: args.restart,
+                max_attempts: 3,
             },
-            restart: args.restart,
-            max_attempts: 3,
-        },
-        &counters,
-    )?;
+            &counters,
+        );
+        running.store(false, Ordering::Relaxed);
+        r
+    })?;
     if summary.resumed > 0 {
         eprintln!(
             "resumed: {} of {} shards were finished by an earlier run and kept",
@@ -403,9 +440,49 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
             }),
             _ => None,
         },
+        progress: None,
+    };
+    let display = std::sync::Arc::new(std::sync::Mutex::new((
+        progress::Display::new(args.quiet),
+        progress::State::default(),
+    )));
+    let shown = display.clone();
+    let opts = ServeOptions {
+        progress: Some(ProgressFn(std::sync::Arc::new(move |s: &Snapshot| {
+            let state = progress::State {
+                units_total: s.counts.total,
+                units_done: s.counts.done,
+                units_running: s.counts.running,
+                units_failed: s.counts.failed,
+                input_done: s.input_done,
+                input_total: s.input_total,
+                written: s.counts.bytes_written,
+                workers: s
+                    .workers
+                    .iter()
+                    .map(|w| progress::Worker {
+                        id: w.id.clone(),
+                        device: w.device.clone(),
+                        units: w.units.clone(),
+                        bytes_read: w.bytes_read,
+                        last_seen_ms_ago: w.last_seen_ms_ago,
+                    })
+                    .collect(),
+            };
+            if let Ok(mut d) = shown.lock() {
+                d.0.update(&state);
+                d.1 = state;
+            }
+        }))),
+        ..opts
     };
     let units = plan.units.len();
-    let summary = runtime()?.block_on(serve(plan, out, opts))?;
+    let result = runtime()?.block_on(serve(plan, out, opts));
+    if let Ok(mut d) = display.lock() {
+        let (display, state) = &mut *d;
+        display.finish(state);
+    }
+    let summary = result?;
     if summary.resumed > 0 {
         eprintln!(
             "resumed: {} of {units} shards were finished by an earlier run and kept",

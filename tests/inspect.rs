@@ -304,3 +304,102 @@ fn plan_lists_mismatches_with_their_fix_and_fails_like_run() {
     );
     assert!(!dir.path().join("out").join("model.safetensors").exists());
 }
+
+#[test]
+fn progress_is_logged_without_a_terminal_and_silent_when_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture("ties").join("config.yaml");
+    let out = dir.path().join("out");
+    let o = fleetmerge(
+        &examples(),
+        &["run", config.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    assert!(o.status.success());
+    let err = stderr(&o);
+    // The first line at the start, the last at the end.
+    assert!(err.contains("progress: 0/1 units"), "{err}");
+    assert!(
+        err.contains("progress: 1/1 units · read 2.74 MB of 2.74 MB") && err.contains("done"),
+        "{err}"
+    );
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(!stderr(&o).contains("progress"), "{}", stderr(&o));
+}
+
+#[test]
+fn progress_bars_render_on_a_terminal() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture("ties").join("config.yaml");
+    let out = dir.path().join("out");
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty fills two fresh descriptors that we then own.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
+        .current_dir(examples())
+        .args([
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--out-shard-size",
+            "100K",
+        ])
+        .stderr(std::process::Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(master);
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Reading the master ends with EIO once the child's side is closed.
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&bytes).to_string()
+    });
+    assert!(child.wait().unwrap().success());
+    let screen = reader.join().unwrap();
+    assert!(
+        !screen.contains("progress:"),
+        "no log lines on a terminal: {screen}"
+    );
+    // The bar drawn full at the end, with its counters.
+    assert!(screen.contains("[00:00:0"), "{screen}");
+    assert!(
+        screen.contains(&"=".repeat(30)) && screen.contains("8/8 units · read 2.74 MB of 2.74 MB"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("\x1b["),
+        "terminal control sequences: {screen}"
+    );
+}

@@ -341,6 +341,15 @@ impl Cluster {
     }
 
     /// Leases a worker currently holds.
+    /// Ids of the units that are done.
+    pub fn done_units(&self) -> Vec<usize> {
+        self.units
+            .iter()
+            .filter(|u| matches!(u.state, State::Done))
+            .map(|u| u.unit.id)
+            .collect()
+    }
+
     pub fn leases_of(&self, worker: &str) -> Vec<usize> {
         self.units
             .iter()

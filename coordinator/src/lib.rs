@@ -15,4 +15,4 @@ pub mod verify;
 
 pub use assemble::{AssembleError, AssembleOptions};
 pub use scheduler::{run_embedded, EmbeddedOptions, RunError, RunSummary};
-pub use service::{serve, ServeOptions, TlsIdentity};
+pub use service::{serve, ProgressFn, ServeOptions, Snapshot, TlsIdentity, WorkerSnapshot};

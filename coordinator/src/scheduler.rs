@@ -171,6 +171,13 @@ pub fn run_embedded(
         );
     }
     let resumed = resume.done.len();
+    for u in plan
+        .units
+        .iter()
+        .filter(|u| resume.done.contains_key(&u.id))
+    {
+        progress.unit_done(u.input_bytes(), true);
+    }
     let scheduler = Scheduler::new(
         plan.units.clone(),
         resume.done,

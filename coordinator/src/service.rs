@@ -32,6 +32,38 @@ pub struct ServeOptions {
     pub restart: bool,
     /// PEM certificate chain and private key: serve gRPC over TLS.
     pub tls: Option<TlsIdentity>,
+    /// Called about five times a second with the state of the merge.
+    pub progress: Option<ProgressFn>,
+}
+
+/// A progress callback (see [`ServeOptions::progress`]).
+#[derive(Clone)]
+pub struct ProgressFn(pub Arc<dyn Fn(&Snapshot) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressFn")
+    }
+}
+
+/// The state of a merge being served, for progress displays.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub counts: crate::cluster::Counts,
+    /// Input bytes of all units, and of those done.
+    pub input_total: u64,
+    pub input_done: u64,
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSnapshot {
+    pub id: String,
+    pub device: String,
+    /// Units it holds leases on.
+    pub units: Vec<usize>,
+    pub bytes_read: u64,
+    pub last_seen_ms_ago: u64,
 }
 
 /// The coordinator's TLS certificate chain and key, PEM-encoded.
@@ -301,6 +333,43 @@ pub async fn serve(
         CoordinatorServer::with_interceptor(Service(shared.clone()), move |req: Request<()>| {
             authorize(&token, &req).map(|()| req)
         });
+    let reporting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reporter = opts.progress.clone().map(|report| {
+        let shared = shared.clone();
+        let reporting = reporting.clone();
+        let input: std::collections::HashMap<usize, u64> =
+            plan.units.iter().map(|u| (u.id, u.input_bytes())).collect();
+        let input_total = input.values().sum();
+        tokio::spawn(async move {
+            loop {
+                let snapshot = {
+                    let c = shared.cluster();
+                    let now = now_ms();
+                    Snapshot {
+                        counts: c.counts(),
+                        input_total,
+                        input_done: c.done_units().iter().filter_map(|u| input.get(u)).sum(),
+                        workers: c
+                            .workers
+                            .iter()
+                            .map(|(id, w)| WorkerSnapshot {
+                                id: id.clone(),
+                                device: w.device.clone(),
+                                units: c.leases_of(id),
+                                bytes_read: w.bytes_read,
+                                last_seen_ms_ago: now.saturating_sub(w.last_seen_ms),
+                            })
+                            .collect(),
+                    }
+                };
+                (report.0)(&snapshot);
+                if !reporting.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
     // Stop once the merge is over and every worker heard so (or after a grace period).
     let watcher = shared.clone();
     let shutdown = async move {
@@ -351,6 +420,11 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| RunError::Serve(format!("serving on {}: {e}", opts.listen)))?;
+    // One last report, of the final state.
+    reporting.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(r) = reporter {
+        let _ = r.await;
+    }
     let (outcome, outputs) = {
         let c = shared.cluster();
         (c.outcome().cloned(), c.outputs())

@@ -51,6 +51,7 @@ pub fn work(
             Ok(output) => {
                 tracing::debug!(worker, unit = lease.unit.id, sha256 = %output.sha256, "unit done");
                 source.complete(&lease, output);
+                progress.unit_done(lease.unit.input_bytes(), false);
                 done += 1;
             }
             Err(e) => {

@@ -65,6 +65,9 @@ pub enum ExecError {
 pub trait Progress: Sync {
     fn read(&self, _bytes: u64) {}
     fn written(&self, _bytes: u64) {}
+    /// A unit is done: computed now, or `resumed` (finished by an earlier run).
+    /// `input_bytes` is what it reads.
+    fn unit_done(&self, _input_bytes: u64, _resumed: bool) {}
 }
 
 /// No progress reporting.
