@@ -29,6 +29,15 @@ struct Cli {
     /// credentials, regions (see the README, "Object storage").
     #[arg(long, global = true, env = "FLEETMERGE_STORAGE_CONFIG")]
     storage_config: Option<PathBuf>,
+    /// Log format: text, or json (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "FLEETMERGE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 /// Installs the storage settings of `--storage-config`.
@@ -69,6 +78,9 @@ struct CoordinatorArgs {
     /// Address to listen on, e.g. 0.0.0.0:7070.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// File holding the shared token every worker must present (else FLEETMERGE_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -186,16 +198,33 @@ struct RunArgs {
 /// are reproducible too.
 const DEFAULT_SEED: u64 = 0;
 
+/// How log lines look (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors on clusters).
+    Json,
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Logs to stderr at `info` (`warn` when quiet), or as `RUST_LOG` says.
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match LOG_FORMAT.get().copied().unwrap_or_default() {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 #[derive(Default)]
@@ -441,6 +470,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
             _ => None,
         },
         progress: None,
+        metrics: args.metrics_listen,
     };
     let display = std::sync::Arc::new(std::sync::Mutex::new((
         progress::Display::new(args.quiet),
@@ -537,6 +567,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = LOG_FORMAT.set(cli.log_format);
     let result = storage_config(&cli.storage_config).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
         Command::Coordinator(args) => coordinator(args),

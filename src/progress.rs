@@ -163,7 +163,7 @@ impl Display {
             Mode::Log { last } => {
                 if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                     *last = Some(Instant::now());
-                    tracing::info!("progress: {line}");
+                    log(s, &line);
                     for (_, l) in &worker_lines {
                         tracing::info!("progress: {}", l.trim_start());
                     }
@@ -199,7 +199,7 @@ impl Display {
             Mode::Off => {}
             Mode::Log { .. } => {
                 let line = self.line(s);
-                tracing::info!("progress: {line}");
+                log(s, &line);
             }
             Mode::Bars { main, workers, .. } => {
                 for b in workers.values() {
@@ -209,6 +209,18 @@ impl Display {
             }
         }
     }
+}
+
+/// A progress log line, with the numbers as fields for log collectors.
+fn log(s: &State, line: &str) {
+    tracing::info!(
+        units_done = s.units_done,
+        units_total = s.units_total,
+        bytes_read = s.input_done,
+        bytes_to_read = s.input_total,
+        bytes_written = s.written,
+        "progress: {line}"
+    );
 }
 
 fn duration(secs: f64) -> String {

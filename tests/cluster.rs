@@ -593,3 +593,87 @@ fn status_asks_a_running_coordinator() {
         "{text}"
     );
 }
+
+/// `GET path` over plain HTTP/1.1; returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_coordinator_serves_prometheus_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cwd) = (fixture("ties").join("config.yaml"), examples());
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &cwd,
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &[
+            "--out-shard-size",
+            "100K",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let line = coordinator.wait_for("metrics address", MINUTE, |l| {
+        l.contains("metrics listening")
+    });
+    let metrics = field(&line, "metrics").expect("address").to_string();
+    let text = http_get(&metrics, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for want in [
+        "# TYPE fleetmerge_units gauge",
+        "fleetmerge_units{state=\"pending\"} 8",
+        "fleetmerge_units{state=\"done\"} 0",
+        "fleetmerge_units_total 8",
+        "fleetmerge_input_bytes 2742784",
+        "fleetmerge_lease_expiries_total 0",
+        "fleetmerge_workers 0",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
+    assert!(http_get(&metrics, "/other").starts_with("HTTP/1.1 404"));
+
+    let mut worker = start_worker("w1", &addr, &[], &[]);
+    coordinator.succeeds(MINUTE);
+    worker.succeeds(MINUTE);
+
+    // Per-worker series while a worker computes (the big models take seconds).
+    let big = big();
+    let out = dir.path().join("big-out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &big.dir,
+        &big.config,
+        &out,
+        "127.0.0.1:0",
+        &["--out-shard-size", SHARD, "--metrics-listen", "127.0.0.1:0"],
+    );
+    let line = coordinator.wait_for("metrics address", MINUTE, |l| {
+        l.contains("metrics listening")
+    });
+    let metrics = field(&line, "metrics").expect("address").to_string();
+    let mut worker = start_worker("w1", &addr, &[], &[]);
+    coordinator.wait_for("a lease to w1", MINUTE, |l| {
+        l.contains("unit leased") && field(l, "worker") == Some("w1")
+    });
+    let text = http_get(&metrics, "/metrics");
+    for want in [
+        "fleetmerge_units_total 16",
+        "fleetmerge_workers 1",
+        "fleetmerge_worker_bytes_read_total{worker=\"w1\"}",
+        "fleetmerge_worker_heartbeat_age_seconds{worker=\"w1\"}",
+        "fleetmerge_worker_units_leased{worker=\"w1\"}",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
+    coordinator.succeeds(MINUTE * 2);
+    worker.succeeds(MINUTE);
+}

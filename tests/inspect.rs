@@ -403,3 +403,33 @@ fn progress_bars_render_on_a_terminal() {
         "terminal control sequences: {screen}"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture("ties").join("config.yaml");
+    let out = dir.path().join("out");
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "--log-format",
+            "json",
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let mut progress = 0;
+    for line in err.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        if v["message"].as_str().unwrap().starts_with("progress:") {
+            progress += 1;
+            assert_eq!(v["units_total"], 1, "{line}");
+            assert_eq!(v["bytes_to_read"], 4 * 685_696, "{line}");
+        }
+    }
+    assert!(progress >= 2, "{err}");
+}

@@ -82,6 +82,12 @@ pub struct Cluster {
     lease_ms: u64,
     max_attempts: u32,
     pub workers: BTreeMap<String, WorkerInfo>,
+    /// Leases that ran out without a heartbeat.
+    pub lease_expiries: u64,
+    /// Leases of a unit beyond its first (after an expiry or a failure).
+    pub retries: u64,
+    /// Attempts that ended in a reported failure.
+    pub failures: u64,
     outputs: BTreeMap<usize, UnitOutput>,
     outcome: Option<Outcome>,
     out_dir: String,
@@ -136,6 +142,9 @@ impl Cluster {
             lease_ms,
             max_attempts: max_attempts.max(1),
             workers: BTreeMap::new(),
+            lease_expiries: 0,
+            retries: 0,
+            failures: 0,
             outputs: done,
             outcome,
             out_dir: out_dir.to_string(),
@@ -184,6 +193,7 @@ impl Cluster {
             } = self.units[i].state.clone()
             {
                 if deadline_ms < now_ms {
+                    self.lease_expiries += 1;
                     tracing::warn!(unit = i, worker = %worker, "lease expired; handing the unit to another worker");
                     self.by_lease.remove(&lease);
                     self.units[i]
@@ -220,6 +230,9 @@ impl Cluster {
         let deadline_ms = now_ms.saturating_add(self.lease_ms);
         let u = &mut self.units[i];
         u.attempts += 1;
+        if u.attempts > 1 {
+            self.retries += 1;
+        }
         u.state = State::Leased {
             lease,
             worker: worker.to_string(),
@@ -310,6 +323,7 @@ impl Cluster {
             return;
         }
         self.by_lease.remove(&lease);
+        self.failures += 1;
         self.units[i]
             .errors
             .push((worker.to_string(), error.to_string()));

@@ -9,6 +9,7 @@
 pub mod assemble;
 pub mod cluster;
 pub mod journal;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod verify;

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub tls: Option<TlsIdentity>,
     /// Called about five times a second with the state of the merge.
     pub progress: Option<ProgressFn>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A progress callback (see [`ServeOptions::progress`]).
@@ -333,6 +335,21 @@ pub async fn serve(
         CoordinatorServer::with_interceptor(Service(shared.clone()), move |req: Request<()>| {
             authorize(&token, &req).map(|()| req)
         });
+    let metrics = match opts.metrics {
+        None => None,
+        Some(addr) => {
+            let shared = shared.clone();
+            let input: std::collections::HashMap<usize, u64> =
+                plan.units.iter().map(|u| (u.id, u.input_bytes())).collect();
+            let (bound, task) = crate::metrics::serve(addr, move || {
+                crate::metrics::render(&shared.cluster(), &input, now_ms())
+            })
+            .await
+            .map_err(|e| RunError::Serve(format!("metrics on {addr}: {e}")))?;
+            tracing::info!(metrics = %bound, "metrics listening (GET /metrics)");
+            Some(task)
+        }
+    };
     let reporting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let reporter = opts.progress.clone().map(|report| {
         let shared = shared.clone();
@@ -420,6 +437,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| RunError::Serve(format!("serving on {}: {e}", opts.listen)))?;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     // One last report, of the final state.
     reporting.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(r) = reporter {
