@@ -433,3 +433,43 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(progress >= 2, "{err}");
 }
+
+#[test]
+fn the_model_card_records_version_inputs_and_every_checksum() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let out = merged(dir.path(), "out");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    // mergekit's card first, unchanged in form.
+    assert!(card.starts_with("---\nbase_model:"), "{card}");
+    assert!(
+        card.contains("This model was merged using the [TIES]"),
+        "{card}"
+    );
+    assert!(card.contains("### Configuration"), "{card}");
+    // Then what a user of a big merge wants on record.
+    assert!(
+        card.contains(&format!(
+            "Merged with fleetmerge {} using `ties`, output dtype bfloat16: 342848 parameters, \
+             685696 bytes of tensors in 4 files.",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{card}"
+    );
+    for m in ["llama-ft-a", "llama-ft-b", "llama-ft-c", "llama-base"] {
+        let location = examples().join("models").join(m);
+        assert!(
+            card.contains(&format!("* `./models/{m}`: `{}`", location.display())),
+            "{card}"
+        );
+    }
+    assert!(card.contains("Input fingerprint"), "{card}");
+    for shard in SHARDS {
+        let bytes = std::fs::read(out.join(shard)).unwrap();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        assert!(
+            card.contains(&format!("| {shard} | {} | `{sha}` |", bytes.len())),
+            "{shard} {sha} not in\n{card}"
+        );
+    }
+}

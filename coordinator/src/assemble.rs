@@ -3,7 +3,8 @@
 //! — last of all, once every shard exists — `model.safetensors.index.json`.
 
 use fleetmerge_engine::checkpoint::CheckpointError;
-use fleetmerge_engine::output::{self, CardInput, OutputError};
+use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::output::{self, CardInput, OutputError, Provenance};
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, StorageError};
 
@@ -80,22 +81,58 @@ pub fn write_side_files(
     }
 
     if opts.model_card {
-        let card = output::model_card(&CardInput {
-            name: model_name(out_dir),
-            merge_method: &plan.merge_method,
-            method_pretty: Some(&meta.method_pretty),
-            method_url: meta.method_url.as_deref(),
-            base_model: meta.base_reference.as_deref(),
-            models: &meta.references,
-            config_yaml: &meta.config_yaml,
-            model_exists_locally: &|p: &str| std::path::Path::new(p).exists(),
-        });
-        out.put(&out.join(out_dir, "README.md"), card.as_bytes())?;
         out.put(
             &out.join(out_dir, "mergekit_config.yml"),
             meta.config_yaml.as_bytes(),
         )?;
     }
+    Ok(())
+}
+
+/// Writes the README.md model card once every shard exists: mergekit's card
+/// plus a provenance section with every shard's checksum.
+fn write_card(
+    plan: &Plan,
+    out_dir: &str,
+    outputs: &[UnitOutput],
+    fingerprint: &str,
+) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    let meta = &plan.output;
+    let mut card = output::model_card(&CardInput {
+        name: model_name(out_dir),
+        merge_method: &plan.merge_method,
+        method_pretty: Some(&meta.method_pretty),
+        method_url: meta.method_url.as_deref(),
+        base_model: meta.base_reference.as_deref(),
+        models: &meta.references,
+        config_yaml: &meta.config_yaml,
+        model_exists_locally: &|p: &str| std::path::Path::new(p).exists(),
+    });
+    let mut shards: Vec<(String, u64, String)> = outputs
+        .iter()
+        .map(|o| (o.file_name.clone(), o.size, o.sha256.clone()))
+        .collect();
+    shards.sort();
+    let models: Vec<(String, String)> = plan
+        .models
+        .iter()
+        .map(|m| (m.reference.clone(), m.location.clone()))
+        .collect();
+    card.push_str(&output::provenance(&Provenance {
+        merge_method: &plan.merge_method,
+        out_dtype: meta.config_dtype.map(|d| d.torch_name().to_string()),
+        parameters: plan
+            .units
+            .iter()
+            .flat_map(|u| u.tensors.iter().map(|t| t.numel()))
+            .sum(),
+        total_size: plan.total_size(),
+        models: &models,
+        fingerprint,
+        shards: &shards,
+    }));
+    out.put(&out.join(out_dir, "README.md"), card.as_bytes())?;
     Ok(())
 }
 
@@ -113,10 +150,20 @@ fn is_shard_name(name: &str) -> bool {
         || (name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-"))
 }
 
-/// Writes the index (for sharded outputs): the marker of a complete model. Then
+/// Writes the model card (with every shard's checksum), then the index (for
+/// sharded outputs): the marker of a complete model. Then
 /// removes shards that an earlier merge into the same folder left behind and
 /// this plan does not have, so the folder holds exactly one model.
-pub fn write_index(plan: &Plan, out_dir: &str) -> Result<(), AssembleError> {
+pub fn write_index(
+    plan: &Plan,
+    out_dir: &str,
+    opts: &AssembleOptions,
+    outputs: &[UnitOutput],
+    fingerprint: &str,
+) -> Result<(), AssembleError> {
+    if opts.model_card {
+        write_card(plan, out_dir, outputs, fingerprint)?;
+    }
     let out = storage::for_location(out_dir);
     let index_location = out.join(out_dir, "model.safetensors.index.json");
     if plan.units.len() > 1 {

@@ -197,6 +197,11 @@ impl Journal {
         Ok((journal, resume))
     }
 
+    /// The fingerprint of the merge this journal records.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
     fn path(&self, name: &str) -> String {
         self.store.join(&self.dir, name)
     }

@@ -196,7 +196,13 @@ pub fn run_embedded(
         }
     });
     let outputs = scheduler.finish()?;
-    assemble::write_index(plan, out_dir)?;
+    assemble::write_index(
+        plan,
+        out_dir,
+        &opts.assemble,
+        &outputs,
+        journal.fingerprint(),
+    )?;
     journal.finish()?;
     Ok(RunSummary {
         total_size: plan.total_size(),

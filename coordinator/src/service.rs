@@ -302,6 +302,7 @@ pub async fn serve(
     }
     assemble::remove_index(&out_dir)?;
     assemble::write_side_files(&plan, &out_dir, &opts.assemble)?;
+    let assemble_opts = opts.assemble.clone();
     let resumed = resume.done.len();
     if resumed > 0 {
         tracing::info!(
@@ -451,7 +452,13 @@ pub async fn serve(
     };
     match outcome {
         Some(Outcome::AllDone) => {
-            assemble::write_index(&plan, &out_dir)?;
+            assemble::write_index(
+                &plan,
+                &out_dir,
+                &assemble_opts,
+                &outputs,
+                shared.journal.fingerprint(),
+            )?;
             shared.journal.finish()?;
             Ok(RunSummary {
                 total_size: plan.total_size(),

@@ -90,6 +90,55 @@ The following YAML configuration was used to produce this model:\n\n\
     )
 }
 
+/// What a user of a big merge wants on record beyond mergekit's card.
+pub struct Provenance<'a> {
+    pub merge_method: &'a str,
+    pub out_dtype: Option<String>,
+    pub parameters: u64,
+    pub total_size: u64,
+    /// (reference as written, where it was read from).
+    pub models: &'a [(String, String)],
+    /// Hash of the config and of every input's headers and sizes.
+    pub fingerprint: &'a str,
+    /// (file, bytes, sha256) of every shard.
+    pub shards: &'a [(String, u64, String)],
+}
+
+/// The section appended to mergekit's card: version, inputs, method, dtype,
+/// size and a checksum for every shard.
+pub fn provenance(p: &Provenance) -> String {
+    let mut s = String::from("\n## Provenance\n\n");
+    s.push_str(&format!(
+        "Merged with fleetmerge {} using `{}`, output dtype {}: {} parameters, {} bytes of \
+         tensors in {} file{}.\n\n",
+        env!("CARGO_PKG_VERSION"),
+        p.merge_method,
+        p.out_dtype.as_deref().unwrap_or("as the inputs"),
+        p.parameters,
+        p.total_size,
+        p.shards.len(),
+        if p.shards.len() == 1 { "" } else { "s" }
+    ));
+    s.push_str("Input models (the config's reference, and where it was read):\n\n");
+    for (reference, location) in p.models {
+        if reference == location {
+            s.push_str(&format!("* `{reference}`\n"));
+        } else {
+            s.push_str(&format!("* `{reference}`: `{location}`\n"));
+        }
+    }
+    s.push_str(&format!(
+        "\nInput fingerprint (sha256 of the resolved config and of every input's \
+         safetensors headers and file sizes): `{}`\n\n",
+        p.fingerprint
+    ));
+    s.push_str("| file | bytes | sha256 |\n| --- | --- | --- |\n");
+    for (file, size, sha) in p.shards {
+        s.push_str(&format!("| {file} | {size} | `{sha}` |\n"));
+    }
+    s
+}
+
 /// `path+lora` as mergekit's `ModelReference.parse` splits it.
 fn split_lora(model: &str) -> (&str, Option<&str>) {
     match model.split_once('+') {

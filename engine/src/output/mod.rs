@@ -10,7 +10,7 @@ mod model_config;
 mod shard;
 mod tokenizer;
 
-pub use card::{model_card, CardInput};
+pub use card::{model_card, provenance, CardInput, Provenance};
 pub use chat_templates::{builtin_chat_template, resolve_chat_template};
 pub use index::{index_json, shard_file_names};
 pub use model_config::{output_config, to_pretty_json};
