@@ -217,6 +217,12 @@ fn live_status(args: &StatusArgs) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    // Input bytes of finished units since this coordinator started.
+    let secs = now.saturating_sub(s.started_unix_ms) as f64 / 1e3;
+    let fresh = s.input_bytes_done.saturating_sub(s.input_bytes_resumed);
+    let rate = (secs > 0.0 && fresh > 0).then(|| fresh as f64 / secs);
+    let left = s.input_bytes_total.saturating_sub(s.input_bytes_done);
+    let eta = rate.map(|r| left as f64 / r);
     if args.json {
         let v = serde_json::json!({
             "coordinator": args.target,
@@ -224,6 +230,12 @@ fn live_status(args: &StatusArgs) -> Result<()> {
             "units": {"total": s.total_units, "done": s.done, "running": s.running,
                       "pending": s.pending, "failed": s.failed},
             "bytes_written": s.bytes_written,
+            "input_bytes": {"done": s.input_bytes_done, "total": s.input_bytes_total},
+            "bytes_per_second": rate,
+            "eta_seconds": eta,
+            "retries": s.retries,
+            "lease_expiries": s.lease_expiries,
+            "failures": s.failures,
             "workers": s.workers.iter().map(|w| serde_json::json!({
                 "worker": w.worker_id, "device": w.device, "units": w.units,
                 "last_heartbeat_ms_ago": now.saturating_sub(w.last_heartbeat_unix_ms),
@@ -238,7 +250,23 @@ fn live_status(args: &StatusArgs) -> Result<()> {
         "units: {} done, {} running, {} pending, {} failed, of {}",
         s.done, s.running, s.pending, s.failed, s.total_units
     );
-    println!("written: {}", crate::bytes(s.bytes_written as f64));
+    println!(
+        "input: {} of {} in finished units; written: {}",
+        crate::bytes(s.input_bytes_done as f64),
+        crate::bytes(s.input_bytes_total as f64),
+        crate::bytes(s.bytes_written as f64)
+    );
+    if let (Some(r), Some(e)) = (rate, eta) {
+        println!(
+            "throughput: {}/s since the coordinator started; eta: {:.0} s",
+            crate::bytes(r),
+            e
+        );
+    }
+    println!(
+        "attempts: {} retries, {} lease expiries, {} failures reported",
+        s.retries, s.lease_expiries, s.failures
+    );
     if s.workers.is_empty() {
         println!("workers: none connected");
     }

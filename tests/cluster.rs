@@ -578,6 +578,11 @@ fn status_asks_a_running_coordinator() {
         "{text}"
     );
     assert!(text.contains("workers: none connected"), "{text}");
+    assert!(
+        text.contains("input: 0 B of 2.74 MB in finished units")
+            && text.contains("attempts: 0 retries, 0 lease expiries, 0 failures reported"),
+        "{text}"
+    );
     // Without the token the coordinator refuses.
     let o = fleetmerge(Path::new("."), &["status", &url]);
     assert!(!o.status.success());

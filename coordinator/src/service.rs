@@ -93,6 +93,10 @@ struct Shared {
     journal: Journal,
     heartbeat_seconds: u32,
     out_dir: String,
+    started_ms: u64,
+    /// Input bytes per unit id, and of the units resumed from the journal.
+    input: std::collections::HashMap<usize, u64>,
+    input_resumed: u64,
 }
 
 impl Shared {
@@ -262,6 +266,17 @@ impl Coordinator for Service {
                 Some(Outcome::AllDone) => "complete".into(),
                 Some(Outcome::Failed(e)) => format!("failed: {e}"),
             },
+            retries: c.retries,
+            lease_expiries: c.lease_expiries,
+            failures: c.failures,
+            started_unix_ms: self.0.started_ms,
+            input_bytes_done: c
+                .done_units()
+                .iter()
+                .filter_map(|u| self.0.input.get(u))
+                .sum(),
+            input_bytes_total: self.0.input.values().sum(),
+            input_bytes_resumed: self.0.input_resumed,
         }))
     }
 }
@@ -313,6 +328,12 @@ pub async fn serve(
     }
     let lease_ms = opts.lease_timeout.as_millis().max(1) as u64;
     let heartbeat_seconds = ((lease_ms / 3000).max(1)) as u32;
+    let input_resumed: u64 = plan
+        .units
+        .iter()
+        .filter(|u| resume.done.contains_key(&u.id))
+        .map(|u| u.input_bytes())
+        .sum();
     let shared = Arc::new(Shared {
         cluster: Mutex::new(Cluster::new(
             plan.units.clone(),
@@ -327,6 +348,9 @@ pub async fn serve(
         journal,
         heartbeat_seconds,
         out_dir: out_dir.clone(),
+        started_ms: now_ms(),
+        input: plan.units.iter().map(|u| (u.id, u.input_bytes())).collect(),
+        input_resumed,
     });
     let token: Option<Arc<str>> = opts.token.map(Arc::from);
     let open_to_anyone = token.is_none();
