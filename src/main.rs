@@ -568,6 +568,10 @@ fn worker(args: WorkerArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = LOG_FORMAT.set(cli.log_format);
+    progress::STRUCTURED.store(
+        cli.log_format == LogFormat::Json,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let result = storage_config(&cli.storage_config).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
         Command::Coordinator(args) => coordinator(args),

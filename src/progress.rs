@@ -211,8 +211,15 @@ impl Display {
     }
 }
 
-/// A progress log line, with the numbers as fields for log collectors.
+/// Logs are JSON (`--log-format json`): progress lines carry their numbers as fields.
+pub static STRUCTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A progress log line (with the numbers as fields for log collectors).
 fn log(s: &State, line: &str) {
+    if !STRUCTURED.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("progress: {line}");
+        return;
+    }
     tracing::info!(
         units_done = s.units_done,
         units_total = s.units_total,

@@ -201,7 +201,7 @@ impl Coordinator for Service {
         // Checking the shard and journaling it touch storage: off the runtime threads.
         let result = tokio::task::spawn_blocking(move || {
             let mut c = shared.cluster();
-            c.touch(&r.worker_id, now_ms());
+            c.touch(&r.worker_id, now_ms()).bytes_read += r.progress_bytes;
             let output = UnitOutput {
                 unit: r.unit as usize,
                 file_name: r.file_name,
@@ -327,7 +327,8 @@ pub async fn serve(
         );
     }
     let lease_ms = opts.lease_timeout.as_millis().max(1) as u64;
-    let heartbeat_seconds = ((lease_ms / 3000).max(1)) as u32;
+    // A third of the lease, at most 2 s (progress displays want fresh numbers).
+    let heartbeat_seconds = (lease_ms / 3000).clamp(1, 2) as u32;
     let input_resumed: u64 = plan
         .units
         .iter()

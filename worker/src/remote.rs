@@ -372,6 +372,7 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
                     sha256: out.sha256,
                     tensors: out.tensors,
                     unit: id as u64,
+                    progress_bytes: shared.read.swap(0, Ordering::Relaxed),
                 };
                 let r = with_retry(&shared, "complete", |mut c| {
                     let req = req.clone();
