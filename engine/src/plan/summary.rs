@@ -212,6 +212,19 @@ pub fn summarize(
             "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
         ));
     }
+    let fp8 = tensors()
+        .filter(|t| {
+            t.inputs
+                .iter()
+                .any(|r| matches!(r.dtype, crate::DType::F8_E4M3 | crate::DType::F8_E5M2))
+        })
+        .count();
+    if fp8 > 0 {
+        warnings.push(format!(
+            "{fp8} output tensors come from F8_E4M3/F8_E5M2 (FP8) inputs, which this version \
+             does not dequantize: they are copied, and only where every model holds the same bytes"
+        ));
+    }
     if !single.is_empty() {
         warnings.push(format!(
             "{} output tensors come from one model only: {}{}",
