@@ -53,11 +53,15 @@ pub fn write_side_files(
                 message: e.to_string(),
             }
         })?;
-    let config = output::output_config(
+    let mut config = output::output_config(
         &donor_config,
         meta.config_dtype,
         meta.layers.as_ref().map(|(k, n)| (k.as_str(), *n)),
     );
+    if meta.dequantized {
+        // The weights are no longer FP8: loaders must not look for scales.
+        config.remove("quantization_config");
+    }
     out.put(
         &out.join(out_dir, "config.json"),
         output::to_pretty_json(&config).as_bytes(),

@@ -188,8 +188,45 @@ pub fn decode_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 *d = f64::from_le_bytes(b) as f32;
             }
         }
+        DType::F8_E4M3 => {
+            let table = e4m3_table();
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = table[s as usize];
+            }
+        }
+        DType::F8_E5M2 => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = f8_e5m2_to_f32(s);
+            }
+        }
         other => unreachable!("decode_f32 called on non-float dtype {other}"),
     }
+}
+
+fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| f8_e4m3_to_f32(b as u8)))
+}
+
+/// An OCP FP8 E4M3 ("e4m3fn": no infinities, 0x7f/0xff are NaN) value as f32.
+pub fn f8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((b >> 3) & 0x0f) as i32;
+    let man = (b & 0x07) as f32;
+    if exp == 0x0f && b & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// An FP8 E5M2 value (IEEE-like: infinities and NaN) as f32.
+pub fn f8_e5m2_to_f32(b: u8) -> f32 {
+    // E5M2 is the top byte of an f16.
+    half::f16::from_bits((b as u16) << 8).to_f32()
 }
 
 /// Converts f32 values into raw little-endian elements of `dtype`, rounding

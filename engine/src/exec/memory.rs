@@ -60,7 +60,7 @@ pub fn estimate(
     let input_bytes = |w: &std::ops::Range<usize>| -> u64 {
         unit.tensors[w.clone()]
             .iter()
-            .flat_map(|t| t.inputs.iter().map(|r| r.len))
+            .flat_map(|t| t.all_refs().map(|r| r.len))
             .sum()
     };
     let output_bytes = |w: &std::ops::Range<usize>| -> u64 {
@@ -151,7 +151,7 @@ pub fn limits_within(
         largest_tensor: unit
             .tensors
             .iter()
-            .max_by_key(|t| t.inputs.iter().map(|r| r.len).sum::<u64>())
+            .max_by_key(|t| t.all_refs().map(|r| r.len).sum::<u64>())
             .map(|t| t.name.clone())
             .unwrap_or_default(),
     })
@@ -220,6 +220,8 @@ mod tests {
                         .collect(),
                     base: Some(2),
                     params: Default::default(),
+                    scales: Vec::new(),
+                    block: None,
                 })
                 .collect(),
         }

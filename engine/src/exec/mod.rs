@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod read;
 
+use crate::methods::kernel::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
 use crate::output::ShardLayout;
 use crate::plan::{OutputTensor, TensorOp, WorkUnit, PLAN_FORMAT};
@@ -304,6 +305,7 @@ fn compute(
 ) -> Result<(), ExecError> {
     match t.op {
         TensorOp::CopyIdentical => {
+            let inputs = &inputs[..t.inputs.len().min(inputs.len())];
             if inputs.iter().any(|b| *b != inputs[0]) {
                 return Err(ExecError::BuffersDiffer {
                     tensor: t.name.clone(),
@@ -319,18 +321,33 @@ fn compute(
             Ok(())
         }
         TensorOp::Merge => {
+            // `inputs` holds the inputs, then the scales of the block-scaled ones.
+            let n = t.inputs.len();
+            let mut scale_bytes = inputs[n.min(inputs.len())..].iter();
+            let block = t.block.unwrap_or([128, 128]);
+            let mut views = Vec::with_capacity(n);
+            for (i, (r, b)) in t.inputs.iter().zip(inputs).enumerate() {
+                let scale = match t.scales.get(i) {
+                    Some(Some(sr)) => Some(BlockScale {
+                        dtype: sr.dtype,
+                        bytes: scale_bytes.next().copied().unwrap_or_default(),
+                        cols: r.shape.get(1).copied().unwrap_or(1) as usize,
+                        block_rows: block[0].max(1) as usize,
+                        block_cols: block[1].max(1) as usize,
+                        scale_cols: sr.shape.get(1).copied().unwrap_or(1) as usize,
+                    }),
+                    _ => None,
+                };
+                views.push(TensorView {
+                    dtype: r.dtype,
+                    bytes: b,
+                    scale,
+                });
+            }
             let job = MergeJob {
                 name: &t.name,
                 shape: &t.shape,
-                inputs: t
-                    .inputs
-                    .iter()
-                    .zip(inputs)
-                    .map(|(r, b)| TensorView {
-                        dtype: r.dtype,
-                        bytes: b,
-                    })
-                    .collect(),
+                inputs: views,
                 base: t.base,
                 params: &t.params,
                 seed: unit.seed,

@@ -28,7 +28,7 @@ pub fn windows(tensors: &[OutputTensor], limit: u64) -> Vec<Range<usize>> {
     let mut start = 0;
     let mut bytes = 0u64;
     for (i, t) in tensors.iter().enumerate() {
-        let b: u64 = t.inputs.iter().map(|r| r.len).sum();
+        let b: u64 = t.all_refs().map(|r| r.len).sum();
         if i > start && bytes + b > limit {
             out.push(start..i);
             start = i;
@@ -87,7 +87,7 @@ fn refs(tensors: &[OutputTensor]) -> impl Iterator<Item = (usize, usize, &Tensor
     tensors
         .iter()
         .enumerate()
-        .flat_map(|(ti, t)| t.inputs.iter().enumerate().map(move |(ii, r)| (ti, ii, r)))
+        .flat_map(|(ti, t)| t.all_refs().enumerate().map(move |(ii, r)| (ti, ii, r)))
 }
 
 /// The memory maps of a unit's local input files, opened once per unit.
@@ -142,7 +142,7 @@ enum Source {
 }
 
 impl Loaded {
-    /// Every tensor's input bytes, in input order.
+    /// Every tensor's input bytes, in input order, then its inputs' scales.
     pub fn views<'a>(
         &'a self,
         tensors: &'a [OutputTensor],
@@ -152,8 +152,7 @@ impl Loaded {
             .iter()
             .zip(&self.sources)
             .map(|(t, sources)| {
-                t.inputs
-                    .iter()
+                t.all_refs()
                     .zip(sources)
                     .map(|(r, s)| match s {
                         Source::Mapped => maps
@@ -173,7 +172,7 @@ impl Loaded {
 pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageError> {
     let mut sources: Vec<Vec<Source>> = tensors
         .iter()
-        .map(|t| vec![Source::Mapped; t.inputs.len()])
+        .map(|t| vec![Source::Mapped; t.all_refs().count()])
         .collect();
     let mut bytes = 0;
     for (_, _, r) in refs(tensors) {
@@ -257,6 +256,8 @@ mod tests {
                 .collect(),
             base: None,
             params: TensorParams::default(),
+            scales: Vec::new(),
+            block: None,
         }
     }
 

@@ -18,6 +18,52 @@ pub const CHUNK: usize = 1 << 15;
 pub struct TensorView<'a> {
     pub dtype: DType,
     pub bytes: &'a [u8],
+    /// Block scales of an FP8 weight: it is dequantized on read.
+    pub scale: Option<BlockScale<'a>>,
+}
+
+/// The block scales of a 2-D FP8 weight (DeepSeek-V3's `weight_scale_inv`):
+/// element (r, c) is `fp8 · scale[r / block_rows][c / block_cols]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockScale<'a> {
+    /// Float dtype of the scales and their raw bytes, row-major.
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+    /// Columns of the weight.
+    pub cols: usize,
+    pub block_rows: usize,
+    pub block_cols: usize,
+    /// Columns of the scale grid.
+    pub scale_cols: usize,
+}
+
+impl BlockScale<'_> {
+    fn at(&self, i: usize) -> f32 {
+        let size = self.dtype.size();
+        let mut v = [0f32; 1];
+        decode_f32(self.dtype, &self.bytes[i * size..(i + 1) * size], &mut v);
+        v[0]
+    }
+
+    /// Multiplies the dequantized FP8 values of elements `start..start + len`
+    /// (in `buf`) by their blocks' scales.
+    fn apply(&self, start: usize, buf: &mut [f32]) {
+        let cols = self.cols.max(1);
+        let mut e = 0;
+        while e < buf.len() {
+            let idx = start + e;
+            let (r, c) = (idx / cols, idx % cols);
+            // A run of elements within one row and one block.
+            let run = (self.block_cols - c % self.block_cols)
+                .min(cols - c)
+                .min(buf.len() - e);
+            let s = self.at((r / self.block_rows) * self.scale_cols + c / self.block_cols);
+            for x in &mut buf[e..e + run] {
+                *x *= s;
+            }
+            e += run;
+        }
+    }
 }
 
 /// Raw bytes of the output tensor.
@@ -107,6 +153,9 @@ impl Scratch {
                 &view.bytes[c.start * size..(c.start + c.len) * size],
                 &mut buf[..c.len],
             );
+            if let Some(scale) = &view.scale {
+                scale.apply(c.start, &mut buf[..c.len]);
+            }
         }
     }
 }
@@ -351,6 +400,7 @@ pub(crate) mod testing {
                 .map(|b| TensorView {
                     dtype: in_dtype,
                     bytes: b,
+                    scale: None,
                 })
                 .collect(),
             base,
@@ -408,6 +458,7 @@ mod tests {
             inputs: vec![TensorView {
                 dtype: DType::F32,
                 bytes: &bytes,
+                scale: None,
             }],
             base: None,
             params: &params,

@@ -380,6 +380,7 @@ mod tests {
             inputs: vec![TensorView {
                 dtype: DType::F32,
                 bytes: &bytes,
+                scale: None,
             }],
             base: None,
             params: &params,

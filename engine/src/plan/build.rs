@@ -14,6 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{
     ConfigError, MergeConfig, ModelInputs, ModelRef, Params, Span, TokenizerSource,
 };
+use crate::dtype::DType;
 use crate::methods::{self, BasePolicy, MergeMethod, ParamSpec, ParamValue, Scope, TensorParams};
 use crate::storage;
 use rayon::prelude::*;
@@ -105,7 +106,10 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     }
     let tensors = planner.output_tensors(&slices)?;
     let units = shard(tensors, opts, &cfg.merge_method);
-    let output = planner.output_meta(&slices, tokenizer_ref, opts)?;
+    let mut output = planner.output_meta(&slices, tokenizer_ref, opts)?;
+    output.dequantized = units
+        .iter()
+        .any(|u| u.tensors.iter().any(|t| !t.scales.is_empty()));
     Ok(Plan {
         format: PLAN_FORMAT,
         merge_method: cfg.merge_method.value.clone(),
@@ -525,7 +529,22 @@ impl<'a> Planner<'a> {
         };
         let mut out = Vec::new();
         let mut seen = HashSet::new();
+        // The scales of dequantized FP8 weights are not outputs of their own.
+        let dequantized_scale = |t: &OutputTensor| {
+            t.name.ends_with("_scale_inv")
+                && t.inputs.iter().all(|r| {
+                    let weight = r.name.trim_end_matches("_scale_inv");
+                    self.models[r.model]
+                        .checkpoint
+                        .tensors
+                        .get(weight)
+                        .is_some_and(|w| matches!(w.info.dtype, DType::F8_E4M3 | DType::F8_E5M2))
+                })
+        };
         let mut push = |t: OutputTensor, out: &mut Vec<OutputTensor>| -> Result<(), PlanError> {
+            if dequantized_scale(&t) {
+                return Ok(());
+            }
             if !seen.insert(t.name.clone()) {
                 return Err(PlanError::Inputs(format!(
                     "two output tensors would be named {}; check the slices' layer ranges",
@@ -639,6 +658,7 @@ impl<'a> Planner<'a> {
                 shape: loc.info.shape.clone(),
             });
         }
+        let scales = self.block_scales(s, name, &refs)?;
         let first = &refs[0];
         if let Some(bad) = refs.iter().find(|r| r.shape != first.shape) {
             let hint = if name.contains("embed") || TIED_HEADS.contains(&name) {
@@ -655,12 +675,14 @@ impl<'a> Planner<'a> {
                 bad.shape
             )));
         }
-        let all_float = refs.iter().all(|r| r.dtype.is_float());
+        // Block-scaled FP8 inputs are dequantized on read and count as bf16.
+        let effective = |i: usize| match scales.get(i) {
+            Some(Some(_)) => DType::BF16,
+            _ => refs[i].dtype,
+        };
+        let all_float = (0..refs.len()).all(|i| effective(i).is_float());
         let (op, dtype) = if all_float {
-            let promoted = refs
-                .iter()
-                .skip(1)
-                .fold(first.dtype, |a, r| a.promote(r.dtype));
+            let promoted = (1..refs.len()).fold(effective(0), |a, i| a.promote(effective(i)));
             let cfg = self.cfg;
             let dtype = cfg
                 .out_dtype
@@ -668,6 +690,12 @@ impl<'a> Planner<'a> {
                 .or(cfg.dtype.as_ref())
                 .map(|d| d.value)
                 .unwrap_or(promoted);
+            if matches!(dtype, DType::F8_E4M3 | DType::F8_E5M2) {
+                return Err(PlanError::Inputs(format!(
+                    "{name}: writing FP8 ({dtype}) output is not supported yet; set `dtype` or \
+                     `out_dtype` to bfloat16 (FP8 inputs are dequantized on read)"
+                )));
+            }
             (TensorOp::Merge, dtype)
         } else if refs.iter().all(|r| r.dtype == first.dtype) {
             (TensorOp::CopyIdentical, first.dtype)
@@ -694,7 +722,85 @@ impl<'a> Planner<'a> {
             inputs: refs,
             base,
             params,
+            block: scales
+                .iter()
+                .any(Option::is_some)
+                .then(|| self.block_size(s)),
+            scales: if scales.iter().any(Option::is_some) {
+                scales
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// `quantization_config.weight_block_size` of the slice's first model
+    /// (DeepSeek-V3's [128, 128] when absent).
+    fn block_size(&self, s: &Slice) -> [u64; 2] {
+        let m = &self.models[s.sources[0].model];
+        m.checkpoint
+            .config
+            .get("quantization_config")
+            .and_then(|q| q.get("weight_block_size"))
+            .and_then(|b| b.as_array())
+            .and_then(|b| Some([b.first()?.as_u64()?, b.get(1)?.as_u64()?]))
+            .filter(|b| b[0] > 0 && b[1] > 0)
+            .unwrap_or([128, 128])
+    }
+
+    /// For each FP8 input `X.weight`, its `X.weight_scale_inv` block scales
+    /// (checked against the weight's shape and the block size).
+    fn block_scales(
+        &self,
+        s: &Slice,
+        name: &str,
+        refs: &[TensorRef],
+    ) -> Result<Vec<Option<TensorRef>>, PlanError> {
+        let block = self.block_size(s);
+        refs.iter()
+            .map(|r| {
+                if !matches!(r.dtype, DType::F8_E4M3 | DType::F8_E5M2) {
+                    return Ok(None);
+                }
+                let m = &self.models[r.model];
+                let scale_name = format!("{}_scale_inv", r.name);
+                let Some(loc) = m.checkpoint.tensors.get(&scale_name) else {
+                    return Ok(None);
+                };
+                let want: Vec<u64> = match r.shape.as_slice() {
+                    [rows, cols] => vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])],
+                    _ => {
+                        return Err(PlanError::Inputs(format!(
+                            "{name}: {} in {} is FP8 with block scales but has shape {:?}; \
+                             only 2-D weights are block-scaled",
+                            r.name, m.reference, r.shape
+                        )))
+                    }
+                };
+                if loc.info.shape != want || !loc.info.dtype.is_float() {
+                    return Err(PlanError::Inputs(format!(
+                        "{name}: {scale_name} in {} is {} {:?}, but a {:?} weight in {}x{} \
+                         blocks needs float scales of shape {:?}",
+                        m.reference,
+                        loc.info.dtype,
+                        loc.info.shape,
+                        r.shape,
+                        block[0],
+                        block[1],
+                        want
+                    )));
+                }
+                Ok(Some(TensorRef {
+                    model: r.model,
+                    name: scale_name,
+                    location: loc.file.clone(),
+                    offset: loc.info.offset,
+                    len: loc.info.len,
+                    dtype: loc.info.dtype,
+                    shape: loc.info.shape.clone(),
+                }))
+            })
+            .collect()
     }
 
     /// Resolves every parameter of the method for one tensor and runs the
@@ -852,6 +958,7 @@ impl<'a> Planner<'a> {
                 .or(cfg.dtype.as_ref())
                 .map(|d| d.value),
             layers,
+            dequantized: false,
             chat_template: cfg.chat_template.as_ref().map(|c| c.value.clone()),
             config_yaml: cfg.source.clone(),
             method_pretty: spec.pretty_name.to_string(),

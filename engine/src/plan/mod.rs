@@ -70,9 +70,22 @@ pub struct OutputTensor {
     /// Index of the base model within `inputs`.
     pub base: Option<usize>,
     pub params: TensorParams,
+    /// Block scales of FP8 inputs (their `*.weight_scale_inv`), parallel to
+    /// `inputs`; empty when no input is block-scaled. Such inputs are
+    /// dequantized on read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scales: Vec<Option<TensorRef>>,
+    /// Rows and columns of one scale block (`weight_block_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[u64; 2]>,
 }
 
 impl OutputTensor {
+    /// Every byte range the tensor reads: the inputs, then their scales.
+    pub fn all_refs(&self) -> impl Iterator<Item = &TensorRef> {
+        self.inputs.iter().chain(self.scales.iter().flatten())
+    }
+
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
@@ -102,7 +115,7 @@ impl WorkUnit {
     pub fn input_bytes(&self) -> u64 {
         self.tensors
             .iter()
-            .flat_map(|t| t.inputs.iter().map(|i| i.len))
+            .flat_map(|t| t.all_refs().map(|i| i.len))
             .sum()
     }
 }
@@ -121,6 +134,9 @@ pub struct OutputMeta {
     /// Layer-count key and value to write (slices configs).
     pub layers: Option<(String, u64)>,
     pub chat_template: Option<String>,
+    /// FP8 inputs were dequantized: config.json loses its `quantization_config`.
+    #[serde(default)]
+    pub dequantized: bool,
     /// The config YAML verbatim (mergekit_config.yml, model card).
     pub config_yaml: String,
     /// Method name and card text.

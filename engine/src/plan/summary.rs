@@ -212,17 +212,24 @@ pub fn summarize(
             "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
         ));
     }
-    let fp8 = tensors()
-        .filter(|t| {
-            t.inputs
-                .iter()
-                .any(|r| matches!(r.dtype, crate::DType::F8_E4M3 | crate::DType::F8_E5M2))
-        })
-        .count();
-    if fp8 > 0 {
+    let is_fp8 = |d: crate::DType| matches!(d, crate::DType::F8_E4M3 | crate::DType::F8_E5M2);
+    let dequantized: Vec<&super::OutputTensor> =
+        tensors().filter(|t| !t.scales.is_empty()).collect();
+    if let Some(t) = dequantized.first() {
         warnings.push(format!(
-            "{fp8} output tensors come from F8_E4M3/F8_E5M2 (FP8) inputs, which this version \
-             does not dequantize: they are copied, and only where every model holds the same bytes"
+            "{} FP8 weights are dequantized with their block scales and written as {}; \
+             config.json loses quantization_config",
+            dequantized.len(),
+            t.dtype.torch_name()
+        ));
+    }
+    let unscaled = tensors()
+        .filter(|t| t.scales.is_empty() && t.inputs.iter().any(|r| is_fp8(r.dtype)))
+        .count();
+    if unscaled > 0 {
+        warnings.push(format!(
+            "{unscaled} FP8 tensors have no block scales (`*_scale_inv`): they are copied, and \
+             only where every model holds the same bytes"
         ));
     }
     if !single.is_empty() {
