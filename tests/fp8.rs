@@ -316,3 +316,70 @@ fn fp8_output_and_bad_scales_are_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn filters_select_routed_and_shared_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = model(1);
+    let b = model(2);
+    // A shared expert in layer 1 of both models.
+    let shared = |seed| {
+        let v: Vec<u8> = noise(seed, 36 * 40, 300.0)
+            .iter()
+            .map(|x| to_e4m3(*x))
+            .collect();
+        (
+            "model.layers.1.mlp.shared_experts.down_proj.weight".to_string(),
+            vec![36u64, 40],
+            Data::Fp8(v, vec![1.5; 3 * 3]),
+        )
+    };
+    a.push(shared(11));
+    let mut b = b;
+    b.push(shared(12));
+    write(&dir.path().join("ft-a"), &a, false);
+    write(&dir.path().join("ft-b"), &b, false);
+    write(&dir.path().join("ref-a"), &a, true);
+    write(&dir.path().join("ref-b"), &b, true);
+    // Routed experts from ft-a, the shared expert from ft-b, the rest half and half
+    // (the first matching filter wins, as in mergekit).
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "models:\n  - model: ft-a\n    parameters:\n      weight:\n        - filter: shared_experts\n          \
+         value: 0.0\n        - filter: experts\n          value: 1.0\n        - value: 0.5\n  - model: \
+         ft-b\n    parameters:\n      weight:\n        - filter: shared_experts\n          value: 1.0\n        \
+         - filter: experts\n          value: 0.0\n        - value: 0.5\nmerge_method: linear\ndtype: float32\n",
+    )
+    .unwrap();
+    let o = fleetmerge(dir.path(), &["run", "m.yaml", "out", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = read_model(&dir.path().join("out"));
+    let (ra, rb) = (
+        read_model(&dir.path().join("ref-a")),
+        read_model(&dir.path().join("ref-b")),
+    );
+    let routed = "model.layers.1.mlp.experts.2.down_proj.weight";
+    let shared = "model.layers.1.mlp.shared_experts.down_proj.weight";
+    assert!(
+        out[routed].values() == ra[routed].values(),
+        "routed experts come from ft-a"
+    );
+    assert!(
+        out[shared].values() == rb[shared].values(),
+        "the shared expert comes from ft-b"
+    );
+    let attn = "model.layers.1.self_attn.q_a_proj.weight";
+    let mean: Vec<f64> = ra[attn]
+        .values()
+        .iter()
+        .zip(rb[attn].values())
+        .map(|(x, y)| ((*x as f32 * 0.5 + y as f32 * 0.5) / 1.0) as f64)
+        .collect();
+    let got = out[attn].values();
+    let worst = got
+        .iter()
+        .zip(&mean)
+        .map(|(g, m)| (g - m).abs() / m.abs().max(1e-3))
+        .fold(0.0f64, f64::max);
+    assert!(worst < 1e-6, "other tensors are averaged ({worst})");
+}
