@@ -313,6 +313,7 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
         out_shard_size: args.plan.out_shard_size,
         seed: args.plan.random_seed,
         allow_crimes: args.plan.allow_crimes,
+        keep_fp8: args.plan.keep_fp8,
         base_dir: std::env::current_dir()?,
     };
     let models = plan::inspect_models(&config, &opts)?;

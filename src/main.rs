@@ -159,6 +159,10 @@ pub(crate) struct PlanArgs {
     /// Merge models even when their `architectures` differ.
     #[arg(long)]
     pub(crate) allow_crimes: bool,
+    /// Write the weights of FP8 (block-scaled) inputs back as FP8 E4M3 with
+    /// fresh block scales, in the inputs' layout (quantization_config kept).
+    #[arg(long)]
+    pub(crate) keep_fp8: bool,
 }
 
 #[derive(Args)]
@@ -281,6 +285,7 @@ fn run(args: RunArgs) -> Result<()> {
             out_shard_size: args.plan.out_shard_size,
             seed: args.plan.random_seed,
             allow_crimes: args.plan.allow_crimes,
+            keep_fp8: args.plan.keep_fp8,
             base_dir,
         },
     )?;
@@ -445,6 +450,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
             out_shard_size: args.plan.out_shard_size,
             seed: args.plan.random_seed,
             allow_crimes: args.plan.allow_crimes,
+            keep_fp8: args.plan.keep_fp8,
             base_dir,
         },
     )?;

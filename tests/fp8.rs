@@ -383,3 +383,95 @@ fn filters_select_routed_and_shared_experts() {
         .fold(0.0f64, f64::max);
     assert!(worst < 1e-6, "other tensors are averaged ({worst})");
 }
+
+#[test]
+fn keep_fp8_requantizes_merged_weights_with_fresh_block_scales() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = [("base", 0u64), ("ft-a", 1), ("ft-b", 2)];
+    for (name, seed) in models {
+        let tensors = model(seed);
+        write(&dir.path().join("fp8").join(name), &tensors, false);
+        write(&dir.path().join("f32").join(name), &tensors, true);
+    }
+    let input = read_model(&dir.path().join("fp8/ft-a"));
+    for (method, head) in [
+        ("ties", "merge_method: ties\nbase_model: base\n"),
+        ("dare", "merge_method: dare_ties\nbase_model: base\n"),
+    ] {
+        let body = format!(
+            "models:\n  - model: ft-a\n    parameters: {{weight: 1.0, density: 0.6}}\n  - model: \
+             ft-b\n    parameters: {{weight: 0.5, density: 0.6}}\n{head}"
+        );
+        // No `dtype`: every tensor keeps its input's type (FP8 weights via --keep-fp8).
+        std::fs::write(dir.path().join("fp8/m.yaml"), &body).unwrap();
+        std::fs::write(
+            dir.path().join("f32/m.yaml"),
+            format!("{body}dtype: float32\n"),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("{method}-fp8"));
+        let o = fleetmerge(
+            &dir.path().join("fp8"),
+            &[
+                "run",
+                "m.yaml",
+                out.to_str().unwrap(),
+                "--quiet",
+                "--keep-fp8",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let reference = dir.path().join(format!("{method}-f32"));
+        let o = fleetmerge(
+            &dir.path().join("f32"),
+            &["run", "m.yaml", reference.to_str().unwrap(), "--quiet"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (got, want) = (read_model(&out), read_model(&reference));
+        // The input's exact layout: same names, dtypes and shapes.
+        for (name, t) in &input {
+            assert_eq!(got[name].dtype, t.dtype, "{method} {name}");
+            assert_eq!(got[name].shape, t.shape, "{method} {name}");
+        }
+        assert_eq!(got.len(), input.len());
+        for (name, w) in got.iter().filter(|(_, t)| t.dtype == "F8_E4M3") {
+            let cols = w.shape[1] as usize;
+            let scale_cols = cols.div_ceil(BLOCK as usize);
+            let scales = got[&format!("{name}_scale_inv")].values();
+            let r = want[name].values();
+            // Fresh scales: the block's largest magnitude / 448.
+            let mut amax = vec![0f32; scales.len()];
+            for (i, v) in r.iter().enumerate() {
+                let b = (i / cols) / BLOCK as usize * scale_cols + (i % cols) / BLOCK as usize;
+                amax[b] = amax[b].max((*v as f32).abs());
+            }
+            for (b, (s, a)) in scales.iter().zip(&amax).enumerate() {
+                let expected = if *a > 0.0 { a / 448.0 } else { 1.0 };
+                assert_eq!(*s as f32, expected, "{method} {name} block {b}");
+            }
+            // Each value within half an E4M3 step (times its scale) of the merge.
+            for (i, (&q, &v)) in w.bytes.iter().zip(&r).enumerate() {
+                let b = (i / cols) / BLOCK as usize * scale_cols + (i % cols) / BLOCK as usize;
+                let s = scales[b] as f32;
+                let x = (v as f32 / s).abs();
+                let half = if x >= 1.0 / 64.0 {
+                    2f32.powi(((x.to_bits() >> 23) as i32 - 127) - 4)
+                } else {
+                    2f32.powi(-10)
+                };
+                let d = (e4m3(q) * s - v as f32).abs();
+                assert!(
+                    d <= half * s * 1.001,
+                    "{method} {name}[{i}]: {} vs {v}",
+                    e4m3(q) * s
+                );
+            }
+        }
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            config["quantization_config"]["weight_block_size"],
+            serde_json::json!([BLOCK, BLOCK])
+        );
+    }
+}

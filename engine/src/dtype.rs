@@ -223,6 +223,41 @@ pub fn f8_e4m3_to_f32(b: u8) -> f32 {
     }
 }
 
+/// Largest finite E4M3 value.
+pub const F8_E4M3_MAX: f32 = 448.0;
+
+/// The E4M3 ("e4m3fn") byte nearest to `x`, ties to even; values beyond the
+/// largest finite one saturate to ±448 (the format has no infinities); NaN
+/// stays NaN.
+pub fn f32_to_f8_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a >= F8_E4M3_MAX {
+        return sign | 0x7e;
+    }
+    const MIN_NORMAL: f32 = 1.0 / 64.0;
+    if a < MIN_NORMAL {
+        // Subnormals: multiples of 2^-9 (a result of 8 is the smallest normal).
+        let m = (a * 512.0).round_ties_even() as u8;
+        return sign | m;
+    }
+    let mut e = ((a.to_bits() >> 23) as i32) - 127;
+    let frac = a / 2f32.powi(e) - 1.0;
+    let mut m = (frac * 8.0).round_ties_even() as i32;
+    if m == 8 {
+        m = 0;
+        e += 1;
+    }
+    let biased = e + 7;
+    if biased > 15 || (biased == 15 && m == 7) {
+        return sign | 0x7e;
+    }
+    sign | ((biased as u8) << 3) | m as u8
+}
+
 /// An FP8 E5M2 value (IEEE-like: infinities and NaN) as f32.
 pub fn f8_e5m2_to_f32(b: u8) -> f32 {
     // E5M2 is the top byte of an f16.
@@ -260,6 +295,52 @@ pub fn encode_f32(dtype: DType, src: &[f32], dst: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn e4m3_round_trips_every_finite_code_and_saturates() {
+        for b in 0u8..=255 {
+            let x = f8_e4m3_to_f32(b);
+            if x.is_nan() {
+                assert!(f8_e4m3_to_f32(f32_to_f8_e4m3(x)).is_nan());
+                continue;
+            }
+            let back = f32_to_f8_e4m3(x);
+            // +0 and -0 are both zero; every other finite code is its own nearest.
+            assert_eq!(f8_e4m3_to_f32(back), x, "code {b:#04x}");
+        }
+        assert_eq!(f32_to_f8_e4m3(1e6), 0x7e);
+        assert_eq!(f32_to_f8_e4m3(-500.0), 0xfe);
+        assert_eq!(f8_e4m3_to_f32(0x7e), 448.0);
+        // Ties go to the even mantissa: 1 + 1/16 lies between 1 and 1.125.
+        assert_eq!(f8_e4m3_to_f32(f32_to_f8_e4m3(1.0625)), 1.0);
+        assert_eq!(f8_e4m3_to_f32(f32_to_f8_e4m3(1.1875)), 1.25);
+        // Subnormals are multiples of 2^-9.
+        assert_eq!(f8_e4m3_to_f32(f32_to_f8_e4m3(3.0 / 512.0)), 3.0 / 512.0);
+    }
+
+    #[test]
+    fn e4m3_quantization_error_is_within_half_a_step() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x as f32 / u32::MAX as f32 - 0.5) * 800.0;
+            let q = f8_e4m3_to_f32(f32_to_f8_e4m3(v));
+            let a = v.abs().min(448.0);
+            // Half a step: 2^(e-4) for normals, 2^-10 for subnormals.
+            let half = if a >= 1.0 / 64.0 {
+                2f32.powi(((a.to_bits() >> 23) as i32 - 127) - 4)
+            } else {
+                2f32.powi(-10)
+            };
+            assert!(
+                (q - v.clamp(-448.0, 448.0)).abs() <= half * 1.0001,
+                "{v} -> {q}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

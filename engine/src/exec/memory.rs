@@ -95,7 +95,14 @@ pub fn estimate(
         .map(|w| {
             let mut m: Vec<u64> = unit.tensors[w.clone()]
                 .iter()
-                .map(|t| method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len())))
+                .map(|t| {
+                    // A re-quantized FP8 output merges into f32 first (bytes + values).
+                    let requant = t
+                        .requant
+                        .as_ref()
+                        .map_or(0, |r| 8 * r.weight_shape.iter().product::<u64>());
+                    method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len())) + requant
+                })
                 .collect();
             m.sort_unstable_by(|a, b| b.cmp(a));
             m.iter().take(threads as usize).sum::<u64>()
@@ -222,6 +229,7 @@ mod tests {
                     params: Default::default(),
                     scales: Vec::new(),
                     block: None,
+                    requant: None,
                 })
                 .collect(),
         }

@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod read;
 
+use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
 use crate::output::ShardLayout;
@@ -344,20 +345,89 @@ fn compute(
                     scale,
                 });
             }
+            // A re-quantized FP8 output merges as its weight (name and shape
+            // key the method and its random streams).
+            let (name, shape) = match &t.requant {
+                Some(rq) => (rq.weight.as_str(), rq.weight_shape.as_slice()),
+                None => (t.name.as_str(), t.shape.as_slice()),
+            };
             let job = MergeJob {
-                name: &t.name,
-                shape: &t.shape,
+                name,
+                shape,
                 inputs: views,
                 base: t.base,
                 params: &t.params,
                 seed: unit.seed,
             };
-            let mut view = OutputView {
-                dtype: t.dtype,
-                bytes: out,
+            let Some(rq) = &t.requant else {
+                let mut view = OutputView {
+                    dtype: t.dtype,
+                    bytes: out,
+                };
+                method.merge(&job, &mut view)?;
+                return Ok(());
             };
-            method.merge(&job, &mut view)?;
+            let numel = job.numel();
+            let mut merged = vec![0u8; numel * 4];
+            method.merge(
+                &job,
+                &mut OutputView {
+                    dtype: DType::F32,
+                    bytes: &mut merged,
+                },
+            )?;
+            let mut values = vec![0f32; numel];
+            crate::dtype::decode_f32(DType::F32, &merged, &mut values);
+            drop(merged);
+            requantize(&values, shape, rq, out);
             Ok(())
         }
     }
+}
+
+/// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales
+/// `amax / 448`, or (`rq.scales`) those scales as F32: DeepSeek-V3's layout,
+/// where the weight is `fp8 · weight_scale_inv` per block.
+fn requantize(values: &[f32], shape: &[u64], rq: &crate::plan::Requant, out: &mut [u8]) {
+    let (rows, cols) = (
+        shape.first().copied().unwrap_or(1) as usize,
+        shape.get(1).copied().unwrap_or(1).max(1) as usize,
+    );
+    let (br, bc) = (rq.block[0].max(1) as usize, rq.block[1].max(1) as usize);
+    let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    // Block scales, one row of blocks at a time.
+    let scales: Vec<f32> = (0..sr)
+        .into_par_iter()
+        .flat_map_iter(|b| {
+            let mut amax = vec![0f32; sc];
+            for r in b * br..((b + 1) * br).min(rows) {
+                for (c, v) in values[r * cols..(r + 1) * cols].iter().enumerate() {
+                    let a = &mut amax[c / bc];
+                    *a = a.max(v.abs());
+                }
+            }
+            amax.into_iter().map(|a| {
+                if a > 0.0 && a.is_finite() {
+                    a / crate::dtype::F8_E4M3_MAX
+                } else {
+                    1.0
+                }
+            })
+        })
+        .collect();
+    if rq.scales {
+        for (o, s) in out.chunks_exact_mut(4).zip(&scales) {
+            o.copy_from_slice(&s.to_le_bytes());
+        }
+        return;
+    }
+    out.par_chunks_mut(cols)
+        .zip(values.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (o, v))| {
+            let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
+            for (c, (o, &x)) in o.iter_mut().zip(v).enumerate() {
+                *o = crate::dtype::f32_to_f8_e4m3(x / srow[c / bc]);
+            }
+        });
 }

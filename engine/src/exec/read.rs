@@ -258,6 +258,7 @@ mod tests {
             params: TensorParams::default(),
             scales: Vec::new(),
             block: None,
+            requant: None,
         }
     }
 

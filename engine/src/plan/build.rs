@@ -7,8 +7,8 @@
 use super::layout::{Layout, TIED_HEADS};
 use super::resolve::{resolve, Resolved};
 use super::{
-    OutputMeta, OutputTensor, Plan, PlanError, PlannedModel, TensorOp, TensorRef, WorkUnit,
-    PLAN_FORMAT,
+    OutputMeta, OutputTensor, Plan, PlanError, PlannedModel, Requant, TensorOp, TensorRef,
+    WorkUnit, PLAN_FORMAT,
 };
 use crate::checkpoint::Checkpoint;
 use crate::config::{
@@ -33,6 +33,8 @@ pub struct PlanOptions {
     /// Directory that relative model paths are resolved against (mergekit: the
     /// current directory).
     pub base_dir: PathBuf,
+    /// Write FP8 inputs' weights back as FP8 with fresh block scales.
+    pub keep_fp8: bool,
 }
 
 /// One input of an output slice after normalisation.
@@ -66,6 +68,7 @@ struct Planner<'a> {
     cfg: &'a MergeConfig,
     method: &'static dyn MergeMethod,
     models: Vec<Model>,
+    keep_fp8: bool,
 }
 
 fn cfg_err(cfg: &MergeConfig, key_path: &str, span: Option<Span>, message: String) -> PlanError {
@@ -99,6 +102,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         cfg,
         method,
         models,
+        keep_fp8: opts.keep_fp8,
     };
     let slices = planner.normalize()?;
     for s in &slices {
@@ -107,9 +111,11 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let tensors = planner.output_tensors(&slices)?;
     let units = shard(tensors, opts, &cfg.merge_method);
     let mut output = planner.output_meta(&slices, tokenizer_ref, opts)?;
-    output.dequantized = units
-        .iter()
-        .any(|u| u.tensors.iter().any(|t| !t.scales.is_empty()));
+    output.dequantized = units.iter().any(|u| {
+        u.tensors
+            .iter()
+            .any(|t| !t.scales.is_empty() && t.requant.is_none())
+    });
     Ok(Plan {
         format: PLAN_FORMAT,
         merge_method: cfg.merge_method.value.clone(),
@@ -545,6 +551,38 @@ impl<'a> Planner<'a> {
             if dequantized_scale(&t) {
                 return Ok(());
             }
+            if self.keep_fp8 && !t.scales.is_empty() && t.shape.len() == 2 {
+                // The weight in E4M3 and, right after it, its fresh scales.
+                let block = t.block.unwrap_or([128, 128]);
+                let mut weight = t;
+                weight.requant = Some(Requant {
+                    block,
+                    weight: weight.name.clone(),
+                    weight_shape: weight.shape.clone(),
+                    scales: false,
+                });
+                let mut scale = weight.clone();
+                scale.name = format!("{}_scale_inv", weight.name);
+                scale.dtype = DType::F32;
+                scale.shape = vec![
+                    weight.shape[0].div_ceil(block[0]),
+                    weight.shape[1].div_ceil(block[1]),
+                ];
+                if let Some(r) = scale.requant.as_mut() {
+                    r.scales = true;
+                }
+                weight.dtype = DType::F8_E4M3;
+                for t in [weight, scale] {
+                    if !seen.insert(t.name.clone()) {
+                        return Err(PlanError::Inputs(format!(
+                            "two output tensors would be named {}; check the slices' layer ranges",
+                            t.name
+                        )));
+                    }
+                    out.push(t);
+                }
+                return Ok(());
+            }
             if !seen.insert(t.name.clone()) {
                 return Err(PlanError::Inputs(format!(
                     "two output tensors would be named {}; check the slices' layer ranges",
@@ -726,6 +764,7 @@ impl<'a> Planner<'a> {
                 .iter()
                 .any(Option::is_some)
                 .then(|| self.block_size(s)),
+            requant: None,
             scales: if scales.iter().any(Option::is_some) {
                 scales
             } else {

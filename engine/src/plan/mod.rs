@@ -78,6 +78,22 @@ pub struct OutputTensor {
     /// Rows and columns of one scale block (`weight_block_size`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<[u64; 2]>,
+    /// Re-quantize the merged tensor to FP8 with fresh block scales
+    /// (`--keep-fp8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requant: Option<Requant>,
+}
+
+/// How an FP8 output is produced: the merge of the weight `weight` (of
+/// `weight_shape`) is computed in f32, each block gets the scale
+/// `amax / 448`, and the tensor is either the weight in E4M3 or (`scales`) the
+/// F32 scales (`weight_scale_inv`). Both halves compute the same merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Requant {
+    pub block: [u64; 2],
+    pub weight: String,
+    pub weight_shape: Vec<u64>,
+    pub scales: bool,
 }
 
 impl OutputTensor {

@@ -213,14 +213,24 @@ pub fn summarize(
         ));
     }
     let is_fp8 = |d: crate::DType| matches!(d, crate::DType::F8_E4M3 | crate::DType::F8_E5M2);
-    let dequantized: Vec<&super::OutputTensor> =
-        tensors().filter(|t| !t.scales.is_empty()).collect();
+    let dequantized: Vec<&super::OutputTensor> = tensors()
+        .filter(|t| !t.scales.is_empty() && t.requant.is_none())
+        .collect();
     if let Some(t) = dequantized.first() {
         warnings.push(format!(
             "{} FP8 weights are dequantized with their block scales and written as {}; \
              config.json loses quantization_config",
             dequantized.len(),
             t.dtype.torch_name()
+        ));
+    }
+    let requantized = tensors()
+        .filter(|t| t.requant.as_ref().is_some_and(|r| !r.scales))
+        .count();
+    if requantized > 0 {
+        warnings.push(format!(
+            "{requantized} FP8 weights are merged in f32 and written back as E4M3 with fresh \
+             block scales (--keep-fp8); each is merged twice (weight, then its scales)"
         ));
     }
     let unscaled = tensors()

@@ -18,6 +18,7 @@ fn plan_yaml(yaml: &str) -> Result<Plan, PlanError> {
             out_shard_size: DEFAULT_SHARD_SIZE,
             seed: 0,
             allow_crimes: false,
+            keep_fp8: false,
             base_dir: examples(),
         },
     )
@@ -301,6 +302,7 @@ fn shards_split_by_bytes() {
             out_shard_size: 100_000,
             seed: 0,
             allow_crimes: false,
+            keep_fp8: false,
             base_dir: examples(),
         },
     )
