@@ -323,17 +323,15 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
         .threads
         .unwrap_or_else(rayon::current_num_threads)
         .max(1);
+    let peak = planned.as_ref().ok().map(|p| {
+        fleetmerge_engine::exec::memory::peak(&p.units, &args.out, args.max_memory, threads)
+    });
     let summary = planned
         .as_ref()
         .ok()
-        .map(|p| summary::summarize(p, &models, &args.out, threads, args.max_memory));
-    let over_budget = match (&planned, args.max_memory) {
-        (Ok(p), Some(budget)) => p.units.iter().find_map(|u| {
-            fleetmerge_engine::exec::ExecLimits::for_unit(u, &args.out, Some(budget)).err()
-        }),
-        _ => None,
-    };
-    let error = match (&planned, &over_budget) {
+        .zip(peak.as_ref())
+        .map(|(p, peak)| summary::summarize(p, &models, peak, threads));
+    let error = match (&planned, peak.as_ref().and_then(|p| p.over_budget.as_ref())) {
         (Err(e), _) => Some(e.to_string()),
         (_, Some(e)) => Some(e.to_string()),
         _ => None,

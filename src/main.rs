@@ -11,7 +11,7 @@ use fleetmerge_coordinator::{
     TlsIdentity,
 };
 use fleetmerge_engine::config::MergeConfig;
-use fleetmerge_engine::exec::{self, ExecLimits, Progress};
+use fleetmerge_engine::exec::{self, human_bytes as bytes, Progress};
 use fleetmerge_engine::plan::{self, PlanOptions};
 use fleetmerge_worker::remote::{run_remote, RemoteOptions};
 use std::path::PathBuf;
@@ -351,24 +351,18 @@ fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
     let workers = args.workers.clamp(1, plan.units.len().max(1));
     let budget = args.max_memory.map(|m| m / workers as u64);
     let out = args.out.to_string_lossy();
-    let threads = rayon::current_num_threads();
-    let mut peak: Option<(u64, &plan::WorkUnit, ExecLimits)> = None;
-    for unit in &plan.units {
-        let limits = ExecLimits::for_unit(unit, &out, budget)?;
-        let need = exec::memory::PROCESS_BYTES
-            + exec::memory::estimate(unit, &out, &limits, threads).total();
-        if peak.as_ref().is_none_or(|p| need > p.0) {
-            peak = Some((need, unit, limits));
-        }
+    let peak = exec::memory::peak(&plan.units, &out, budget, rayon::current_num_threads());
+    if let Some(e) = peak.over_budget {
+        return Err(e.into());
     }
-    if let Some((need, unit, limits)) = peak {
+    if let Some(unit) = peak.unit {
         tracing::info!(
             "estimated peak memory: {} per unit ({} at once; largest: {}, windows of {} MiB{})",
-            bytes(need as f64),
+            bytes(peak.bytes as f64),
             workers,
             unit.file_name,
-            limits.window_bytes >> 20,
-            if limits.read_ahead {
+            peak.limits.window_bytes >> 20,
+            if peak.limits.read_ahead {
                 ", read ahead"
             } else {
                 ""
@@ -376,22 +370,6 @@ fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A byte count for people: `812 KB`, `3.71 GB`.
-fn bytes(n: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
 }
 
 /// The output location: an object-store URL as given, or a local directory
@@ -485,26 +463,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let shown = display.clone();
     let opts = ServeOptions {
         progress: Some(ProgressFn(std::sync::Arc::new(move |s: &Snapshot| {
-            let state = progress::State {
-                units_total: s.counts.total,
-                units_done: s.counts.done,
-                units_running: s.counts.running,
-                units_failed: s.counts.failed,
-                input_done: s.input_done,
-                input_total: s.input_total,
-                written: s.counts.bytes_written,
-                workers: s
-                    .workers
-                    .iter()
-                    .map(|w| progress::Worker {
-                        id: w.id.clone(),
-                        device: w.device.clone(),
-                        units: w.units.clone(),
-                        bytes_read: w.bytes_read,
-                        last_seen_ms_ago: w.last_seen_ms_ago,
-                    })
-                    .collect(),
-            };
+            let state = progress::State::from(s);
             if let Ok(mut d) = shown.lock() {
                 d.0.update(&state);
                 d.1 = state;

@@ -24,13 +24,21 @@ pub struct State {
     pub workers: Vec<Worker>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Worker {
-    pub id: String,
-    pub device: String,
-    pub units: Vec<usize>,
-    pub bytes_read: u64,
-    pub last_seen_ms_ago: u64,
+pub use fleetmerge_coordinator::WorkerSnapshot as Worker;
+
+impl From<&fleetmerge_coordinator::Snapshot> for State {
+    fn from(s: &fleetmerge_coordinator::Snapshot) -> State {
+        State {
+            units_total: s.counts.total,
+            units_done: s.counts.done,
+            units_running: s.counts.running,
+            units_failed: s.counts.failed,
+            input_done: s.input_done,
+            input_total: s.input_total,
+            written: s.counts.bytes_written,
+            workers: s.workers.clone(),
+        }
+    }
 }
 
 enum Mode {

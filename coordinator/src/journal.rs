@@ -69,6 +69,30 @@ pub struct Records {
     pub finished: bool,
 }
 
+/// Where the record of `unit` lives in the journal folder `dir`.
+fn unit_location(store: &dyn Storage, dir: &str, unit: usize) -> String {
+    store.join(&store.join(dir, UNITS), &format!("unit-{unit:06}.json"))
+}
+
+/// A unit's record and when it was written (`None`: no record).
+fn read_record(
+    store: &dyn Storage,
+    loc: &str,
+) -> Result<Option<(UnitOutput, Option<u64>)>, JournalError> {
+    let bytes = match store.read_all(loc) {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let bad = |e: serde_json::Error| JournalError::Record {
+        location: loc.to_string(),
+        message: e.to_string(),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(bad)?;
+    let at = value.get("recorded_unix_ms").and_then(|t| t.as_u64());
+    Ok(Some((serde_json::from_value(value).map_err(bad)?, at)))
+}
+
 /// Reads the journal in `out_dir`: `None` when there is none.
 pub fn read_records(store: &dyn Storage, out_dir: &str) -> Result<Option<Records>, JournalError> {
     let dir = store.join(out_dir, DIR);
@@ -81,24 +105,16 @@ pub fn read_records(store: &dyn Storage, out_dir: &str) -> Result<Option<Records
         Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let units_dir = store.join(&dir, UNITS);
     let mut units = Vec::new();
     let mut recorded_ms = Vec::new();
     let mut missing = Vec::new();
     for unit in &plan.units {
-        let loc = store.join(&units_dir, &format!("unit-{:06}.json", unit.id));
-        match store.read_all(&loc) {
-            Ok(b) => {
-                let bad = |e: serde_json::Error| JournalError::Record {
-                    location: loc.clone(),
-                    message: e.to_string(),
-                };
-                let value: serde_json::Value = serde_json::from_slice(&b).map_err(bad)?;
-                recorded_ms.push(value.get("recorded_unix_ms").and_then(|t| t.as_u64()));
-                units.push(serde_json::from_value::<UnitOutput>(value).map_err(bad)?);
+        match read_record(store, &unit_location(store, &dir, unit.id))? {
+            Some((output, at)) => {
+                units.push(output);
+                recorded_ms.push(at);
             }
-            Err(StorageError::NotFound { .. }) => missing.push(unit.id),
-            Err(e) => return Err(e.into()),
+            None => missing.push(unit.id),
         }
     }
     let finished = store.exists(&store.join(&dir, DONE))?;
@@ -207,8 +223,7 @@ impl Journal {
     }
 
     fn unit_path(&self, unit: usize) -> String {
-        self.store
-            .join(&self.path(UNITS), &format!("unit-{unit:06}.json"))
+        unit_location(self.store.as_ref(), &self.dir, unit)
     }
 
     /// Removes every record of an earlier merge.
@@ -227,17 +242,10 @@ impl Journal {
     fn finished_units(&self, plan: &Plan) -> Result<BTreeMap<usize, UnitOutput>, JournalError> {
         let mut done = BTreeMap::new();
         for unit in &plan.units {
-            let loc = self.unit_path(unit.id);
-            let bytes = match self.store.read_all(&loc) {
-                Ok(b) => b,
-                Err(StorageError::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
+            let Some((record, _)) = read_record(self.store.as_ref(), &self.unit_path(unit.id))?
+            else {
+                continue;
             };
-            let record: UnitOutput =
-                serde_json::from_slice(&bytes).map_err(|e| JournalError::Record {
-                    location: loc.clone(),
-                    message: e.to_string(),
-                })?;
             let shard = self.store.join(&self.out_dir, &record.file_name);
             let size = match self.store.size(&shard) {
                 Ok(s) => s,

@@ -3,13 +3,14 @@
 //! responder on the coordinator's runtime, since scrapes are small and rare.
 
 use crate::cluster::Cluster;
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The metrics text for the cluster's current state.
-pub fn render(c: &Cluster, input: &HashMap<usize, u64>, now_ms: u64) -> String {
+/// `input_done` and `input_total` are the input bytes of the units done and
+/// of all units.
+pub fn render(c: &Cluster, input_done: u64, input_total: u64, now_ms: u64) -> String {
     let counts = c.counts();
     let mut s = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
@@ -45,18 +46,17 @@ pub fn render(c: &Cluster, input: &HashMap<usize, u64>, now_ms: u64) -> String {
         "Bytes of finished output shards.",
         vec![(String::new(), counts.bytes_written as f64)],
     );
-    let done: u64 = c.done_units().iter().filter_map(|u| input.get(u)).sum();
     metric(
         "fleetmerge_input_bytes_done",
         "gauge",
         "Input bytes of the units that are done.",
-        vec![(String::new(), done as f64)],
+        vec![(String::new(), input_done as f64)],
     );
     metric(
         "fleetmerge_input_bytes",
         "gauge",
         "Input bytes of all units.",
-        vec![(String::new(), input.values().sum::<u64>() as f64)],
+        vec![(String::new(), input_total as f64)],
     );
     metric(
         "fleetmerge_lease_expiries_total",

@@ -103,6 +103,40 @@ impl Shared {
     fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn input_total(&self) -> u64 {
+        self.input.values().sum()
+    }
+
+    /// Input bytes of the units `c` has done.
+    fn input_done(&self, c: &Cluster) -> u64 {
+        c.done_units()
+            .iter()
+            .filter_map(|u| self.input.get(u))
+            .sum()
+    }
+
+    /// The state of the merge for progress displays.
+    fn snapshot(&self) -> Snapshot {
+        let c = self.cluster();
+        let now = now_ms();
+        Snapshot {
+            counts: c.counts(),
+            input_total: self.input_total(),
+            input_done: self.input_done(&c),
+            workers: c
+                .workers
+                .iter()
+                .map(|(id, w)| WorkerSnapshot {
+                    id: id.clone(),
+                    device: w.device.clone(),
+                    units: c.leases_of(id),
+                    bytes_read: w.bytes_read,
+                    last_seen_ms_ago: now.saturating_sub(w.last_seen_ms),
+                })
+                .collect(),
+        }
+    }
 }
 
 fn check_version(v: u32) -> Result<(), Status> {
@@ -270,12 +304,8 @@ impl Coordinator for Service {
             lease_expiries: c.lease_expiries,
             failures: c.failures,
             started_unix_ms: self.0.started_ms,
-            input_bytes_done: c
-                .done_units()
-                .iter()
-                .filter_map(|u| self.0.input.get(u))
-                .sum(),
-            input_bytes_total: self.0.input.values().sum(),
+            input_bytes_done: self.0.input_done(&c),
+            input_bytes_total: self.0.input_total(),
             input_bytes_resumed: self.0.input_resumed,
         }))
     }
@@ -365,10 +395,9 @@ pub async fn serve(
         None => None,
         Some(addr) => {
             let shared = shared.clone();
-            let input: std::collections::HashMap<usize, u64> =
-                plan.units.iter().map(|u| (u.id, u.input_bytes())).collect();
             let (bound, task) = crate::metrics::serve(addr, move || {
-                crate::metrics::render(&shared.cluster(), &input, now_ms())
+                let c = shared.cluster();
+                crate::metrics::render(&c, shared.input_done(&c), shared.input_total(), now_ms())
             })
             .await
             .map_err(|e| RunError::Serve(format!("metrics on {addr}: {e}")))?;
@@ -380,32 +409,9 @@ pub async fn serve(
     let reporter = opts.progress.clone().map(|report| {
         let shared = shared.clone();
         let reporting = reporting.clone();
-        let input: std::collections::HashMap<usize, u64> =
-            plan.units.iter().map(|u| (u.id, u.input_bytes())).collect();
-        let input_total = input.values().sum();
         tokio::spawn(async move {
             loop {
-                let snapshot = {
-                    let c = shared.cluster();
-                    let now = now_ms();
-                    Snapshot {
-                        counts: c.counts(),
-                        input_total,
-                        input_done: c.done_units().iter().filter_map(|u| input.get(u)).sum(),
-                        workers: c
-                            .workers
-                            .iter()
-                            .map(|(id, w)| WorkerSnapshot {
-                                id: id.clone(),
-                                device: w.device.clone(),
-                                units: c.leases_of(id),
-                                bytes_read: w.bytes_read,
-                                last_seen_ms_ago: now.saturating_sub(w.last_seen_ms),
-                            })
-                            .collect(),
-                    }
-                };
-                (report.0)(&snapshot);
+                (report.0)(&shared.snapshot());
                 if !reporting.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }

@@ -7,7 +7,7 @@
 //! NaN and infinities. Every problem is collected, not just the first.
 
 use crate::journal;
-use fleetmerge_engine::checkpoint::read_header;
+use fleetmerge_engine::checkpoint::{read_header, read_index};
 use fleetmerge_engine::dtype::decode_f32;
 use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
@@ -49,15 +49,21 @@ pub fn verify(out: &str, scan: bool) -> Report {
     // Tensor -> shard, as the index (or the single file) says.
     let index_loc = store.join(out, INDEX);
     let (weight_map, total_size): (BTreeMap<String, String>, Option<u64>) =
-        match store.read_all(&index_loc) {
-            Ok(bytes) => match parse_index(&bytes) {
-                Ok(x) => x,
+        match store.exists(&index_loc) {
+            Ok(true) => match read_index(store.as_ref(), &index_loc) {
+                Ok(index) if index.weight_map.is_empty() => {
+                    report
+                        .problems
+                        .push(format!("{index_loc}: weight_map is empty"));
+                    return report;
+                }
+                Ok(index) => (index.weight_map.into_iter().collect(), index.total_size),
                 Err(e) => {
-                    report.problems.push(format!("{index_loc}: {e}"));
+                    report.problems.push(e.to_string());
                     return report;
                 }
             },
-            Err(StorageError::NotFound { .. }) => {
+            Ok(false) => {
                 let single = store.join(out, SINGLE);
                 match store.exists(&single) {
                     Ok(true) => (BTreeMap::new(), None),
@@ -178,36 +184,6 @@ pub fn verify(out: &str, scan: bool) -> Report {
         report.problems.extend(found);
     }
     report
-}
-
-/// The index's weight map and `metadata.total_size`.
-fn parse_index(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Option<u64>), String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or("no weight_map object")?;
-    let mut out = BTreeMap::new();
-    for (k, v) in map {
-        let shard = v
-            .as_str()
-            .ok_or_else(|| format!("weight_map[{k}] is not a file name"))?;
-        if shard.is_empty() || shard.contains('/') || shard.contains("..") {
-            return Err(format!(
-                "weight_map[{k}] = {shard:?} is not a shard file name"
-            ));
-        }
-        out.insert(k.clone(), shard.to_string());
-    }
-    if out.is_empty() {
-        return Err("weight_map is empty".into());
-    }
-    let total = v
-        .get("metadata")
-        .and_then(|m| m.get("total_size"))
-        .and_then(|t| t.as_u64());
-    Ok((out, total))
 }
 
 /// Compares shard sizes and hashes with the journal, if there is one.

@@ -4,7 +4,7 @@
 mod model;
 mod safetensors;
 
-pub use model::{Checkpoint, TensorLocation};
+pub use model::{read_index, Checkpoint, Index, TensorLocation};
 pub use safetensors::{parse_header, read_header, SafetensorsHeader, TensorInfo, MAX_HEADER_LEN};
 
 use crate::dtype::DType;

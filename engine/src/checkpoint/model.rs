@@ -86,16 +86,7 @@ fn open_sharded(
     location: &str,
     index: &str,
 ) -> Result<(Tensors, Vec<String>), CheckpointError> {
-    let weight_map = read_weight_map(storage, index)?;
-    for (_, shard) in &weight_map {
-        // Shard names come from the file; anything path-like could escape the directory.
-        if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard.contains("..") {
-            return Err(CheckpointError::BadShardName {
-                location: index.to_string(),
-                shard: shard.clone(),
-            });
-        }
-    }
+    let weight_map = read_index(storage, index)?.weight_map;
     let shard_names: BTreeSet<&str> = weight_map.iter().map(|(_, s)| s.as_str()).collect();
     let shard_files: Vec<String> = shard_names
         .iter()
@@ -163,12 +154,21 @@ fn open_sharded(
 #[derive(serde::Deserialize)]
 struct IndexFile {
     weight_map: Option<Entries>,
+    metadata: Option<Value>,
 }
 
-fn read_weight_map(
-    storage: &dyn Storage,
-    index: &str,
-) -> Result<Vec<(String, String)>, CheckpointError> {
+/// A parsed `model.safetensors.index.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// (tensor, shard file name) in file order; names are checked to be plain
+    /// file names inside the model directory.
+    pub weight_map: Vec<(String, String)>,
+    /// `metadata.total_size`, when given.
+    pub total_size: Option<u64>,
+}
+
+/// Reads and checks the index at `index`.
+pub fn read_index(storage: &dyn Storage, index: &str) -> Result<Index, CheckpointError> {
     let bad = |message: String| CheckpointError::BadIndex {
         location: index.to_string(),
         message,
@@ -179,7 +179,7 @@ fn read_weight_map(
         .weight_map
         .ok_or_else(|| bad("no weight_map".to_string()))?;
     let mut seen = BTreeSet::new();
-    entries
+    let weight_map = entries
         .into_iter()
         .map(|(name, shard)| match shard {
             Value::String(s) if seen.insert(name.clone()) => Ok((name, s)),
@@ -189,7 +189,25 @@ fn read_weight_map(
                 short(&other)
             ))),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    for (_, shard) in &weight_map {
+        // Shard names come from the file; anything path-like could escape the directory.
+        if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard.contains("..") {
+            return Err(CheckpointError::BadShardName {
+                location: index.to_string(),
+                shard: shard.clone(),
+            });
+        }
+    }
+    let total_size = file
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("total_size"))
+        .and_then(Value::as_u64);
+    Ok(Index {
+        weight_map,
+        total_size,
+    })
 }
 
 fn read_config(

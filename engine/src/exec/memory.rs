@@ -37,16 +37,6 @@ impl MemoryEstimate {
     }
 }
 
-/// Bytes the writer of a shard in `out_dir` buffers.
-fn writer_bytes(out_dir: &str) -> u64 {
-    if crate::storage::is_url(out_dir) {
-        crate::storage::upload_buffer_bytes()
-    } else {
-        // Three direct-I/O blocks in rotation.
-        3 * (8 << 20)
-    }
-}
-
 /// The peak memory of running `unit` into `out_dir` within `limits` on
 /// `threads` compute threads.
 pub fn estimate(
@@ -112,7 +102,7 @@ pub fn estimate(
     MemoryEstimate {
         inputs,
         outputs,
-        writer: writer_bytes(out_dir),
+        writer: crate::storage::write_buffer_bytes(out_dir),
         working: scratch + per_tensor,
     }
 }
@@ -124,6 +114,75 @@ pub struct OverBudget {
     pub needs: u64,
     /// The largest tensor by input bytes, which bounds the smallest window.
     pub largest_tensor: String,
+}
+
+impl OverBudget {
+    /// The error that refuses `unit` for a `budget`.
+    pub fn error(self, unit: &WorkUnit, budget: u64) -> super::ExecError {
+        super::ExecError::OverBudget {
+            unit: unit.id,
+            file: unit.file_name.clone(),
+            tensor: self.largest_tensor,
+            needs: super::human_bytes(self.needs as f64),
+            budget: super::human_bytes(budget as f64),
+        }
+    }
+}
+
+/// The highest estimated peak over the units of a merge.
+#[derive(Debug)]
+pub struct Peak<'a> {
+    /// Bytes at the peak (for a unit over budget, the least it needs).
+    pub bytes: u64,
+    /// The unit that peaks, and the limits it runs with.
+    pub unit: Option<&'a WorkUnit>,
+    pub limits: ExecLimits,
+    /// The first unit that cannot run within the budget.
+    pub over_budget: Option<super::ExecError>,
+}
+
+/// Estimates every unit of `units` (into `out_dir`, on `threads` threads,
+/// within `budget` bytes each when given) and returns the highest peak.
+pub fn peak<'a>(
+    units: &'a [WorkUnit],
+    out_dir: &str,
+    budget: Option<u64>,
+    threads: usize,
+) -> Peak<'a> {
+    let mut p = Peak {
+        bytes: 0,
+        unit: None,
+        limits: ExecLimits::default(),
+        over_budget: None,
+    };
+    for unit in units {
+        let (bytes, limits) = match budget.map(|b| (b, limits_within(unit, out_dir, b, threads))) {
+            None => (None, ExecLimits::default()),
+            Some((_, Ok(limits))) => (None, limits),
+            Some((b, Err(e))) => {
+                let needs = e.needs;
+                p.over_budget.get_or_insert_with(|| e.error(unit, b));
+                (
+                    Some(needs),
+                    ExecLimits {
+                        window_bytes: MIN_WINDOW,
+                        read_ahead: false,
+                    },
+                )
+            }
+        };
+        let bytes = bytes
+            .unwrap_or_else(|| PROCESS_BYTES + estimate(unit, out_dir, &limits, threads).total());
+        if p.unit.is_none() || bytes > p.bytes {
+            p = Peak {
+                bytes,
+                unit: Some(unit),
+                limits,
+                over_budget: p.over_budget,
+            };
+        }
+    }
+    p
 }
 
 /// The largest window (with read-ahead when it fits) that keeps `unit` within

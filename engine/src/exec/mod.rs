@@ -106,27 +106,25 @@ impl ExecLimits {
         let Some(budget) = budget else {
             return Ok(ExecLimits::default());
         };
-        memory::limits_within(unit, out_dir, budget, rayon::current_num_threads()).map_err(|e| {
-            ExecError::OverBudget {
-                unit: unit.id,
-                file: unit.file_name.clone(),
-                tensor: e.largest_tensor,
-                needs: human_bytes(e.needs),
-                budget: human_bytes(budget),
-            }
-        })
+        memory::limits_within(unit, out_dir, budget, rayon::current_num_threads())
+            .map_err(|e| e.error(unit, budget))
     }
 }
 
-/// `1.23 GB`, `456 MB`, `789 KB`.
-pub fn human_bytes(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.0} MB", n / 1e6)
+/// A byte count for people: `812 B`, `3.71 GB` (powers of 1000, as disk and
+/// network sizes are quoted).
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
     } else {
-        format!("{:.0} KB", n / 1e3)
+        format!("{v:.2} {}", UNITS[unit])
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::build::ModelFacts;
 use super::Plan;
-use crate::exec::{memory, ExecLimits};
+use crate::exec::memory;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -157,14 +157,13 @@ pub struct UnitSize {
     pub write: u64,
 }
 
-/// Summarizes `plan` for output into `out` on `threads` compute threads,
-/// within `budget` bytes per slot when given.
+/// Summarizes `plan`, whose peak memory per slot on `threads` compute threads
+/// is `peak` (see [`memory::peak`]).
 pub fn summarize(
     plan: &Plan,
     models: &[ModelFacts],
-    out: &str,
+    peak: &memory::Peak,
     threads: usize,
-    budget: Option<u64>,
 ) -> Summary {
     let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
     let mut per_model = vec![0u64; plan.models.len()];
@@ -176,22 +175,6 @@ pub fn summarize(
         }
     }
     let largest = plan.units.iter().max_by_key(|u| u.input_bytes());
-    let peak = plan
-        .units
-        .iter()
-        .map(|u| {
-            let limits = match budget {
-                Some(b) => memory::limits_within(u, out, b, threads).unwrap_or(ExecLimits {
-                    window_bytes: 1 << 20,
-                    read_ahead: false,
-                }),
-                None => ExecLimits::default(),
-            };
-            memory::PROCESS_BYTES + memory::estimate(u, out, &limits, threads).total()
-        })
-        .max()
-        .unwrap_or(0);
-
     let mut warnings = Vec::new();
     let mut conversions: BTreeMap<String, usize> = BTreeMap::new();
     let mut single = Vec::new();
@@ -285,7 +268,7 @@ pub fn summarize(
             read: u.input_bytes(),
             write: u.data_bytes(),
         }),
-        peak_memory_per_slot: peak,
+        peak_memory_per_slot: peak.bytes,
         threads,
         warnings,
     }

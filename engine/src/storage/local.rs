@@ -240,6 +240,8 @@ struct LocalWriter {
 const BLOCK: usize = 8 << 20;
 /// Alignment of direct-I/O buffers, offsets and lengths.
 const ALIGN: usize = 4096;
+/// Memory of a large file's writer: three direct-I/O blocks in rotation.
+pub(super) const WRITE_BUFFER_BYTES: u64 = 3 * (BLOCK + ALIGN) as u64;
 
 enum Sink {
     /// Under one block so far: held in memory.

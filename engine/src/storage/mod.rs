@@ -110,10 +110,15 @@ pub fn is_url(location: &str) -> bool {
     object::is_url(location)
 }
 
-/// Bytes a streamed write to an object store buffers at most: the parts in
-/// flight and the one filling.
-pub fn upload_buffer_bytes() -> u64 {
-    (object::concurrency() as u64 + 1) * object::PART as u64
+/// Bytes a streamed write (`create`) to `location` buffers at most: for an
+/// object store the parts in flight and the one filling, for a local file its
+/// direct-I/O blocks.
+pub fn write_buffer_bytes(location: &str) -> u64 {
+    if is_url(location) {
+        (object::concurrency() as u64 + 1) * object::PART as u64
+    } else {
+        local::WRITE_BUFFER_BYTES
+    }
 }
 
 /// A store whose client could not be built (bad URL, bad credentials config):
