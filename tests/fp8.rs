@@ -179,12 +179,7 @@ fn write(dir: &Path, tensors: &[(String, Vec<u64>, Data)], dequantize: bool) {
             }
         }
     }
-    let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&json);
+    let mut file = safetensors_prefix(&header);
     file.extend_from_slice(&data);
     std::fs::write(dir.join("model.safetensors"), file).unwrap();
     let mut config = serde_json::json!({

@@ -178,12 +178,11 @@ fn write_model(dir: &Path) -> (usize, u64) {
             offset += len;
             i += 1;
         }
-        let json = serde_json::to_vec(&header).unwrap();
+        let prefix = safetensors_prefix(&header);
         let mut f = std::fs::File::create(dir.join(&name)).unwrap();
-        f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-        f.write_all(&json).unwrap();
+        f.write_all(&prefix).unwrap();
         // The data section as a hole: the file has its full size, no blocks.
-        f.set_len(8 + json.len() as u64 + offset).unwrap();
+        f.set_len(prefix.len() as u64 + offset).unwrap();
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();

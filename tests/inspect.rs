@@ -27,10 +27,9 @@ fn merged(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
-fn verify(out: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args = vec!["verify", out.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let o = fleetmerge(Path::new("."), &args);
+/// Runs `fleetmerge ARGS`: (success, stdout then stderr).
+fn run_text(args: &[&str]) -> (bool, String) {
+    let o = fleetmerge(Path::new("."), args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -39,14 +38,14 @@ fn verify(out: &Path, extra: &[&str]) -> (bool, String) {
     (o.status.success(), text)
 }
 
+fn verify(out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["verify", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_text(&args)
+}
+
 fn status(target: &str) -> (bool, String) {
-    let o = fleetmerge(Path::new("."), &["status", target]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), text)
+    run_text(&["status", target])
 }
 
 const SHARDS: [&str; 4] = [

@@ -55,14 +55,9 @@ fn write_streamed(dir: &Path, seed: u64, count: usize, numel: usize) {
                                "data_offsets": [start, start + numel * 2]}),
         );
     }
-    let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
     let mut f =
         std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).unwrap());
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(&json).unwrap();
+    f.write_all(&safetensors_prefix(&header)).unwrap();
     for t in 0..count {
         let base = noise(100 + t as u64, numel, 0.02);
         let delta = noise(1000 * (seed + 1) + t as u64, numel, 0.004);

@@ -257,6 +257,18 @@ pub fn compare(
     problems
 }
 
+/// The start of a safetensors file for `header`: its length, then the JSON
+/// padded with spaces to a multiple of 8 bytes. The tensor data follows.
+pub fn safetensors_prefix(header: &serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
+    let mut json = serde_json::to_vec(header).unwrap();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out
+}
+
 /// Writes a bf16 checkpoint (`model.safetensors` + a Llama-like `config.json`)
 /// with the given tensors.
 pub fn write_bf16_model(dir: &Path, layers: u64, tensors: &[(String, Vec<u64>, Vec<f32>)]) {
@@ -273,12 +285,7 @@ pub fn write_bf16_model(dir: &Path, layers: u64, tensors: &[(String, Vec<u64>, V
             serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
         );
     }
-    let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&json);
+    let mut file = safetensors_prefix(&header);
     file.extend_from_slice(&data);
     std::fs::write(dir.join("model.safetensors"), file).unwrap();
     let config = serde_json::json!({
