@@ -255,13 +255,14 @@ impl Progress for Counters {
 }
 
 impl Counters {
-    fn state(&self, plan: &plan::Plan) -> progress::State {
+    /// The progress of a merge of `units_total` units reading `input_total` bytes.
+    fn state(&self, units_total: usize, input_total: u64) -> progress::State {
         progress::State {
-            units_total: plan.units.len(),
+            units_total,
             units_done: self.units.load(Ordering::Relaxed) as usize,
             input_done: self.read.load(Ordering::Relaxed)
                 + self.resumed_input.load(Ordering::Relaxed),
-            input_total: plan.units.iter().map(|u| u.input_bytes()).sum(),
+            input_total,
             written: self.written.load(Ordering::Relaxed),
             ..Default::default()
         }
@@ -293,14 +294,18 @@ fn run(args: RunArgs) -> Result<()> {
     let out = prepare_output(&args.out)?;
     let counters = Counters::default();
     let mut display = progress::Display::new(args.quiet);
+    let (units_total, input_total) = (
+        plan.units.len(),
+        plan.units.iter().map(|u| u.input_bytes()).sum::<u64>(),
+    );
     let running = std::sync::atomic::AtomicBool::new(true);
     let summary = std::thread::scope(|s| {
         s.spawn(|| {
             while running.load(Ordering::Relaxed) {
-                display.update(&counters.state(&plan));
+                display.update(&counters.state(units_total, input_total));
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            display.finish(&counters.state(&plan));
+            display.finish(&counters.state(units_total, input_total));
         });
         let r = run_embedded(
             &plan,
