@@ -114,6 +114,11 @@ impl DType {
     }
 
     /// Whether merge kernels can read this type as f32 values.
+    /// An 8-bit float (FP8: E4M3 or E5M2).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, DType::F8_E4M3 | DType::F8_E5M2)
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
     }

@@ -544,7 +544,7 @@ impl<'a> Planner<'a> {
                         .checkpoint
                         .tensors
                         .get(weight)
-                        .is_some_and(|w| matches!(w.info.dtype, DType::F8_E4M3 | DType::F8_E5M2))
+                        .is_some_and(|w| w.info.dtype.is_fp8())
                 })
         };
         let mut push = |t: OutputTensor, out: &mut Vec<OutputTensor>| -> Result<(), PlanError> {
@@ -728,7 +728,7 @@ impl<'a> Planner<'a> {
                 .or(cfg.dtype.as_ref())
                 .map(|d| d.value)
                 .unwrap_or(promoted);
-            if matches!(dtype, DType::F8_E4M3 | DType::F8_E5M2) {
+            if dtype.is_fp8() {
                 return Err(PlanError::Inputs(format!(
                     "{name}: writing FP8 ({dtype}) output is not supported yet; set `dtype` or \
                      `out_dtype` to bfloat16 (FP8 inputs are dequantized on read)"
@@ -798,7 +798,7 @@ impl<'a> Planner<'a> {
         let block = self.block_size(s);
         refs.iter()
             .map(|r| {
-                if !matches!(r.dtype, DType::F8_E4M3 | DType::F8_E5M2) {
+                if !r.dtype.is_fp8() {
                     return Ok(None);
                 }
                 let m = &self.models[r.model];

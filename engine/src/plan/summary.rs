@@ -195,7 +195,6 @@ pub fn summarize(
             "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
         ));
     }
-    let is_fp8 = |d: crate::DType| matches!(d, crate::DType::F8_E4M3 | crate::DType::F8_E5M2);
     let dequantized: Vec<&super::OutputTensor> = tensors()
         .filter(|t| !t.scales.is_empty() && t.requant.is_none())
         .collect();
@@ -217,7 +216,7 @@ pub fn summarize(
         ));
     }
     let unscaled = tensors()
-        .filter(|t| t.scales.is_empty() && t.inputs.iter().any(|r| is_fp8(r.dtype)))
+        .filter(|t| t.scales.is_empty() && t.inputs.iter().any(|r| r.dtype.is_fp8()))
         .count();
     if unscaled > 0 {
         warnings.push(format!(
