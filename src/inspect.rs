@@ -437,6 +437,13 @@ fn print_plan(
             format!(", {fits} --max-memory {}", bytes(b as f64))
         })
     );
+    if s.streamed_tensors > 0 {
+        println!(
+            "streamed: {} tensors larger than the budget allows whole are read a segment at a \
+             time (methods with whole-tensor statistics read them once per pass)",
+            s.streamed_tensors
+        );
+    }
     if s.warnings.is_empty() {
         println!("warnings: none");
     } else {

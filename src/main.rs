@@ -362,7 +362,7 @@ fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
     }
     if let Some(unit) = peak.unit {
         tracing::info!(
-            "estimated peak memory: {} per unit ({} at once; largest: {}, windows of {} MiB{})",
+            "estimated peak memory: {} per unit ({} at once; largest: {}, windows of {} MiB{}{})",
             bytes(peak.bytes as f64),
             workers,
             unit.file_name,
@@ -371,6 +371,10 @@ fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
                 ", read ahead"
             } else {
                 ""
+            },
+            match peak.streamed {
+                0 => String::new(),
+                n => format!("; {n} large tensors streamed in segments"),
             }
         );
     }

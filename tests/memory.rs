@@ -36,42 +36,91 @@ fn run_measured(cwd: &Path, args: &[&str]) -> (bool, String, u64) {
     (ok, reader.join().unwrap(), usage.ru_maxrss as u64 * 1024)
 }
 
+/// Whether two files hold the same bytes, compared a piece at a time (reading
+/// them whole would raise this process's RSS, which the kernel charges to the
+/// children it spawns next).
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut a, mut b) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = a.read(&mut x).unwrap();
+        let mut m = 0;
+        while m < n {
+            match b.read(&mut y[m..n]).unwrap() {
+                0 => return false,
+                k => m += k,
+            }
+        }
+        if x[..n] != y[..n] {
+            return false;
+        }
+        if n == 0 {
+            return b.read(&mut y).unwrap() == 0;
+        }
+    }
+}
+
 /// Writes a bf16 model of `count` tensors of `numel` elements one tensor at a
 /// time. (The kernel charges a child the peak RSS of this test process up to
 /// the spawn, so the test itself must stay small.)
 fn write_streamed(dir: &Path, seed: u64, count: usize, numel: usize) {
-    use std::io::Write;
-    std::fs::create_dir_all(dir).unwrap();
-    let mut header = serde_json::Map::new();
-    for t in 0..count {
-        let start = t * numel * 2;
-        header.insert(
-            format!(
+    let tensors: Vec<(String, [usize; 2])> = (0..count)
+        .map(|t| {
+            let name = format!(
                 "model.layers.{}.mlp.{}.weight",
                 t / 2,
                 ["up_proj", "down_proj"][t % 2]
-            ),
-            serde_json::json!({"dtype": "BF16", "shape": [numel / 1024, 1024],
-                               "data_offsets": [start, start + numel * 2]}),
+            );
+            (name, [numel / 1024, 1024])
+        })
+        .collect();
+    write_tensors(dir, seed, count / 2, &tensors);
+}
+
+/// Writes a bf16 model of the given 2-D tensors, one tensor at a time: model
+/// `seed` 0 is the base, the others move 60 % of its elements.
+fn write_tensors(dir: &Path, seed: u64, layers: usize, tensors: &[(String, [usize; 2])]) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut start = 0;
+    for (name, [rows, cols]) in tensors {
+        let len = rows * cols * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": [rows, cols],
+                               "data_offsets": [start, start + len]}),
         );
+        start += len;
     }
     let mut f =
         std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).unwrap());
     f.write_all(&safetensors_prefix(&header)).unwrap();
-    for t in 0..count {
-        let base = noise(100 + t as u64, numel, 0.02);
-        let delta = noise(1000 * (seed + 1) + t as u64, numel, 0.004);
-        for (i, (b, d)) in base.iter().zip(delta).enumerate() {
-            // The base model is the base; fine-tunes move 60 % of elements.
-            let v = if seed == 0 || i % 5 < 2 { *b } else { b + d };
-            f.write_all(&half::bf16::from_f32(v).to_bits().to_le_bytes())
-                .unwrap();
+    // In pieces of 64 Ki elements, so that this process stays small.
+    const PIECE: usize = 1 << 16;
+    for (t, (_, [rows, cols])) in tensors.iter().enumerate() {
+        let numel = rows * cols;
+        for p in 0..numel.div_ceil(PIECE) {
+            let len = PIECE.min(numel - p * PIECE);
+            let key = (t as u64) << 32 | p as u64;
+            let base = noise(100 + key, len, 0.02);
+            let delta = noise((1000 * (seed + 1)) << 48 | key, len, 0.004);
+            for (i, (b, d)) in base.iter().zip(delta).enumerate() {
+                // The base model is the base; fine-tunes move 60 % of elements.
+                let v = if seed == 0 || i % 5 < 2 { *b } else { b + d };
+                f.write_all(&half::bf16::from_f32(v).to_bits().to_le_bytes())
+                    .unwrap();
+            }
         }
     }
     f.flush().unwrap();
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": count / 2, "torch_dtype": "bfloat16"
+        "num_hidden_layers": layers, "torch_dtype": "bfloat16"
     });
     std::fs::write(
         dir.join("config.json"),
@@ -113,9 +162,13 @@ fn max_memory_bounds_the_peak_and_keeps_the_bytes() {
         free_peak >> 20,
         limited_peak >> 20
     );
-    let a = std::fs::read(dir.path().join("free/model.safetensors")).unwrap();
-    let b = std::fs::read(dir.path().join("limited/model.safetensors")).unwrap();
-    assert!(a == b, "a memory budget changed the merged bytes");
+    assert!(
+        same_bytes(
+            &dir.path().join("free/model.safetensors"),
+            &dir.path().join("limited/model.safetensors")
+        ),
+        "a memory budget changed the merged bytes"
+    );
 
     // Too small for one tensor's inputs: refused up front, nothing written.
     let (ok, err, _) = run_measured(
@@ -134,4 +187,80 @@ fn max_memory_bounds_the_peak_and_keeps_the_bytes() {
     );
     assert!(!ok);
     assert!(err.contains("is not a memory size"), "{err}");
+}
+
+#[test]
+fn a_tensor_larger_than_the_budget_is_streamed_with_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // An embedding of 8192 x 4096 bf16 (64 MiB per model, 192 MiB for three)
+    // and one small layer.
+    let tensors = vec![
+        ("model.embed_tokens.weight".to_string(), [8192, 4096]),
+        ("model.layers.0.mlp.up_proj.weight".to_string(), [256, 1024]),
+    ];
+    for (i, m) in ["base", "a", "b"].into_iter().enumerate() {
+        write_tensors(&dir.path().join(m), i as u64, 1, &tensors);
+    }
+    let models = "models:\n  - model: ./a\n    parameters: {weight: 0.6, density: 0.5}\n  \
+                  - model: ./b\n    parameters: {weight: 0.4, density: 0.7}\n";
+    let configs = [
+        (
+            "linear",
+            "merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: ./a\n    \
+             parameters: {weight: 0.6}\n  - model: ./b\n    parameters: {weight: 0.4}\n"
+                .to_string(),
+        ),
+        (
+            "ties",
+            format!("merge_method: ties\nbase_model: ./base\ndtype: bfloat16\n{models}"),
+        ),
+        (
+            "dare_ties",
+            format!("merge_method: dare_ties\nbase_model: ./base\ndtype: bfloat16\n{models}"),
+        ),
+        (
+            "slerp",
+            "merge_method: slerp\nbase_model: ./a\ndtype: bfloat16\nparameters: {t: 0.3}\n\
+             models:\n  - model: ./a\n  - model: ./b\n"
+                .to_string(),
+        ),
+    ];
+    let budget = 150u64 << 20;
+    for (name, yaml) in configs {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), yaml).unwrap();
+        let config = format!("{name}.yaml");
+        let (whole, limited) = (format!("{name}-whole"), format!("{name}-limited"));
+        let (ok, err, whole_peak) = run_measured(dir.path(), &["run", &config, &whole]);
+        assert!(ok, "{name}: {err}");
+        let (ok, err, limited_peak) = run_measured(
+            dir.path(),
+            &["run", &config, &limited, "--max-memory", "150MiB"],
+        );
+        assert!(ok, "{name}: {err}");
+        eprintln!(
+            "{name}: peak RSS {} MiB reading whole, {} MiB streamed within 150 MiB",
+            whole_peak >> 20,
+            limited_peak >> 20
+        );
+        assert!(
+            limited_peak <= budget,
+            "{name}: peak RSS {} MiB over the budget",
+            limited_peak >> 20
+        );
+        // The embedding's inputs alone (192 MiB) exceed the budget: it was
+        // streamed, not read whole.
+        assert!(
+            whole_peak > (192 << 20) && limited_peak < (192 << 20),
+            "{name}: {} MiB whole, {} MiB limited",
+            whole_peak >> 20,
+            limited_peak >> 20
+        );
+        assert!(
+            same_bytes(
+                &dir.path().join(&whole).join("model.safetensors"),
+                &dir.path().join(&limited).join("model.safetensors")
+            ),
+            "{name}: streaming changed the merged bytes"
+        );
+    }
 }

@@ -532,3 +532,52 @@ fn a_cluster_merges_from_s3_into_s3_and_resumes_after_the_coordinator_dies() {
     download_dir(endpoint, "out-cluster", "resumed", &got);
     assert_same_files(&got, reference);
 }
+
+#[test]
+fn tensors_larger_than_the_budget_stream_from_s3_with_the_same_bytes() {
+    let endpoint = s3();
+    let (dir, reference) = big(endpoint);
+    let env = s3_env(endpoint);
+    // Each tensor's inputs are 9 MiB; this budget leaves windows of a few MiB,
+    // so every tensor is fetched and merged a segment at a time (TIES: one
+    // pass per statistic, each fetching the segments again).
+    let budget = "80MiB";
+    let out = dir.join("streamed");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = fleetmerge_env(
+        dir,
+        &[
+            "plan",
+            "s3.yaml",
+            "--json",
+            "--max-memory",
+            budget,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let streamed = plan["plan"]["streamed_tensors"].as_u64().unwrap();
+    assert!(
+        streamed >= 2 * LAYERS,
+        "{streamed} tensors streamed:\n{plan}"
+    );
+    let o = fleetmerge_env(
+        dir,
+        &[
+            "run",
+            "s3.yaml",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "4M",
+            "--max-memory",
+            budget,
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_files(&out, reference);
+}

@@ -6,9 +6,10 @@
 //! remote inputs are buffers), two output buffers (one computing, one being
 //! written), the output writer's blocks, per-thread chunk scratch, and what the
 //! method keeps per tensor (top-k candidates, samples) for every thread that may
-//! be merging a tensor of the window at once.
+//! be merging a tensor of the window at once. A streamed tensor holds one
+//! segment of its inputs and two of its output instead of the whole tensor.
 
-use super::{read, ExecLimits};
+use super::{read, stream, ExecLimits};
 use crate::methods;
 use crate::plan::WorkUnit;
 
@@ -47,13 +48,30 @@ pub fn estimate(
 ) -> MemoryEstimate {
     let threads = threads.max(1) as u64;
     let windows = read::windows(&unit.tensors, limits.window_bytes);
+    // A streamed tensor's largest segment, in elements.
+    let segment = |w: &std::ops::Range<usize>| match &unit.tensors[w.clone()] {
+        [t] if limits.streams(t) => Some((
+            t,
+            stream::max_segment_elements(t, stream::segment_elements(t, limits.window_bytes))
+                as u64,
+        )),
+        _ => None,
+    };
     let input_bytes = |w: &std::ops::Range<usize>| -> u64 {
+        if let Some((t, elements)) = segment(w) {
+            let per_element: u64 = t.inputs.iter().map(|r| r.dtype.size() as u64).sum();
+            let scales: u64 = t.scales.iter().flatten().map(|r| r.len).sum();
+            return elements * per_element + scales;
+        }
         unit.tensors[w.clone()]
             .iter()
             .flat_map(|t| t.all_refs().map(|r| r.len))
             .sum()
     };
     let output_bytes = |w: &std::ops::Range<usize>| -> u64 {
+        if let Some((t, elements)) = segment(w) {
+            return elements * t.dtype.size() as u64;
+        }
         unit.tensors[w.clone()].iter().map(|t| t.byte_len()).sum()
     };
     let ins: Vec<u64> = windows.iter().map(input_bytes).collect();
@@ -112,8 +130,9 @@ pub fn estimate(
 pub struct OverBudget {
     /// The least the unit needs (smallest window, no read-ahead).
     pub needs: u64,
-    /// The largest tensor by input bytes, which bounds the smallest window.
-    pub largest_tensor: String,
+    /// The tensor that needs the most, and why.
+    pub tensor: String,
+    pub why: String,
 }
 
 impl OverBudget {
@@ -122,7 +141,7 @@ impl OverBudget {
         super::ExecError::OverBudget {
             unit: unit.id,
             file: unit.file_name.clone(),
-            tensor: self.largest_tensor,
+            detail: format!("{} {}", self.tensor, self.why),
             needs: super::human_bytes(self.needs as f64),
             budget: super::human_bytes(budget as f64),
         }
@@ -139,6 +158,8 @@ pub struct Peak<'a> {
     pub limits: ExecLimits,
     /// The first unit that cannot run within the budget.
     pub over_budget: Option<super::ExecError>,
+    /// Tensors streamed in segments under the budget, over all units.
+    pub streamed: usize,
 }
 
 /// Estimates every unit of `units` (into `out_dir`, on `threads` threads,
@@ -154,6 +175,7 @@ pub fn peak<'a>(
         unit: None,
         limits: ExecLimits::default(),
         over_budget: None,
+        streamed: 0,
     };
     for unit in units {
         let (bytes, limits) = match budget.map(|b| (b, limits_within(unit, out_dir, b, threads))) {
@@ -167,18 +189,21 @@ pub fn peak<'a>(
                     ExecLimits {
                         window_bytes: MIN_WINDOW,
                         read_ahead: false,
+                        stream: true,
                     },
                 )
             }
         };
         let bytes = bytes
             .unwrap_or_else(|| PROCESS_BYTES + estimate(unit, out_dir, &limits, threads).total());
+        p.streamed += unit.tensors.iter().filter(|t| limits.streams(t)).count();
         if p.unit.is_none() || bytes > p.bytes {
             p = Peak {
                 bytes,
                 unit: Some(unit),
                 limits,
                 over_budget: p.over_budget,
+                streamed: p.streamed,
             };
         }
     }
@@ -186,7 +211,8 @@ pub fn peak<'a>(
 }
 
 /// The largest window (with read-ahead when it fits) that keeps `unit` within
-/// `budget` bytes, the process's own share included.
+/// `budget` bytes, the process's own share included. Under a budget, a tensor
+/// larger than the window is streamed when it can be.
 pub fn limits_within(
     unit: &WorkUnit,
     out_dir: &str,
@@ -201,6 +227,7 @@ pub fn limits_within(
             let l = ExecLimits {
                 window_bytes: window,
                 read_ahead,
+                stream: true,
             };
             if fits(&l) {
                 return Ok(l);
@@ -211,15 +238,47 @@ pub fn limits_within(
     let least = ExecLimits {
         window_bytes: MIN_WINDOW,
         read_ahead: false,
+        stream: true,
     };
+    // The tensor that needs the most: read whole, or working memory streamed.
+    let method = methods::get(&unit.merge_method);
+    let (tensor, why) = unit
+        .tensors
+        .iter()
+        .map(|t| {
+            let working = method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()));
+            if least.streams(t) {
+                let why = format!(
+                    "needs {} of working memory for its {} merge, even streamed",
+                    super::human_bytes(working as f64),
+                    unit.merge_method
+                );
+                (working, t, why)
+            } else if t.requant.is_some() && t.input_bytes() > least.window_bytes {
+                let why = "is read whole: FP8 weights re-quantized with --keep-fp8 are merged \
+                           whole (their block scales need the whole merged weight)"
+                    .to_string();
+                (t.input_bytes() + working, t, why)
+            } else {
+                (t.input_bytes() + working, t, "is read whole".to_string())
+            }
+        })
+        .max_by_key(|(bytes, _, _)| *bytes)
+        .map(|(_, t, why)| (t.name.clone(), why))
+        .unwrap_or_default();
+    let e = estimate(unit, out_dir, &least, threads);
+    let h = |b: u64| super::human_bytes(b as f64);
     Err(OverBudget {
-        needs: PROCESS_BYTES + estimate(unit, out_dir, &least, threads).total(),
-        largest_tensor: unit
-            .tensors
-            .iter()
-            .max_by_key(|t| t.all_refs().map(|r| r.len).sum::<u64>())
-            .map(|t| t.name.clone())
-            .unwrap_or_default(),
+        needs: PROCESS_BYTES + e.total(),
+        tensor,
+        why: format!(
+            "{why}; in all: {} for the process, {} of inputs and outputs, {} of output writer \
+             buffers, {} of thread scratch and method working memory",
+            h(PROCESS_BYTES),
+            h(e.inputs + e.outputs),
+            h(e.writer),
+            h(e.working)
+        ),
     })
 }
 
@@ -332,7 +391,13 @@ mod tests {
         let ts: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1 << 20)).collect();
         let u = unit("linear", &ts);
         let roomy = limits_within(&u, "/out", 8 << 30, 2).unwrap();
-        assert_eq!(roomy, ExecLimits::default());
+        assert_eq!(
+            roomy,
+            ExecLimits {
+                stream: true,
+                ..ExecLimits::default()
+            }
+        );
         let tight = limits_within(&u, "/out", 150 << 20, 2).unwrap();
         assert!(tight.window_bytes < read::WINDOW_BYTES);
         assert!(PROCESS_BYTES + estimate(&u, "/out", &tight, 2).total() <= 150 << 20);

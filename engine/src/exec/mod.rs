@@ -8,16 +8,17 @@
 
 pub mod memory;
 pub mod read;
+pub mod stream;
 
 use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
-use crate::methods::{self, MergeJob, MethodError, OutputView, TensorView};
+use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
 use crate::output::ShardLayout;
 use crate::plan::{OutputTensor, TensorOp, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 
 /// What a finished unit produced.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,16 +46,22 @@ pub enum ExecError {
         expected: u32,
     },
     #[error(
-        "work unit {unit} ({file}) needs at least {needs} of memory (its largest tensor, \
-         {tensor}, is read whole), more than the {budget} it may use; raise --max-memory \
-         or run fewer units at once"
+        "work unit {unit} ({file}) needs at least {needs} of memory ({detail}), more than the \
+         {budget} it may use; raise --max-memory or run fewer units at once"
     )]
     OverBudget {
         unit: usize,
         file: String,
-        tensor: String,
+        /// The most demanding tensor and why, and what the memory goes to.
+        detail: String,
         needs: String,
         budget: String,
+    },
+    #[error("{tensor}: the merge produced {produced} of its {expected} bytes while streaming")]
+    StreamIncomplete {
+        tensor: String,
+        produced: u64,
+        expected: u64,
     },
     #[error(
         "{tensor}: the inputs hold different values ({models}), but a non-float tensor can only \
@@ -84,6 +91,9 @@ pub struct ExecLimits {
     pub window_bytes: u64,
     /// Load the next window while this one computes (doubles the inputs held).
     pub read_ahead: bool,
+    /// Stream a tensor whose inputs exceed `window_bytes` in segments of about
+    /// that many input bytes instead of reading it whole (see [`stream`]).
+    pub stream: bool,
 }
 
 impl Default for ExecLimits {
@@ -91,11 +101,18 @@ impl Default for ExecLimits {
         ExecLimits {
             window_bytes: read::WINDOW_BYTES,
             read_ahead: true,
+            stream: false,
         }
     }
 }
 
 impl ExecLimits {
+    /// Whether `t` is streamed under these limits. A re-quantized FP8 output
+    /// needs its whole merged weight for the block scales, so it never is.
+    pub fn streams(&self, t: &OutputTensor) -> bool {
+        self.stream && t.requant.is_none() && t.input_bytes() > self.window_bytes
+    }
+
     /// The limits that keep `unit` within `budget` bytes (the defaults when
     /// there is no budget).
     pub fn for_unit(
@@ -174,7 +191,9 @@ pub fn execute_unit_with(
 
     let (writer, hasher, size) = std::thread::scope(|scope| {
         // Loader: one window ahead of compute (or in step with it).
-        let (load_tx, load_rx) = mpsc::sync_channel::<Result<read::Loaded, StorageError>>(0);
+        // `None`: a streamed tensor, read as it computes.
+        let (load_tx, load_rx) =
+            mpsc::sync_channel::<Result<Option<read::Loaded>, StorageError>>(0);
         let (next_tx, next_rx) = mpsc::channel::<()>();
         let tensors = &unit.tensors;
         let maps_ref = &maps;
@@ -185,7 +204,11 @@ pub fn execute_unit_with(
                 if !read_ahead && next_rx.recv().is_err() {
                     return;
                 }
-                let loaded = read::load(&tensors[w.clone()], maps_ref);
+                let ts = &tensors[w.clone()];
+                let loaded = match ts {
+                    [t] if limits.streams(t) => Ok(None),
+                    _ => read::load(ts, maps_ref).map(Some),
+                };
                 let failed = loaded.is_err();
                 if load_tx.send(loaded).is_err() || failed {
                     return;
@@ -213,8 +236,25 @@ pub fn execute_unit_with(
             Ok((writer, hasher, size))
         });
 
+        // Output buffers: two, passed to the writer and back.
+        let pool = Mutex::new(Pool {
+            spare: vec![Vec::new(), Vec::new()],
+            free: free_rx,
+        });
+        let send = |buf: Vec<u8>, len: usize| {
+            fill_tx
+                .send((buf, len))
+                .map_err(|_| StorageError::io(&location, "output writer stopped"))
+        };
+        let emit = |bytes: &[u8]| -> Result<(), StorageError> {
+            let mut buf = Pool::take(&pool, &location)?;
+            if buf.len() < bytes.len() {
+                buf.resize(bytes.len(), 0);
+            }
+            buf[..bytes.len()].copy_from_slice(bytes);
+            send(buf, bytes.len())
+        };
         let computed = (|| -> Result<(), ExecError> {
-            let mut spare = vec![Vec::new(), Vec::new()];
             for w in &windows {
                 if !read_ahead {
                     let _ = next_tx.send(());
@@ -223,15 +263,15 @@ pub fn execute_unit_with(
                     .recv()
                     .map_err(|_| StorageError::io(&location, "input reader stopped"))??;
                 let tensors = &unit.tensors[w.clone()];
+                let Some(loaded) = loaded else {
+                    let t = &tensors[0];
+                    stream_tensor(unit, method, t, &maps, limits, &pool, &location, &emit)?;
+                    progress.read(t.input_bytes());
+                    continue;
+                };
                 let views = loaded.views(tensors, &maps)?;
                 let len: usize = tensors.iter().map(|t| t.byte_len() as usize).sum();
-                let mut buf = match spare.pop() {
-                    Some(b) => b,
-                    // Both buffers are out: wait for the writer to return one.
-                    None => free_rx
-                        .recv()
-                        .map_err(|_| StorageError::io(&location, "output writer stopped"))?,
-                };
+                let mut buf = Pool::take(&pool, &location)?;
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
@@ -239,7 +279,7 @@ pub fn execute_unit_with(
                 drop(views);
                 progress.read(loaded.bytes);
                 maps.release(tensors);
-                if fill_tx.send((buf, len)).is_err() {
+                if send(buf, len).is_err() {
                     // The writer failed; its error is reported below.
                     break;
                 }
@@ -249,11 +289,14 @@ pub fn execute_unit_with(
         drop(fill_tx);
         drop(load_rx);
         drop(next_tx);
+        drop(pool);
         let written = writing
             .join()
             .unwrap_or_else(|_| Err(StorageError::io(&location, "the output writer died")));
+        // A failed writer stops the compute too: its error is the one to report.
+        let written = written?;
         computed?;
-        Ok::<_, ExecError>(written?)
+        Ok::<_, ExecError>(written)
     })?;
     writer.commit()?;
     Ok(UnitOutput {
@@ -286,35 +329,139 @@ fn compute_window(
             &tensors[0],
             &inputs[0],
             slices.pop().unwrap_or_default(),
+            None,
         );
     }
     tensors
         .par_iter()
         .zip(inputs)
         .zip(slices)
-        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o))
+        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o, None))
 }
 
+/// The free output buffers: spare ones, and those the writer gives back.
+struct Pool {
+    spare: Vec<Vec<u8>>,
+    free: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Pool {
+    /// A free buffer, waiting for the writer to return one if need be.
+    fn take(pool: &Mutex<Pool>, location: &str) -> Result<Vec<u8>, StorageError> {
+        let mut p = pool
+            .lock()
+            .map_err(|_| StorageError::io(location, "output buffers lost"))?;
+        match p.spare.pop() {
+            Some(b) => Ok(b),
+            None => p
+                .free
+                .recv()
+                .map_err(|_| StorageError::io(location, "output writer stopped")),
+        }
+    }
+
+    fn put(pool: &Mutex<Pool>, buf: Vec<u8>) {
+        if let Ok(mut p) = pool.lock() {
+            p.spare.push(buf);
+        }
+    }
+}
+
+/// Computes `t` in segments (see [`stream`]), each output segment going to
+/// `emit` as it is done.
+#[allow(clippy::too_many_arguments)]
+fn stream_tensor(
+    unit: &WorkUnit,
+    method: &dyn methods::MergeMethod,
+    t: &OutputTensor,
+    maps: &read::Maps,
+    limits: &ExecLimits,
+    pool: &Mutex<Pool>,
+    location: &str,
+    emit: &(dyn Fn(&[u8]) -> Result<(), StorageError> + Sync),
+) -> Result<(), ExecError> {
+    // Block scales are small: read whole.
+    let scales: Vec<std::borrow::Cow<[u8]>> = t
+        .scales
+        .iter()
+        .flatten()
+        .map(|r| match maps.get(r) {
+            Some(m) => m
+                .bytes(r.offset..r.offset + r.len)
+                .map(std::borrow::Cow::Borrowed),
+            None => storage::for_location(&r.location)
+                .read_range(&r.location, r.offset..r.offset + r.len)
+                .map(std::borrow::Cow::Owned),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut inputs: Vec<&[u8]> = vec![&[]; t.inputs.len()];
+    inputs.extend(scales.iter().map(|s| &s[..]));
+    let elements = stream::segment_elements(t, limits.window_bytes);
+    let source = stream::Stream::new(&t.inputs, maps, elements, emit);
+    let out_len = stream::max_segment_elements(t, elements) * t.dtype.size();
+    let mut buf = Pool::take(pool, location)?;
+    if buf.len() < out_len {
+        buf.resize(out_len, 0);
+    }
+    let computed = compute(unit, method, t, &inputs, &mut buf[..out_len], Some(&source));
+    Pool::put(pool, buf);
+    let (failed, produced) = source.finish();
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    computed?;
+    if produced != t.byte_len() {
+        return Err(ExecError::StreamIncomplete {
+            tensor: t.name.clone(),
+            produced,
+            expected: t.byte_len(),
+        });
+    }
+    Ok(())
+}
+
+/// Computes `t` from its inputs' bytes (then its scales' bytes) into `out`;
+/// streamed (`stream`), the inputs' bytes are empty and come segment by
+/// segment from `stream`, and `out` holds one segment.
 fn compute(
     unit: &WorkUnit,
     method: &dyn methods::MergeMethod,
     t: &OutputTensor,
     inputs: &[&[u8]],
     out: &mut [u8],
+    stream: Option<&dyn Segments>,
 ) -> Result<(), ExecError> {
     match t.op {
         TensorOp::CopyIdentical => {
+            let differ = || ExecError::BuffersDiffer {
+                tensor: t.name.clone(),
+                models: t
+                    .inputs
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            if let Some(stream) = stream {
+                let mut same = true;
+                let numel = t.numel() as usize;
+                let seg = stream.elements().max(1);
+                for start in (0..numel).step_by(seg) {
+                    stream.with_inputs(start..(start + seg).min(numel), &mut |ins| {
+                        same &= ins.iter().all(|b| *b == ins[0]);
+                        if same {
+                            stream.emit(ins[0]);
+                        }
+                    });
+                    if !same {
+                        return Err(differ());
+                    }
+                }
+                return Ok(());
+            }
             let inputs = &inputs[..t.inputs.len().min(inputs.len())];
             if inputs.iter().any(|b| *b != inputs[0]) {
-                return Err(ExecError::BuffersDiffer {
-                    tensor: t.name.clone(),
-                    models: t
-                        .inputs
-                        .iter()
-                        .map(|r| r.name.clone())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
+                return Err(differ());
             }
             out.copy_from_slice(inputs[0]);
             Ok(())
@@ -356,6 +503,7 @@ fn compute(
                 base: t.base,
                 params: &t.params,
                 seed: unit.seed,
+                stream,
             };
             let Some(rq) = &t.requant else {
                 let mut view = OutputView {

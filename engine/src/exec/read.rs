@@ -108,7 +108,8 @@ impl Maps {
         Ok(Maps { files })
     }
 
-    fn get(&self, r: &TensorRef) -> Option<&Mapped> {
+    /// The map of `r`'s file (`None` for a remote object).
+    pub fn get(&self, r: &TensorRef) -> Option<&Mapped> {
         self.files.get(&r.location)
     }
 

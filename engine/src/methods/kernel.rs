@@ -4,10 +4,19 @@
 //! output bytes. Chunk boundaries depend only on the tensor's size (never on the
 //! thread count), and reductions combine per-chunk partials in chunk order, so
 //! results are bit-identical whatever the parallelism.
+//!
+//! A tensor too large to hold may be *streamed* ([`MergeJob::stream`]): every
+//! helper then walks it in segments of whole chunks, one after the other, asking
+//! the [`Segments`] source for each segment's input bytes (and, in [`map`],
+//! handing it each segment's output). Chunks keep their indices and offsets in
+//! the whole tensor, so a streamed merge gives the same bits as a whole one; a
+//! method that needs whole-tensor statistics (norms, top-k thresholds) gets
+//! them from its reductions, each one more pass over the segments.
 
 use super::{MethodError, TensorParams};
 use crate::dtype::{decode_f32, encode_f32, DType};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Elements per chunk: small enough that every input's chunk stays in L2 cache,
 /// large enough to amortise the per-chunk bookkeeping.
@@ -66,6 +75,26 @@ impl BlockScale<'_> {
     }
 }
 
+/// Where a streamed tensor's inputs come from and where its output goes.
+pub trait Segments: Sync {
+    /// Elements per segment wanted; helpers round it down to a multiple of
+    /// their chunk size (at least one chunk).
+    fn elements(&self) -> usize;
+    /// Calls `f` with every input's bytes of elements `range`, in input order.
+    /// A source that fails records its error (the caller reports it) and hands
+    /// `f` zeros, so that the method runs to its end harmlessly.
+    fn with_inputs(&self, range: std::ops::Range<usize>, f: &mut dyn FnMut(&[&[u8]]));
+    /// Takes the next segment of output bytes (segments come in order).
+    fn emit(&self, bytes: &[u8]);
+}
+
+/// Elements of one segment for a helper with chunk size `chunk` when the source
+/// wants `elements`.
+pub fn segment_len(elements: usize, chunk: usize) -> usize {
+    let chunk = chunk.max(1);
+    (elements / chunk).max(1) * chunk
+}
+
 /// Raw bytes of the output tensor.
 #[derive(Debug)]
 pub struct OutputView<'a> {
@@ -86,9 +115,42 @@ pub struct MergeJob<'a> {
     pub params: &'a TensorParams,
     /// `--random-seed` (or the documented default).
     pub seed: u64,
+    /// Set when the tensor is streamed: `inputs` then carry dtypes and scales
+    /// but no bytes, and `out` holds one segment (see [`Segments`]).
+    pub stream: Option<&'a dyn Segments>,
 }
 
-impl MergeJob<'_> {
+impl std::fmt::Debug for dyn Segments + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Segments({} elements)", self.elements())
+    }
+}
+
+impl<'a> MergeJob<'a> {
+    /// Calls `f(range, inputs)` for each segment of the tensor in order, with
+    /// chunks of `chunk` elements (the whole tensor at once unless streamed).
+    fn each_segment(&self, chunk: usize, mut f: impl FnMut(Range<usize>, &[TensorView])) {
+        let numel = self.numel();
+        let Some(stream) = self.stream else {
+            return f(0..numel, &self.inputs);
+        };
+        let seg = segment_len(stream.elements(), chunk);
+        let mut start = 0;
+        while start < numel {
+            let range = start..(start + seg).min(numel);
+            stream.with_inputs(range.clone(), &mut |bytes| {
+                let views: Vec<TensorView> = self
+                    .inputs
+                    .iter()
+                    .zip(bytes)
+                    .map(|(v, b)| TensorView { bytes: b, ..*v })
+                    .collect();
+                f(range.clone(), &views)
+            });
+            start = range.end;
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product::<u64>() as usize
     }
@@ -145,12 +207,14 @@ impl Scratch {
         }
     }
 
-    fn load(&mut self, inputs: &[TensorView], c: Chunk) {
+    /// Decodes chunk `c` of inputs whose bytes begin at element `offset`.
+    fn load(&mut self, inputs: &[TensorView], c: Chunk, offset: usize) {
         for (buf, view) in self.inputs.iter_mut().zip(inputs) {
             let size = view.dtype.size();
+            let at = c.start - offset;
             decode_f32(
                 view.dtype,
-                &view.bytes[c.start * size..(c.start + c.len) * size],
+                &view.bytes[at * size..(at + c.len) * size],
                 &mut buf[..c.len],
             );
             if let Some(scale) = &view.scale {
@@ -199,15 +263,17 @@ pub fn with_buffers<R>(count: usize, len: usize, f: impl FnOnce(&mut [Vec<f32>])
     r
 }
 
-fn chunks(numel: usize, chunk: usize) -> impl IndexedParallelIterator<Item = Chunk> {
+/// The chunks of elements `range` (which starts on a chunk boundary).
+fn chunks(range: Range<usize>, chunk: usize) -> impl IndexedParallelIterator<Item = Chunk> {
     let chunk = chunk.max(1);
-    let count = numel.div_ceil(chunk);
-    (0..count).into_par_iter().map(move |index| {
+    let first = range.start / chunk;
+    let count = range.len().div_ceil(chunk);
+    (first..first + count).into_par_iter().map(move |index| {
         let start = index * chunk;
         Chunk {
             index,
             start,
-            len: chunk.min(numel - start),
+            len: chunk.min(range.end - start),
         }
     })
 }
@@ -234,24 +300,50 @@ pub fn map_sized(
     let out_dtype = out.dtype;
     let out_size = out_dtype.size();
     let n_inputs = job.inputs.len();
-    out.bytes
-        .par_chunks_mut(chunk * out_size)
-        .enumerate()
-        .for_each(|(index, out_bytes)| {
-            let c = Chunk {
-                index,
-                start: index * chunk,
-                len: out_bytes.len() / out_size,
-            };
-            with_scratch(n_inputs, chunk, |scratch| {
-                scratch.load(&job.inputs, c);
-                let Scratch { inputs, out } = scratch;
-                let views: Vec<&[f32]> = inputs[..n_inputs].iter().map(|b| &b[..c.len]).collect();
-                let out = &mut out[..c.len];
-                f(c, &views, out);
-                encode_f32(out_dtype, out, out_bytes);
-            })
-        });
+    let mut spill = Vec::new();
+    job.each_segment(chunk, |range, inputs| {
+        let len = range.len() * out_size;
+        // A segment longer than the caller's buffer (not with the executor's
+        // sizes) is computed into a buffer of its own.
+        let seg_out: &mut [u8] = if out.bytes.len() >= len {
+            &mut out.bytes[..len]
+        } else {
+            spill.resize(len, 0u8);
+            &mut spill[..]
+        };
+        let first = range.start / chunk;
+        seg_out
+            .par_chunks_mut(chunk * out_size)
+            .enumerate()
+            .for_each(|(i, out_bytes)| {
+                let index = first + i;
+                let c = Chunk {
+                    index,
+                    start: index * chunk,
+                    len: out_bytes.len() / out_size,
+                };
+                with_scratch(n_inputs, chunk, |scratch| {
+                    scratch.load(inputs, c, range.start);
+                    let Scratch { inputs, out } = scratch;
+                    let views: Vec<&[f32]> =
+                        inputs[..n_inputs].iter().map(|b| &b[..c.len]).collect();
+                    let out = &mut out[..c.len];
+                    f(c, &views, out);
+                    encode_f32(out_dtype, out, out_bytes);
+                })
+            });
+        if let Some(stream) = job.stream {
+            stream.emit(seg_out);
+        }
+    });
+}
+
+/// Copies input `input` unchanged into the output (same dtype, no scale).
+pub fn copy(job: &MergeJob, input: usize, out: &mut OutputView) {
+    job.each_segment(CHUNK, |_, inputs| match job.stream {
+        Some(stream) => stream.emit(inputs[input].bytes),
+        None => out.bytes.copy_from_slice(inputs[input].bytes),
+    });
 }
 
 /// Runs `f` over every chunk and returns its results in chunk order.
@@ -267,18 +359,21 @@ pub fn reduce_sized<T: Send>(
 ) -> Vec<T> {
     let n_inputs = job.inputs.len();
     let chunk = chunk.max(1);
-    chunks(job.numel(), chunk)
-        .map(|c| {
+    let mut results = Vec::with_capacity(job.numel().div_ceil(chunk));
+    job.each_segment(chunk, |range, inputs| {
+        let offset = range.start;
+        results.par_extend(chunks(range, chunk).map(|c| {
             with_scratch(n_inputs, chunk, |scratch| {
-                scratch.load(&job.inputs, c);
+                scratch.load(inputs, c, offset);
                 let views: Vec<&[f32]> = scratch.inputs[..n_inputs]
                     .iter()
                     .map(|b| &b[..c.len])
                     .collect();
                 f(c, &views)
             })
-        })
-        .collect()
+        }));
+    });
+    results
 }
 
 /// Folds every chunk into per-thread accumulators and combines them. Only for
@@ -291,19 +386,28 @@ pub fn fold_exact<T: Send>(
     combine: impl Fn(T, T) -> T + Sync + Send,
 ) -> T {
     let n_inputs = job.inputs.len();
-    chunks(job.numel(), CHUNK)
-        .fold(&init, |mut acc, c| {
-            with_scratch(n_inputs, CHUNK, |scratch| {
-                scratch.load(&job.inputs, c);
-                let views: Vec<&[f32]> = scratch.inputs[..n_inputs]
-                    .iter()
-                    .map(|b| &b[..c.len])
-                    .collect();
-                fold(&mut acc, c, &views);
-            });
-            acc
-        })
-        .reduce(&init, &combine)
+    let mut total = None;
+    job.each_segment(CHUNK, |range, inputs| {
+        let offset = range.start;
+        let part = chunks(range, CHUNK)
+            .fold(&init, |mut acc, c| {
+                with_scratch(n_inputs, CHUNK, |scratch| {
+                    scratch.load(inputs, c, offset);
+                    let views: Vec<&[f32]> = scratch.inputs[..n_inputs]
+                        .iter()
+                        .map(|b| &b[..c.len])
+                        .collect();
+                    fold(&mut acc, c, &views);
+                });
+                acc
+            })
+            .reduce(&init, &combine);
+        total = Some(match total.take() {
+            Some(t) => combine(t, part),
+            None => part,
+        });
+    });
+    total.unwrap_or_else(init)
 }
 
 /// Sums of f64 partials in chunk order (deterministic).
@@ -384,6 +488,57 @@ pub(crate) mod testing {
         out_dtype: DType,
         seed: u64,
     ) -> Result<Vec<f32>, MethodError> {
+        let bytes = run_bytes(
+            method, shape, inputs, base, params, in_dtype, out_dtype, seed, None,
+        )?;
+        let mut res = vec![0f32; bytes.len() / out_dtype.size()];
+        decode_f32(out_dtype, &bytes, &mut res);
+        Ok(res)
+    }
+
+    /// An in-memory [`Segments`] source: serves ranges of the inputs' bytes
+    /// and collects what is emitted.
+    pub struct MemorySegments<'a> {
+        pub elements: usize,
+        pub inputs: Vec<(&'a [u8], usize)>,
+        pub emitted: std::sync::Mutex<Vec<u8>>,
+        pub loads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Segments for MemorySegments<'_> {
+        fn elements(&self) -> usize {
+            self.elements
+        }
+        fn with_inputs(&self, range: Range<usize>, f: &mut dyn FnMut(&[&[u8]])) {
+            self.loads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let parts: Vec<&[u8]> = self
+                .inputs
+                .iter()
+                .map(|&(b, size)| &b[range.start * size..range.end * size])
+                .collect();
+            f(&parts)
+        }
+        fn emit(&self, bytes: &[u8]) {
+            self.emitted.lock().unwrap().extend_from_slice(bytes);
+        }
+    }
+
+    /// Runs `method` and returns the output bytes; with `segment` set, the
+    /// tensor is streamed in segments of that many elements, through an output
+    /// buffer of one segment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_bytes(
+        method: &dyn MergeMethod,
+        shape: &[u64],
+        inputs: &[Vec<f32>],
+        base: Option<usize>,
+        params: &TensorParams,
+        in_dtype: DType,
+        out_dtype: DType,
+        seed: u64,
+        segment: Option<usize>,
+    ) -> Result<Vec<u8>, MethodError> {
         let encoded: Vec<Vec<u8>> = inputs
             .iter()
             .map(|v| {
@@ -392,6 +547,12 @@ pub(crate) mod testing {
                 b
             })
             .collect();
+        let source = segment.map(|elements| MemorySegments {
+            elements,
+            inputs: encoded.iter().map(|b| (&b[..], in_dtype.size())).collect(),
+            emitted: Default::default(),
+            loads: Default::default(),
+        });
         let job = MergeJob {
             name: "model.layers.0.mlp.up_proj.weight",
             shape,
@@ -399,24 +560,31 @@ pub(crate) mod testing {
                 .iter()
                 .map(|b| TensorView {
                     dtype: in_dtype,
-                    bytes: b,
+                    bytes: if segment.is_some() { &[] } else { b },
                     scale: None,
                 })
                 .collect(),
             base,
             params,
             seed,
+            stream: source.as_ref().map(|s| s as &dyn Segments),
         };
         let n = job.numel();
-        let mut bytes = vec![0u8; n * out_dtype.size()];
+        let len = match segment {
+            Some(e) => e.max(CHUNK).min(n.max(1)),
+            None => n,
+        };
+        let mut bytes = vec![0u8; len * out_dtype.size()];
         let mut out = OutputView {
             dtype: out_dtype,
             bytes: &mut bytes,
         };
         method.merge(&job, &mut out)?;
-        let mut res = vec![0f32; n];
-        decode_f32(out_dtype, &bytes, &mut res);
-        Ok(res)
+        drop(job);
+        Ok(match source {
+            Some(s) => s.emitted.into_inner().unwrap(),
+            None => bytes,
+        })
     }
 
     pub fn params(
@@ -463,6 +631,7 @@ mod tests {
             base: None,
             params: &params,
             seed: 0,
+            stream: None,
         };
         let sum = |job: &MergeJob| {
             sum_partials(&reduce(job, |_, x| {
@@ -480,6 +649,97 @@ mod tests {
         let a = one.install(|| sum(&job));
         let b = four.install(|| sum(&job));
         assert_eq!(a.to_bits(), b.to_bits());
+    }
+
+    /// Parameters every registered method accepts: its required ones set to
+    /// plausible values, varied by input.
+    fn plausible_params(method: &dyn crate::methods::MergeMethod, n: usize) -> TensorParams {
+        use crate::methods::{ParamDefault, ParamKind, ParamValue, Scope};
+        let mut p = TensorParams {
+            per_input: vec![Default::default(); n],
+            ..Default::default()
+        };
+        for spec in method.spec().params {
+            let value = |i: usize| match (spec.name, spec.kind) {
+                (_, ParamKind::Bool) => ParamValue::Bool(false),
+                ("weight", _) => ParamValue::Number(0.3 + 0.2 * i as f64),
+                ("density", _) => ParamValue::Number(0.55),
+                ("epsilon", _) => ParamValue::Number(0.1),
+                (_, ParamKind::Number { min, max }) if min >= 0.0 && max <= 1.0 => {
+                    ParamValue::Number(0.35)
+                }
+                _ => ParamValue::Number(0.5),
+            };
+            if spec.default != ParamDefault::Required {
+                continue;
+            }
+            match spec.scope {
+                Scope::Shared => {
+                    p.shared.insert(spec.name.to_string(), value(0));
+                }
+                Scope::Input | Scope::NonBase => {
+                    for (i, m) in p.per_input.iter_mut().enumerate() {
+                        m.insert(spec.name.to_string(), value(i));
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn every_method_gives_the_same_bits_streamed_in_segments() {
+        use crate::methods::{registry, BasePolicy};
+        // Rows of 1000 (not a divisor of CHUNK), 300 rows: 9 chunks and a tail.
+        let shape = [300u64, 1000];
+        let n = 300_000;
+        let mut merged = 0;
+        for method in registry() {
+            let spec = method.spec();
+            let count = 3usize
+                .max(spec.min_inputs)
+                .min(spec.max_inputs.unwrap_or(usize::MAX));
+            let base = match spec.base {
+                BasePolicy::Required | BasePolicy::Optional if count > 1 => Some(count - 1),
+                _ => None,
+            };
+            let inputs: Vec<Vec<f32>> = (0..count)
+                .map(|m| {
+                    (0..n)
+                        .map(|i| (((i * (m + 3) * 7919) % 2003) as f32 - 1001.0) * 1e-3)
+                        .collect()
+                })
+                .collect();
+            let params = plausible_params(*method, count);
+            let run = |segment| {
+                testing::run_bytes(
+                    *method,
+                    &shape,
+                    &inputs,
+                    base,
+                    &params,
+                    DType::BF16,
+                    DType::BF16,
+                    7,
+                    segment,
+                )
+            };
+            let whole = run(None);
+            for segment in [CHUNK, 3 * CHUNK + 5, 100_000] {
+                let streamed = run(Some(segment));
+                match (&whole, &streamed) {
+                    (Ok(a), Ok(b)) => {
+                        assert!(a == b, "{}: segments of {segment} differ", spec.name)
+                    }
+                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                    _ => panic!("{}: {whole:?} vs {streamed:?}", spec.name),
+                }
+            }
+            merged += whole.is_ok() as usize;
+        }
+        eprintln!("{merged} of {} methods merged", registry().len());
+        // Every method but passthrough (one input only) merged.
+        assert!(merged >= registry().len() - 1, "only {merged} merged");
     }
 
     #[test]

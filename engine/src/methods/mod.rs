@@ -24,7 +24,7 @@ use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use kernel::{Chunk, MergeJob, OutputView, TensorView};
+pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
 
 /// A resolved parameter value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -40,7 +40,7 @@ impl MergeMethod for Passthrough {
         };
         let scale = job.params.input_f64(0, "scale");
         match scale {
-            None if input.dtype == out.dtype => out.bytes.copy_from_slice(input.bytes),
+            None if input.dtype == out.dtype && input.scale.is_none() => kernel::copy(job, 0, out),
             _ => {
                 let s = scale.unwrap_or(1.0) as f32;
                 kernel::map(job, out, |_, xs, y| {

@@ -385,6 +385,7 @@ mod tests {
             base: None,
             params: &params,
             seed: 0,
+            stream: None,
         };
         let keys = |_: usize, x: &[&[f32]], out: &mut [u32]| {
             for (o, &v) in out.iter_mut().zip(x[0]) {

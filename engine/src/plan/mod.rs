@@ -105,6 +105,10 @@ impl OutputTensor {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
+    /// Bytes of every input, the scales included.
+    pub fn input_bytes(&self) -> u64 {
+        self.all_refs().map(|r| r.len).sum()
+    }
     pub fn byte_len(&self) -> u64 {
         self.numel() * self.dtype.size() as u64
     }

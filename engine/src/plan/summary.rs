@@ -146,6 +146,8 @@ pub struct Summary {
     pub peak_memory_per_slot: u64,
     /// The threads that estimate assumes.
     pub threads: usize,
+    /// Tensors too large for the memory budget whole, streamed in segments.
+    pub streamed_tensors: usize,
     pub warnings: Vec<String>,
 }
 
@@ -269,6 +271,7 @@ pub fn summarize(
         }),
         peak_memory_per_slot: peak.bytes,
         threads,
+        streamed_tensors: peak.streamed,
         warnings,
     }
 }
