@@ -276,18 +276,37 @@ fn fp8_output_and_bad_scales_are_refused_clearly() {
     for (name, seed) in [("ft-a", 1u64), ("ft-b", 2)] {
         write(&dir.path().join(name), &model(seed), false);
     }
+    // FP8 output of models without block-scaled FP8 weights: refused at the key.
+    let plain = dir.path().join("plain");
+    write_bf16_model(
+        &plain,
+        1,
+        &[("model.norm.weight".to_string(), vec![4], vec![1.0; 4])],
+    );
     std::fs::write(
         dir.path().join("m.yaml"),
-        "models:\n  - model: ft-a\n    parameters: {weight: 0.5}\n  - model: ft-b\n    \
+        "models:\n  - model: plain\n    parameters: {weight: 0.5}\n  - model: plain\n    \
          parameters: {weight: 0.5}\nmerge_method: linear\nout_dtype: float8_e4m3fn\n",
     )
     .unwrap();
     let o = fleetmerge(dir.path(), &["run", "m.yaml", "out"]);
     assert!(!o.status.success());
-    // FP8 output (`--keep-fp8`, re-quantizing with fresh scales) is not built
-    // yet: the config is refused at its key.
+    let err = stderr(&o);
     assert!(
-        stderr(&o).contains("out_dtype (line 7") && stderr(&o).contains("float8_e4m3fn"),
+        err.contains("out_dtype (line 7") && err.contains("no merged tensor has them"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists());
+    std::fs::write(
+        dir.path().join("m0.yaml"),
+        "models:\n  - model: plain\n    parameters: {weight: 0.5}\n  - model: plain\n    \
+         parameters: {weight: 0.5}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let o = fleetmerge(dir.path(), &["run", "m0.yaml", "out", "--keep-fp8"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--keep-fp8: FP8 output"),
         "{}",
         stderr(&o)
     );
@@ -468,5 +487,25 @@ fn keep_fp8_requantizes_merged_weights_with_fresh_block_scales() {
             config["quantization_config"]["weight_block_size"],
             serde_json::json!([BLOCK, BLOCK])
         );
+
+        // `out_dtype: fp8` in the YAML is the same as --keep-fp8.
+        std::fs::write(
+            dir.path().join("fp8/m.yaml"),
+            format!("{body}out_dtype: fp8\n"),
+        )
+        .unwrap();
+        let yaml_out = dir.path().join(format!("{method}-yaml"));
+        let o = fleetmerge(
+            &dir.path().join("fp8"),
+            &["run", "m.yaml", yaml_out.to_str().unwrap(), "--quiet"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        for file in ["model.safetensors", "config.json"] {
+            assert!(
+                std::fs::read(out.join(file)).unwrap()
+                    == std::fs::read(yaml_out.join(file)).unwrap(),
+                "{method}: out_dtype: fp8 and --keep-fp8 differ in {file}"
+            );
+        }
     }
 }

@@ -648,19 +648,31 @@ impl Reader<'_> {
         };
         let name = self.string(node, key)?;
         let bare = name.strip_prefix("torch.").unwrap_or(&name);
-        // Only mergekit's names: a config fleetmerge accepts must also run in mergekit.
-        let dtype = MERGEKIT_DTYPES
-            .contains(&bare)
-            .then(|| DType::from_torch_name(bare))
-            .flatten();
+        // Only mergekit's names (a config fleetmerge accepts must also run in
+        // mergekit), and for `out_dtype` FP8: re-quantized FP8 weights, which
+        // mergekit cannot write (nor read).
+        let fp8 = key == "out_dtype" && matches!(bare, "fp8" | "float8_e4m3fn");
+        let dtype = if fp8 {
+            Some(DType::F8_E4M3)
+        } else {
+            MERGEKIT_DTYPES
+                .contains(&bare)
+                .then(|| DType::from_torch_name(bare))
+                .flatten()
+        };
         match dtype {
             Some(d) => Ok(Some(Spanned::new(d, node.span))),
             None => Err(self.err(
                 key,
                 node.span,
                 format!(
-                    "unknown dtype '{}' (use one of bfloat16, float16, float32, float64)",
-                    name.value
+                    "unknown dtype '{}' (use one of bfloat16, float16, float32, float64{})",
+                    name.value,
+                    if key == "out_dtype" {
+                        "; fp8 for FP8 weights re-quantized with block scales"
+                    } else {
+                        ""
+                    }
                 ),
             )),
         }
@@ -1204,6 +1216,15 @@ dtype: float32
                 .map(|d| d.value),
             Some(DType::F64)
         );
+        // FP8 only as out_dtype (re-quantized FP8 weights).
+        for name in ["fp8", "float8_e4m3fn", "torch.float8_e4m3fn"] {
+            let c = parse(&format!("{base}out_dtype: {name}\n"));
+            assert_eq!(c.out_dtype.map(|d| d.value), Some(DType::F8_E4M3));
+        }
+        let m = fails(&format!("{base}dtype: fp8\n"), "dtype", 4);
+        assert!(m.contains("unknown dtype 'fp8'"), "{m}");
+        let m = fails(&format!("{base}out_dtype: float8_e5m2\n"), "out_dtype", 4);
+        assert!(m.contains("fp8 for FP8 weights"), "{m}");
         let m = fails(&format!("{base}dtype: float8\n"), "dtype", 4);
         assert!(
             m.contains("unknown dtype 'float8' (use one of bfloat16, float16, float32, float64)"),

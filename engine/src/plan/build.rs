@@ -98,11 +98,13 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let (refs, tokenizer_ref) = model_references(cfg);
     let models = open_models(cfg, opts, &refs)?;
     check_architectures(&models, opts.allow_crimes)?;
+    // `out_dtype: fp8` in the YAML is `--keep-fp8`.
+    let fp8_out = cfg.out_dtype.as_ref().filter(|d| d.value.is_fp8());
     let planner = Planner {
         cfg,
         method,
         models,
-        keep_fp8: opts.keep_fp8,
+        keep_fp8: opts.keep_fp8 || fp8_out.is_some(),
     };
     let slices = planner.normalize()?;
     for s in &slices {
@@ -116,6 +118,21 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .iter()
             .any(|t| !t.scales.is_empty() && t.requant.is_none())
     });
+    if planner.keep_fp8
+        && !units
+            .iter()
+            .flat_map(|u| &u.tensors)
+            .any(|t| t.requant.is_some())
+    {
+        let message = "FP8 output re-quantizes the inputs' block-scaled FP8 weights (DeepSeek-V3 \
+                       layout: F8_E4M3 `X.weight` with `X.weight_scale_inv`), and no merged \
+                       tensor has them; set a float `out_dtype` instead"
+            .to_string();
+        return Err(match fp8_out {
+            Some(d) => cfg_err(cfg, "out_dtype", Some(d.span), message),
+            None => PlanError::Inputs(format!("--keep-fp8: {message}")),
+        });
+    }
     Ok(Plan {
         format: PLAN_FORMAT,
         merge_method: cfg.merge_method.value.clone(),
@@ -722,9 +739,12 @@ impl<'a> Planner<'a> {
         let (op, dtype) = if all_float {
             let promoted = (1..refs.len()).fold(effective(0), |a, i| a.promote(effective(i)));
             let cfg = self.cfg;
+            // An FP8 `out_dtype` applies to block-scaled weights only (re-quantized
+            // above); the other tensors keep `dtype` or their inputs' type.
             let dtype = cfg
                 .out_dtype
                 .as_ref()
+                .filter(|d| !d.value.is_fp8())
                 .or(cfg.dtype.as_ref())
                 .map(|d| d.value)
                 .unwrap_or(promoted);
@@ -991,9 +1011,12 @@ impl<'a> Planner<'a> {
         Ok(OutputMeta {
             config_dir: self.models[config_donor].location.clone(),
             tokenizer_dir,
+            // FP8 checkpoints keep a float torch_dtype (the compute dtype) next
+            // to their quantization_config.
             config_dtype: cfg
                 .out_dtype
                 .as_ref()
+                .filter(|d| !d.value.is_fp8())
                 .or(cfg.dtype.as_ref())
                 .map(|d| d.value),
             layers,
