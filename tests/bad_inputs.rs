@@ -232,3 +232,53 @@ fn slerp_with_three_models_is_rejected() {
     let err = run_expecting_error(dir.path(), &config);
     assert!(err.contains("exactly 2"), "{err}");
 }
+
+/// `--device`: a bad name, or CUDA in a build without it (the default build),
+/// is refused before anything is written.
+#[test]
+fn unusable_devices_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fixture("linear").join("config.yaml");
+    let cfg = cfg.to_str().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    for (device, expect) in [
+        ("tpu:0", "expected cpu, cuda or cuda:N"),
+        ("cuda:x", "expected cpu, cuda or cuda:N"),
+        (
+            "cuda:0",
+            if cfg!(feature = "cuda") {
+                "--device cuda:0"
+            } else {
+                "this build computes on the CPU only"
+            },
+        ),
+    ] {
+        let o = fleetmerge(&examples(), &["run", cfg, out, "--device", device]);
+        assert!(!o.status.success(), "{device}");
+        assert!(stderr(&o).contains(expect), "{device}: {}", stderr(&o));
+        assert!(!Path::new(out).exists(), "{device}: output created");
+        let o = fleetmerge(
+            &examples(),
+            &[
+                "worker",
+                "--coordinator",
+                "http://127.0.0.1:9",
+                "--device",
+                device,
+            ],
+        );
+        assert!(!o.status.success(), "{device}");
+        assert!(
+            stderr(&o).contains(expect),
+            "worker {device}: {}",
+            stderr(&o)
+        );
+    }
+    // cpu is fine.
+    let o = fleetmerge(
+        &examples(),
+        &["run", cfg, out, "--device", "cpu", "--quiet"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

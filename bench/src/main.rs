@@ -27,6 +27,14 @@ struct Args {
     /// Only these merges (dense-linear, dense-ties, moe-linear, moe-ties).
     #[arg(long)]
     only: Vec<String>,
+    /// Compute device passed to `fleetmerge run` (cuda:0 needs a binary built
+    /// with the cuda feature); also `--compare-cpu` to check its bytes.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// After each merge on --device, merge once more on the CPU and require
+    /// byte-identical shards.
+    #[arg(long)]
+    compare_cpu: bool,
 }
 
 /// One tensor of a generated checkpoint.
@@ -387,11 +395,47 @@ fn main() -> Result<()> {
                     "--no-copy-tokenizer",
                     "--out-shard-size",
                     "2G",
+                    "--device",
+                    &args.device,
                 ],
                 &sdir,
             )?;
             walls.push(wall);
             rss = rss.max(peak);
+        }
+        if args.compare_cpu {
+            let cpu = dir.join(format!("out-{name}-cpu"));
+            let _ = std::fs::remove_dir_all(&cpu);
+            timed(
+                &bin,
+                &[
+                    "run",
+                    cfg.to_str().unwrap(),
+                    cpu.to_str().unwrap(),
+                    "--quiet",
+                    "--no-copy-tokenizer",
+                    "--out-shard-size",
+                    "2G",
+                ],
+                &sdir,
+            )?;
+            for entry in std::fs::read_dir(&cpu)? {
+                let file = entry?.file_name();
+                if file.to_string_lossy().ends_with(".safetensors")
+                    && std::fs::read(cpu.join(&file))? != std::fs::read(out.join(&file))?
+                {
+                    bail!(
+                        "{name}: {} differs between --device {} and the CPU",
+                        file.to_string_lossy(),
+                        args.device
+                    );
+                }
+            }
+            eprintln!(
+                "{name}: shards identical on --device {} and the CPU",
+                args.device
+            );
+            let _ = std::fs::remove_dir_all(&cpu);
         }
         let input: u64 = files
             .iter()

@@ -41,6 +41,8 @@ pub struct EmbeddedOptions {
     pub restart: bool,
     /// Attempts per unit when it fails with an error that may pass (I/O).
     pub max_attempts: u32,
+    /// Where the units are computed.
+    pub device: fleetmerge_engine::exec::Device,
 }
 
 /// What a finished merge wrote.
@@ -191,7 +193,13 @@ pub fn run_embedded(
         for i in 0..workers {
             let scheduler = &scheduler;
             s.spawn(move || {
-                fleetmerge_worker::work(&format!("local-{i}"), scheduler, progress, budget)
+                fleetmerge_worker::work(
+                    &format!("local-{i}"),
+                    scheduler,
+                    progress,
+                    budget,
+                    &opts.device,
+                )
             });
         }
     });

@@ -8,6 +8,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod exec;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod methods;
 pub mod output;
 pub mod plan;

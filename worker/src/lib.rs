@@ -5,7 +5,7 @@
 
 pub mod remote;
 
-use fleetmerge_engine::exec::{self, ExecError, ExecLimits, Progress, UnitOutput};
+use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress, UnitOutput};
 use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage::StorageError;
 
@@ -31,22 +31,28 @@ pub trait UnitSource: Sync {
 /// Whether another attempt (here or on another worker) might succeed: I/O
 /// errors may pass; a corrupt input, a bad parameter or a method error will not.
 pub fn retryable(e: &ExecError) -> bool {
-    matches!(e, ExecError::Storage(StorageError::Io { .. }))
+    // A GPU error (out of memory while other units ran) may pass too.
+    matches!(
+        e,
+        ExecError::Storage(StorageError::Io { .. }) | ExecError::Gpu(_)
+    )
 }
 
 /// Works until the source has nothing left, each unit within `max_memory`
-/// bytes when given. Returns the number of units completed.
+/// bytes when given, computing on `device`. Returns the number of units
+/// completed.
 pub fn work(
     worker: &str,
     source: &dyn UnitSource,
     progress: &dyn Progress,
     max_memory: Option<u64>,
+    device: &Device,
 ) -> usize {
     let mut done = 0;
     while let Some(lease) = source.next(worker) {
         tracing::debug!(worker, unit = lease.unit.id, file = %lease.unit.file_name, "unit leased");
         let result = ExecLimits::for_unit(&lease.unit, &lease.out_dir, max_memory)
-            .and_then(|l| exec::execute_unit_with(&lease.unit, &lease.out_dir, progress, &l));
+            .and_then(|l| exec::execute_unit_on(&lease.unit, &lease.out_dir, progress, &l, device));
         match result {
             Ok(output) => {
                 tracing::debug!(worker, unit = lease.unit.id, sha256 = %output.sha256, "unit done");

@@ -25,7 +25,8 @@ pub struct RemoteOptions {
     pub coordinator: String,
     pub token: Option<String>,
     pub worker_id: String,
-    pub device: String,
+    /// Where units are computed (its name is reported to the coordinator).
+    pub device: exec::Device,
     pub slots: usize,
     /// Memory all slots together may use (each slot gets its share).
     pub max_memory: Option<u64>,
@@ -205,7 +206,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
         let req = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             worker_id: opts.worker_id.clone(),
-            device: opts.device.clone(),
+            device: opts.device.name(),
             memory_bytes: opts.max_memory.unwrap_or(0),
             slots: opts.slots as u32,
         };
@@ -351,7 +352,10 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
             .map(|m| m / job.opts.slots.max(1) as u64);
         let result = tokio::task::spawn_blocking(move || {
             exec::ExecLimits::for_unit(&unit, &out_dir, budget)
-                .and_then(|l| exec::execute_unit_with(&unit, &out_dir, &ReadCounter(&job.read), &l))
+                .and_then(|l| {
+                    let read = ReadCounter(&job.read);
+                    exec::execute_unit_on(&unit, &out_dir, &read, &l, &job.opts.device)
+                })
                 .map_err(|e| (retryable(&e), e.to_string()))
         })
         .await

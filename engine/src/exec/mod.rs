@@ -6,9 +6,12 @@
 //! and hashes them, while the next window computes. The shard appears in storage
 //! atomically when complete.
 
+mod device;
 pub mod memory;
 pub mod read;
 pub mod stream;
+
+pub use device::Device;
 
 use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
@@ -57,6 +60,8 @@ pub enum ExecError {
         needs: String,
         budget: String,
     },
+    #[error("computing on the GPU: {0}")]
+    Gpu(String),
     #[error("{tensor}: the merge produced {produced} of its {expected} bytes while streaming")]
     StreamIncomplete {
         tensor: String,
@@ -164,6 +169,17 @@ pub fn execute_unit_with(
     out_dir: &str,
     progress: &dyn Progress,
     limits: &ExecLimits,
+) -> Result<UnitOutput, ExecError> {
+    execute_unit_on(unit, out_dir, progress, limits, &Device::Cpu)
+}
+
+/// [`execute_unit_with`] computing on `device`.
+pub fn execute_unit_on(
+    unit: &WorkUnit,
+    out_dir: &str,
+    progress: &dyn Progress,
+    limits: &ExecLimits,
+    device: &Device,
 ) -> Result<UnitOutput, ExecError> {
     if unit.format != PLAN_FORMAT {
         return Err(ExecError::Format {
@@ -275,7 +291,7 @@ pub fn execute_unit_with(
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
-                compute_window(unit, method, tensors, &views, &mut buf[..len])?;
+                compute_window(unit, method, tensors, &views, &mut buf[..len], device)?;
                 drop(views);
                 progress.read(loaded.bytes);
                 maps.release(tensors);
@@ -315,6 +331,7 @@ fn compute_window(
     tensors: &[OutputTensor],
     inputs: &[Vec<&[u8]>],
     mut out: &mut [u8],
+    device: &Device,
 ) -> Result<(), ExecError> {
     let mut slices = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -330,13 +347,14 @@ fn compute_window(
             &inputs[0],
             slices.pop().unwrap_or_default(),
             None,
+            device,
         );
     }
     tensors
         .par_iter()
         .zip(inputs)
         .zip(slices)
-        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o, None))
+        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o, None, device))
 }
 
 /// The free output buffers: spare ones, and those the writer gives back.
@@ -403,7 +421,15 @@ fn stream_tensor(
     if buf.len() < out_len {
         buf.resize(out_len, 0);
     }
-    let computed = compute(unit, method, t, &inputs, &mut buf[..out_len], Some(&source));
+    let computed = compute(
+        unit,
+        method,
+        t,
+        &inputs,
+        &mut buf[..out_len],
+        Some(&source),
+        &Device::Cpu,
+    );
     Pool::put(pool, buf);
     let (failed, produced) = source.finish();
     if let Some(e) = failed {
@@ -430,6 +456,7 @@ fn compute(
     inputs: &[&[u8]],
     out: &mut [u8],
     stream: Option<&dyn Segments>,
+    device: &Device,
 ) -> Result<(), ExecError> {
     match t.op {
         TensorOp::CopyIdentical => {
@@ -510,6 +537,13 @@ fn compute(
                     dtype: t.dtype,
                     bytes: out,
                 };
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(gpu) = device {
+                    if let Some(done) = gpu.merge(&unit.merge_method, &job, &mut view) {
+                        return done.map_err(|e| ExecError::Gpu(e.to_string()));
+                    }
+                }
+                let _ = device;
                 method.merge(&job, &mut view)?;
                 return Ok(());
             };

@@ -231,6 +231,110 @@ fn count(fraction: f64, n: u64) -> u64 {
     (fraction * n as f64) as u64
 }
 
+/// How many of `n` elements TIES keeps at `density`.
+fn magnitude_k(density: f64, n: u64) -> u64 {
+    if density >= 1.0 {
+        n
+    } else if density <= 0.0 {
+        0
+    } else {
+        count(density, n).max(1)
+    }
+}
+
+/// What a device kernel needs to run task_arithmetic, ties, dare_linear or
+/// dare_ties on one tensor: the same parameters the CPU kernel resolves.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSetup {
+    pub base: usize,
+    pub streams: Vec<DeviceStream>,
+    pub normalize: bool,
+    pub rescale: bool,
+    pub lambda: f32,
+    /// TIES's sign election.
+    pub sign_consensus: bool,
+    /// Divisor of `normalize` without sign election.
+    pub plain_divisor: f32,
+}
+
+/// One task vector: its input, weight and sparsification.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStream {
+    pub input: usize,
+    pub weight: f32,
+    pub keep: DeviceKeep,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceKeep {
+    All,
+    /// The k largest magnitudes (ties from the highest index down).
+    Top(u64),
+    /// Each element with probability `p`, drawn from the stream `key`.
+    Random {
+        p: f32,
+        key: u64,
+    },
+}
+
+/// The [`DeviceSetup`] of `job` for the family member `method`; `None` for
+/// the members with other sparsifiers (breadcrumbs, DELLA), or no base.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn device_setup(method: &str, job: &MergeJob) -> Option<DeviceSetup> {
+    let gta = [&TASK_ARITHMETIC, &TIES, &DARE_LINEAR, &DARE_TIES]
+        .into_iter()
+        .find(|g| g.spec.name == method)?;
+    let base = job.base?;
+    let n = job.numel() as u64;
+    let param =
+        |i: usize, name: &str, default: f64| job.params.input_f64(i, name).unwrap_or(default);
+    let streams: Vec<DeviceStream> = job
+        .non_base()
+        .into_iter()
+        .map(|i| {
+            let density = param(i, "density", 1.0);
+            let keep = match gta.sparsify {
+                Sparsify::Magnitude => match magnitude_k(density, n) {
+                    k if k >= n => DeviceKeep::All,
+                    k => DeviceKeep::Top(k),
+                },
+                Sparsify::Random if density < 1.0 => DeviceKeep::Random {
+                    p: density as f32,
+                    key: Stream::new(job.seed, job.name, i).key(),
+                },
+                _ => DeviceKeep::All,
+            };
+            DeviceStream {
+                input: i,
+                weight: param(i, "weight", 0.0) as f32,
+                keep,
+            }
+        })
+        .collect();
+    let flag = |name: &str| {
+        job.params
+            .shared_bool(name)
+            .unwrap_or_else(|| gta.default_bool(name))
+    };
+    let weight_sum = streams.iter().fold(0.0f32, |a, s| a + s.weight);
+    Some(DeviceSetup {
+        base,
+        normalize: flag("normalize"),
+        rescale: flag("rescale") && gta.sparsify != Sparsify::None,
+        lambda: job.params.shared_f64("lambda").unwrap_or(1.0) as f32,
+        sign_consensus: gta.consensus == Consensus::Sum,
+        plain_divisor: if weight_sum.abs() < 1e-8 {
+            1.0
+        } else {
+            weight_sum
+        },
+        streams,
+    })
+}
+
 impl TaskVector {
     /// Fills `mask` with the survivors of this task vector within chunk `c`
     /// (`c` is row-aligned for DELLA).
@@ -384,16 +488,7 @@ impl Gta {
             Sparsify::Magnitude => {
                 let ks: Vec<u64> = others
                     .iter()
-                    .map(|&i| {
-                        let d = param(i, "density", 1.0);
-                        if d >= 1.0 {
-                            n
-                        } else if d <= 0.0 {
-                            0
-                        } else {
-                            count(d, n).max(1)
-                        }
-                    })
+                    .map(|&i| magnitude_k(param(i, "density", 1.0), n))
                     .collect();
                 select::top_k(job, &ks, magnitude_keys)
                     .into_iter()

@@ -30,7 +30,7 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Weights as f32 and their f32 sum, as torch computes them.
-fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
+pub(crate) fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
     let w: Vec<f32> = (0..n)
         .map(|i| params.input_f64(i, "weight").unwrap_or(0.0) as f32)
         .collect();

@@ -4,7 +4,7 @@
 //! whole f32 copies, so memory stays bounded by a few chunks per thread.
 
 mod arcee_fusion;
-mod gta;
+pub(crate) mod gta;
 mod karcher;
 pub mod kernel;
 mod linear;
@@ -16,7 +16,7 @@ mod passthrough;
 mod ram;
 mod rng;
 mod sce;
-mod select;
+pub(crate) mod select;
 mod slerp;
 mod torch_sort;
 
@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
+#[cfg(feature = "cuda")]
+pub(crate) use linear::weights as linear_weights;
 
 /// A resolved parameter value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -33,6 +33,13 @@ impl Stream {
         Stream { key: mix(key) }
     }
 
+    /// The stream's key: `uniform(i)` is a function of it and `i` alone (for
+    /// device kernels that draw the same numbers).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     /// A uniform draw in [0, 1) for element `index` (24 random bits, exact in f32).
     #[inline(always)]
     pub fn uniform(&self, index: u64) -> f32 {

@@ -116,16 +116,9 @@ fn top_k_limited(
     if job.numel() <= EXACT_LIMIT {
         return top_k_exact(job, ks, &keys);
     }
-    // Per stream: (prefix of decided high bits, mask of decided bits, k remaining).
-    let mut state: Vec<Option<(u32, u32, u64)>> = ks
-        .iter()
-        .map(|&k| (k > 0 && k < n).then_some((0u32, 0u32, k)))
-        .collect();
+    let mut state = initial_state(ks, n);
     if state.iter().all(Option::is_none) {
-        return ks
-            .iter()
-            .map(|&k| if k == 0 { TopK::Nothing } else { TopK::All })
-            .collect();
+        return finish(ks, &vec![None; streams], 0, |_, _| 0);
     }
     let crowded = digit_pass(job, &mut state, FIRST, &keys)
         .iter()
@@ -133,7 +126,7 @@ fn top_k_limited(
     let thresholds: Vec<Option<(u32, u64)>>;
     let per_chunk: Vec<Vec<u32>>;
     if crowded {
-        for &digit in &REST {
+        for &digit in &DIGITS[1..] {
             digit_pass(job, &mut state, digit, &keys);
         }
         thresholds = state
@@ -204,21 +197,74 @@ fn top_k_limited(
             })
             .collect();
     }
-    // Hand out the remaining k among threshold-equal keys from the last chunk
-    // backwards (highest indices first).
-    (0..streams)
+    finish(ks, &thresholds, per_chunk.len(), |c, s| per_chunk[c][s])
+}
+
+/// Per stream of a top-k: the high bits decided so far, their mask, and how
+/// many of the k are left to find below them (`None`: k is 0 or n).
+pub type DigitState = Option<(u32, u32, u64)>;
+
+/// The digits a top-k resolves, one histogram each, when it does not collect.
+pub const DIGITS: [(u32, u32); 3] = [FIRST, REST[0], REST[1]];
+
+/// The starting state of a top-k keeping `ks[s]` of `n` keys per stream.
+pub fn initial_state(ks: &[u64], n: u64) -> Vec<DigitState> {
+    ks.iter()
+        .map(|&k| (k > 0 && k < n).then_some((0u32, 0u32, k)))
+        .collect()
+}
+
+/// Fixes the `(shift, bits)` digit of every active stream from its histogram
+/// (`hist[s * 2^bits + digit]`: keys matching the stream's decided prefix) and
+/// returns, per stream, how many keys share the decided prefix afterwards.
+pub fn apply_digit(state: &mut [DigitState], hist: &[u64], (shift, bits): (u32, u32)) -> Vec<u64> {
+    let buckets = 1usize << bits;
+    let mut counts = vec![0u64; state.len()];
+    for (s, st) in state.iter_mut().enumerate() {
+        let Some((prefix, mask, remaining)) = *st else {
+            continue;
+        };
+        let h = &hist[s * buckets..(s + 1) * buckets];
+        let mut left = remaining;
+        let mut digit = 0usize;
+        for d in (0..buckets).rev() {
+            if h[d] >= left {
+                digit = d;
+                break;
+            }
+            left -= h[d];
+        }
+        let digit_mask = ((buckets as u32) - 1) << shift;
+        *st = Some((prefix | ((digit as u32) << shift), mask | digit_mask, left));
+        counts[s] = h[digit];
+    }
+    counts
+}
+
+/// The top-k of each stream from its threshold key and the number of
+/// threshold-equal keys to keep (`None`: keep all or nothing, as `ks` says),
+/// given `eq(chunk, stream)`, the threshold-equal keys of each of `chunks`
+/// chunks. The ties are handed out from the last chunk backwards (highest
+/// indices first).
+pub fn finish(
+    ks: &[u64],
+    thresholds: &[Option<(u32, u64)>],
+    chunks: usize,
+    eq: impl Fn(usize, usize) -> u32,
+) -> Vec<TopK> {
+    (0..ks.len())
         .map(|s| match thresholds[s] {
             None if ks[s] == 0 => TopK::Nothing,
             None => TopK::All,
             Some((key, mut ties)) => {
-                let mut quota: Vec<TieQuota> = per_chunk
-                    .iter()
+                let mut quota: Vec<TieQuota> = (0..chunks)
                     .rev()
-                    .map(|eq| {
-                        let take = (eq[s] as u64).min(ties);
+                    .map(|c| {
+                        let eq = eq(c, s);
+                        let take = (eq as u64).min(ties);
                         ties -= take;
                         TieQuota {
-                            skip: eq[s] - take as u32,
+                            skip: eq - take as u32,
                             take: take as u32,
                         }
                     })
@@ -280,26 +326,7 @@ fn digit_pass(
             a
         },
     );
-    let mut counts = vec![0u64; streams];
-    for (s, st) in state.iter_mut().enumerate() {
-        let Some((prefix, mask, remaining)) = *st else {
-            continue;
-        };
-        let h = &hist[s * buckets..(s + 1) * buckets];
-        let mut left = remaining;
-        let mut digit = 0usize;
-        for d in (0..buckets).rev() {
-            if h[d] >= left {
-                digit = d;
-                break;
-            }
-            left -= h[d];
-        }
-        let digit_mask = ((buckets as u32) - 1) << shift;
-        *st = Some((prefix | ((digit as u32) << shift), mask | digit_mask, left));
-        counts[s] = h[digit];
-    }
-    counts
+    apply_digit(state, &hist, (shift, bits))
 }
 
 thread_local! {

@@ -1,0 +1,281 @@
+// fleetmerge's CUDA kernels, compiled at run time by NVRTC (no nvcc at build
+// time). Compiled with --fmad=false: every a * b + c rounds twice, as on the
+// CPU, and FMAs are written out (fmaf) where the CPU kernels use them, so the
+// results are bit-identical to the CPU path's.
+//
+// Elements are f32 once decoded; tensors are processed in chunks of CHUNK
+// elements whose indices match the CPU kernels' chunks (tie quotas of top-k
+// selections are per chunk).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define THREADS 256
+#define MAX_STREAMS 16
+
+// Stored element types.
+#define DT_F32 0
+#define DT_BF16 1
+
+// How a task vector is sparsified.
+#define KEEP_ALL 0
+#define KEEP_NOTHING 1
+#define KEEP_TOP 2
+#define KEEP_RANDOM 3
+
+extern "C" {
+
+__device__ __forceinline__ float load(const void *p, int dtype, u64 i) {
+    if (dtype == DT_F32) {
+        return ((const float *)p)[i];
+    }
+    return __uint_as_float(((u32)((const u16 *)p)[i]) << 16);
+}
+
+// Round to nearest even; NaNs stay quiet NaNs (as dtype.rs f32_to_bf16).
+__device__ __forceinline__ u16 to_bf16(float x) {
+    u32 bits = __float_as_uint(x);
+    if (x != x) {
+        return (u16)((bits >> 16) | 0x0040u);
+    }
+    u32 round = 0x7fffu + ((bits >> 16) & 1u);
+    return (u16)((bits + round) >> 16);
+}
+
+__device__ __forceinline__ u32 magnitude_key(float x) {
+    return __float_as_uint(x) & 0x7fffffffu;
+}
+
+// SplitMix64's finaliser and a stream's uniform draw (methods/rng.rs).
+__device__ __forceinline__ u64 mix(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool keep_random(u64 key, u64 index, float p) {
+    u64 z = mix(key + index * 0x9e3779b97f4a7c15ull);
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    return u < p;
+}
+
+// dst[offset + i] = src[i] as f32, i < n.
+__global__ void decode(const void *src, int dtype, float *dst, u64 offset, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        dst[offset + i] = load(src, dtype, i);
+    }
+}
+
+// dst[i] = src[i] in dtype, i < n.
+__global__ void encode(const float *src, int dtype, void *dst, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        if (dtype == DT_F32) {
+            ((float *)dst)[i] = src[i];
+        } else {
+            ((u16 *)dst)[i] = to_bf16(src[i]);
+        }
+    }
+}
+
+// linear: y = Σ_i fma(x_i, w_i, ·) in input order, divided by `sum` when
+// normalizing (methods/linear.rs). xs holds the inputs one after the other.
+__global__ void linear(const float *xs, const float *w, int inputs, int normalize, float sum,
+                       float *y, u64 n) {
+    for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (u64)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < inputs; i++) {
+            acc = fmaf(xs[(u64)i * n + e], w[i], acc);
+        }
+        if (normalize) {
+            acc = acc / sum;
+        }
+        y[e] = acc;
+    }
+}
+
+// Histogram of one digit of the keys |x - b| whose decided bits (mask) equal
+// prefix: hist[(key >> shift) & (buckets - 1)] (buckets <= 4096).
+__global__ void digit_hist(const float *x, const float *b, u64 n, u32 prefix, u32 mask, u32 shift,
+                           u32 buckets, u64 *hist) {
+    __shared__ u32 local[4096];
+    for (u32 i = threadIdx.x; i < buckets; i += blockDim.x) {
+        local[i] = 0;
+    }
+    __syncthreads();
+    for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (u64)gridDim.x * blockDim.x) {
+        u32 key = magnitude_key(x[e] - b[e]);
+        if ((key & mask) == prefix) {
+            atomicAdd(&local[(key >> shift) & (buckets - 1)], 1u);
+        }
+    }
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < buckets; i += blockDim.x) {
+        if (local[i] != 0) {
+            atomicAdd(&hist[i], (u64)local[i]);
+        }
+    }
+}
+
+// Per chunk (one block each): how many keys |x - b| equal `key`.
+__global__ void chunk_ties(const float *x, const float *b, u64 n, u32 key, u32 chunk, u32 *counts) {
+    __shared__ u32 total;
+    if (threadIdx.x == 0) {
+        total = 0;
+    }
+    __syncthreads();
+    u64 start = (u64)blockIdx.x * chunk;
+    u64 end = start + chunk < n ? start + chunk : n;
+    u32 mine = 0;
+    for (u64 e = start + threadIdx.x; e < end; e += blockDim.x) {
+        mine += magnitude_key(x[e] - b[e]) == key;
+    }
+    atomicAdd(&total, mine);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        counts[blockIdx.x] = total;
+    }
+}
+
+// Whether element e of a task vector survives, for the elements of a chunk
+// visited in order; `ties` counts the threshold-equal keys seen so far in the
+// chunk (KEEP_TOP keeps keys above the threshold, then of the equal ones skips
+// `skip` and keeps `take`).
+__device__ __forceinline__ bool survives(int mode, u32 threshold, u32 skip, u32 take, float p,
+                                         u64 rng, u64 e, float d, u32 *ties) {
+    switch (mode) {
+    case KEEP_ALL:
+        return true;
+    case KEEP_NOTHING:
+        return false;
+    case KEEP_TOP: {
+        u32 key = magnitude_key(d);
+        if (key > threshold) {
+            return true;
+        }
+        if (key == threshold) {
+            u32 rank = (*ties)++;
+            return rank >= skip && rank < skip + take;
+        }
+        return false;
+    }
+    default:
+        return keep_random(rng, e, p);
+    }
+}
+
+// DARE/TIES rescale: per chunk (one thread each, elements in order, as the CPU
+// sums them), the L1 norm of the task vector before and after sparsifying,
+// in f64.
+__global__ void l1_parts(const float *x, const float *b, u64 n, u32 chunk, u32 chunks, int mode,
+                         u32 threshold, const u32 *quota, u64 quota_at, float p, u64 rng,
+                         double *before, double *after) {
+    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= chunks) {
+        return;
+    }
+    u64 start = (u64)c * chunk;
+    u64 end = start + chunk < n ? start + chunk : n;
+    u32 skip = mode == KEEP_TOP ? quota[quota_at + 2 * c] : 0;
+    u32 take = mode == KEEP_TOP ? quota[quota_at + 2 * c + 1] : 0;
+    u32 ties = 0;
+    double bf = 0.0, af = 0.0;
+    for (u64 e = start; e < end; e++) {
+        float d = x[e] - b[e];
+        double m = (double)fabsf(d);
+        bf += m;
+        if (survives(mode, threshold, skip, take, p, rng, e, d, &ties)) {
+            af += m;
+        }
+    }
+    before[c] = bf;
+    after[c] = af;
+}
+
+// The task-arithmetic family's merge (methods/gta.rs), one block per chunk;
+// each thread takes a run of consecutive elements. Per stream s (task vector):
+// input index idx[s], mode/threshold/p/rng as in `survives`, quota[(s * chunks
+// + c) * 2 + {0, 1}] its (skip, take) in chunk c, scale and weight. Output y
+// in f32.
+__global__ void gta_merge(const float *xs, u64 n, int base, int streams, const int *idx,
+                          const int *mode, const u32 *threshold, const u32 *quota, u32 chunks,
+                          const float *p, const u64 *rng, const float *scale, const float *weight,
+                          u32 chunk, int consensus, int normalize, float plain_divisor,
+                          float lambda, float *y) {
+    __shared__ u32 tie_base[MAX_STREAMS][THREADS];
+    u32 c = blockIdx.x;
+    u64 start = (u64)c * chunk;
+    u64 end = start + chunk < n ? start + chunk : n;
+    u64 len = end - start;
+    u64 run = (len + blockDim.x - 1) / blockDim.x;
+    u64 r0 = start + threadIdx.x * run;
+    u64 r1 = r0 + run < end ? r0 + run : end;
+    const float *b = xs + (u64)base * n;
+
+    // Threshold-equal keys before this thread's run, per top-k stream.
+    for (int s = 0; s < streams; s++) {
+        u32 count = 0;
+        if (mode[s] == KEEP_TOP) {
+            const float *x = xs + (u64)idx[s] * n;
+            for (u64 e = r0; e < r1; e++) {
+                count += magnitude_key(x[e] - b[e]) == threshold[s];
+            }
+        }
+        tie_base[s][threadIdx.x] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x < (u32)streams) {
+        u32 acc = 0;
+        for (u32 t = 0; t < blockDim.x; t++) {
+            u32 v = tie_base[threadIdx.x][t];
+            tie_base[threadIdx.x][t] = acc;
+            acc += v;
+        }
+    }
+    __syncthreads();
+
+    u32 ties[MAX_STREAMS];
+    u32 skip[MAX_STREAMS];
+    u32 take[MAX_STREAMS];
+    for (int s = 0; s < streams; s++) {
+        ties[s] = tie_base[s][threadIdx.x];
+        skip[s] = mode[s] == KEEP_TOP ? quota[((u64)s * chunks + c) * 2] : 0;
+        take[s] = mode[s] == KEEP_TOP ? quota[((u64)s * chunks + c) * 2 + 1] : 0;
+    }
+    float w[MAX_STREAMS];
+    for (u64 e = r0; e < r1; e++) {
+        float be = b[e];
+        float sum = 0.0f;
+        for (int s = 0; s < streams; s++) {
+            float d = xs[(u64)idx[s] * n + e] - be;
+            bool keep = survives(mode[s], threshold[s], skip[s], take[s], p[s], rng[s], e, d,
+                                 &ties[s]);
+            w[s] = keep ? d * scale[s] * weight[s] : 0.0f;
+            sum += w[s];
+        }
+        float m;
+        if (consensus) {
+            float o = 0.0f, div = 0.0f;
+            for (int s = 0; s < streams; s++) {
+                float v = w[s];
+                bool agree = (v != 0.0f) && ((v > 0.0f) == (sum >= 0.0f));
+                o += agree ? v : 0.0f;
+                div += agree ? weight[s] : 0.0f;
+            }
+            float divisor = div == 0.0f ? 1.0f : div;
+            m = normalize ? o / divisor : o;
+        } else {
+            m = normalize ? sum / plain_divisor : sum;
+        }
+        if (lambda != 1.0f) {
+            m *= lambda;
+        }
+        y[e] = be + m;
+    }
+}
+
+}
