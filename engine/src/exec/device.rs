@@ -8,7 +8,7 @@ pub enum Device {
     #[default]
     Cpu,
     #[cfg(feature = "cuda")]
-    Cuda(std::sync::Arc<crate::gpu::Gpu>),
+    Cuda(std::sync::Arc<crate::gpu::cuda::Gpu>),
 }
 
 impl Device {
@@ -43,7 +43,7 @@ impl Device {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize) -> Result<Device, String> {
-    crate::gpu::Gpu::open(spec, ordinal)
+    crate::gpu::cuda::Gpu::open(spec, ordinal)
         .map(|g| Device::Cuda(std::sync::Arc::new(g)))
         .map_err(|e| e.to_string())
 }

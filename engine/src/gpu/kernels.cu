@@ -97,11 +97,14 @@ __global__ void linear(const float *xs, const float *w, int inputs, int normaliz
     }
 }
 
-// Histogram of one digit of the keys |x - b| whose decided bits (mask) equal
-// prefix: hist[(key >> shift) & (buckets - 1)] (buckets <= 4096).
-__global__ void digit_hist(const float *x, const float *b, u64 n, u32 prefix, u32 mask, u32 shift,
+// Histogram of one digit of the keys |x - b| (x: input `xi`, b: input `bi`
+// of xs) whose decided bits (mask) equal prefix: hist[(key >> shift) &
+// (buckets - 1)] (buckets <= 4096).
+__global__ void digit_hist(const float *xs, int xi, int bi, u64 n, u32 prefix, u32 mask, u32 shift,
                            u32 buckets, u64 *hist) {
     __shared__ u32 local[4096];
+    const float *x = xs + (u64)xi * n;
+    const float *b = xs + (u64)bi * n;
     for (u32 i = threadIdx.x; i < buckets; i += blockDim.x) {
         local[i] = 0;
     }
@@ -122,8 +125,11 @@ __global__ void digit_hist(const float *x, const float *b, u64 n, u32 prefix, u3
 }
 
 // Per chunk (one block each): how many keys |x - b| equal `key`.
-__global__ void chunk_ties(const float *x, const float *b, u64 n, u32 key, u32 chunk, u32 *counts) {
+__global__ void chunk_ties(const float *xs, int xi, int bi, u64 n, u32 key, u32 chunk,
+                           u32 *counts) {
     __shared__ u32 total;
+    const float *x = xs + (u64)xi * n;
+    const float *b = xs + (u64)bi * n;
     if (threadIdx.x == 0) {
         total = 0;
     }
@@ -171,9 +177,11 @@ __device__ __forceinline__ bool survives(int mode, u32 threshold, u32 skip, u32 
 // DARE/TIES rescale: per chunk (one thread each, elements in order, as the CPU
 // sums them), the L1 norm of the task vector before and after sparsifying,
 // in f64.
-__global__ void l1_parts(const float *x, const float *b, u64 n, u32 chunk, u32 chunks, int mode,
-                         u32 threshold, const u32 *quota, u64 quota_at, float p, u64 rng,
-                         double *before, double *after) {
+__global__ void l1_parts(const float *xs, int xi, int bi, u64 n, u32 chunk, u32 chunks,
+                         int mode, u32 threshold, const u32 *quota, u64 quota_at, float p,
+                         u64 rng, double *before, double *after) {
+    const float *x = xs + (u64)xi * n;
+    const float *b = xs + (u64)bi * n;
     u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= chunks) {
         return;

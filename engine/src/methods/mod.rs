@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 pub(crate) use linear::weights as linear_weights;
 
 /// A resolved parameter value.
