@@ -18,7 +18,9 @@ if ! ldconfig -p 2>/dev/null | grep -q libnvrtc; then
   # NVRTC from PyPI when the machine has the driver but not the toolkit.
   venv=${FLEETMERGE_VENV:-/tmp/fleetmerge-venv}
   [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvrtc-cu12
+  # NVRTC no newer than the driver: the driver JIT-compiles NVRTC's PTX.
+  cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc-cu12${cuda:+==$cuda.*}"
   LD_LIBRARY_PATH="$(echo "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib):${LD_LIBRARY_PATH:-}"
   export LD_LIBRARY_PATH
 fi
