@@ -9,6 +9,9 @@ pub enum Device {
     Cpu,
     #[cfg(feature = "cuda")]
     Cuda(std::sync::Arc<crate::gpu::cuda::Gpu>),
+    /// The GPU path on the host emulator (tests).
+    #[cfg(test)]
+    Emulated,
 }
 
 impl Device {
@@ -37,6 +40,31 @@ impl Device {
             Device::Cpu => "cpu".into(),
             #[cfg(feature = "cuda")]
             Device::Cuda(gpu) => gpu.name().to_string(),
+            #[cfg(test)]
+            Device::Emulated => "emulated GPU".into(),
+        }
+    }
+
+    /// Computes `method` on `job` into `out` when this device takes it
+    /// (`None`: the CPU does).
+    pub(crate) fn merge(
+        &self,
+        method: &str,
+        job: &crate::methods::MergeJob,
+        out: &mut crate::methods::OutputView,
+    ) -> Option<Result<(), String>> {
+        let _ = (method, &job, &out);
+        match self {
+            Device::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(gpu) => gpu
+                .merge(method, job, out)
+                .map(|r| r.map_err(|e| e.to_string())),
+            #[cfg(test)]
+            Device::Emulated => crate::gpu::supports(method, job, out).then(|| {
+                crate::gpu::merge(&crate::gpu::emu::Emu::new(), method, job, out)
+                    .map_err(|e| e.to_string())
+            }),
         }
     }
 }

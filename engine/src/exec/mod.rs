@@ -537,13 +537,9 @@ fn compute(
                     dtype: t.dtype,
                     bytes: out,
                 };
-                #[cfg(feature = "cuda")]
-                if let Device::Cuda(gpu) = device {
-                    if let Some(done) = gpu.merge(&unit.merge_method, &job, &mut view) {
-                        return done.map_err(|e| ExecError::Gpu(e.to_string()));
-                    }
+                if let Some(done) = device.merge(&unit.merge_method, &job, &mut view) {
+                    return done.map_err(ExecError::Gpu);
                 }
-                let _ = device;
                 method.merge(&job, &mut view)?;
                 return Ok(());
             };
@@ -610,4 +606,58 @@ fn requantize(values: &[f32], shape: &[u64], rq: &crate::plan::Requant, out: &mu
                 *o = crate::dtype::f32_to_f8_e4m3(x / srow[c / bc]);
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MergeConfig;
+    use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
+    use std::path::PathBuf;
+
+    /// The conformance kit's cases for the methods the GPU path computes, run
+    /// unit by unit on the CPU and on the emulated GPU (through the same
+    /// executor: windows, tensors merged in parallel): the shards are equal.
+    #[test]
+    fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        for case in [
+            "linear",
+            "dare_ties",
+            "task_arithmetic",
+            "mixtral_task_arithmetic",
+        ] {
+            let path = root
+                .join("tests/fixtures/cases")
+                .join(case)
+                .join("config.yaml");
+            let yaml = std::fs::read_to_string(&path).unwrap();
+            let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
+            let p = plan(
+                &cfg,
+                &PlanOptions {
+                    out_shard_size: DEFAULT_SHARD_SIZE / 4,
+                    seed: 7,
+                    allow_crimes: false,
+                    keep_fp8: false,
+                    base_dir: root.join("examples"),
+                },
+            )
+            .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let out = |d: &str| {
+                let o = dir.path().join(d);
+                std::fs::create_dir_all(&o).unwrap();
+                o.to_string_lossy().into_owned()
+            };
+            let (cpu, gpu) = (out("cpu"), out("gpu"));
+            for unit in &p.units {
+                let limits = ExecLimits::default();
+                let a = execute_unit_on(unit, &cpu, &NoProgress, &limits, &Device::Cpu).unwrap();
+                let b =
+                    execute_unit_on(unit, &gpu, &NoProgress, &limits, &Device::Emulated).unwrap();
+                assert_eq!(a.sha256, b.sha256, "{case}: {} differs", unit.file_name);
+            }
+        }
+    }
 }

@@ -21,7 +21,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(test)]
-mod emu;
+pub(crate) mod emu;
 
 use crate::dtype::DType;
 use crate::methods::gta::{self, DeviceKeep, DeviceSetup};
