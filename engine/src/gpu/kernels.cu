@@ -204,85 +204,113 @@ __global__ void l1_parts(const float *xs, int xi, int bi, u64 n, u32 chunk, u32 
     after[c] = af;
 }
 
-// The task-arithmetic family's merge (methods/gta.rs), one block per chunk;
-// each thread takes a run of consecutive elements. Per stream s (task vector):
+// The task-arithmetic family's merge (methods/gta.rs), one block per chunk.
+// The block walks its chunk a row of blockDim elements at a time, thread t
+// taking element t of the row (coalesced loads). Per stream s (task vector):
 // input index idx[s], mode/threshold/p/rng as in `survives`, quota[(s * chunks
-// + c) * 2 + {0, 1}] its (skip, take) in chunk c, scale and weight. Output y
-// in f32.
+// + c) * 2 + {0, 1}] its (skip, take) in chunk c, scale and weight. A
+// threshold-equal key's rank among the chunk's equal keys (which decides
+// whether it is kept) is the ties of the rows before plus a block-wide prefix
+// sum over this row. Output y in f32.
 __global__ void gta_merge(const float *xs, u64 n, int base, int streams, const int *idx,
                           const int *mode, const u32 *threshold, const u32 *quota, u32 chunks,
                           const float *p, const u64 *rng, const float *scale, const float *weight,
                           u32 chunk, int consensus, int normalize, float plain_divisor,
                           float lambda, float *y) {
-    __shared__ u32 tie_base[MAX_STREAMS][THREADS];
+    __shared__ u32 scan[MAX_STREAMS][THREADS];
     u32 c = blockIdx.x;
+    u32 t = threadIdx.x;
     u64 start = (u64)c * chunk;
     u64 end = start + chunk < n ? start + chunk : n;
-    u64 len = end - start;
-    u64 run = (len + blockDim.x - 1) / blockDim.x;
-    u64 r0 = start + threadIdx.x * run;
-    u64 r1 = r0 + run < end ? r0 + run : end;
     const float *b = xs + (u64)base * n;
 
-    // Threshold-equal keys before this thread's run, per top-k stream.
-    for (int s = 0; s < streams; s++) {
-        u32 count = 0;
-        if (mode[s] == KEEP_TOP) {
-            const float *x = xs + (u64)idx[s] * n;
-            for (u64 e = r0; e < r1; e++) {
-                count += magnitude_key(x[e] - b[e]) == threshold[s];
-            }
-        }
-        tie_base[s][threadIdx.x] = count;
-    }
-    __syncthreads();
-    if (threadIdx.x < (u32)streams) {
-        u32 acc = 0;
-        for (u32 t = 0; t < blockDim.x; t++) {
-            u32 v = tie_base[threadIdx.x][t];
-            tie_base[threadIdx.x][t] = acc;
-            acc += v;
-        }
-    }
-    __syncthreads();
-
-    u32 ties[MAX_STREAMS];
+    bool any_top = false;
+    u32 before[MAX_STREAMS];
     u32 skip[MAX_STREAMS];
     u32 take[MAX_STREAMS];
     for (int s = 0; s < streams; s++) {
-        ties[s] = tie_base[s][threadIdx.x];
-        skip[s] = mode[s] == KEEP_TOP ? quota[((u64)s * chunks + c) * 2] : 0;
-        take[s] = mode[s] == KEEP_TOP ? quota[((u64)s * chunks + c) * 2 + 1] : 0;
+        bool top = mode[s] == KEEP_TOP;
+        any_top = any_top || top;
+        before[s] = 0;
+        skip[s] = top ? quota[((u64)s * chunks + c) * 2] : 0;
+        take[s] = top ? quota[((u64)s * chunks + c) * 2 + 1] : 0;
     }
     float w[MAX_STREAMS];
-    for (u64 e = r0; e < r1; e++) {
-        float be = b[e];
-        float sum = 0.0f;
-        for (int s = 0; s < streams; s++) {
-            float d = xs[(u64)idx[s] * n + e] - be;
-            bool keep = survives(mode[s], threshold[s], skip[s], take[s], p[s], rng[s], e, d,
-                                 &ties[s]);
-            w[s] = keep ? d * scale[s] * weight[s] : 0.0f;
-            sum += w[s];
-        }
-        float m;
-        if (consensus) {
-            float o = 0.0f, div = 0.0f;
+    u32 tie[MAX_STREAMS];
+    // Every thread runs every row (the barriers need all of them).
+    for (u64 row = start; row < end; row += blockDim.x) {
+        u64 e = row + t;
+        bool in = e < end;
+        float be = in ? b[e] : 0.0f;
+        if (any_top) {
             for (int s = 0; s < streams; s++) {
-                float v = w[s];
-                bool agree = (v != 0.0f) && ((v > 0.0f) == (sum >= 0.0f));
-                o += agree ? v : 0.0f;
-                div += agree ? weight[s] : 0.0f;
+                u32 f = 0;
+                if (in && mode[s] == KEEP_TOP) {
+                    f = magnitude_key(xs[(u64)idx[s] * n + e] - be) == threshold[s];
+                }
+                tie[s] = f;
+                scan[s][t] = f;
             }
-            float divisor = div == 0.0f ? 1.0f : div;
-            m = normalize ? o / divisor : o;
-        } else {
-            m = normalize ? sum / plain_divisor : sum;
+            __syncthreads();
+            // Inclusive prefix sums over the row (Hillis-Steele).
+            for (u32 off = 1; off < blockDim.x; off <<= 1) {
+                u32 v[MAX_STREAMS];
+                for (int s = 0; s < streams; s++) {
+                    v[s] = t >= off ? scan[s][t - off] : 0;
+                }
+                __syncthreads();
+                for (int s = 0; s < streams; s++) {
+                    scan[s][t] += v[s];
+                }
+                __syncthreads();
+            }
         }
-        if (lambda != 1.0f) {
-            m *= lambda;
+        if (in) {
+            float sum = 0.0f;
+            for (int s = 0; s < streams; s++) {
+                float d = xs[(u64)idx[s] * n + e] - be;
+                bool keep;
+                if (mode[s] == KEEP_TOP) {
+                    u32 key = magnitude_key(d);
+                    if (key == threshold[s]) {
+                        // Equal keys before this one in the chunk.
+                        u32 rank = before[s] + scan[s][t] - tie[s];
+                        keep = rank >= skip[s] && rank < skip[s] + take[s];
+                    } else {
+                        keep = key > threshold[s];
+                    }
+                } else {
+                    keep = survives(mode[s], threshold[s], 0, 0, p[s], rng[s], e, d, 0);
+                }
+                w[s] = keep ? d * scale[s] * weight[s] : 0.0f;
+                sum += w[s];
+            }
+            float m;
+            if (consensus) {
+                float o = 0.0f, div = 0.0f;
+                for (int s = 0; s < streams; s++) {
+                    float v = w[s];
+                    bool agree = (v != 0.0f) && ((v > 0.0f) == (sum >= 0.0f));
+                    o += agree ? v : 0.0f;
+                    div += agree ? weight[s] : 0.0f;
+                }
+                float divisor = div == 0.0f ? 1.0f : div;
+                m = normalize ? o / divisor : o;
+            } else {
+                m = normalize ? sum / plain_divisor : sum;
+            }
+            if (lambda != 1.0f) {
+                m *= lambda;
+            }
+            y[e] = be + m;
         }
-        y[e] = be + m;
+        if (any_top) {
+            for (int s = 0; s < streams; s++) {
+                before[s] += scan[s][blockDim.x - 1];
+            }
+            // Nobody overwrites the row's sums before everyone has read them.
+            __syncthreads();
+        }
     }
 }
 

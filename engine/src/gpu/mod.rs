@@ -684,19 +684,22 @@ mod tests {
         let b: Vec<f32> = (0..n)
             .map(|i| [0.25, 0.25, -0.5, 0.125][(i / 3) % 4])
             .collect();
+        // One magnitude everywhere: every element ties, and every rank counts.
+        let c: Vec<f32> = (0..n).map(|i| [0.25, -0.25][i % 2]).collect();
         let p = params(
             &[],
             &[
                 &[("weight", num(1.0)), ("density", num(0.4))],
                 &[("weight", num(0.5)), ("density", num(0.1))],
+                &[("weight", num(0.8)), ("density", num(0.37))],
                 &[],
             ],
         );
         let (cpu, gpu) = both(
             "ties",
             &[n as u64],
-            &[a, b, base],
-            Some(2),
+            &[a, b, c, base],
+            Some(3),
             &p,
             DType::F32,
             DType::F32,
