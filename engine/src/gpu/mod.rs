@@ -586,24 +586,19 @@ mod tests {
         let n = (rows * cols) as usize;
         let inputs = models(n, 4);
         let base = Some(3);
-        let per = |extra: &[(&str, f64)]| -> Vec<Vec<(&'static str, methods::ParamValue)>> {
-            (0..4)
-                .map(|i| {
-                    let mut v: Vec<(&'static str, methods::ParamValue)> = vec![
-                        ("weight", num([0.7, -0.4, 1.1, 0.0][i])),
-                        ("density", num([0.3, 0.55, 0.9, 1.0][i])),
-                    ];
-                    for (k, x) in extra {
-                        let k: &'static str = match *k {
-                            "epsilon" => "epsilon",
-                            _ => "gamma",
-                        };
-                        v.push((k, num(*x)));
-                    }
-                    v
-                })
-                .collect()
+        // Per fine-tune: weight and density (a negative weight; density 1 keeps all).
+        let family = |shared: &[(&str, methods::ParamValue)]| {
+            params(
+                shared,
+                &[
+                    &[("weight", num(0.7)), ("density", num(0.3))],
+                    &[("weight", num(-0.4)), ("density", num(0.55))],
+                    &[("weight", num(1.1)), ("density", num(1.0))],
+                    &[],
+                ],
+            )
         };
+        let flag = crate::methods::kernel::testing::flag;
         let cases: Vec<(&str, TensorParams)> = vec![
             (
                 "linear",
@@ -617,46 +612,15 @@ mod tests {
                     ],
                 ),
             ),
-            ("ties", {
-                let p = per(&[]);
-                let refs: Vec<&[(&str, methods::ParamValue)]> =
-                    p.iter().map(|v| v.as_slice()).collect();
-                params(&[], &refs)
-            }),
-            ("dare_ties", {
-                let p = per(&[]);
-                let refs: Vec<&[(&str, methods::ParamValue)]> =
-                    p.iter().map(|v| v.as_slice()).collect();
-                params(&[], &refs)
-            }),
-            ("dare_linear", {
-                let p = per(&[]);
-                let refs: Vec<&[(&str, methods::ParamValue)]> =
-                    p.iter().map(|v| v.as_slice()).collect();
-                params(&[("lambda", num(0.8))], &refs)
-            }),
-            ("task_arithmetic", {
-                let p = per(&[]);
-                let refs: Vec<&[(&str, methods::ParamValue)]> =
-                    p.iter().map(|v| v.as_slice()).collect();
-                params(
-                    &[("normalize", crate::methods::kernel::testing::flag(true))],
-                    &refs,
-                )
-            }),
-            ("ties", {
-                // TIES with DARE's rescale switched on, and lambda.
-                let p = per(&[]);
-                let refs: Vec<&[(&str, methods::ParamValue)]> =
-                    p.iter().map(|v| v.as_slice()).collect();
-                params(
-                    &[
-                        ("rescale", crate::methods::kernel::testing::flag(true)),
-                        ("lambda", num(1.5)),
-                    ],
-                    &refs,
-                )
-            }),
+            ("ties", family(&[])),
+            ("dare_ties", family(&[])),
+            ("dare_linear", family(&[("lambda", num(0.8))])),
+            ("task_arithmetic", family(&[("normalize", flag(true))])),
+            // TIES with DARE's rescale switched on, and lambda.
+            (
+                "ties",
+                family(&[("rescale", flag(true)), ("lambda", num(1.5))]),
+            ),
         ];
         for (method, p) in &cases {
             for (i, o) in [(DType::BF16, DType::BF16), (DType::F32, DType::F32)] {
