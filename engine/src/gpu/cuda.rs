@@ -15,7 +15,11 @@ use std::sync::{Arc, Mutex};
 
 impl From<cudarc::driver::DriverError> for GpuError {
     fn from(e: cudarc::driver::DriverError) -> Self {
-        GpuError::Driver(e.to_string())
+        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            GpuError::OutOfMemory
+        } else {
+            GpuError::Driver(e.to_string())
+        }
     }
 }
 
@@ -134,7 +138,7 @@ impl Gpu {
         if !super::supports(method, job, out) || !self.fits(job) {
             return None;
         }
-        Some((|| {
+        let result = (|| {
             let run = Run {
                 gpu: self,
                 stream: self.ctx.new_stream()?,
@@ -142,7 +146,16 @@ impl Gpu {
                 turn: Mutex::new(0),
             };
             super::merge(&run, method, job, out)
-        })())
+        })();
+        match result {
+            // Other merges in flight took the memory `fits` saw: the output is
+            // only written at the end, so the CPU can take the tensor over.
+            Err(GpuError::OutOfMemory) => {
+                tracing::debug!(tensor = job.name, "GPU out of memory: merged on the CPU");
+                None
+            }
+            r => Some(r),
+        }
     }
 
     fn take_staging(&self) -> Result<[Staging; 2], GpuError> {

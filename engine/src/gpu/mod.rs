@@ -56,6 +56,9 @@ pub enum GpuError {
     NoNvrtc { device: String },
     #[error("--device {device}: {message}")]
     Open { device: String, message: String },
+    /// The device ran out of memory (the tensor is then merged on the CPU).
+    #[error("CUDA: out of device memory")]
+    OutOfMemory,
     #[error("CUDA: {0}")]
     Driver(String),
 }
