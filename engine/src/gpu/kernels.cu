@@ -17,6 +17,7 @@ typedef unsigned long long u64;
 // Stored element types.
 #define DT_F32 0
 #define DT_BF16 1
+#define DT_F16 2
 
 // How a task vector is sparsified.
 #define KEEP_ALL 0
@@ -26,11 +27,67 @@ typedef unsigned long long u64;
 
 extern "C" {
 
+// IEEE half to f32 (exact).
+__device__ __forceinline__ float from_f16(u16 h) {
+    u32 sign = ((u32)h & 0x8000u) << 16;
+    u32 exp = ((u32)h >> 10) & 0x1fu;
+    u32 man = (u32)h & 0x3ffu;
+    if (exp == 0) {
+        // Zero or subnormal: man * 2^-24, exact in f32.
+        float v = (float)man * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    if (exp == 31) {
+        return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    }
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// f32 to IEEE half, round to nearest even, as the half crate (and F16C) do:
+// overflow to infinity, NaNs quiet with the top payload bits kept.
+__device__ __forceinline__ u16 to_f16(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000u;
+    u32 exp = (x >> 23) & 0xffu;
+    u32 man = x & 0x7fffffu;
+    if (exp == 0xffu) {
+        return (u16)(sign | 0x7c00u | (man != 0 ? 0x0200u : 0u) | (man >> 13));
+    }
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) {
+        return (u16)(sign | 0x7c00u);
+    }
+    if (e <= 0) {
+        if (14 - e > 24) {
+            return (u16)sign;
+        }
+        u32 m = man | 0x800000u;
+        u32 shift = (u32)(14 - e);
+        u32 half_man = m >> shift;
+        u32 rem = m & ((1u << shift) - 1u);
+        u32 halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (half_man & 1u))) {
+            half_man++;
+        }
+        return (u16)(sign | half_man);
+    }
+    u32 out = sign | ((u32)e << 10) | (man >> 13);
+    u32 rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) {
+        out++;
+    }
+    return (u16)out;
+}
+
 __device__ __forceinline__ float load(const void *p, int dtype, u64 i) {
     if (dtype == DT_F32) {
         return ((const float *)p)[i];
     }
-    return __uint_as_float(((u32)((const u16 *)p)[i]) << 16);
+    u16 h = ((const u16 *)p)[i];
+    if (dtype == DT_F16) {
+        return from_f16(h);
+    }
+    return __uint_as_float(((u32)h) << 16);
 }
 
 // Round to nearest even; NaNs stay quiet NaNs (as dtype.rs f32_to_bf16).
@@ -74,6 +131,8 @@ __global__ void encode(const float *src, int dtype, void *dst, u64 n) {
          i += (u64)gridDim.x * blockDim.x) {
         if (dtype == DT_F32) {
             ((float *)dst)[i] = src[i];
+        } else if (dtype == DT_F16) {
+            ((u16 *)dst)[i] = to_f16(src[i]);
         } else {
             ((u16 *)dst)[i] = to_bf16(src[i]);
         }

@@ -6,7 +6,7 @@
 //! toolkit; running needs the driver (libcuda) and NVRTC (libnvrtc).
 //!
 //! What runs on the GPU: linear, task_arithmetic, ties, dare_linear and
-//! dare_ties on BF16/F32 tensors (see [`supports`]), with the CPU kernels'
+//! dare_ties on BF16/F16/F32 tensors (see [`supports`]), with the CPU kernels'
 //! arithmetic in the CPU kernels' order, so the bytes are the same: TIES's
 //! top-k by the CPU's exact histogram selection (select.rs) with the same
 //! per-chunk tie quotas, DARE's draws from the same counter-based generator.
@@ -132,7 +132,7 @@ pub trait Backend {
 
 /// Whether the GPU path computes `method` on `job` into `out` (else the CPU does).
 pub fn supports(method: &str, job: &MergeJob, out: &OutputView) -> bool {
-    let dtype_ok = |d: DType| matches!(d, DType::BF16 | DType::F32);
+    let dtype_ok = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
     if job.stream.is_some()
         || !dtype_ok(out.dtype)
         || job.numel() == 0
@@ -481,6 +481,7 @@ fn download_vec<B: Backend, T, const N: usize>(
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
+        DType::F16 => 2,
         _ => 1,
     }
 }
@@ -626,7 +627,12 @@ mod tests {
             ),
         ];
         for (method, p) in &cases {
-            for (i, o) in [(DType::BF16, DType::BF16), (DType::F32, DType::F32)] {
+            for (i, o) in [
+                (DType::BF16, DType::BF16),
+                (DType::F32, DType::F32),
+                (DType::F16, DType::F16),
+                (DType::BF16, DType::F16),
+            ] {
                 let (cpu, gpu) = both(method, &[rows, cols], &inputs, base, p, i, o);
                 let differ = cpu
                     .chunks(o.size())
@@ -674,6 +680,102 @@ mod tests {
         assert!(cpu == gpu, "tie handling differs");
     }
 
+    /// F16 and BF16 conversions on the device match the CPU's (the half
+    /// crate) bit for bit: every F16 code decoded, and f32 values around every
+    /// rounding case (ties, subnormals, overflow, infinities, NaN payloads)
+    /// encoded, through a linear "merge" of one model with weight 1.
+    #[test]
+    fn emulated_conversions_match_the_cpu_bit_for_bit() {
+        let p = params(&[], &[&[("weight", num(1.0))]]);
+        let copy = |bytes: &[u8], from: DType, to: DType| -> (Vec<u8>, Vec<u8>) {
+            let n = bytes.len() / from.size();
+            let shape = [n as u64];
+            let job = MergeJob {
+                name: "t",
+                shape: &shape,
+                inputs: vec![TensorView {
+                    dtype: from,
+                    bytes,
+                    scale: None,
+                }],
+                base: None,
+                params: &p,
+                seed: 0,
+                stream: None,
+            };
+            let (mut cpu, mut gpu) = (vec![0u8; n * to.size()], vec![0u8; n * to.size()]);
+            let mut out = OutputView {
+                dtype: to,
+                bytes: &mut cpu,
+            };
+            methods::get("linear")
+                .unwrap()
+                .merge(&job, &mut out)
+                .unwrap();
+            let mut out = OutputView {
+                dtype: to,
+                bytes: &mut gpu,
+            };
+            merge(&emu::Emu::new(), "linear", &job, &mut out).unwrap();
+            (cpu, gpu)
+        };
+        // Every F16 code, decoded to f32.
+        let codes: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+        let (cpu, gpu) = copy(&codes, DType::F16, DType::F32);
+        let nan_blind = |b: &[u8]| {
+            let v = f32::from_le_bytes(b.try_into().unwrap());
+            if v.is_nan() {
+                u32::MAX
+            } else {
+                v.to_bits()
+            }
+        };
+        for (i, (a, b)) in cpu.chunks(4).zip(gpu.chunks(4)).enumerate() {
+            // fma(NaN, 1, 0) may quiet a NaN on either side: only NaN-ness must agree.
+            assert_eq!(nan_blind(a), nan_blind(b), "f16 code {i:#06x}");
+        }
+        // f32 bit patterns around every f16 and bf16 rounding boundary.
+        let mut values: Vec<u32> = Vec::new();
+        for h in (0..=u16::MAX).step_by(7) {
+            let f = half::f16::from_bits(h).to_f32().to_bits();
+            for d in [
+                0u32, 1, 0xfff, 0x1000, 0x1001, 0x2000, 0x7fff, 0x8000, 0x8001,
+            ] {
+                values.push(f.wrapping_add(d));
+                values.push(f.wrapping_sub(d));
+            }
+        }
+        values.extend([
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0x7fc0_1234,
+            0x0000_0001,
+            0x3380_0000,
+        ]);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for to in [DType::F16, DType::BF16] {
+            let (cpu, gpu) = copy(&bytes, DType::F32, to);
+            for (i, (a, b)) in cpu.chunks(2).zip(gpu.chunks(2)).enumerate() {
+                let v = f32::from_bits(values[i]);
+                if v.is_nan() {
+                    // NaN payloads may differ (a GPU's arithmetic returns its
+                    // canonical NaN): both must be NaN.
+                    let is_nan = |b: &[u8]| {
+                        let h = u16::from_le_bytes([b[0], b[1]]);
+                        match to {
+                            DType::F16 => half::f16::from_bits(h).is_nan(),
+                            _ => half::bf16::from_bits(h).is_nan(),
+                        }
+                    };
+                    assert!(is_nan(a) && is_nan(b), "{to} of NaN {:#010x}", values[i]);
+                    continue;
+                }
+                assert_eq!(a, b, "{to} of {:#010x} ({v:e})", values[i]);
+            }
+        }
+    }
+
     #[test]
     fn the_gpu_path_declines_what_it_does_not_compute() {
         let v = vec![0u8; 8];
@@ -698,7 +800,8 @@ mod tests {
             bytes: &mut bytes,
         };
         assert!(supports("linear", &job(DType::BF16, None), &out));
-        assert!(!supports("linear", &job(DType::F16, None), &out));
+        assert!(supports("linear", &job(DType::F16, None), &out));
+        assert!(!supports("linear", &job(DType::F8_E4M3, None), &out));
         assert!(!supports("slerp", &job(DType::BF16, Some(1)), &out));
         assert!(!supports("task_arithmetic", &job(DType::BF16, None), &out));
         // 4 elements: TIES replays torch's sort on the CPU.
