@@ -108,6 +108,8 @@ extern "C" void emu_launch(int kernel, unsigned grid, unsigned block, const u64 
                                 P(9, const float *), P(10, const u64 *), P(11, const float *),
                                 P(12, const float *), U(13), I(14), I(15), F(16), F(17),
                                 P(18, float *)); }; break;
+    case 7: f = [&] { apply_scale(P(0, float *), L(1), L(2), P(3, const void *), I(4), L(5), L(6),
+                                  L(7), L(8)); }; break;
     default: return;
     }
     run_blocks(grid, block, f);

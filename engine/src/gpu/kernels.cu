@@ -18,6 +18,8 @@ typedef unsigned long long u64;
 #define DT_F32 0
 #define DT_BF16 1
 #define DT_F16 2
+#define DT_F8_E4M3 3
+#define DT_F8_E5M2 4
 
 // How a task vector is sparsified.
 #define KEEP_ALL 0
@@ -38,9 +40,22 @@ __device__ __forceinline__ float from_f16(u16 h) {
         return sign ? -v : v;
     }
     if (exp == 31) {
-        return __uint_as_float(sign | 0x7f800000u | (man << 13));
+        // Infinity, or a NaN made quiet (as the half crate does).
+        return __uint_as_float(sign | 0x7f800000u | (man != 0 ? 0x400000u : 0u) | (man << 13));
     }
     return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// E4M3 ("e4m3fn": no infinities, 0x7f/0xff are NaN) to f32, exact (dtype.rs).
+__device__ __forceinline__ float from_e4m3(u32 b) {
+    u32 exp = (b >> 3) & 0x0fu;
+    u32 man = b & 0x07u;
+    if (exp == 0x0fu && man == 0x07u) {
+        return __uint_as_float(0x7fc00000u);
+    }
+    float v = exp == 0 ? (float)man * 0.001953125f
+                       : __uint_as_float(((exp + 120u) << 23) | (man << 20));
+    return (b & 0x80u) ? -v : v;
 }
 
 // f32 to IEEE half, round to nearest even, as the half crate (and F16C) do:
@@ -83,6 +98,13 @@ __device__ __forceinline__ float load(const void *p, int dtype, u64 i) {
     if (dtype == DT_F32) {
         return ((const float *)p)[i];
     }
+    if (dtype == DT_F8_E4M3) {
+        return from_e4m3(((const unsigned char *)p)[i]);
+    }
+    if (dtype == DT_F8_E5M2) {
+        // The top byte of an f16.
+        return from_f16((u16)(((const unsigned char *)p)[i] << 8));
+    }
     u16 h = ((const u16 *)p)[i];
     if (dtype == DT_F16) {
         return from_f16(h);
@@ -122,6 +144,19 @@ __global__ void decode(const void *src, int dtype, float *dst, u64 offset, u64 n
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         dst[offset + i] = load(src, dtype, i);
+    }
+}
+
+// Block-scaled FP8 weights (DeepSeek-V3's weight_scale_inv): element e of the
+// input at xs[offset..offset + n], row e / cols, is multiplied by its block's
+// scale, as kernel::BlockScale does on the CPU.
+__global__ void apply_scale(float *xs, u64 offset, u64 n, const void *scales, int scale_dtype,
+                            u64 cols, u64 block_rows, u64 block_cols, u64 scale_cols) {
+    for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (u64)gridDim.x * blockDim.x) {
+        u64 r = e / cols, c = e % cols;
+        float s = load(scales, scale_dtype, (r / block_rows) * scale_cols + c / block_cols);
+        xs[offset + e] *= s;
     }
 }
 

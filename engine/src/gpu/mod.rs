@@ -26,7 +26,7 @@ pub(crate) mod emu;
 use crate::dtype::DType;
 use crate::methods::gta::{self, DeviceKeep, DeviceSetup};
 use crate::methods::select::{self, DigitState, TopK};
-use crate::methods::{kernel, MergeJob, OutputView};
+use crate::methods::{kernel, MergeJob, OutputView, TensorView};
 
 /// The kernels' source.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -73,10 +73,11 @@ pub enum Kernel {
     ChunkTies,
     L1Parts,
     GtaMerge,
+    ApplyScale,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Decode,
         Kernel::Encode,
         Kernel::Linear,
@@ -84,6 +85,7 @@ impl Kernel {
         Kernel::ChunkTies,
         Kernel::L1Parts,
         Kernel::GtaMerge,
+        Kernel::ApplyScale,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +97,7 @@ impl Kernel {
             Kernel::ChunkTies => "chunk_ties",
             Kernel::L1Parts => "l1_parts",
             Kernel::GtaMerge => "gta_merge",
+            Kernel::ApplyScale => "apply_scale",
         }
     }
 }
@@ -133,14 +136,16 @@ pub trait Backend {
 /// Whether the GPU path computes `method` on `job` into `out` (else the CPU does).
 pub fn supports(method: &str, job: &MergeJob, out: &OutputView) -> bool {
     let dtype_ok = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
+    // FP8 inputs, with block scales or without.
+    let input_ok = |v: &TensorView| {
+        (dtype_ok(v.dtype) && v.scale.is_none())
+            || (v.dtype.is_fp8() && v.scale.is_none_or(|s| dtype_ok(s.dtype)))
+    };
     if job.stream.is_some()
         || !dtype_ok(out.dtype)
         || job.numel() == 0
         || job.inputs.is_empty()
-        || job
-            .inputs
-            .iter()
-            .any(|v| !dtype_ok(v.dtype) || v.scale.is_some())
+        || !job.inputs.iter().all(input_ok)
     {
         return false;
     }
@@ -220,6 +225,27 @@ fn upload_inputs<B: Backend>(b: &B, job: &MergeJob) -> Result<B::Buf, GpuError> 
                 ],
             )?;
             start += count;
+        }
+        if let Some(scale) = &input.scale {
+            let scales = b.alloc(scale.bytes.len())?;
+            let mut scales = scales;
+            b.upload(&mut scales, scale.bytes)?;
+            b.launch(
+                Kernel::ApplyScale,
+                grid(n),
+                THREADS,
+                &[
+                    Arg::Buf(&xs),
+                    Arg::U64((i * n) as u64),
+                    Arg::U64(n as u64),
+                    Arg::Buf(&scales),
+                    Arg::I32(dtype_code(scale.dtype)),
+                    Arg::U64(scale.cols.max(1) as u64),
+                    Arg::U64(scale.block_rows.max(1) as u64),
+                    Arg::U64(scale.block_cols.max(1) as u64),
+                    Arg::U64(scale.scale_cols as u64),
+                ],
+            )?;
         }
     }
     Ok(xs)
@@ -482,6 +508,8 @@ fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::F16 => 2,
+        DType::F8_E4M3 => 3,
+        DType::F8_E5M2 => 4,
         _ => 1,
     }
 }
@@ -776,6 +804,145 @@ mod tests {
         }
     }
 
+    /// FP8 inputs as DeepSeek-V3 stores them (E4M3 with F32 scales per
+    /// 128 x 128 block, on a shape that is no multiple of the block), and every
+    /// E4M3 / E5M2 code: the same bytes on the emulated GPU as on the CPU.
+    #[test]
+    fn emulated_fp8_inputs_match_the_cpu() {
+        use crate::methods::kernel::BlockScale;
+        let (rows, cols) = (300usize, 331usize);
+        let n = rows * cols;
+        let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        // Four models' codes (never the NaN codes 0x7f, 0xff) and F32 scales.
+        let codes: Vec<Vec<u8>> = (0..4)
+            .map(|_| {
+                (0..n)
+                    .map(|_| match (next() % 254) as u8 {
+                        c if c >= 0x7f => c + 1,
+                        c => c,
+                    })
+                    .collect()
+            })
+            .collect();
+        let scales: Vec<Vec<u8>> = (0..4)
+            .map(|_| {
+                (0..sr * sc)
+                    .flat_map(|_| ((next() % 1000) as f32 * 1e-5 + 1e-4).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let p4 = params(
+            &[],
+            &[
+                &[("weight", num(0.7)), ("density", num(0.3))],
+                &[("weight", num(0.5)), ("density", num(0.6))],
+                &[("weight", num(0.2)), ("density", num(0.9))],
+                &[("weight", num(0.1))],
+            ],
+        );
+        let run = |method: &str,
+                   dtype: DType,
+                   codes: &[&[u8]],
+                   scales: Option<&[Vec<u8>]>,
+                   shape: &[u64],
+                   base: Option<usize>,
+                   p: &TensorParams,
+                   out_dtype: DType| {
+            let numel = shape.iter().product::<u64>() as usize;
+            let job = MergeJob {
+                name: "model.layers.5.mlp.experts.3.up_proj.weight",
+                shape,
+                inputs: codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| TensorView {
+                        dtype,
+                        bytes: b,
+                        scale: scales.map(|s| BlockScale {
+                            dtype: DType::F32,
+                            bytes: &s[i],
+                            cols,
+                            block_rows: 128,
+                            block_cols: 128,
+                            scale_cols: sc,
+                        }),
+                    })
+                    .collect(),
+                base,
+                params: p,
+                seed: 99,
+                stream: None,
+            };
+            let size = out_dtype.size();
+            let (mut cpu, mut gpu) = (vec![0u8; numel * size], vec![0u8; numel * size]);
+            methods::get(method)
+                .unwrap()
+                .merge(
+                    &job,
+                    &mut OutputView {
+                        dtype: out_dtype,
+                        bytes: &mut cpu,
+                    },
+                )
+                .unwrap();
+            let mut out = OutputView {
+                dtype: out_dtype,
+                bytes: &mut gpu,
+            };
+            assert!(supports(method, &job, &out), "{method} {dtype}");
+            merge(&emu::Emu::new(), method, &job, &mut out).unwrap();
+            (cpu, gpu)
+        };
+        let refs: Vec<&[u8]> = codes.iter().map(|c| c.as_slice()).collect();
+        let shape = [rows as u64, cols as u64];
+        for method in ["linear", "ties", "dare_ties"] {
+            let base = (method != "linear").then_some(3);
+            let (cpu, gpu) = run(
+                method,
+                DType::F8_E4M3,
+                &refs,
+                Some(&scales),
+                &shape,
+                base,
+                &p4,
+                DType::BF16,
+            );
+            assert!(cpu == gpu, "{method}: block-scaled E4M3 differs");
+        }
+        // Every code of both formats, decoded (weight 1, no scale).
+        let all: Vec<u8> = (0..=255).collect();
+        let one = params(&[], &[&[("weight", num(1.0))]]);
+        for dtype in [DType::F8_E4M3, DType::F8_E5M2] {
+            let (cpu, gpu) = run(
+                "linear",
+                dtype,
+                &[&all],
+                None,
+                &[256],
+                None,
+                &one,
+                DType::F32,
+            );
+            for (code, (a, b)) in cpu.chunks(4).zip(gpu.chunks(4)).enumerate() {
+                let (a, b) = (
+                    f32::from_le_bytes(a.try_into().unwrap()),
+                    f32::from_le_bytes(b.try_into().unwrap()),
+                );
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{dtype} code {code:#04x}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_gpu_path_declines_what_it_does_not_compute() {
         let v = vec![0u8; 8];
@@ -801,7 +968,8 @@ mod tests {
         };
         assert!(supports("linear", &job(DType::BF16, None), &out));
         assert!(supports("linear", &job(DType::F16, None), &out));
-        assert!(!supports("linear", &job(DType::F8_E4M3, None), &out));
+        assert!(supports("linear", &job(DType::F8_E4M3, None), &out));
+        assert!(!supports("linear", &job(DType::I32, None), &out));
         assert!(!supports("slerp", &job(DType::BF16, Some(1)), &out));
         assert!(!supports("task_arithmetic", &job(DType::BF16, None), &out));
         // 4 elements: TIES replays torch's sort on the CPU.
