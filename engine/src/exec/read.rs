@@ -168,6 +168,26 @@ impl Loaded {
     }
 }
 
+/// Fetches byte ranges of remote objects, all at the same time, in order.
+pub fn fetch_all(ranges: &[(&str, Range<u64>)]) -> Vec<Result<Vec<u8>, StorageError>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|(location, range)| {
+                s.spawn(move || storage::for_location(location).read_range(location, range.clone()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(ranges)
+            .map(|(h, (location, _))| {
+                h.join()
+                    .unwrap_or_else(|_| Err(StorageError::io(location, "a reader thread died")))
+            })
+            .collect()
+    })
+}
+
 /// Loads a window: fetches its remote inputs (coalesced, concurrently) and maps
 /// its local ones ahead of use.
 pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageError> {
@@ -195,24 +215,11 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
         });
     }
     let spans = spans(remote, GAP_BYTES, WINDOW_BYTES);
-    let fetched: Vec<Result<Vec<u8>, StorageError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = spans
-            .iter()
-            .map(|sp| {
-                s.spawn(move || {
-                    storage::for_location(&sp.location).read_range(&sp.location, sp.range.clone())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .zip(&spans)
-            .map(|(h, sp)| {
-                h.join()
-                    .unwrap_or_else(|_| Err(StorageError::io(&sp.location, "a reader thread died")))
-            })
-            .collect()
-    });
+    let ranges: Vec<(&str, Range<u64>)> = spans
+        .iter()
+        .map(|sp| (sp.location.as_str(), sp.range.clone()))
+        .collect();
+    let fetched = fetch_all(&ranges);
     let mut buffers = Vec::with_capacity(spans.len());
     for (i, (sp, data)) in spans.iter().zip(fetched).enumerate() {
         buffers.push(data?);

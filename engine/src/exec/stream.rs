@@ -9,7 +9,7 @@
 use super::read::Maps;
 use crate::methods::kernel::{self, Segments};
 use crate::plan::{OutputTensor, TensorRef};
-use crate::storage::{self, StorageError};
+use crate::storage::StorageError;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -100,30 +100,14 @@ impl<'a> Stream<'a> {
         let remote: Vec<usize> = (0..self.refs.len())
             .filter(|&i| matches!(inputs[i], Input::Fetched(_)))
             .collect();
-        let fetched: Vec<Result<Vec<u8>, StorageError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = remote
-                .iter()
-                .map(|&i| {
-                    let r = &self.refs[i];
-                    let bytes = Self::bytes_of(r, range);
-                    s.spawn(move || {
-                        storage::for_location(&r.location).read_range(&r.location, bytes)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .zip(&remote)
-                .map(|(h, &i)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(StorageError::io(
-                            &self.refs[i].location,
-                            "a reader thread died",
-                        ))
-                    })
-                })
-                .collect()
-        });
+        let ranges: Vec<(&str, Range<u64>)> = remote
+            .iter()
+            .map(|&i| {
+                let r = &self.refs[i];
+                (r.location.as_str(), Self::bytes_of(r, range))
+            })
+            .collect();
+        let fetched = super::read::fetch_all(&ranges);
         for (&i, data) in remote.iter().zip(fetched) {
             inputs[i] = Input::Fetched(data?);
         }
