@@ -241,10 +241,7 @@ impl Backend for Run<'_> {
         block: u32,
         args: &[Arg<'_, CudaSlice<u8>>],
     ) -> Result<(), GpuError> {
-        let f = &self.gpu.functions[Kernel::ALL
-            .iter()
-            .position(|k| *k == kernel)
-            .unwrap_or_default()];
+        let f = &self.gpu.functions[kernel.index()];
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {

@@ -225,7 +225,7 @@ impl Backend for Emu {
                 Arg::F32(v) => v.to_bits() as u64,
             })
             .collect();
-        let index = Kernel::ALL.iter().position(|k| *k == kernel).unwrap_or(0) as i32;
+        let index = kernel.index() as i32;
         let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: emu_launch has this signature (ENTRY above); the
         // orchestration passes every kernel its arguments, with buffers of the

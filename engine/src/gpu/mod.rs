@@ -88,6 +88,11 @@ impl Kernel {
         Kernel::ApplyScale,
     ];
 
+    /// Position in [`Kernel::ALL`] (declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Decode => "decode",
@@ -525,7 +530,31 @@ mod tests {
     use crate::methods::kernel::testing::{num, params};
     use crate::methods::{self, TensorParams, TensorView};
 
-    /// Runs `method` on the CPU and through the emulated GPU path; returns both outputs.
+    /// Runs `method` on `job` on the CPU and through the emulated GPU path
+    /// (which must take it) into `out_dtype`; returns both outputs.
+    fn cpu_and_gpu(method: &str, job: &MergeJob, out_dtype: DType) -> (Vec<u8>, Vec<u8>) {
+        let n = job.numel() * out_dtype.size();
+        let (mut cpu, mut gpu) = (vec![0u8; n], vec![0u8; n]);
+        methods::get(method)
+            .unwrap()
+            .merge(
+                job,
+                &mut OutputView {
+                    dtype: out_dtype,
+                    bytes: &mut cpu,
+                },
+            )
+            .unwrap();
+        let mut out = OutputView {
+            dtype: out_dtype,
+            bytes: &mut gpu,
+        };
+        assert!(supports(method, job, &out), "{method} not on the GPU path");
+        merge(&emu::Emu::new(), method, job, &mut out).unwrap();
+        (cpu, gpu)
+    }
+
+    /// [`cpu_and_gpu`] on f32 values stored as `in_dtype`.
     fn both(
         method: &str,
         shape: &[u64],
@@ -535,14 +564,7 @@ mod tests {
         in_dtype: DType,
         out_dtype: DType,
     ) -> (Vec<u8>, Vec<u8>) {
-        let encoded: Vec<Vec<u8>> = inputs
-            .iter()
-            .map(|v| {
-                let mut b = vec![0u8; v.len() * in_dtype.size()];
-                crate::dtype::encode_f32(in_dtype, v, &mut b);
-                b
-            })
-            .collect();
+        let encoded = crate::methods::kernel::testing::encode(inputs, in_dtype);
         let job = MergeJob {
             name: "model.layers.3.mlp.down_proj.weight",
             shape,
@@ -559,25 +581,7 @@ mod tests {
             seed: 1234,
             stream: None,
         };
-        let n = job.numel() * out_dtype.size();
-        let (mut cpu, mut gpu) = (vec![0u8; n], vec![0u8; n]);
-        methods::get(method)
-            .unwrap()
-            .merge(
-                &job,
-                &mut OutputView {
-                    dtype: out_dtype,
-                    bytes: &mut cpu,
-                },
-            )
-            .unwrap();
-        let mut out = OutputView {
-            dtype: out_dtype,
-            bytes: &mut gpu,
-        };
-        assert!(supports(method, &job, &out), "{method} not on the GPU path");
-        merge(&emu::Emu::new(), method, &job, &mut out).unwrap();
-        (cpu, gpu)
+        cpu_and_gpu(method, &job, out_dtype)
     }
 
     /// Task-vector-like inputs: a base and fine-tunes that move part of it,
@@ -731,21 +735,7 @@ mod tests {
                 seed: 0,
                 stream: None,
             };
-            let (mut cpu, mut gpu) = (vec![0u8; n * to.size()], vec![0u8; n * to.size()]);
-            let mut out = OutputView {
-                dtype: to,
-                bytes: &mut cpu,
-            };
-            methods::get("linear")
-                .unwrap()
-                .merge(&job, &mut out)
-                .unwrap();
-            let mut out = OutputView {
-                dtype: to,
-                bytes: &mut gpu,
-            };
-            merge(&emu::Emu::new(), "linear", &job, &mut out).unwrap();
-            (cpu, gpu)
+            cpu_and_gpu("linear", &job, to)
         };
         // Every F16 code, decoded to f32.
         let codes: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
@@ -855,7 +845,6 @@ mod tests {
                    base: Option<usize>,
                    p: &TensorParams,
                    out_dtype: DType| {
-            let numel = shape.iter().product::<u64>() as usize;
             let job = MergeJob {
                 name: "model.layers.5.mlp.experts.3.up_proj.weight",
                 shape,
@@ -880,25 +869,7 @@ mod tests {
                 seed: 99,
                 stream: None,
             };
-            let size = out_dtype.size();
-            let (mut cpu, mut gpu) = (vec![0u8; numel * size], vec![0u8; numel * size]);
-            methods::get(method)
-                .unwrap()
-                .merge(
-                    &job,
-                    &mut OutputView {
-                        dtype: out_dtype,
-                        bytes: &mut cpu,
-                    },
-                )
-                .unwrap();
-            let mut out = OutputView {
-                dtype: out_dtype,
-                bytes: &mut gpu,
-            };
-            assert!(supports(method, &job, &out), "{method} {dtype}");
-            merge(&emu::Emu::new(), method, &job, &mut out).unwrap();
-            (cpu, gpu)
+            cpu_and_gpu(method, &job, out_dtype)
         };
         let refs: Vec<&[u8]> = codes.iter().map(|c| c.as_slice()).collect();
         let shape = [rows as u64, cols as u64];
@@ -940,6 +911,13 @@ mod tests {
                     "{dtype} code {code:#04x}: {a} vs {b}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn kernels_are_listed_in_index_order() {
+        for (i, k) in Kernel::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{}", k.name());
         }
     }
 

@@ -496,13 +496,24 @@ pub(crate) mod testing {
         Ok(res)
     }
 
+    /// `inputs` stored as `dtype`.
+    pub fn encode(inputs: &[Vec<f32>], dtype: DType) -> Vec<Vec<u8>> {
+        inputs
+            .iter()
+            .map(|v| {
+                let mut b = vec![0u8; v.len() * dtype.size()];
+                encode_f32(dtype, v, &mut b);
+                b
+            })
+            .collect()
+    }
+
     /// An in-memory [`Segments`] source: serves ranges of the inputs' bytes
     /// and collects what is emitted.
     pub struct MemorySegments<'a> {
         pub elements: usize,
         pub inputs: Vec<(&'a [u8], usize)>,
         pub emitted: std::sync::Mutex<Vec<u8>>,
-        pub loads: std::sync::atomic::AtomicUsize,
     }
 
     impl Segments for MemorySegments<'_> {
@@ -510,8 +521,6 @@ pub(crate) mod testing {
             self.elements
         }
         fn with_inputs(&self, range: Range<usize>, f: &mut dyn FnMut(&[&[u8]])) {
-            self.loads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let parts: Vec<&[u8]> = self
                 .inputs
                 .iter()
@@ -539,19 +548,11 @@ pub(crate) mod testing {
         seed: u64,
         segment: Option<usize>,
     ) -> Result<Vec<u8>, MethodError> {
-        let encoded: Vec<Vec<u8>> = inputs
-            .iter()
-            .map(|v| {
-                let mut b = vec![0u8; v.len() * in_dtype.size()];
-                encode_f32(in_dtype, v, &mut b);
-                b
-            })
-            .collect();
+        let encoded = encode(inputs, in_dtype);
         let source = segment.map(|elements| MemorySegments {
             elements,
             inputs: encoded.iter().map(|b| (&b[..], in_dtype.size())).collect(),
             emitted: Default::default(),
-            loads: Default::default(),
         });
         let job = MergeJob {
             name: "model.layers.0.mlp.up_proj.weight",
