@@ -231,6 +231,22 @@ fn count(fraction: f64, n: u64) -> u64 {
     (fraction * n as f64) as u64
 }
 
+/// `lambda`: the scale of the merged task vector.
+fn lambda(job: &MergeJob) -> f32 {
+    job.params.shared_f64("lambda").unwrap_or(1.0) as f32
+}
+
+/// What `normalize` divides by without sign election: the weights' sum (1
+/// when it is zero).
+fn plain_divisor(weights: impl Iterator<Item = f32>) -> f32 {
+    let sum = weights.fold(0.0f32, |a, w| a + w);
+    if sum.abs() < 1e-8 {
+        1.0
+    } else {
+        sum
+    }
+}
+
 /// How many of `n` elements TIES keeps at `density`.
 fn magnitude_k(density: f64, n: u64) -> u64 {
     if density >= 1.0 {
@@ -314,23 +330,13 @@ pub fn device_setup(method: &str, job: &MergeJob) -> Option<DeviceSetup> {
             }
         })
         .collect();
-    let flag = |name: &str| {
-        job.params
-            .shared_bool(name)
-            .unwrap_or_else(|| gta.default_bool(name))
-    };
-    let weight_sum = streams.iter().fold(0.0f32, |a, s| a + s.weight);
     Some(DeviceSetup {
         base,
-        normalize: flag("normalize"),
-        rescale: flag("rescale") && gta.sparsify != Sparsify::None,
-        lambda: job.params.shared_f64("lambda").unwrap_or(1.0) as f32,
+        normalize: gta.flag(job, "normalize"),
+        rescale: gta.rescales(job),
+        lambda: lambda(job),
         sign_consensus: gta.consensus == Consensus::Sum,
-        plain_divisor: if weight_sum.abs() < 1e-8 {
-            1.0
-        } else {
-            weight_sum
-        },
+        plain_divisor: plain_divisor(streams.iter().map(|s| s.weight)),
         streams,
     })
 }
@@ -458,12 +464,20 @@ thread_local! {
 }
 
 impl Gta {
-    /// The method's default for a boolean parameter the plan did not resolve.
-    fn default_bool(&self, name: &str) -> bool {
-        match self.spec.param(name).map(|p| p.default) {
-            Some(ParamDefault::Value(v)) => v.as_bool(),
-            _ => false,
-        }
+    /// A boolean parameter of `job`, or the method's default when the plan
+    /// did not resolve it.
+    fn flag(&self, job: &MergeJob, name: &str) -> bool {
+        job.params.shared_bool(name).unwrap_or_else(|| {
+            match self.spec.param(name).map(|p| p.default) {
+                Some(ParamDefault::Value(v)) => v.as_bool(),
+                _ => false,
+            }
+        })
+    }
+
+    /// Whether the sparsified task vectors are rescaled to their L1 norm.
+    fn rescales(&self, job: &MergeJob) -> bool {
+        self.flag(job, "rescale") && self.sparsify != Sparsify::None
     }
 
     fn chunk_size(&self, job: &MergeJob) -> usize {
@@ -575,11 +589,7 @@ impl Gta {
                 scale: 1.0,
             })
             .collect();
-        let rescale = job
-            .params
-            .shared_bool("rescale")
-            .unwrap_or_else(|| self.default_bool("rescale"));
-        if rescale && self.sparsify != Sparsify::None {
+        if self.rescales(job) {
             let row_len = job.row_len();
             let parts = kernel::reduce_sized(job, self.chunk_size(job), |c, x| {
                 let mut mask = vec![false; c.len];
@@ -667,17 +677,9 @@ impl MergeMethod for Gta {
             return Err(job.invalid(self.spec.name, "needs a base model"));
         };
         let tvs = self.task_vectors(job, base);
-        let normalize = job
-            .params
-            .shared_bool("normalize")
-            .unwrap_or_else(|| self.default_bool("normalize"));
-        let lambda = job.params.shared_f64("lambda").unwrap_or(1.0) as f32;
-        let weight_sum = tvs.iter().fold(0.0f32, |a, tv| a + tv.weight);
-        let plain_divisor = if weight_sum.abs() < 1e-8 {
-            1.0
-        } else {
-            weight_sum
-        };
+        let normalize = self.flag(job, "normalize");
+        let lambda = lambda(job);
+        let plain_divisor = plain_divisor(tvs.iter().map(|tv| tv.weight));
         let consensus = self.consensus;
         let k = tvs.len();
         let row_len = job.row_len();
