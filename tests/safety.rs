@@ -564,3 +564,45 @@ fn a_config_json_that_disagrees_with_the_weights_is_refused() {
         assert!(e.contains("m/config.json") && e.contains(what), "{e}");
     }
 }
+
+/// Item 7: weights that f32 holds but whose sum overflows write Inf; `run`
+/// says so, naming the tensors and counts, even with --quiet.
+#[test]
+fn non_finite_outputs_are_reported_with_tensor_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "models:\n  - model: {}\n    parameters: {{weight: 3.0e38}}\n  - model: {}\n    parameters: {{weight: 3.0e38}}\nmerge_method: linear\nparameters: {{normalize: false}}\ndtype: float32\n",
+            models().join("llama-ft-a").display(),
+            models().join("llama-ft-b").display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = run(dir.path(), &cfg, &out, &[]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("hold NaN or infinite values"), "{e}");
+    assert!(e.contains("13 tensors of the output"), "{e}");
+    // the counts agree with the file
+    let name = "model.layers.0.input_layernorm.weight";
+    let t = &read_model(&out)[name];
+    let inf = t.values().iter().filter(|v| v.is_infinite()).count();
+    assert!(inf > 0);
+    assert!(e.contains(&format!("{name}: 0 NaN, {inf} Inf")), "{e}");
+    // a finite merge says nothing of the kind
+    let ok = dir.path().join("ok.yaml");
+    std::fs::write(
+        &ok,
+        linear(&models().join("llama-ft-a"), &models().join("llama-ft-b")),
+    )
+    .unwrap();
+    let o = run(dir.path(), &ok, &dir.path().join("out2"), &[]);
+    assert!(
+        o.status.success() && !stderr(&o).contains("infinite"),
+        "{}",
+        stderr(&o)
+    );
+}
