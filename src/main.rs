@@ -151,7 +151,7 @@ struct WorkerArgs {
 /// Options shared by everything that plans a merge.
 #[derive(Args)]
 pub(crate) struct PlanArgs {
-    /// Bytes per output shard, with K/M/B suffixes (10^3/10^6/10^9), as mergekit.
+    /// Bytes per output shard: 5B = 5x10^9 as mergekit; also 500M, 20MB, 2GiB (README: Sizes).
     #[arg(long, default_value = "5B", value_parser = plan::parse_size)]
     pub(crate) out_shard_size: u64,
     /// Seed of the randomized methods (DARE, DELLA).
