@@ -4,12 +4,17 @@
 //! that failed `max_attempts` times, or failed in a way another attempt cannot
 //! fix, ends the merge with an error naming the unit, its tensors, the workers
 //! and their errors. Pure bookkeeping: no network, no clock of its own.
+//!
+//! Leases belong to a *holder*: the session id of a registered remote worker
+//! (see [`Cluster::register`]), or the name of an in-process worker of
+//! `fleetmerge run`. Only the holder can extend, complete or fail its lease.
 
 use crate::journal::Journal;
 use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 enum State {
@@ -19,22 +24,30 @@ enum State {
         worker: String,
         deadline_ms: u64,
     },
+    /// A completion of `lease` by `worker` is being checked (outside the lock):
+    /// the unit is neither leased again nor expired meanwhile.
+    Checking {
+        lease: u64,
+        worker: String,
+    },
     Done,
     Failed,
 }
 
 #[derive(Debug)]
 struct Unit {
-    unit: WorkUnit,
+    unit: Arc<WorkUnit>,
     state: State,
     attempts: u32,
     /// (worker, error) of every failed attempt.
     errors: Vec<(String, String)>,
 }
 
-/// A worker the coordinator has heard from.
+/// A worker the coordinator has heard from (one registration: a session).
 #[derive(Debug, Clone, Default)]
 pub struct WorkerInfo {
+    /// The name it registered with (`--worker-id`).
+    pub id: String,
     pub device: String,
     pub slots: u32,
     pub last_seen_ms: u64,
@@ -48,13 +61,42 @@ pub struct WorkerInfo {
 pub enum LeaseReply {
     Unit {
         lease: u64,
-        unit: WorkUnit,
+        unit: Arc<WorkUnit>,
         deadline_ms: u64,
     },
     Wait,
     Done(String),
 }
 
+/// A completion whose shard may now be checked (see [`Cluster::begin_check`]).
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub unit: Arc<WorkUnit>,
+    pub lease: u64,
+    /// The session's lease had expired (the unit was still pending).
+    pub late: bool,
+}
+
+/// What a completion that is not checked gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The unit was done already (a slow worker whose lease had expired:
+    /// harmless, the first commit won).
+    AlreadyDone,
+    /// Not this session's to complete, or malformed: the message says why.
+    Refused(String),
+}
+
+/// What a failure report does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailReply {
+    /// Recorded: the unit goes back to the queue, or the merge gives up.
+    Recorded,
+    /// The lease was this holder's but is no longer current: ignored.
+    Stale,
+    /// The lease was never this holder's: refused.
+    NotYours,
+}
 /// Counts for status.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
@@ -81,7 +123,14 @@ pub struct Cluster {
     next_lease: u64,
     lease_ms: u64,
     max_attempts: u32,
+    /// Registered remote workers by session id.
     pub workers: BTreeMap<String, WorkerInfo>,
+    /// Every lease handed out: (unit index, holder).
+    issued: HashMap<u64, (usize, String)>,
+    /// Most sessions at once, and how long a session that holds no lease may
+    /// stay silent before it is forgotten.
+    max_sessions: usize,
+    idle_ms: u64,
     /// Leases that ran out without a heartbeat.
     pub lease_expiries: u64,
     /// Leases of a unit beyond its first (after an expiry or a failure).
@@ -117,6 +166,7 @@ impl Cluster {
             .into_iter()
             .enumerate()
             .map(|(i, unit)| {
+                let unit = Arc::new(unit);
                 let state = if done.contains_key(&unit.id) {
                     State::Done
                 } else {
@@ -142,6 +192,9 @@ impl Cluster {
             lease_ms,
             max_attempts: max_attempts.max(1),
             workers: BTreeMap::new(),
+            issued: HashMap::new(),
+            max_sessions: usize::MAX,
+            idle_ms: u64::MAX,
             lease_expiries: 0,
             retries: 0,
             failures: 0,
@@ -160,10 +213,73 @@ impl Cluster {
         self.outputs.values().cloned().collect()
     }
 
-    pub fn touch(&mut self, worker: &str, now_ms: u64) -> &mut WorkerInfo {
-        let info = self.workers.entry(worker.to_string()).or_default();
+    /// Bounds the sessions: at most `max` at once; one that holds no lease and
+    /// was not heard from for `idle_ms` is forgotten.
+    pub fn limit_sessions(&mut self, max: usize, idle_ms: u64) {
+        self.max_sessions = max.max(1);
+        self.idle_ms = idle_ms;
+    }
+
+    /// A new session for a worker (`session` is the caller's fresh random id).
+    pub fn register(&mut self, session: &str, info: WorkerInfo) -> Result<(), String> {
+        self.evict(info.last_seen_ms);
+        if self.workers.len() >= self.max_sessions {
+            return Err(format!(
+                "too many workers registered ({}, the most this coordinator keeps); \
+                 silent ones are forgotten after {} s",
+                self.workers.len(),
+                self.idle_ms / 1000
+            ));
+        }
+        self.workers.insert(session.to_string(), info);
+        Ok(())
+    }
+
+    /// The session's worker, marked as heard from now; `None` when unknown.
+    pub fn session(&mut self, session: &str, now_ms: u64) -> Option<&mut WorkerInfo> {
+        let info = self.workers.get_mut(session)?;
         info.last_seen_ms = now_ms;
-        info
+        Some(info)
+    }
+
+    /// The name of a lease holder: its worker id, or the holder itself (an
+    /// in-process worker, or a session already forgotten).
+    pub fn name_of(&self, holder: &str) -> String {
+        self.workers
+            .get(holder)
+            .map(|w| w.id.clone())
+            .unwrap_or_else(|| holder.to_string())
+    }
+
+    /// Forgets sessions that hold no lease and were silent for too long.
+    pub fn evict(&mut self, now_ms: u64) {
+        if self.idle_ms == u64::MAX {
+            return;
+        }
+        let holding: std::collections::HashSet<&str> = self
+            .units
+            .iter()
+            .filter_map(|u| match &u.state {
+                State::Leased { worker, .. } | State::Checking { worker, .. } => {
+                    Some(worker.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let idle = self.idle_ms;
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(s, w)| {
+                now_ms.saturating_sub(w.last_seen_ms) > idle && !holding.contains(s.as_str())
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in gone {
+            if let Some(w) = self.workers.remove(&s) {
+                tracing::info!(worker = %w.id, "forgot a silent worker that held no lease");
+            }
+        }
     }
 
     fn give_up(&mut self, i: usize, why: &str) {
@@ -194,11 +310,12 @@ impl Cluster {
             {
                 if deadline_ms < now_ms {
                     self.lease_expiries += 1;
-                    tracing::warn!(unit = i, worker = %worker, "lease expired; handing the unit to another worker");
+                    let name = self.name_of(&worker);
+                    tracing::warn!(unit = i, worker = %name, "lease expired; handing the unit to another worker");
                     self.by_lease.remove(&lease);
                     self.units[i]
                         .errors
-                        .push((worker, "lease expired (no heartbeat)".into()));
+                        .push((name, "lease expired (no heartbeat)".into()));
                     if self.units[i].attempts >= self.max_attempts {
                         self.give_up(i, &format!("failed {} times", self.units[i].attempts));
                     } else {
@@ -208,6 +325,7 @@ impl Cluster {
                 }
             }
         }
+        self.evict(now_ms);
     }
 
     pub fn lease(&mut self, worker: &str, now_ms: u64) -> LeaseReply {
@@ -239,6 +357,7 @@ impl Cluster {
             deadline_ms,
         };
         self.by_lease.insert(lease, i);
+        self.issued.insert(lease, (i, worker.to_string()));
         LeaseReply::Unit {
             lease,
             unit: u.unit.clone(),
@@ -314,19 +433,112 @@ impl Cluster {
         Ok(true)
     }
 
-    pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) {
-        let Some(&i) = self.by_lease.get(&lease) else {
+    /// First half of a remote completion, under the lock: `holder` reports
+    /// unit `unit` done under `lease`. The lease must be one this holder was
+    /// given for that unit, and current; or expired, with the unit still
+    /// pending (nobody else took it). The unit is then held as being checked
+    /// (it neither expires nor goes to anyone else) until [`Cluster::finish_check`].
+    pub fn begin_check(&mut self, holder: &str, lease: u64, unit: u64) -> Result<Check, Refusal> {
+        let refuse = |m: String| Err(Refusal::Refused(m));
+        let Some((i, owner)) = self.issued.get(&lease).cloned() else {
+            return refuse(format!(
+                "lease {lease} was never given to this worker (unit {unit})"
+            ));
+        };
+        if owner != holder {
+            return refuse(format!("lease {lease} belongs to another worker"));
+        }
+        if self.units[i].unit.id as u64 != unit {
+            return refuse(format!(
+                "lease {lease} is for unit {}, not unit {unit}",
+                self.units[i].unit.id
+            ));
+        }
+        let late = match &self.units[i].state {
+            State::Done => return Err(Refusal::AlreadyDone),
+            State::Failed => return refuse(format!("unit {unit} failed; the merge is over")),
+            State::Leased {
+                lease: l,
+                worker: w,
+                ..
+            } if *l == lease && w == holder => false,
+            State::Pending => true,
+            State::Leased { .. } | State::Checking { .. } => {
+                return refuse(format!(
+                    "lease {lease} expired and unit {unit} went to another worker"
+                ))
+            }
+        };
+        if let Some(o) = &self.outcome {
+            return refuse(format!("the merge is over ({o:?})"));
+        }
+        self.by_lease.remove(&lease);
+        self.units[i].state = State::Checking {
+            lease,
+            worker: holder.to_string(),
+        };
+        Ok(Check {
+            unit: self.units[i].unit.clone(),
+            lease,
+            late,
+        })
+    }
+
+    /// Second half of a remote completion: the shard checked and journaled
+    /// (`Ok`), or rejected (`Err`, counted as a failed attempt: the unit goes
+    /// back to the queue, or the merge gives up after `max_attempts`).
+    pub fn finish_check(&mut self, check: &Check, result: Result<UnitOutput, String>) {
+        let Some(i) = self.units.iter().position(|u| u.unit.id == check.unit.id) else {
             return;
+        };
+        let State::Checking { lease, worker } = self.units[i].state.clone() else {
+            return;
+        };
+        if lease != check.lease {
+            return;
+        }
+        match result {
+            Ok(output) => {
+                if check.late {
+                    tracing::info!(unit = output.unit, lease, "a unit was completed under a lease that had expired; its shard is checked and kept");
+                }
+                self.units[i].state = State::Done;
+                self.outputs.insert(output.unit, output);
+                if self.units.iter().all(|u| u.state == State::Done) {
+                    self.outcome = Some(Outcome::AllDone);
+                }
+            }
+            Err(e) => {
+                self.units[i].state = State::Leased {
+                    lease,
+                    worker: worker.clone(),
+                    deadline_ms: 0,
+                };
+                self.by_lease.insert(lease, i);
+                self.fail(lease, &worker, &format!("completion rejected: {e}"), true);
+            }
+        }
+    }
+
+    /// Records a failed attempt reported by `worker` (the lease's holder).
+    pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) -> FailReply {
+        let Some(&i) = self.by_lease.get(&lease) else {
+            return match self.issued.get(&lease) {
+                Some((_, owner)) if owner == worker => FailReply::Stale,
+                _ => FailReply::NotYours,
+            };
         };
         if !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
         {
-            return;
+            return match self.issued.get(&lease) {
+                Some((_, owner)) if owner == worker => FailReply::Stale,
+                _ => FailReply::NotYours,
+            };
         }
         self.by_lease.remove(&lease);
         self.failures += 1;
-        self.units[i]
-            .errors
-            .push((worker.to_string(), error.to_string()));
+        let name = self.name_of(worker);
+        self.units[i].errors.push((name, error.to_string()));
         if !retryable {
             self.give_up(i, "failed with an error that another attempt cannot fix");
         } else if self.units[i].attempts >= self.max_attempts {
@@ -335,6 +547,7 @@ impl Cluster {
             self.units[i].state = State::Pending;
             self.queue.push_back(i);
         }
+        FailReply::Recorded
     }
 
     pub fn counts(&self) -> Counts {
@@ -345,7 +558,7 @@ impl Cluster {
         for u in &self.units {
             match u.state {
                 State::Pending => c.pending += 1,
-                State::Leased { .. } => c.running += 1,
+                State::Leased { .. } | State::Checking { .. } => c.running += 1,
                 State::Done => c.done += 1,
                 State::Failed => c.failed += 1,
             }
@@ -367,7 +580,9 @@ impl Cluster {
     pub fn leases_of(&self, worker: &str) -> Vec<usize> {
         self.units
             .iter()
-            .filter(|u| matches!(&u.state, State::Leased { worker: w, .. } if w == worker))
+            .filter(|u| {
+                matches!(&u.state, State::Leased { worker: w, .. } | State::Checking { worker: w, .. } if w == worker)
+            })
             .map(|u| u.unit.id)
             .collect()
     }

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod metrics;
 pub mod scheduler;
 pub mod service;
+pub mod shardcheck;
 pub mod verify;
 
 pub use assemble::{AssembleError, AssembleOptions};
