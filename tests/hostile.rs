@@ -527,3 +527,107 @@ fn the_token_does_not_travel_over_plain_http_to_another_machine() {
         "{log}"
     );
 }
+
+/// A coordinator that registers anyone and answers every lease with a unit
+/// of `unit_bytes` bytes.
+struct Oversized {
+    unit_bytes: usize,
+}
+
+#[tonic::async_trait]
+impl coordinator_server::Coordinator for Oversized {
+    async fn register(
+        &self,
+        _: tonic::Request<RegisterRequest>,
+    ) -> Result<tonic::Response<RegisterResponse>, tonic::Status> {
+        Ok(tonic::Response::new(RegisterResponse {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_seconds: 1,
+            session: "0123456789abcdef0123456789abcdef".into(),
+        }))
+    }
+    async fn lease(
+        &self,
+        _: tonic::Request<LeaseRequest>,
+    ) -> Result<tonic::Response<LeaseResponse>, tonic::Status> {
+        Ok(tonic::Response::new(LeaseResponse {
+            reply: Some(lease_response::Reply::Unit(UnitLease {
+                lease_id: 1,
+                unit: vec![b' '; self.unit_bytes],
+                out_dir: "/nonexistent".into(),
+                deadline_unix_ms: u64::MAX,
+            })),
+        }))
+    }
+    async fn heartbeat(
+        &self,
+        _: tonic::Request<HeartbeatRequest>,
+    ) -> Result<tonic::Response<HeartbeatResponse>, tonic::Status> {
+        Ok(tonic::Response::new(HeartbeatResponse::default()))
+    }
+    async fn complete(
+        &self,
+        _: tonic::Request<CompleteRequest>,
+    ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no"))
+    }
+    async fn fail(
+        &self,
+        _: tonic::Request<FailRequest>,
+    ) -> Result<tonic::Response<FailResponse>, tonic::Status> {
+        Ok(tonic::Response::new(FailResponse {}))
+    }
+    async fn status(
+        &self,
+        _: tonic::Request<StatusRequest>,
+    ) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no"))
+    }
+}
+
+/// Item 12 of issue 16, the other half: a message over the limit ends the
+/// worker with an error that says so (it used to retry forever as
+/// "coordinator unavailable").
+#[test]
+fn a_worker_sent_a_message_over_the_limit_fails_saying_so() {
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream_of(listener);
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(coordinator_server::CoordinatorServer::new(Oversized {
+                unit_bytes: MAX_UNIT_MESSAGE_BYTES + 1,
+            }))
+            .serve_with_incoming(incoming),
+    );
+    let mut w = Proc::start(
+        "worker",
+        Path::new("."),
+        &[
+            "worker",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--give-up-after",
+            "600",
+        ],
+        &[],
+    );
+    let status = w.wait_exit(MINUTE);
+    let log = w.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("larger than the protocol allows") && log.contains("too large"),
+        "{log}"
+    );
+    assert!(!log.contains("coordinator unavailable"), "{log}");
+}
+
+/// The accepted connections of `listener`, as tonic's server takes them.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+}

@@ -702,6 +702,80 @@ mod tests {
         );
     }
 
+    fn output(unit: usize) -> UnitOutput {
+        UnitOutput {
+            unit,
+            file_name: format!("model-{:05}-of-00002.safetensors", unit + 1),
+            size: 8,
+            sha256: String::new(),
+            tensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_lease_holder_can_complete_and_a_rejection_is_a_failed_attempt() {
+        let mut c = cluster(2, 2);
+        let (l, id) = lease(&mut c, "s1", 0);
+        // Another session, a lease never given, another unit: refused.
+        for (holder, lease, unit) in [("s2", l, id as u64), ("s1", 0, 0), ("s1", l, 1)] {
+            assert!(
+                matches!(c.begin_check(holder, lease, unit), Err(Refusal::Refused(_))),
+                "{holder} {lease} {unit}"
+            );
+        }
+        assert_eq!(c.fail(l, "s2", "boom", false), FailReply::NotYours);
+        assert!(c.outcome().is_none());
+        // The holder's completion is checked; meanwhile it neither expires
+        // nor goes to anyone else.
+        let check = c.begin_check("s1", l, id as u64).unwrap();
+        c.expire(1_000_000);
+        assert_eq!(c.counts().running, 1);
+        assert_eq!(lease(&mut c, "s2", 1_000_000).1, 1);
+        c.finish_check(&check, Err("garbage data".into()));
+        assert_eq!((c.counts().pending, c.failures), (1, 1));
+        assert_eq!(c.fail(l, "s1", "late", true), FailReply::Stale);
+        // The next attempt passes.
+        let (l2, _) = lease(&mut c, "s3", 1_000_000);
+        let check = c.begin_check("s3", l2, 0).unwrap();
+        c.finish_check(&check, Ok(output(0)));
+        assert_eq!(c.counts().done, 1);
+        assert_eq!(c.begin_check("s1", l, 0).unwrap_err(), Refusal::AlreadyDone);
+    }
+
+    #[test]
+    fn a_late_completion_counts_only_while_nobody_else_holds_the_unit() {
+        let mut c = cluster(1, 5);
+        let (l, _) = lease(&mut c, "s1", 0);
+        c.expire(5000);
+        // Expired, still pending: s1's shard is checked and kept.
+        let check = c.begin_check("s1", l, 0).unwrap();
+        assert!(check.late);
+        c.finish_check(&check, Err("bad".into()));
+        // Expired and handed to s2: s1's completion no longer counts.
+        let (l2, _) = lease(&mut c, "s2", 5000);
+        assert!(matches!(c.begin_check("s1", l, 0), Err(Refusal::Refused(m)) if m.contains("another worker")));
+        assert!(c.begin_check("s2", l2, 0).is_ok());
+    }
+
+    #[test]
+    fn sessions_are_bounded_and_silent_ones_without_leases_forgotten() {
+        let mut c = cluster(1, 3);
+        c.limit_sessions(2, 1000);
+        let info = |t| WorkerInfo {
+            id: "w".into(),
+            last_seen_ms: t,
+            ..WorkerInfo::default()
+        };
+        c.register("a", info(0)).unwrap();
+        c.register("b", info(0)).unwrap();
+        assert!(c.register("c", info(10)).unwrap_err().contains("too many"));
+        lease(&mut c, "a", 10);
+        // b was silent and holds nothing: forgotten; a holds a lease: kept.
+        c.register("c", info(1500)).unwrap();
+        assert!(c.workers.contains_key("a") && !c.workers.contains_key("b"));
+        assert!(c.session("b", 1500).is_none());
+    }
+
     #[test]
     fn finished_units_of_an_earlier_run_are_not_leased() {
         let done: BTreeMap<usize, UnitOutput> = [(
