@@ -206,8 +206,7 @@ fn live_status(args: &StatusArgs) -> Result<()> {
     let ca = args.tls_ca.as_deref().map(crate::read_file).transpose()?;
     let s = crate::runtime()?.block_on(async {
         // (The client needs the runtime to exist when it is made.)
-        let mut client =
-            fleetmerge_worker::remote::connect(
+        let mut client = fleetmerge_worker::remote::connect(
             &args.target,
             token.as_deref(),
             ca.as_deref(),

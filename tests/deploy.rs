@@ -96,7 +96,11 @@ fn default_render_has_probes_restarts_and_secret_references() {
     let c = container(coord);
     // TLS is on by default, and Kubernetes' gRPC probes speak no TLS.
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["tcpSocket"]["port"].as_i64(), Some(7070), "{probe}");
+        assert_eq!(
+            c[probe]["tcpSocket"]["port"].as_i64(),
+            Some(7070),
+            "{probe}"
+        );
     }
     let a = args(c);
     assert!(a.contains(&"coordinator".to_string()));
@@ -252,7 +256,9 @@ fn tls_is_on_by_default_and_plain_http_must_be_asked_for() {
     let a = args(container(workers));
     assert!(a.contains(&format!("--tls-ca={tls}/ca.crt")), "{a:?}");
     assert!(!a.contains(&"--insecure".to_string()), "{a:?}");
-    let vols = workers["spec"]["template"]["spec"]["volumes"].as_vec().unwrap();
+    let vols = workers["spec"]["template"]["spec"]["volumes"]
+        .as_vec()
+        .unwrap();
     assert!(vols
         .iter()
         .any(|v| v["secret"]["secretName"].as_str() == Some("m-fleetmerge-tls")));
@@ -262,7 +268,9 @@ fn tls_is_on_by_default_and_plain_http_must_be_asked_for() {
     assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")
         && d["metadata"]["name"].as_str().unwrap().ends_with("-tls")));
     let workers = find(&docs, "Job", "-workers");
-    let vols = workers["spec"]["template"]["spec"]["volumes"].as_vec().unwrap();
+    let vols = workers["spec"]["template"]["spec"]["volumes"]
+        .as_vec()
+        .unwrap();
     assert!(vols
         .iter()
         .any(|v| v["secret"]["secretName"].as_str() == Some("coord-cert")));

@@ -149,7 +149,11 @@ fn complete(rt: &tokio::runtime::Runtime, c: &Client, req: CompleteRequest) -> t
 fn assert_refused(e: &tonic::Status, code: Code, words: &[&str]) {
     assert_eq!(e.code(), code, "{e:?}");
     for w in words {
-        assert!(e.message().contains(w), "{w:?} missing from {:?}", e.message());
+        assert!(
+            e.message().contains(w),
+            "{w:?} missing from {:?}",
+            e.message()
+        );
     }
 }
 
@@ -246,7 +250,7 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
             lease_id: lease_a,
             error: "it is broken, give up".into(),
             retryable: false,
-        session: b.clone(),
+            session: b.clone(),
         }))
         .unwrap_err();
     assert_refused(&e, Code::PermissionDenied, &["not held by this worker"]);
@@ -256,7 +260,11 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     let e = complete(&rt, &c, completion(&a, 0, &unit_a, b"x"));
     assert_refused(&e, Code::FailedPrecondition, &["never given"]);
     let s = status(&rt, &c);
-    assert_eq!((s.state.as_str(), s.running, s.failures), ("running", 1, 0), "{s:?}");
+    assert_eq!(
+        (s.state.as_str(), s.running, s.failures),
+        ("running", 1, 0),
+        "{s:?}"
+    );
 
     // A's own completions that do not hold up: each is rejected, and its unit
     // goes back to the queue as a failed attempt.
@@ -264,7 +272,11 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     let mut req = completion(&a, lease_a, &unit_a, b"x");
     req.sha256 = "not-a-hash".into();
     let e = complete(&rt, &c, req);
-    assert_refused(&e, Code::FailedPrecondition, &["not 64 lowercase hex digits"]);
+    assert_refused(
+        &e,
+        Code::FailedPrecondition,
+        &["not 64 lowercase hex digits"],
+    );
     // 2. a random file of the right size
     let (lease2, unit2, _) = lease(&rt, &c, &a);
     let l2 = layout(&unit2);
@@ -306,7 +318,10 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     assert_eq!(rejected, 4, "{}", coordinator.log());
 
     // Honest workers finish the merge; the rejected files were replaced.
-    let mut workers: Vec<Proc> = ["w1", "w2"].iter().map(|n| start_worker(n, &addr)).collect();
+    let mut workers: Vec<Proc> = ["w1", "w2"]
+        .iter()
+        .map(|n| start_worker(n, &addr))
+        .collect();
     coordinator.succeeds(MINUTE * 2);
     for w in &mut workers {
         w.succeeds(MINUTE);
@@ -494,7 +509,12 @@ fn the_token_does_not_travel_over_plain_http_to_another_machine() {
     );
     assert!(!w.wait_exit(MINUTE).success());
     let log = w.log();
-    for part in ["refusing to send the token", "https://", "--tls-ca", "--insecure"] {
+    for part in [
+        "refusing to send the token",
+        "https://",
+        "--tls-ca",
+        "--insecure",
+    ] {
         assert!(log.contains(part), "{part:?} missing from:\n{log}");
     }
     // The same for `status`.
@@ -626,8 +646,6 @@ fn a_worker_sent_a_message_over_the_limit_fails_saying_so() {
 }
 
 /// The accepted connections of `listener`, as tonic's server takes them.
-fn tokio_stream_of(
-    listener: tokio::net::TcpListener,
-) -> tonic::transport::server::TcpIncoming {
+fn tokio_stream_of(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
 }

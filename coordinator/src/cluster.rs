@@ -753,7 +753,9 @@ mod tests {
         c.finish_check(&check, Err("bad".into()));
         // Expired and handed to s2: s1's completion no longer counts.
         let (l2, _) = lease(&mut c, "s2", 5000);
-        assert!(matches!(c.begin_check("s1", l, 0), Err(Refusal::Refused(m)) if m.contains("another worker")));
+        assert!(
+            matches!(c.begin_check("s1", l, 0), Err(Refusal::Refused(m)) if m.contains("another worker"))
+        );
         assert!(c.begin_check("s2", l2, 0).is_ok());
     }
 

@@ -378,7 +378,10 @@ impl Coordinator for Service {
             }
             if !r.tensors.is_empty()
                 && (r.tensors.len() != unit.tensors.len()
-                    || r.tensors.iter().zip(&unit.tensors).any(|(a, b)| *a != b.name))
+                    || r.tensors
+                        .iter()
+                        .zip(&unit.tensors)
+                        .any(|(a, b)| *a != b.name))
             {
                 return Err(format!(
                     "the reported tensors are not unit {}'s {} tensors",

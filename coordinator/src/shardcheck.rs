@@ -214,7 +214,13 @@ mod tests {
     #[test]
     fn sha256_must_be_64_lowercase_hex_digits() {
         assert!(is_sha256_hex(&"ab".repeat(32)));
-        for bad in ["not-a-hash", "", &"AB".repeat(32), &"ab".repeat(33), &"zz".repeat(32)] {
+        for bad in [
+            "not-a-hash",
+            "",
+            &"AB".repeat(32),
+            &"ab".repeat(33),
+            &"zz".repeat(32),
+        ] {
             assert!(!is_sha256_hex(bad), "{bad}");
         }
     }

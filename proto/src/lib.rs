@@ -18,8 +18,9 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest message a worker accepts (and the coordinator sends): a
 /// LeaseResponse carries a whole unit as JSON. A unit costs ~0.5 KiB of JSON
 /// per tensor and input; the planner's largest units (a shard of thousands of
-/// small tensors, 12,000 tensors of two inputs is 6.3 MB; a DeepSeek-V3 unit is
-/// ~1 MB) fit with a wide margin. The coordinator checks every unit against
+/// small tensors: 12,000 tensors of two inputs are 6.3 MB) fit with a wide
+/// margin, and a DeepSeek-V3 unit (a few hundred tensors of 5 GB) is far
+/// smaller. The coordinator checks every unit against
 /// this bound before it listens and refuses to start, naming the unit, when one
 /// does not fit.
 pub const MAX_UNIT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
