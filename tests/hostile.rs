@@ -189,11 +189,12 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out");
+    // Long leases: none expires while the test holds it, however slow.
     let (mut coordinator, addr) = start_coordinator(
         &cwd,
         &config,
         &out,
-        &["--out-shard-size", "100K", "--lease-timeout", "2"],
+        &["--out-shard-size", "100K", "--lease-timeout", "600"],
     );
     let rt = runtime();
     let c = client(&rt, &addr);
@@ -310,12 +311,20 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
         ("running", 0, 0, 4),
         "{s:?}"
     );
-    let rejected = coordinator
-        .lines()
-        .iter()
-        .filter(|l| l.contains("completion rejected") && field(l, "worker") == Some("w-a"))
-        .count();
-    assert_eq!(rejected, 4, "{}", coordinator.log());
+    // Logged with the worker's id (stderr is read by another thread: wait
+    // for it, up to a minute).
+    let rejected = || {
+        coordinator
+            .lines()
+            .iter()
+            .filter(|l| l.contains("completion rejected") && field(l, "worker") == Some("w-a"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + MINUTE;
+    while rejected() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(rejected(), 4, "{}", coordinator.log());
 
     // Honest workers finish the merge; the rejected files were replaced.
     let mut workers: Vec<Proc> = ["w1", "w2"]

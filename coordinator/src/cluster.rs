@@ -92,9 +92,10 @@ pub enum Refusal {
 pub enum FailReply {
     /// Recorded: the unit goes back to the queue, or the merge gives up.
     Recorded,
-    /// The lease was this holder's but is no longer current: ignored.
+    /// The lease was this holder's but is no longer current, or this
+    /// coordinator never gave it: ignored.
     Stale,
-    /// The lease was never this holder's: refused.
+    /// The lease was given to another holder: refused.
     NotYours,
 }
 /// Counts for status.
@@ -522,18 +523,18 @@ impl Cluster {
 
     /// Records a failed attempt reported by `worker` (the lease's holder).
     pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) -> FailReply {
+        // A lease this coordinator never gave (one of a coordinator before a
+        // restart) changes nothing: ignored, as a lease no longer current.
+        let not_current = match self.issued.get(&lease) {
+            Some((_, owner)) if owner != worker => FailReply::NotYours,
+            _ => FailReply::Stale,
+        };
         let Some(&i) = self.by_lease.get(&lease) else {
-            return match self.issued.get(&lease) {
-                Some((_, owner)) if owner == worker => FailReply::Stale,
-                _ => FailReply::NotYours,
-            };
+            return not_current;
         };
         if !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
         {
-            return match self.issued.get(&lease) {
-                Some((_, owner)) if owner == worker => FailReply::Stale,
-                _ => FailReply::NotYours,
-            };
+            return not_current;
         }
         self.by_lease.remove(&lease);
         self.failures += 1;

@@ -138,11 +138,15 @@ where
 {
     let mut registrations = 0;
     loop {
-        match call(shared, what, |c| f(c, shared.session())).await {
+        let session = shared.session();
+        match call(shared, what, |c| f(c, session.clone())).await {
             Err(WorkerError::SessionUnknown { message, .. }) if registrations < 5 => {
                 registrations += 1;
-                tracing::warn!(what, %message, "registering again");
-                register(shared).await?;
+                // Another slot may have registered again meanwhile.
+                if shared.session() == session {
+                    tracing::warn!(what, %message, "registering again");
+                    register(shared).await?;
+                }
             }
             other => return other,
         }
