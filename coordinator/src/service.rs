@@ -161,7 +161,7 @@ const MAX_SESSION_BYTES: usize = 64;
 /// A fresh session id: 128 bits from the operating system's RNG, in hex.
 fn new_session() -> Result<String, Status> {
     let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes)
+    getrandom::fill(&mut bytes)
         .map_err(|e| Status::internal(format!("the OS random generator failed: {e}")))?;
     Ok(hex::encode(bytes))
 }
@@ -169,7 +169,7 @@ fn new_session() -> Result<String, Status> {
 /// A random number for the shard spot check's choice of tensor.
 fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    let _ = getrandom::getrandom(&mut bytes);
+    let _ = getrandom::fill(&mut bytes);
     u64::from_le_bytes(bytes)
 }
 
@@ -544,7 +544,12 @@ pub async fn serve(
     opts: ServeOptions,
 ) -> Result<RunSummary, RunError> {
     check_unit_sizes(&plan)?;
-    let (journal, resume) = Journal::open(&plan, &out_dir, opts.restart)?;
+    // The output's lock is held until the merge returns.
+    let crate::outdir::Claimed {
+        journal,
+        resume,
+        lock: _lock,
+    } = crate::outdir::claim(&plan, &out_dir, opts.restart)?;
     if resume.finished {
         tracing::info!(out = %out_dir, "this merge is already complete");
         return Ok(RunSummary {

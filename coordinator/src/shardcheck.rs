@@ -138,6 +138,8 @@ pub fn check_shard(
         size,
         sha256: sha256.to_string(),
         tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
+        // Workers log their own non-finite warnings.
+        non_finite: Vec::new(),
     })
 }
 
