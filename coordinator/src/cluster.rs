@@ -790,6 +790,7 @@ mod tests {
                 size: 8,
                 sha256: String::new(),
                 tensors: Vec::new(),
+                non_finite: Vec::new(),
             },
         )]
         .into();
