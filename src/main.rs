@@ -124,6 +124,11 @@ struct WorkerArgs {
     /// self-signed certificate); public CAs are trusted without it.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Send the token over plain http:// to a coordinator on another machine
+    /// (refused without this flag: whoever answers at that address gets the
+    /// token; use https:// and --tls-ca instead).
+    #[arg(long)]
+    insecure: bool,
     /// Give up when the coordinator cannot be reached for this many seconds.
     #[arg(long, default_value_t = 600)]
     give_up_after: u64,
@@ -554,6 +559,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         max_memory: args.max_memory,
         give_up_after: std::time::Duration::from_secs(args.give_up_after),
         tls_ca: args.tls_ca.as_deref().map(read_file).transpose()?,
+        insecure: args.insecure,
     };
     let done = runtime()?.block_on(run_remote(opts))?;
     if !args.quiet {
