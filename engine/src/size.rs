@@ -44,7 +44,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
     let v: f64 = num.parse().map_err(|_| bad())?;
     let bytes = v * mult;
-    if !(bytes >= 1.0) {
+    if bytes.is_nan() || bytes < 1.0 {
         return Err(format!("'{s}' must be a positive size (at least one byte)"));
     }
     if bytes >= u64::MAX as f64 {
