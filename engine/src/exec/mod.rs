@@ -862,4 +862,99 @@ mod tests {
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("secret.txt")]);
     }
+
+    /// What the checks cost on a unit of 12,000 tensors from four 12,000-tensor
+    /// files (`cargo test --release -p fleetmerge-engine check_cost -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore = "a measurement"]
+    fn check_cost() {
+        use crate::methods::{ParamValue, TensorParams};
+        use crate::plan::TensorRef;
+        use std::time::Instant;
+        const N: usize = 12_000;
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..N)
+            .map(|i| {
+                format!(
+                    "model.layers.{}.mlp.experts.{}.up_proj.weight",
+                    i / 100,
+                    i % 100
+                )
+            })
+            .collect();
+        let mut files = Vec::new();
+        for m in 0..4 {
+            let mut header = serde_json::Map::new();
+            for (i, n) in names.iter().enumerate() {
+                header.insert(
+                    n.clone(),
+                    serde_json::json!({"dtype": "BF16", "shape": [64], "data_offsets": [i * 128, (i + 1) * 128]}),
+                );
+            }
+            let json = serde_json::to_vec(&header).unwrap();
+            let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&json);
+            let start = bytes.len() as u64;
+            bytes.resize(bytes.len() + N * 128, 0x3f);
+            let path = dir.path().join(format!("m{m}.safetensors"));
+            std::fs::write(&path, bytes).unwrap();
+            files.push((path.to_string_lossy().into_owned(), start));
+        }
+        let mut params = TensorParams::default();
+        params
+            .shared
+            .insert("normalize".into(), ParamValue::Bool(true));
+        params.per_input = vec![[("weight".to_string(), ParamValue::Number(0.25))].into(); 4];
+        let unit = WorkUnit {
+            format: PLAN_FORMAT,
+            id: 0,
+            file_name: "model.safetensors".into(),
+            merge_method: "linear".into(),
+            seed: 0,
+            tensors: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| OutputTensor {
+                    name: n.clone(),
+                    dtype: DType::BF16,
+                    shape: vec![64],
+                    op: TensorOp::Merge,
+                    inputs: files
+                        .iter()
+                        .enumerate()
+                        .map(|(m, (loc, start))| TensorRef {
+                            model: m,
+                            name: n.clone(),
+                            location: loc.clone(),
+                            offset: start + i as u64 * 128,
+                            len: 128,
+                            dtype: DType::BF16,
+                            shape: vec![64],
+                        })
+                        .collect(),
+                    base: None,
+                    params: params.clone(),
+                    scales: Vec::new(),
+                    block: None,
+                    requant: None,
+                })
+                .collect(),
+        };
+        let t = Instant::now();
+        unit.validate().unwrap();
+        let validate = t.elapsed();
+        let t = Instant::now();
+        let maps = read::Maps::open(&unit.tensors).unwrap();
+        inputs::check(&unit, &maps).unwrap();
+        let check = t.elapsed();
+        let (_out, out) = out_dir();
+        let t = Instant::now();
+        execute_unit(&unit, &out, &NoProgress).unwrap();
+        let whole = t.elapsed();
+        println!(
+            "{N} tensors x 4 inputs: validate {validate:?}, header check (4 headers of {N}) \
+             {check:?}, whole unit (both included) {whole:?}"
+        );
+    }
 }

@@ -106,14 +106,20 @@ impl Checker<'_> {
         }
     }
 
-    fn name(&self, tensor: Option<&str>, field: &str, name: &str) -> Result<(), UnitError> {
+    // Field names are built only for an error (a unit has tens of thousands).
+    fn name(
+        &self,
+        tensor: Option<&str>,
+        field: impl Fn() -> String,
+        name: &str,
+    ) -> Result<(), UnitError> {
         if name.is_empty() {
-            return Err(self.err(tensor, field, "empty name".into()));
+            return Err(self.err(tensor, &field(), "empty name".into()));
         }
         if name.len() > MAX_NAME_LEN {
             return Err(self.err(
                 tensor,
-                field,
+                &field(),
                 format!(
                     "name of {} bytes, longer than the limit of {MAX_NAME_LEN}",
                     name.len()
@@ -123,7 +129,7 @@ impl Checker<'_> {
         if name == "__metadata__" {
             return Err(self.err(
                 tensor,
-                field,
+                &field(),
                 "__metadata__ is the safetensors header's metadata key, not a tensor name".into(),
             ));
         }
@@ -134,37 +140,38 @@ impl Checker<'_> {
     fn shape(
         &self,
         tensor: &str,
-        field: &str,
+        field: impl Fn() -> String,
         dtype: DType,
         shape: &[u64],
     ) -> Result<u64, UnitError> {
         if shape.len() > MAX_RANK {
             return Err(self.err(
                 Some(tensor),
-                field,
+                &field(),
                 format!("{} dimensions, more than {MAX_RANK}", shape.len()),
             ));
         }
         byte_len(dtype, shape).ok_or_else(|| {
             self.err(
                 Some(tensor),
-                field,
+                &field(),
                 format!("{shape:?} of {dtype} is too large to address (the size overflows)"),
             )
         })
     }
 
     /// One input (or scale) reference: name, shape, length, byte range.
-    fn input(&self, t: &str, field: &str, r: &TensorRef) -> Result<(), UnitError> {
-        self.name(Some(t), &format!("{field}.name"), &r.name)?;
+    fn input(&self, t: &str, field: impl Fn() -> String, r: &TensorRef) -> Result<(), UnitError> {
+        let field = |sub: &str| format!("{}.{sub}", field());
+        self.name(Some(t), || field("name"), &r.name)?;
         if r.location.is_empty() {
-            return Err(self.err(Some(t), &format!("{field}.location"), "empty".into()));
+            return Err(self.err(Some(t), &field("location"), "empty".into()));
         }
-        let bytes = self.shape(t, &format!("{field}.shape"), r.dtype, &r.shape)?;
+        let bytes = self.shape(t, || field("shape"), r.dtype, &r.shape)?;
         if r.len != bytes {
             return Err(self.err(
                 Some(t),
-                &format!("{field}.len"),
+                &field("len"),
                 format!(
                     "{} bytes, but {:?} of {} is {bytes} bytes",
                     r.len, r.shape, r.dtype
@@ -174,7 +181,7 @@ impl Checker<'_> {
         if r.offset.checked_add(r.len).is_none() {
             return Err(self.err(
                 Some(t),
-                &format!("{field}.offset"),
+                &field("offset"),
                 format!("offset {} + len {} overflows", r.offset, r.len),
             ));
         }
@@ -187,12 +194,12 @@ impl Checker<'_> {
         t: &OutputTensor,
     ) -> Result<u64, UnitError> {
         let name = t.name.as_str();
-        let out_bytes = self.shape(name, "shape", t.dtype, &t.shape)?;
+        let out_bytes = self.shape(name, || "shape".into(), t.dtype, &t.shape)?;
         if t.inputs.is_empty() {
             return Err(self.err(Some(name), "inputs", "no inputs".into()));
         }
         for (i, r) in t.inputs.iter().enumerate() {
-            self.input(name, &format!("inputs[{i}]"), r)?;
+            self.input(name, || format!("inputs[{i}]"), r)?;
         }
         if let Some(b) = t.base {
             if b >= t.inputs.len() {
@@ -258,8 +265,13 @@ impl Checker<'_> {
                 &t.shape
             }
             Some(rq) => {
-                self.name(Some(name), "requant.weight", &rq.weight)?;
-                self.shape(name, "requant.weight_shape", DType::F32, &rq.weight_shape)?;
+                self.name(Some(name), || "requant.weight".into(), &rq.weight)?;
+                self.shape(
+                    name,
+                    || "requant.weight_shape".into(),
+                    DType::F32,
+                    &rq.weight_shape,
+                )?;
                 let Some(scales) = scale_shape(&rq.weight_shape, rq.block) else {
                     return Err(self.err(
                         Some(name),
@@ -333,7 +345,7 @@ impl Checker<'_> {
             for (i, s) in t.scales.iter().enumerate() {
                 let Some(s) = s else { continue };
                 let field = format!("scales[{i}]");
-                self.input(name, &field, s)?;
+                self.input(name, || field.clone(), s)?;
                 let r = &t.inputs[i];
                 let want = scale_shape(&r.shape, block).filter(|_| r.dtype.is_fp8());
                 if want.as_ref() != Some(&s.shape) || !s.dtype.is_float() {
@@ -393,7 +405,7 @@ impl Checker<'_> {
                 format!("{} entries for {n} inputs", t.params.per_input.len()),
             ));
         }
-        let check = |field: String, key: &str, v: &ParamValue, shared: bool| {
+        let check = |field: &dyn Fn() -> String, key: &str, v: &ParamValue, shared: bool| {
             let p = spec
                 .param(key)
                 .filter(|p| (p.scope == Scope::Shared) == shared);
@@ -401,7 +413,7 @@ impl Checker<'_> {
                 (None, _) => {
                     return Err(self.err(
                         Some(name),
-                        &field,
+                        &field(),
                         format!(
                             "not a {} parameter of {}",
                             if shared { "shared" } else { "per-model" },
@@ -418,15 +430,20 @@ impl Checker<'_> {
             if ok {
                 Ok(())
             } else {
-                Err(self.err(Some(name), &field, format!("{v:?} is not a valid value")))
+                Err(self.err(Some(name), &field(), format!("{v:?} is not a valid value")))
             }
         };
         for (k, v) in &t.params.shared {
-            check(format!("params.shared.{}", quoted(k)), k, v, true)?;
+            check(&|| format!("params.shared.{}", quoted(k)), k, v, true)?;
         }
         for (i, m) in t.params.per_input.iter().enumerate() {
             for (k, v) in m {
-                check(format!("params.per_input[{i}].{}", quoted(k)), k, v, false)?;
+                check(
+                    &|| format!("params.per_input[{i}].{}", quoted(k)),
+                    k,
+                    v,
+                    false,
+                )?;
             }
         }
         method
@@ -473,7 +490,7 @@ impl WorkUnit {
         let mut names = HashSet::with_capacity(self.tensors.len());
         let mut total = 0u64;
         for t in &self.tensors {
-            c.name(Some(&t.name), "name", &t.name)?;
+            c.name(Some(&t.name), || "name".into(), &t.name)?;
             if !names.insert(t.name.as_str()) {
                 return Err(c.err(
                     Some(&t.name),
