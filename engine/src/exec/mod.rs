@@ -48,8 +48,9 @@ pub enum ExecError {
     /// A panic in the pipeline: a bug, reported as the unit's error.
     #[error("internal error (a bug): {0}")]
     Internal(String),
-    /// An input file that is not a safetensors file.
-    #[error("refusing to read {input} from {location}: not a safetensors file ({message})")]
+    /// An input file that is not a usable safetensors file (not one at all,
+    /// or truncated or changed since the merge was planned).
+    #[error("refusing to read {input} from {location}: not a usable safetensors file: {message}")]
     NotSafetensors {
         location: String,
         input: String,
@@ -853,7 +854,7 @@ mod tests {
         u.tensors[0].inputs[0].location = secret.to_string_lossy().into_owned();
         let e = run(&u);
         assert!(
-            e.contains("secret.txt") && e.contains("not a safetensors file"),
+            e.contains("secret.txt") && e.contains("not a usable safetensors file"),
             "{e}"
         );
         let left: Vec<_> = std::fs::read_dir(dir.path())
