@@ -442,3 +442,31 @@ async fn report_failure(
     .await
     .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease loop that panics is a bug of this worker, reported as such, not
+    /// as the coordinator refusing it.
+    #[test]
+    fn a_panicking_slot_is_an_internal_error() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let joined = rt.block_on(async {
+            tokio::spawn(async {
+                panic!("slot exploded");
+            })
+            .await
+        });
+        let e = slot_died(joined.unwrap_err());
+        assert!(matches!(e, WorkerError::Internal(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("internal error (a bug)") && text.contains("slot exploded"),
+            "{text}"
+        );
+        assert!(!text.contains("refused"), "{text}");
+    }
+}
