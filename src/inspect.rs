@@ -289,8 +289,9 @@ pub struct PlanCmdArgs {
     config: PathBuf,
     /// Where the output would go (changes only the writer's buffers in the
     /// memory estimate: object stores buffer upload parts).
-    #[arg(long, default_value = ".")]
-    out: String,
+    /// Also checks that it is no input's folder, as `run` does.
+    #[arg(long)]
+    out: Option<String>,
     #[command(flatten)]
     plan: crate::PlanArgs,
     /// Compute threads the memory estimate assumes (default: every core here).
@@ -324,8 +325,22 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
         .unwrap_or_else(rayon::current_num_threads)
         .max(1);
     let peak = planned.as_ref().ok().map(|p| {
-        fleetmerge_engine::exec::memory::peak(&p.units, &args.out, args.max_memory, threads)
+        let out = args.out.as_deref().unwrap_or(".");
+        fleetmerge_engine::exec::memory::peak(&p.units, out, args.max_memory, threads)
     });
+    let overlap = match (&planned, &args.out) {
+        (Ok(p), Some(out)) => {
+            let out = if fleetmerge_engine::storage::is_url(out) {
+                out.trim_end_matches('/').to_string()
+            } else {
+                fleetmerge_coordinator::outdir::resolve_local(std::path::Path::new(out))
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            fleetmerge_coordinator::outdir::check_disjoint(p, &out).err()
+        }
+        _ => None,
+    };
     let summary = planned
         .as_ref()
         .ok()
@@ -334,7 +349,7 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
     let error = match (&planned, peak.as_ref().and_then(|p| p.over_budget.as_ref())) {
         (Err(e), _) => Some(e.to_string()),
         (_, Some(e)) => Some(e.to_string()),
-        _ => None,
+        _ => overlap.map(|e| e.to_string()),
     };
     if args.json {
         let v = serde_json::json!({

@@ -341,6 +341,21 @@ fn run(args: RunArgs) -> Result<()> {
         running.store(false, Ordering::Relaxed);
         r
     })?;
+    let non_finite: Vec<exec::NonFinite> = summary
+        .outputs
+        .iter()
+        .flat_map(|o| o.non_finite.iter().cloned())
+        .collect();
+    if !non_finite.is_empty() {
+        // Printed even with --quiet: the model is written, but likely broken.
+        eprintln!(
+            "warning: {} tensor{} of the output hold NaN or infinite values ({}); check the \
+             weights, lambda and the inputs",
+            non_finite.len(),
+            if non_finite.len() == 1 { "" } else { "s" },
+            exec::describe_non_finite(&non_finite)
+        );
+    }
     if summary.resumed > 0 {
         eprintln!(
             "resumed: {} of {} shards were finished by an earlier run and kept",
@@ -398,16 +413,19 @@ fn check_memory(plan: &plan::Plan, args: &RunArgs) -> Result<()> {
 }
 
 /// The output location: an object-store URL as given, or a local directory
-/// (created, and made absolute so that remote workers get a full path).
+/// made absolute with symlinks resolved (so that remote workers get a full
+/// path, and an output that is an input is recognised). Nothing is created
+/// here: the merge claims the folder (`outdir::claim`) after checking it.
 fn prepare_output(out: &std::path::Path) -> Result<String> {
     let text = out.to_string_lossy();
     if fleetmerge_engine::storage::is_url(&text) {
         return Ok(text.trim_end_matches('/').to_string());
     }
     let local = std::path::Path::new(text.strip_prefix("file://").unwrap_or(&text));
-    std::fs::create_dir_all(local).with_context(|| format!("creating {}", local.display()))?;
-    Ok(std::fs::canonicalize(local)
-        .with_context(|| format!("resolving {}", local.display()))?
+    if local.as_os_str().is_empty() {
+        anyhow::bail!("the output folder is empty; name a folder");
+    }
+    Ok(fleetmerge_coordinator::outdir::resolve_local(local)
         .to_string_lossy()
         .into_owned())
 }

@@ -581,3 +581,83 @@ fn tensors_larger_than_the_budget_stream_from_s3_with_the_same_bytes() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same_files(&out, reference);
 }
+
+/// The output lock on an object store (a conditional PUT of
+/// `OUT/.fleetmerge/lock`): a live holder refuses a second merge, naming it;
+/// an expired one (a crashed coordinator) is taken over; a finished merge
+/// releases it. An output prefix that holds an input is refused too.
+#[test]
+fn object_store_outputs_are_locked_and_never_overlap_inputs() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    create_bucket(endpoint, "out-lock");
+    let cfg = config_at("linear", "s3://models/models/", dir.path());
+    let run = |out: &str| {
+        fleetmerge_env(
+            dir.path(),
+            &["run", cfg.to_str().unwrap(), out, "--quiet"],
+            &s3_env(endpoint),
+        )
+    };
+    let put_lock = |expires_ms: u64| {
+        let body = dir.path().join("lock.json");
+        std::fs::write(
+            &body,
+            format!(
+                r#"{{"host":"elsewhere","pid":4242,"since_unix_ms":1,"expires_unix_ms":{expires_ms},"id":"x"}}"#
+            ),
+        )
+        .unwrap();
+        curl(&[
+            "-T",
+            body.to_str().unwrap(),
+            &format!("{endpoint}/out-lock/m/.fleetmerge/lock"),
+        ]);
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+
+    // A live holder: refused at once, nothing written.
+    put_lock(now_ms + 600_000);
+    let o = run("s3://out-lock/m");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is being written by another merge (pid 4242 on elsewhere"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(list_keys(endpoint, "out-lock", "m"), ["m/.fleetmerge/lock"]);
+
+    // An expired holder: taken over, the merge completes and releases the lock.
+    put_lock(now_ms - 1);
+    let o = run("s3://out-lock/m");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("{endpoint}/out-lock/m/.fleetmerge/lock")]))
+            .unwrap();
+    assert_eq!(lock["expires_unix_ms"], 0, "released: {lock}");
+    assert_ne!(lock["host"], "elsewhere");
+    // and the next merge into it goes through
+    let o = run("s3://out-lock/m");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // An output that is an input's prefix, or holds one.
+    for out in [
+        "s3://models/models/llama-ft-a",
+        "s3://models/models",
+        "s3://models/models/llama-ft-a/x/",
+    ] {
+        let o = run(out);
+        assert_eq!(o.status.code(), Some(1), "{out}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("never writes where it reads"),
+            "{out}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!list_keys(endpoint, "models", "models/llama-ft-a")
+        .iter()
+        .any(|k| k.contains(".fleetmerge")));
+}

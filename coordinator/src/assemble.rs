@@ -148,16 +148,10 @@ pub fn remove_index(out_dir: &str) -> Result<(), AssembleError> {
     Ok(())
 }
 
-/// Whether a file name is one of the shard names a merge writes.
-fn is_shard_name(name: &str) -> bool {
-    name == "model.safetensors"
-        || (name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-"))
-}
-
 /// Writes the model card (with every shard's checksum), then the index (for
-/// sharded outputs): the marker of a complete model. Then
-/// removes shards that an earlier merge into the same folder left behind and
-/// this plan does not have, so the folder holds exactly one model.
+/// sharded outputs): the marker of a complete model. (The shards of an earlier
+/// merge into the same folder were removed before this one started, see
+/// `Journal::open`.)
 pub fn write_index(
     plan: &Plan,
     out_dir: &str,
@@ -175,12 +169,6 @@ pub fn write_index(
         out.put(&index_location, index.as_bytes())?;
     } else {
         out.delete(&index_location)?;
-    }
-    for name in out.list(out_dir)? {
-        if is_shard_name(&name) && !plan.units.iter().any(|u| u.file_name == name) {
-            tracing::info!(file = %name, "removing a shard of an earlier merge");
-            out.delete(&out.join(out_dir, &name))?;
-        }
     }
     Ok(())
 }

@@ -93,17 +93,26 @@ fn read_record(
     Ok(Some((serde_json::from_value(value).map_err(bad)?, at)))
 }
 
+/// The plan the journal in `out_dir` records: `None` when there is none.
+pub fn read_plan(store: &dyn Storage, out_dir: &str) -> Result<Option<Plan>, JournalError> {
+    let plan_loc = store.join(&store.join(out_dir, DIR), PLAN);
+    match store.read_all(&plan_loc) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| JournalError::Record {
+                location: plan_loc.clone(),
+                message: e.to_string(),
+            }),
+        Err(StorageError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reads the journal in `out_dir`: `None` when there is none.
 pub fn read_records(store: &dyn Storage, out_dir: &str) -> Result<Option<Records>, JournalError> {
     let dir = store.join(out_dir, DIR);
-    let plan_loc = store.join(&dir, PLAN);
-    let plan: Plan = match store.read_all(&plan_loc) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Record {
-            location: plan_loc.clone(),
-            message: e.to_string(),
-        })?,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(plan) = read_plan(store, out_dir)? else {
+        return Ok(None);
     };
     let mut units = Vec::new();
     let mut recorded_ms = Vec::new();
@@ -203,6 +212,7 @@ impl Journal {
                 })
             }
             _ => {
+                journal.retire_earlier()?;
                 journal.clear()?;
                 let plan_json =
                     serde_json::to_vec_pretty(plan).map_err(|e| StorageError::io("plan", e))?;
@@ -224,6 +234,25 @@ impl Journal {
 
     fn unit_path(&self, unit: usize) -> String {
         unit_location(self.store.as_ref(), &self.dir, unit)
+    }
+
+    /// Before a new merge writes anything: removes what marks the earlier
+    /// merge in this folder as finished (the final marker, the index, the model
+    /// card), then the shards its plan names, and nothing else (a user's file
+    /// named like a shard stays).
+    fn retire_earlier(&self) -> Result<(), JournalError> {
+        let Some(earlier) = read_plan(self.store.as_ref(), &self.out_dir)? else {
+            return Ok(());
+        };
+        self.store.delete(&self.path(DONE))?;
+        for name in ["model.safetensors.index.json", "README.md"] {
+            self.store.delete(&self.store.join(&self.out_dir, name))?;
+        }
+        for unit in &earlier.units {
+            self.store
+                .delete(&self.store.join(&self.out_dir, &unit.file_name))?;
+        }
+        Ok(())
     }
 
     /// Removes every record of an earlier merge.

@@ -10,6 +10,7 @@ pub mod assemble;
 pub mod cluster;
 pub mod journal;
 pub mod metrics;
+pub mod outdir;
 pub mod scheduler;
 pub mod service;
 pub mod verify;

@@ -21,6 +21,8 @@ pub enum RunError {
     Assemble(#[from] AssembleError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Output(#[from] crate::outdir::OutDirError),
     #[error("recording a finished unit in the journal: {0}")]
     Record(#[from] fleetmerge_engine::storage::StorageError),
     #[error("{0}")]
@@ -153,7 +155,11 @@ pub fn run_embedded(
     opts: &EmbeddedOptions,
     progress: &dyn Progress,
 ) -> Result<RunSummary, RunError> {
-    let (journal, resume) = Journal::open(plan, out_dir, opts.restart)?;
+    let crate::outdir::Claimed {
+        journal,
+        resume,
+        lock: _lock,
+    } = crate::outdir::claim(plan, out_dir, opts.restart)?;
     if resume.finished {
         tracing::info!(out = out_dir, "this merge is already complete");
         return Ok(RunSummary {

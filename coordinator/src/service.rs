@@ -242,6 +242,8 @@ impl Coordinator for Service {
                 size: r.size,
                 sha256: r.sha256,
                 tensors: r.tensors,
+                // Workers log their own non-finite warnings.
+                non_finite: Vec::new(),
             };
             c.complete(r.lease_id, output, &shared.journal)
         })
@@ -336,7 +338,12 @@ pub async fn serve(
     out_dir: String,
     opts: ServeOptions,
 ) -> Result<RunSummary, RunError> {
-    let (journal, resume) = Journal::open(&plan, &out_dir, opts.restart)?;
+    // The output's lock is held until the merge returns.
+    let crate::outdir::Claimed {
+        journal,
+        resume,
+        lock: _lock,
+    } = crate::outdir::claim(&plan, &out_dir, opts.restart)?;
     if resume.finished {
         tracing::info!(out = %out_dir, "this merge is already complete");
         return Ok(RunSummary {

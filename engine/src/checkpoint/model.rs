@@ -63,6 +63,47 @@ impl Checkpoint {
         })
     }
 
+    /// Checks config.json's layer count against the tensors: a layer-count key
+    /// that is not a whole number (-1, 6.5, [6]) or fewer layers than the
+    /// tensors hold (`layers_in_tensors`, beyond DeepSeek's MTP layers that
+    /// `num_nextn_predict_layers` counts) would give an output config that
+    /// disagrees with its weights. Returns a message naming the file and key.
+    pub fn check_layer_count(&self, layers_in_tensors: u64) -> Result<(), String> {
+        let file = format!("{}/config.json", self.location.trim_end_matches('/'));
+        let keys = ["num_hidden_layers", "n_layer", "num_layers"];
+        let nested = self
+            .config
+            .get("text_config")
+            .and_then(|t| t.get("num_hidden_layers"));
+        let present = keys
+            .iter()
+            .filter_map(|k| self.config.get(*k).map(|v| (k.to_string(), v)))
+            .chain(nested.map(|v| ("text_config.num_hidden_layers".to_string(), v)));
+        for (key, value) in present {
+            if value.as_u64().is_none() {
+                let shown: String = value.to_string().chars().take(40).collect();
+                return Err(format!(
+                    "{file}: {key} is {shown}, not a whole number of layers"
+                ));
+            }
+        }
+        if let Some((key, n)) = self.num_layers() {
+            let extra = self
+                .config
+                .get("num_nextn_predict_layers")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if layers_in_tensors > n.saturating_add(extra) {
+                return Err(format!(
+                    "{file}: {key} is {n}, but the checkpoint's tensors hold {layers_in_tensors} \
+                     layers (0 to {}); fix config.json so that it describes the weights",
+                    layers_in_tensors - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Layer count from config.json: the first present of `num_hidden_layers`,
     /// `n_layer`, `num_layers`, `text_config.num_hidden_layers`, as (key, value).
     pub fn num_layers(&self) -> Option<(String, u64)> {

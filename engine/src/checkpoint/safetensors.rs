@@ -60,13 +60,83 @@ impl<'de> Deserialize<'de> for Entries {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
                 let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry::<String, Value>()? {
-                    entries.push(entry);
+                while let Some((k, StrictValue(v))) = map.next_entry::<String, StrictValue>()? {
+                    entries.push((k, v));
                 }
                 Ok(Entries(entries))
             }
         }
         d.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// A JSON value whose objects, at any depth, have no repeated key: the
+/// reference safetensors library refuses `{"dtype": "F32", "dtype": "BF16"}`,
+/// where a plain `Value` would keep the last one silently.
+struct StrictValue(Value);
+
+/// The start of the error a repeated key raises (see `parse_header`).
+const DUPLICATE_KEY: &str = "duplicate key";
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<StrictValue, E> {
+                Ok(StrictValue(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<StrictValue, E> {
+                Ok(StrictValue(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<StrictValue, E> {
+                Ok(StrictValue(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<StrictValue, E> {
+                Ok(StrictValue(
+                    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+                ))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<StrictValue, E> {
+                Ok(StrictValue(Value::String(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<StrictValue, E> {
+                Ok(StrictValue(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> Result<StrictValue, E> {
+                Ok(StrictValue(Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<StrictValue, E> {
+                Ok(StrictValue(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StrictValue, A::Error> {
+                let mut items = Vec::new();
+                while let Some(StrictValue(v)) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(StrictValue(Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
+                let mut obj = serde_json::Map::new();
+                while let Some((k, StrictValue(v))) = map.next_entry::<String, StrictValue>()? {
+                    if obj.contains_key(&k) {
+                        let shown: String = k.chars().take(80).collect();
+                        return Err(serde::de::Error::custom(format!(
+                            "{DUPLICATE_KEY} {shown:?} in one object"
+                        )));
+                    }
+                    obj.insert(k, v);
+                }
+                Ok(StrictValue(Value::Object(obj)))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -125,7 +195,14 @@ pub fn parse_header(
     let text = std::str::from_utf8(header_json)
         .map_err(|_| CheckpointError::HeaderNotUtf8 { location: loc() })?;
     let Entries(entries) = serde_json::from_str(text).map_err(|e| match e.classify() {
-        // A type error at the top level is the only data error the visitor can raise.
+        // Besides a repeated key inside an entry, a type error at the top level
+        // is the only data error the visitors raise.
+        serde_json::error::Category::Data if e.to_string().starts_with(DUPLICATE_KEY) => {
+            CheckpointError::HeaderJson {
+                location: loc(),
+                message: e.to_string(),
+            }
+        }
         serde_json::error::Category::Data => CheckpointError::HeaderNotObject { location: loc() },
         _ => CheckpointError::HeaderJson {
             location: loc(),

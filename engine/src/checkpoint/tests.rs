@@ -284,6 +284,33 @@ fn metadata_and_duplicates() {
     assert!(
         matches!(parse(json, 2), Err(CheckpointError::DuplicateHeaderEntry { tensor, .. }) if tensor == "w")
     );
+    // A key repeated inside a tensor entry (the reference library refuses it;
+    // a plain JSON map would keep the last value).
+    let json = r#"{"w":{"dtype":"F32","dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+    let e = parse(json, 4).unwrap_err();
+    assert!(
+        matches!(&e, CheckpointError::HeaderJson { message, .. } if message.contains("duplicate key \"dtype\"")),
+        "{e}"
+    );
+    let json = r#"{"__metadata__":{"a":"1","a":"2"}}"#;
+    assert!(matches!(
+        parse(json, 0),
+        Err(CheckpointError::HeaderJson { .. })
+    ));
+}
+
+/// The attack campaign's mutant: the conformance model's header with `dtype`
+/// twice in `lm_head.weight`'s entry.
+#[test]
+fn duplicate_dtype_in_an_entry_from_the_campaign_is_refused() {
+    let prefix: &[u8] = include_bytes!(
+        "../../../tests/fixtures/reliability/safetensors_dup_dtype_in_entry.header.bin"
+    );
+    let len = u64::from_le_bytes(prefix[..8].try_into().unwrap());
+    let header = &prefix[8..8 + len as usize];
+    // the data section of the kit's llama-ft-a follows the header in the file
+    let e = parse_header("m.safetensors", 8 + len + 685_696, header).unwrap_err();
+    assert!(e.to_string().contains("duplicate key \"dtype\""), "{e}");
 }
 
 proptest! {
@@ -612,4 +639,54 @@ fn layer_count_keys() {
         Some(("text_config.num_hidden_layers".into(), 40))
     );
     assert_eq!(n(serde_json::json!({"num_hidden_layers": "x"})), None);
+}
+
+#[test]
+fn layer_counts_that_disagree_with_the_weights_are_refused() {
+    let ck = |config: serde_json::Value| Checkpoint {
+        location: "models/m".into(),
+        config: match config {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!(),
+        },
+        tensors: Default::default(),
+        files: vec![],
+    };
+    for bad in [
+        serde_json::json!(-1),
+        serde_json::json!(6.5),
+        serde_json::json!([6]),
+        serde_json::json!("6"),
+    ] {
+        let e = ck(serde_json::json!({"num_hidden_layers": bad}))
+            .check_layer_count(6)
+            .unwrap_err();
+        assert!(
+            e.starts_with("models/m/config.json: num_hidden_layers is ")
+                && e.contains("not a whole number"),
+            "{e}"
+        );
+    }
+    let e = ck(serde_json::json!({"text_config": {"num_hidden_layers": 6.5}}))
+        .check_layer_count(6)
+        .unwrap_err();
+    assert!(e.contains("text_config.num_hidden_layers"), "{e}");
+    // more layers in the tensors than the config says
+    let e = ck(serde_json::json!({"num_hidden_layers": 4}))
+        .check_layer_count(6)
+        .unwrap_err();
+    assert!(
+        e.contains("num_hidden_layers is 4, but the checkpoint's tensors hold 6"),
+        "{e}"
+    );
+    // what is fine: agreement, fewer tensors' layers, DeepSeek's MTP layer, no key
+    assert!(ck(serde_json::json!({"num_hidden_layers": 6}))
+        .check_layer_count(6)
+        .is_ok());
+    assert!(ck(serde_json::json!({"num_hidden_layers": 6}))
+        .check_layer_count(0)
+        .is_ok());
+    let ds = serde_json::json!({"num_hidden_layers": 61, "num_nextn_predict_layers": 1});
+    assert!(ck(ds).check_layer_count(62).is_ok());
+    assert!(ck(serde_json::json!({})).check_layer_count(9).is_ok());
 }

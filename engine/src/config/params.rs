@@ -63,8 +63,10 @@ impl Scalar {
 
     /// Converts like a pydantic (lax) `float` field: booleans count as 0/1 and
     /// numeric strings such as "1e-3" (a string for PyYAML) are parsed.
+    /// Numbers that f32 cannot hold (NaN, infinities, |x| > 3.4e38) are
+    /// refused: the merge computes in f32 and would write Inf or NaN.
     pub fn to_number(&self) -> Result<f64, String> {
-        match self {
+        let x = match self {
             Scalar::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
             Scalar::Int(i) => Ok(*i as f64),
             Scalar::Float(x) => Ok(*x),
@@ -72,7 +74,14 @@ impl Scalar {
                 .trim()
                 .parse::<f64>()
                 .map_err(|_| format!("expected a number, got {self}")),
+        }?;
+        if !x.is_finite() || x.abs() > f64::from(f32::MAX) {
+            return Err(format!(
+                "{self} is not a finite number a 32-bit float can hold (merges compute in \
+                 f32, |x| <= 3.4e38)"
+            ));
         }
+        Ok(x)
     }
 
     /// Converts like a pydantic (lax) `bool` field: 0/1 and the usual words.
@@ -443,6 +452,27 @@ mod tests {
             s.evaluate_number("model.layers.1.self_attn.q_proj.weight", 0.0),
             Ok(None)
         );
+    }
+
+    #[test]
+    fn numbers_f32_cannot_hold_are_refused() {
+        for s in [
+            Scalar::Float(f64::INFINITY),
+            Scalar::Float(f64::NAN),
+            Scalar::Float(-1e39),
+            Scalar::Float(3.5e38),
+            Scalar::Str("nan".into()),
+            Scalar::Str("-inf".into()),
+            Scalar::Str("1e300".into()),
+        ] {
+            let e = s.to_number().unwrap_err();
+            assert!(e.contains("32-bit float"), "{e}");
+        }
+        assert_eq!(Scalar::Float(3.4e38).to_number(), Ok(3.4e38));
+        assert_eq!(Scalar::Int(i64::MAX).to_number(), Ok(i64::MAX as f64));
+        // a gradient with one such element is refused too
+        let g = ParamSetting::Gradient(vec![Scalar::Int(0), Scalar::Float(1e39)]);
+        assert!(g.evaluate_number("x", 0.0).is_err());
     }
 
     #[test]

@@ -652,6 +652,16 @@ impl Reader<'_> {
         // mergekit), and for `out_dtype` FP8: re-quantized FP8 weights, which
         // mergekit cannot write (nor read).
         let fp8 = key == "out_dtype" && matches!(bare, "fp8" | "float8_e4m3fn");
+        if bare == "int64" {
+            // In mergekit's list, but merged weights are floats: mergekit would
+            // truncate every weight to an integer; we refuse before any work.
+            return Err(self.err(
+                key,
+                node.span,
+                "int64 is not a float dtype: merged weights are written as bfloat16, \
+                 float16, float32 or float64",
+            ));
+        }
         let dtype = if fp8 {
             Some(DType::F8_E4M3)
         } else {
@@ -1232,6 +1242,14 @@ dtype: float32
         );
         // not a mergekit name, although fleetmerge knows what it means
         fails(&format!("{base}out_dtype: bf16\n"), "out_dtype", 4);
+        // mergekit's list has int64; merged weights are floats (it used to
+        // panic in the encoder and hang `run`).
+        for key in ["dtype", "out_dtype"] {
+            for name in ["int64", "torch.int64"] {
+                let m = fails(&format!("{base}{key}: {name}\n"), key, 4);
+                assert!(m.contains("int64 is not a float dtype"), "{m}");
+            }
+        }
         let m = fails(&format!("{base}dtype: 16\n"), "dtype", 4);
         assert!(m.contains("expected a string"), "{m}");
         assert!(parse(&format!("{base}dtype:\n")).dtype.is_none());

@@ -521,12 +521,12 @@ fn all_chars(s: &str, ok: impl Fn(char) -> bool) -> bool {
 /// (`1:30`), each with `_` separators allowed. Values beyond i64 become floats.
 fn resolve_int(value: &str) -> Option<NodeKind> {
     let (negative, body) = split_sign(value);
-    let magnitude: i128 = if let Some(bin) = body.strip_prefix("0b") {
+    let magnitude = if let Some(bin) = body.strip_prefix("0b") {
         digits_value(bin, 2)?
     } else if let Some(hex) = body.strip_prefix("0x") {
         digits_value(hex, 16)?
     } else if body == "0" {
-        0
+        Magnitude::Exact(0)
     } else if let Some(oct) = body.strip_prefix('0') {
         digits_value(oct, 8)?
     } else if body.contains(':') {
@@ -536,16 +536,22 @@ fn resolve_int(value: &str) -> Option<NodeKind> {
     } else {
         return None;
     };
-    let signed = if negative { -magnitude } else { magnitude };
-    Some(match i64::try_from(signed) {
-        Ok(i) => NodeKind::Int(i),
-        Err(_) => NodeKind::Float(signed as f64),
+    let sign = if negative { -1.0 } else { 1.0 };
+    Some(match magnitude {
+        Magnitude::Exact(m) => {
+            let signed = if negative { -m } else { m };
+            match i64::try_from(signed) {
+                Ok(i) => NodeKind::Int(i),
+                Err(_) => NodeKind::Float(signed as f64),
+            }
+        }
+        Magnitude::Huge(m) => NodeKind::Float(sign * m),
     })
 }
 
 /// Digits (and `_`) in `radix`; at least one real digit, like Python's `int()` after
 /// PyYAML strips the underscores.
-fn digits_value(digits: &str, radix: u32) -> Option<i128> {
+fn digits_value(digits: &str, radix: u32) -> Option<Magnitude> {
     if digits.is_empty() || !all_chars(digits, |c| c == '_' || c.is_digit(radix)) {
         return None;
     }
@@ -553,12 +559,39 @@ fn digits_value(digits: &str, radix: u32) -> Option<i128> {
     if clean.is_empty() {
         return None;
     }
-    // Saturate instead of failing: such a number is far outside any valid setting.
-    Some(i128::from_str_radix(&clean, radix).unwrap_or(i128::MAX))
+    Some(match i128::from_str_radix(&clean, radix) {
+        Ok(i) => Magnitude::Exact(i),
+        // Beyond i128: its value as a float (infinite for 400 digits), which a
+        // setting then refuses as a number f32 cannot hold; never a saturated
+        // i128::MAX that looks like a real value.
+        Err(_) if radix == 10 => Magnitude::Huge(clean.parse().unwrap_or(f64::INFINITY)),
+        Err(_) => Magnitude::Huge(
+            clean
+                .chars()
+                .filter_map(|c| c.to_digit(radix))
+                .fold(0.0f64, |acc, d| acc * f64::from(radix) + f64::from(d)),
+        ),
+    })
+}
+
+/// An integer's magnitude: exact, or past i128 as a float.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Magnitude {
+    Exact(i128),
+    Huge(f64),
+}
+
+impl Magnitude {
+    fn as_f64(self) -> f64 {
+        match self {
+            Magnitude::Exact(i) => i as f64,
+            Magnitude::Huge(x) => x,
+        }
+    }
 }
 
 /// `[1-9][0-9_]*(:[0-5]?[0-9])+` read in base 60.
-fn sexagesimal_int(body: &str) -> Option<i128> {
+fn sexagesimal_int(body: &str) -> Option<Magnitude> {
     let mut parts = body.split(':');
     let head = parts.next()?;
     if !head.starts_with(|c: char| ('1'..='9').contains(&c)) {
@@ -566,9 +599,16 @@ fn sexagesimal_int(body: &str) -> Option<i128> {
     }
     let mut total = digits_value(head, 10)?;
     for part in parts {
-        total = total
-            .checked_mul(60)?
-            .checked_add(i128::from(sexagesimal_digit(part)?))?;
+        let digit = sexagesimal_digit(part)?;
+        total = match total {
+            Magnitude::Exact(t) => {
+                match t.checked_mul(60).and_then(|t| t.checked_add(digit.into())) {
+                    Some(t) => Magnitude::Exact(t),
+                    None => Magnitude::Huge(t as f64 * 60.0 + f64::from(digit)),
+                }
+            }
+            Magnitude::Huge(t) => Magnitude::Huge(t * 60.0 + f64::from(digit)),
+        };
     }
     Some(total)
 }
@@ -662,7 +702,7 @@ fn sexagesimal_float(int_part: &str, frac: &str) -> Option<f64> {
     let mut total = 0f64;
     for part in head.split(':').enumerate() {
         let v = match part {
-            (0, p) => digits_value(p, 10)? as f64,
+            (0, p) => digits_value(p, 10)?.as_f64(),
             (_, p) => f64::from(sexagesimal_digit(p)?),
         };
         total = total * 60.0 + v;
@@ -729,6 +769,18 @@ mod tests {
         assert_eq!(kind("1:30"), NodeKind::Int(90));
         assert_eq!(kind("09"), NodeKind::Str("09".into()));
         assert_eq!(kind("99999999999999999999"), NodeKind::Float(1e20));
+        // Past i128: the float value (infinite for 400 digits, which settings
+        // refuse), never a saturated i128::MAX.
+        assert_eq!(kind(&"1".repeat(400)), NodeKind::Float(f64::INFINITY));
+        assert_eq!(
+            kind(&format!("-{}", "9".repeat(400))),
+            NodeKind::Float(f64::NEG_INFINITY)
+        );
+        assert_eq!(kind(&format!("1{}", "0".repeat(40))), NodeKind::Float(1e40));
+        assert_eq!(
+            kind(&format!("0x1{}", "0".repeat(32))),
+            NodeKind::Float(2f64.powi(128))
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::sync::{mpsc, Mutex};
 
+mod finite;
+pub use finite::NonFinite;
+
 /// What a finished unit produced.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UnitOutput {
@@ -33,6 +36,22 @@ pub struct UnitOutput {
     pub size: u64,
     pub sha256: String,
     pub tensors: Vec<String>,
+    /// Tensors written with NaN or infinite values (reported as warnings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_finite: Vec<NonFinite>,
+}
+
+/// `tensor: N NaN, M Inf` for up to five tensors, and how many more.
+pub fn describe_non_finite(list: &[NonFinite]) -> String {
+    let mut parts: Vec<String> = list
+        .iter()
+        .take(5)
+        .map(|t| format!("{}: {} NaN, {} Inf", t.tensor, t.nan, t.inf))
+        .collect();
+    if list.len() > 5 {
+        parts.push(format!("and {} more tensors", list.len() - 5));
+    }
+    parts.join("; ")
 }
 
 /// Why a unit failed.
@@ -247,7 +266,7 @@ fn run_unit(
     let location = out_store.join(out_dir, &unit.file_name);
     let writer = out_store.create(&location)?;
 
-    let (writer, hasher, size) = std::thread::scope(|scope| {
+    let (writer, hasher, size, non_finite) = std::thread::scope(|scope| {
         // Loader: one window ahead of compute (or in step with it).
         // `None`: a streamed tensor, read as it computes.
         let (load_tx, load_rx) = mpsc::sync_channel::<Result<Option<read::Loaded>, ExecError>>(0);
@@ -283,22 +302,25 @@ fn run_unit(
         // Writer: header, then every filled buffer in order; buffers go back.
         let (fill_tx, fill_rx) = mpsc::sync_channel::<Filled>(1);
         let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(2);
-        let header = &layout.header;
+        let layout_ref = &layout;
         let writing = scope.spawn(move || {
             guard::catch(move || -> Result<_, ExecError> {
                 let mut writer = writer;
                 let mut hasher = Sha256::new();
+                let mut scan = finite::FiniteScan::new(layout_ref);
+                let header = &layout_ref.header;
                 writer.write_all(header)?;
                 hasher.update(header);
                 let mut size = header.len() as u64;
                 for (buf, len) in fill_rx {
                     writer.write_all(&buf[..len])?;
                     hasher.update(&buf[..len]);
+                    scan.update(&buf[..len]);
                     size += len as u64;
                     progress.written(len as u64);
                     let _ = free_tx.send(buf);
                 }
-                Ok((writer, hasher, size))
+                Ok((writer, hasher, size, scan.finish()))
             })
         });
 
@@ -366,12 +388,22 @@ fn run_unit(
         Ok::<_, ExecError>(written)
     })?;
     writer.commit()?;
+    for t in &non_finite {
+        tracing::warn!(
+            tensor = %t.tensor,
+            nan = t.nan,
+            inf = t.inf,
+            shard = %unit.file_name,
+            "the merged tensor has non-finite values"
+        );
+    }
     Ok(UnitOutput {
         unit: unit.id,
         file_name: unit.file_name.clone(),
         size,
         sha256: hex::encode(hasher.finalize()),
         tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
+        non_finite,
     })
 }
 

@@ -51,15 +51,37 @@ pub fn resolve_chat_template(value: &str) -> Result<String, OutputError> {
     }
     if value.chars().count() < 20 || !value.contains('{') {
         return Err(OutputError::InvalidChatTemplate {
-            template: value.to_string(),
+            template: preview(value),
         });
     }
     Ok(value.to_string())
 }
 
+/// A value short enough for an error message: at most 60 characters, with
+/// how long the whole value is when it was cut.
+fn preview(value: &str) -> String {
+    const SHOWN: usize = 60;
+    let n = value.chars().count();
+    if n <= SHOWN {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(SHOWN).collect();
+    format!("{head:?}... ({n} characters)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_invalid_template_is_not_echoed_whole() {
+        let huge = "x".repeat(1 << 20);
+        let e = resolve_chat_template(&huge).unwrap_err().to_string();
+        assert!(e.len() < 300, "{}", &e[..300.min(e.len())]);
+        assert!(e.contains("(1048576 characters)"), "{e}");
+        let e = resolve_chat_template("vicuna").unwrap_err().to_string();
+        assert!(e.contains("\"vicuna\""), "{e}");
+    }
 
     #[test]
     fn names_and_literals() {

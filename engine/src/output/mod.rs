@@ -15,7 +15,7 @@ pub use chat_templates::{builtin_chat_template, resolve_chat_template};
 pub use index::{index_json, shard_file_names};
 pub use model_config::{output_config, to_pretty_json};
 pub use shard::ShardLayout;
-pub use tokenizer::copy_tokenizer;
+pub use tokenizer::{copy_tokenizer, TOKENIZER_FILES};
 
 use crate::storage::StorageError;
 
@@ -24,7 +24,7 @@ use crate::storage::StorageError;
 pub enum OutputError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("Invalid chat template: {template:?} (not a built-in name, and a literal template needs at least 20 characters and a '{{')")]
+    #[error("Invalid chat template: {template} (not a built-in name, and a literal template needs at least 20 characters and a '{{')")]
     InvalidChatTemplate { template: String },
     #[error("chat_template: auto must be resolved by the caller from the input models' templates")]
     AutoChatTemplate,

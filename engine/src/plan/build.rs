@@ -95,6 +95,12 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         )
     })?;
     check_parameter_names(cfg, method)?;
+    // `run` resolves the template when it writes the tokenizer: the same check
+    // here, so that `plan` refuses what `run` would.
+    if let Some(t) = &cfg.chat_template {
+        crate::output::resolve_chat_template(&t.value)
+            .map_err(|e| cfg_err(cfg, "chat_template", Some(t.span), e.to_string()))?;
+    }
     let (refs, tokenizer_ref) = model_references(cfg);
     let models = open_models(cfg, opts, &refs)?;
     check_architectures(&models, opts.allow_crimes)?;
@@ -330,6 +336,9 @@ fn open_models(
             let st = storage::for_location(&location);
             let checkpoint = Checkpoint::open(st.as_ref(), &location)?;
             let layout = Layout::infer(checkpoint.tensors.keys());
+            checkpoint
+                .check_layer_count(layout.layer_count())
+                .map_err(PlanError::Inputs)?;
             let layers = checkpoint
                 .num_layers()
                 .map(|(_, n)| n)

@@ -352,3 +352,13 @@ fn non_finite_weights_are_rejected() {
     let err = plan_yaml(yaml).unwrap_err().to_string();
     assert!(err.contains("weight") && err.contains("finite"), "{err}");
 }
+
+#[test]
+fn plan_refuses_the_chat_template_run_would_refuse() {
+    let base = "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 1}\nmerge_method: linear\n";
+    let e = plan_yaml(&format!("{base}chat_template: notatemplate\n")).unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.contains("chat_template (line 5"), "{shown}");
+    assert!(shown.contains("Invalid chat template"), "{shown}");
+    assert!(plan_yaml(&format!("{base}chat_template: chatml\n")).is_ok());
+}

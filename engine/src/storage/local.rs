@@ -133,6 +133,7 @@ impl Storage for LocalStorage {
             target,
             temp,
             sink: Some(Sink::Pending(file, Vec::new())),
+            committed: false,
         }))
     }
 
@@ -275,6 +276,9 @@ struct LocalWriter {
     target: PathBuf,
     temp: PathBuf,
     sink: Option<Sink>,
+    /// Renamed into place: the temporary file is gone. Until then, dropping
+    /// the writer (on any error path, a failed commit included) removes it.
+    committed: bool,
 }
 
 /// Size of a direct-I/O block; a file smaller than this is written plainly.
@@ -470,13 +474,17 @@ impl ObjectWriter for LocalWriter {
         };
         file.sync_all().map_err(err)?;
         drop(file);
-        fs::rename(&self.temp, &self.target).map_err(err)
+        fs::rename(&self.temp, &self.target).map_err(err)?;
+        self.committed = true;
+        Ok(())
     }
 }
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
-        if self.sink.take().is_some() {
+        // Close the file (and stop a direct-write thread) before removing it.
+        drop(self.sink.take());
+        if !self.committed {
             let _ = fs::remove_file(&self.temp);
         }
     }
@@ -582,6 +590,26 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage;
+        // The target is a non-empty folder: the final rename fails.
+        let target = dir.path().join("t.bin");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("keep"), b"x").unwrap();
+        for len in [10, BLOCK + 10] {
+            let mut w = s.create(&target.to_string_lossy()).unwrap();
+            w.write_all(&vec![7u8; len]).unwrap();
+            assert!(w.commit().is_err());
+            let left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("t.bin")], "{len} bytes");
         }
     }
 

@@ -32,6 +32,9 @@ pub enum StorageError {
         end: u64,
         size: u64,
     },
+    /// A conditional write found the object created or changed by someone else.
+    #[error("{location}: changed by another writer")]
+    Conflict { location: String },
 }
 
 impl StorageError {
@@ -41,6 +44,13 @@ impl StorageError {
             message: err.to_string(),
         }
     }
+}
+
+/// An object's bytes and the version tag a conditional write can expect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub bytes: Vec<u8>,
+    pub version: String,
 }
 
 /// Reads and writes objects by location. Implementations are cheap to share
@@ -79,6 +89,30 @@ pub trait Storage: Send + Sync {
 
     /// Names (relative to `prefix`) of the objects under a directory-like prefix.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+
+    /// Writes `bytes` at `location` only if no object is there (`expect` is
+    /// `None`) or only if it is still at version `expect`; returns the new
+    /// version. [`StorageError::Conflict`] when the condition does not hold.
+    /// Object stores only (local folders lock with `flock`).
+    fn put_conditional(
+        &self,
+        location: &str,
+        _bytes: &[u8],
+        _expect: Option<&str>,
+    ) -> Result<String, StorageError> {
+        Err(StorageError::io(
+            location,
+            "conditional writes are not supported here",
+        ))
+    }
+
+    /// An object's bytes with its version (for [`Storage::put_conditional`]).
+    fn read_versioned(&self, location: &str) -> Result<Versioned, StorageError> {
+        Err(StorageError::io(
+            location,
+            "versioned reads are not supported here",
+        ))
+    }
 
     /// Joins a relative name onto a location (`dir` + `/` + `name`).
     fn join(&self, dir: &str, name: &str) -> String {

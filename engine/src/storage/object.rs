@@ -224,6 +224,11 @@ fn error(location: &str, e: object_store::Error) -> StorageError {
         object_store::Error::NotFound { .. } => StorageError::NotFound {
             location: location.to_string(),
         },
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            StorageError::Conflict {
+                location: location.to_string(),
+            }
+        }
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => StorageError::Denied {
             location: location.to_string(),
@@ -351,6 +356,49 @@ impl Storage for ObjectStorage {
                 .await
                 .map(|_| ())
                 .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn put_conditional(
+        &self,
+        location: &str,
+        bytes: &[u8],
+        expect: Option<&str>,
+    ) -> Result<String, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        let payload = PutPayload::from(Bytes::copy_from_slice(bytes));
+        let mode = match expect {
+            None => object_store::PutMode::Create,
+            Some(tag) => object_store::PutMode::Update(object_store::UpdateVersion {
+                e_tag: Some(tag.to_string()),
+                version: None,
+            }),
+        };
+        block(location, async move {
+            let r = store
+                .put_opts(&path, payload, mode.into())
+                .await
+                .map_err(|e| error(&loc, e))?;
+            r.e_tag
+                .ok_or_else(|| StorageError::io(&loc, "the store returned no ETag for a write"))
+        })
+    }
+
+    fn read_versioned(&self, location: &str) -> Result<super::Versioned, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            let r = store.get(&path).await.map_err(|e| error(&loc, e))?;
+            let version = r
+                .meta
+                .e_tag
+                .clone()
+                .ok_or_else(|| StorageError::io(&loc, "the store returned no ETag"))?;
+            let bytes = r.bytes().await.map_err(|e| error(&loc, e))?.to_vec();
+            Ok(super::Versioned { bytes, version })
         })
     }
 
