@@ -3,6 +3,7 @@
 # (unit + integration tests against the real binary), and mergekit's conformance
 # kit when it sits beside the repository (../shared/conformance).
 # Installs what it needs (idempotent, quiet).
+# `--fast`: formatting, lints and unit tests only (the inner loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,14 @@ cargo fmt --all --check
 
 step "cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+
+if [ "${1:-}" = "--fast" ]; then
+  # The inner loop: formatting, lints and every crate's unit tests (no servers,
+  # no integration tests against the binary, no conformance kit).
+  step "unit tests (--fast)"
+  cargo test --release --workspace --lib --quiet
+  exit 0
+fi
 
 step "cargo clippy --features cuda (the GPU path type-checks; CI has no GPU)"
 cargo clippy --all-targets --features cuda --quiet -- -D warnings

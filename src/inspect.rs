@@ -80,6 +80,9 @@ pub struct StatusArgs {
     /// PEM certificate to trust for an https:// coordinator.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Send the token over plain http:// to a coordinator on another machine.
+    #[arg(long)]
+    insecure: bool,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -203,8 +206,12 @@ fn live_status(args: &StatusArgs) -> Result<()> {
     let ca = args.tls_ca.as_deref().map(crate::read_file).transpose()?;
     let s = crate::runtime()?.block_on(async {
         // (The client needs the runtime to exist when it is made.)
-        let mut client =
-            fleetmerge_worker::remote::connect(&args.target, token.as_deref(), ca.as_deref())?;
+        let mut client = fleetmerge_worker::remote::connect(
+            &args.target,
+            token.as_deref(),
+            ca.as_deref(),
+            args.insecure,
+        )?;
         let reply = client
             .status(StatusRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -241,6 +248,7 @@ fn live_status(args: &StatusArgs) -> Result<()> {
                 "last_heartbeat_ms_ago": now.saturating_sub(w.last_heartbeat_unix_ms),
                 "bytes_read": w.bytes_read,
             })).collect::<Vec<_>>(),
+            "workers_left_out": s.workers_left_out,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -279,6 +287,9 @@ fn live_status(args: &StatusArgs) -> Result<()> {
             now.saturating_sub(w.last_heartbeat_unix_ms) as f64 / 1e3,
             crate::bytes(w.bytes_read as f64)
         );
+    }
+    if s.workers_left_out > 0 {
+        println!("... and {} more workers", s.workers_left_out);
     }
     Ok(())
 }

@@ -124,6 +124,11 @@ struct WorkerArgs {
     /// self-signed certificate); public CAs are trusted without it.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Send the token over plain http:// to a coordinator on another machine
+    /// (refused without this flag: whoever answers at that address gets the
+    /// token; use https:// and --tls-ca instead).
+    #[arg(long)]
+    insecure: bool,
     /// Give up when the coordinator cannot be reached for this many seconds.
     #[arg(long, default_value_t = 600)]
     give_up_after: u64,
@@ -157,7 +162,7 @@ struct WorkerArgs {
 /// Options shared by everything that plans a merge.
 #[derive(Args)]
 pub(crate) struct PlanArgs {
-    /// Bytes per output shard, with K/M/B suffixes (10^3/10^6/10^9), as mergekit.
+    /// Bytes per output shard: 5B = 5x10^9 as mergekit; also 500M, 20MB, 2GiB (README: Sizes).
     #[arg(long, default_value = "5B", value_parser = plan::parse_size)]
     pub(crate) out_shard_size: u64,
     /// Seed of the randomized methods (DARE, DELLA).
@@ -561,6 +566,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         give_up_after: std::time::Duration::from_secs(args.give_up_after),
         tls_ca: args.tls_ca.as_deref().map(read_file).transpose()?,
         allow_paths: args.allow_path,
+        insecure: args.insecure,
     };
     let done = runtime()?.block_on(run_remote(opts))?;
     if !args.quiet {

@@ -292,6 +292,12 @@ fn a_killed_coordinator_resumes_without_recomputing() {
         start_coordinator("coordinator-2", &big.dir, &big.config, &out, &listen, &args);
     second.succeeds(MINUTE * 2);
     worker.succeeds(MINUTE);
+    // The new coordinator does not know the worker's session: it registered again.
+    assert!(
+        worker.log().contains("registering again"),
+        "{}",
+        worker.log()
+    );
     let resumed = second.wait_for("the resume line", MINUTE, |l| l.contains("resuming"));
     assert_eq!(
         field(&resumed, "done"),

@@ -94,8 +94,13 @@ fn default_render_has_probes_restarts_and_secret_references() {
     let spec = &coord["spec"]["template"]["spec"];
     assert_eq!(spec["restartPolicy"].as_str(), Some("OnFailure"));
     let c = container(coord);
+    // TLS is on by default, and Kubernetes' gRPC probes speak no TLS.
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["grpc"]["port"].as_i64(), Some(7070), "{probe}");
+        assert_eq!(
+            c[probe]["tcpSocket"]["port"].as_i64(),
+            Some(7070),
+            "{probe}"
+        );
     }
     let a = args(c);
     assert!(a.contains(&"coordinator".to_string()));
@@ -129,7 +134,7 @@ fn default_render_has_probes_restarts_and_secret_references() {
     assert!(wspec["terminationGracePeriodSeconds"].as_i64().unwrap() >= 300);
     let w = container(workers);
     let a = args(w);
-    assert!(a.contains(&"--coordinator=http://m-fleetmerge-coordinator:7070".to_string()));
+    assert!(a.contains(&"--coordinator=https://m-fleetmerge-coordinator:7070".to_string()));
     assert!(a.contains(&"--device=cpu".to_string()));
     assert!(w["resources"]["limits"]["nvidia.com/gpu"].is_badvalue());
     // The token comes from the chart's Secret, mounted as a file.
@@ -176,8 +181,9 @@ fn credentials_come_from_secrets_never_from_plain_values() {
         "--set",
         "storage.gcsServiceAccount.existingSecret=gcs-sa",
     ]);
-    // With an existing token Secret the chart creates none.
-    assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")));
+    // With an existing token Secret the chart creates none (only the TLS one).
+    assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")
+        && d["metadata"]["name"].as_str().unwrap().ends_with("-token")));
     for job in ["-coordinator", "-workers"] {
         let j = find(&docs, "Job", job);
         let c = container(j);
@@ -231,4 +237,52 @@ fn missing_or_wrong_values_fail_with_a_message() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("merge.config is required"));
+}
+
+#[test]
+fn tls_is_on_by_default_and_plain_http_must_be_asked_for() {
+    let tls = "/var/run/secrets/fleetmerge/tls";
+    let (docs, _) = rendered(&["--set", OUT]);
+    let secret = find(&docs, "Secret", "-tls");
+    assert_eq!(secret["type"].as_str(), Some("kubernetes.io/tls"));
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(secret["data"][key].as_str().is_some(), "{key}");
+    }
+    let coord = container(find(&docs, "Job", "-coordinator"));
+    let a = args(coord);
+    assert!(a.contains(&format!("--tls-cert={tls}/tls.crt")), "{a:?}");
+    assert!(a.contains(&format!("--tls-key={tls}/tls.key")), "{a:?}");
+    let workers = find(&docs, "Job", "-workers");
+    let a = args(container(workers));
+    assert!(a.contains(&format!("--tls-ca={tls}/ca.crt")), "{a:?}");
+    assert!(!a.contains(&"--insecure".to_string()), "{a:?}");
+    let vols = workers["spec"]["template"]["spec"]["volumes"]
+        .as_vec()
+        .unwrap();
+    assert!(vols
+        .iter()
+        .any(|v| v["secret"]["secretName"].as_str() == Some("m-fleetmerge-tls")));
+
+    // A certificate from an existing Secret (cert-manager): none generated.
+    let (docs, _) = rendered(&["--set", OUT, "--set", "tls.existingSecret=coord-cert"]);
+    assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")
+        && d["metadata"]["name"].as_str().unwrap().ends_with("-tls")));
+    let workers = find(&docs, "Job", "-workers");
+    let vols = workers["spec"]["template"]["spec"]["volumes"]
+        .as_vec()
+        .unwrap();
+    assert!(vols
+        .iter()
+        .any(|v| v["secret"]["secretName"].as_str() == Some("coord-cert")));
+
+    // Without TLS the workers must be told to send the token in the clear.
+    let (docs, _) = rendered(&["--set", OUT, "--set", "tls.enabled=false"]);
+    assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")
+        && d["metadata"]["name"].as_str().unwrap().ends_with("-tls")));
+    let a = args(container(find(&docs, "Job", "-workers")));
+    assert!(a.contains(&"--coordinator=http://m-fleetmerge-coordinator:7070".to_string()));
+    assert!(a.contains(&"--insecure".to_string()), "{a:?}");
+    let coord = container(find(&docs, "Job", "-coordinator"));
+    assert!(!args(coord).iter().any(|a| a.starts_with("--tls-")));
+    assert_eq!(coord["livenessProbe"]["grpc"]["port"].as_i64(), Some(7070));
 }

@@ -4,7 +4,8 @@
 //! scales, `e_score_correction_bias`, the multi-token-prediction layer 61) in
 //! 163 shards with an index. The shards are sparse files: a real header and the
 //! full data length, no data (planning reads headers only). `fleetmerge plan`
-//! plans them in seconds (3 s here, printed by the test).
+//! plans them from the headers alone; the time it takes is printed, not asserted
+//! (about 2.5 s on the project's 2-core machine).
 
 mod common;
 
@@ -199,7 +200,7 @@ fn write_model(dir: &Path) -> (usize, u64) {
 }
 
 #[test]
-fn a_deepseek_v3_sized_merge_plans_in_seconds() {
+fn a_deepseek_v3_sized_merge_is_planned_from_headers_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (count, total) = write_model(&dir.path().join("ds-a"));
     write_model(&dir.path().join("ds-b"));

@@ -47,6 +47,7 @@ impl Coordinator for Fake {
         Ok(Response::new(RegisterResponse {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_seconds: 1,
+            session: "0123456789abcdef0123456789abcdef".into(),
         }))
     }
 

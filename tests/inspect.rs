@@ -273,6 +273,9 @@ fn plan_lists_mismatches_with_their_fix_and_fails_like_run() {
     cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
     cfg["num_hidden_layers"] = 4.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // ... and its tensors really hold 4 layers (a config that says fewer
+    // layers than the weights hold is refused outright).
+    drop_layers_from(&models.join("llama-ft-b"), 4);
     std::fs::write(
         dir.path().join("m.yaml"),
         "models:\n  - model: models/llama-ft-a\n    parameters: {weight: 0.5}\n  - model: \
@@ -284,7 +287,7 @@ fn plan_lists_mismatches_with_their_fix_and_fails_like_run() {
     let o = fleetmerge(dir.path(), &["plan", "m.yaml"]);
     assert!(!o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("compatibility: 2 mismatch(es)"), "{text}");
+    assert!(text.contains("compatibility: 3 mismatch(es)"), "{text}");
     assert!(
         text.contains("architectures differ") && text.contains("--allow-crimes"),
         "{text}"
@@ -470,5 +473,51 @@ fn the_model_card_records_version_inputs_and_every_checksum() {
             card.contains(&format!("| {shard} | {} | `{sha}` |", bytes.len())),
             "{shard} {sha} not in\n{card}"
         );
+    }
+}
+
+/// Rewrites the safetensors files of `dir` (and its index) without the
+/// tensors of layers `from` and above.
+fn drop_layers_from(dir: &Path, from: u64) {
+    let keep = |name: &str| {
+        name.strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_none_or(|l| l < from)
+    };
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            let b = std::fs::read(&p).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let h: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&b[8..8 + n]).unwrap();
+            let data = &b[8 + n..];
+            let (mut header, mut out) = (serde_json::Map::new(), Vec::new());
+            for (k, v) in h {
+                if k == "__metadata__" || !keep(&k) {
+                    continue;
+                }
+                let off = &v["data_offsets"];
+                let (s, e) = (
+                    off[0].as_u64().unwrap() as usize,
+                    off[1].as_u64().unwrap() as usize,
+                );
+                let mut v = v.clone();
+                v["data_offsets"] = serde_json::json!([out.len(), out.len() + e - s]);
+                out.extend_from_slice(&data[s..e]);
+                header.insert(k, v);
+            }
+            let mut file = safetensors_prefix(&header);
+            file.extend_from_slice(&out);
+            std::fs::write(&p, file).unwrap();
+        } else if name.ends_with(".index.json") {
+            let mut idx: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let map = idx["weight_map"].as_object_mut().unwrap();
+            map.retain(|k, _| keep(k));
+            std::fs::write(&p, idx.to_string()).unwrap();
+        }
     }
 }

@@ -186,7 +186,10 @@ fn max_memory_bounds_the_peak_and_keeps_the_bytes() {
         &["run", "ties.yaml", "bad", "--max-memory", "lots"],
     );
     assert!(!ok);
-    assert!(err.contains("is not a memory size"), "{err}");
+    assert!(
+        err.contains("'lots' is not a size") && err.contains("2GiB"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -4,12 +4,17 @@
 //! that failed `max_attempts` times, or failed in a way another attempt cannot
 //! fix, ends the merge with an error naming the unit, its tensors, the workers
 //! and their errors. Pure bookkeeping: no network, no clock of its own.
+//!
+//! Leases belong to a *holder*: the session id of a registered remote worker
+//! (see [`Cluster::register`]), or the name of an in-process worker of
+//! `fleetmerge run`. Only the holder can extend, complete or fail its lease.
 
 use crate::journal::Journal;
 use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 enum State {
@@ -19,22 +24,30 @@ enum State {
         worker: String,
         deadline_ms: u64,
     },
+    /// A completion of `lease` by `worker` is being checked (outside the lock):
+    /// the unit is neither leased again nor expired meanwhile.
+    Checking {
+        lease: u64,
+        worker: String,
+    },
     Done,
     Failed,
 }
 
 #[derive(Debug)]
 struct Unit {
-    unit: WorkUnit,
+    unit: Arc<WorkUnit>,
     state: State,
     attempts: u32,
     /// (worker, error) of every failed attempt.
     errors: Vec<(String, String)>,
 }
 
-/// A worker the coordinator has heard from.
+/// A worker the coordinator has heard from (one registration: a session).
 #[derive(Debug, Clone, Default)]
 pub struct WorkerInfo {
+    /// The name it registered with (`--worker-id`).
+    pub id: String,
     pub device: String,
     pub slots: u32,
     pub last_seen_ms: u64,
@@ -48,13 +61,43 @@ pub struct WorkerInfo {
 pub enum LeaseReply {
     Unit {
         lease: u64,
-        unit: WorkUnit,
+        unit: Arc<WorkUnit>,
         deadline_ms: u64,
     },
     Wait,
     Done(String),
 }
 
+/// A completion whose shard may now be checked (see [`Cluster::begin_check`]).
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub unit: Arc<WorkUnit>,
+    pub lease: u64,
+    /// The session's lease had expired (the unit was still pending).
+    pub late: bool,
+}
+
+/// What a completion that is not checked gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The unit was done already (a slow worker whose lease had expired:
+    /// harmless, the first commit won).
+    AlreadyDone,
+    /// Not this session's to complete, or malformed: the message says why.
+    Refused(String),
+}
+
+/// What a failure report does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailReply {
+    /// Recorded: the unit goes back to the queue, or the merge gives up.
+    Recorded,
+    /// The lease was this holder's but is no longer current, or this
+    /// coordinator never gave it: ignored.
+    Stale,
+    /// The lease was given to another holder: refused.
+    NotYours,
+}
 /// Counts for status.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
@@ -81,7 +124,14 @@ pub struct Cluster {
     next_lease: u64,
     lease_ms: u64,
     max_attempts: u32,
+    /// Registered remote workers by session id.
     pub workers: BTreeMap<String, WorkerInfo>,
+    /// Every lease handed out: (unit index, holder).
+    issued: HashMap<u64, (usize, String)>,
+    /// Most sessions at once, and how long a session that holds no lease may
+    /// stay silent before it is forgotten.
+    max_sessions: usize,
+    idle_ms: u64,
     /// Leases that ran out without a heartbeat.
     pub lease_expiries: u64,
     /// Leases of a unit beyond its first (after an expiry or a failure).
@@ -117,6 +167,7 @@ impl Cluster {
             .into_iter()
             .enumerate()
             .map(|(i, unit)| {
+                let unit = Arc::new(unit);
                 let state = if done.contains_key(&unit.id) {
                     State::Done
                 } else {
@@ -142,6 +193,9 @@ impl Cluster {
             lease_ms,
             max_attempts: max_attempts.max(1),
             workers: BTreeMap::new(),
+            issued: HashMap::new(),
+            max_sessions: usize::MAX,
+            idle_ms: u64::MAX,
             lease_expiries: 0,
             retries: 0,
             failures: 0,
@@ -160,10 +214,73 @@ impl Cluster {
         self.outputs.values().cloned().collect()
     }
 
-    pub fn touch(&mut self, worker: &str, now_ms: u64) -> &mut WorkerInfo {
-        let info = self.workers.entry(worker.to_string()).or_default();
+    /// Bounds the sessions: at most `max` at once; one that holds no lease and
+    /// was not heard from for `idle_ms` is forgotten.
+    pub fn limit_sessions(&mut self, max: usize, idle_ms: u64) {
+        self.max_sessions = max.max(1);
+        self.idle_ms = idle_ms;
+    }
+
+    /// A new session for a worker (`session` is the caller's fresh random id).
+    pub fn register(&mut self, session: &str, info: WorkerInfo) -> Result<(), String> {
+        self.evict(info.last_seen_ms);
+        if self.workers.len() >= self.max_sessions {
+            return Err(format!(
+                "too many workers registered ({}, the most this coordinator keeps); \
+                 silent ones are forgotten after {} s",
+                self.workers.len(),
+                self.idle_ms / 1000
+            ));
+        }
+        self.workers.insert(session.to_string(), info);
+        Ok(())
+    }
+
+    /// The session's worker, marked as heard from now; `None` when unknown.
+    pub fn session(&mut self, session: &str, now_ms: u64) -> Option<&mut WorkerInfo> {
+        let info = self.workers.get_mut(session)?;
         info.last_seen_ms = now_ms;
-        info
+        Some(info)
+    }
+
+    /// The name of a lease holder: its worker id, or the holder itself (an
+    /// in-process worker, or a session already forgotten).
+    pub fn name_of(&self, holder: &str) -> String {
+        self.workers
+            .get(holder)
+            .map(|w| w.id.clone())
+            .unwrap_or_else(|| holder.to_string())
+    }
+
+    /// Forgets sessions that hold no lease and were silent for too long.
+    pub fn evict(&mut self, now_ms: u64) {
+        if self.idle_ms == u64::MAX {
+            return;
+        }
+        let holding: std::collections::HashSet<&str> = self
+            .units
+            .iter()
+            .filter_map(|u| match &u.state {
+                State::Leased { worker, .. } | State::Checking { worker, .. } => {
+                    Some(worker.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let idle = self.idle_ms;
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(s, w)| {
+                now_ms.saturating_sub(w.last_seen_ms) > idle && !holding.contains(s.as_str())
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in gone {
+            if let Some(w) = self.workers.remove(&s) {
+                tracing::info!(worker = %w.id, "forgot a silent worker that held no lease");
+            }
+        }
     }
 
     fn give_up(&mut self, i: usize, why: &str) {
@@ -194,11 +311,12 @@ impl Cluster {
             {
                 if deadline_ms < now_ms {
                     self.lease_expiries += 1;
-                    tracing::warn!(unit = i, worker = %worker, "lease expired; handing the unit to another worker");
+                    let name = self.name_of(&worker);
+                    tracing::warn!(unit = i, worker = %name, "lease expired; handing the unit to another worker");
                     self.by_lease.remove(&lease);
                     self.units[i]
                         .errors
-                        .push((worker, "lease expired (no heartbeat)".into()));
+                        .push((name, "lease expired (no heartbeat)".into()));
                     if self.units[i].attempts >= self.max_attempts {
                         self.give_up(i, &format!("failed {} times", self.units[i].attempts));
                     } else {
@@ -208,6 +326,7 @@ impl Cluster {
                 }
             }
         }
+        self.evict(now_ms);
     }
 
     pub fn lease(&mut self, worker: &str, now_ms: u64) -> LeaseReply {
@@ -239,6 +358,7 @@ impl Cluster {
             deadline_ms,
         };
         self.by_lease.insert(lease, i);
+        self.issued.insert(lease, (i, worker.to_string()));
         LeaseReply::Unit {
             lease,
             unit: u.unit.clone(),
@@ -314,19 +434,112 @@ impl Cluster {
         Ok(true)
     }
 
-    pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) {
-        let Some(&i) = self.by_lease.get(&lease) else {
+    /// First half of a remote completion, under the lock: `holder` reports
+    /// unit `unit` done under `lease`. The lease must be one this holder was
+    /// given for that unit, and current; or expired, with the unit still
+    /// pending (nobody else took it). The unit is then held as being checked
+    /// (it neither expires nor goes to anyone else) until [`Cluster::finish_check`].
+    pub fn begin_check(&mut self, holder: &str, lease: u64, unit: u64) -> Result<Check, Refusal> {
+        let refuse = |m: String| Err(Refusal::Refused(m));
+        let Some((i, owner)) = self.issued.get(&lease).cloned() else {
+            return refuse(format!(
+                "lease {lease} was never given to this worker (unit {unit})"
+            ));
+        };
+        if owner != holder {
+            return refuse(format!("lease {lease} belongs to another worker"));
+        }
+        if self.units[i].unit.id as u64 != unit {
+            return refuse(format!(
+                "lease {lease} is for unit {}, not unit {unit}",
+                self.units[i].unit.id
+            ));
+        }
+        let late = match &self.units[i].state {
+            State::Done => return Err(Refusal::AlreadyDone),
+            State::Failed => return refuse(format!("unit {unit} failed; the merge is over")),
+            State::Leased {
+                lease: l,
+                worker: w,
+                ..
+            } if *l == lease && w == holder => false,
+            State::Pending => true,
+            State::Leased { .. } | State::Checking { .. } => {
+                return refuse(format!(
+                    "lease {lease} expired and unit {unit} went to another worker"
+                ))
+            }
+        };
+        if let Some(o) = &self.outcome {
+            return refuse(format!("the merge is over ({o:?})"));
+        }
+        self.by_lease.remove(&lease);
+        self.units[i].state = State::Checking {
+            lease,
+            worker: holder.to_string(),
+        };
+        Ok(Check {
+            unit: self.units[i].unit.clone(),
+            lease,
+            late,
+        })
+    }
+
+    /// Second half of a remote completion: the shard checked and journaled
+    /// (`Ok`), or rejected (`Err`, counted as a failed attempt: the unit goes
+    /// back to the queue, or the merge gives up after `max_attempts`).
+    pub fn finish_check(&mut self, check: &Check, result: Result<UnitOutput, String>) {
+        let Some(i) = self.units.iter().position(|u| u.unit.id == check.unit.id) else {
             return;
+        };
+        let State::Checking { lease, worker } = self.units[i].state.clone() else {
+            return;
+        };
+        if lease != check.lease {
+            return;
+        }
+        match result {
+            Ok(output) => {
+                if check.late {
+                    tracing::info!(unit = output.unit, lease, "a unit was completed under a lease that had expired; its shard is checked and kept");
+                }
+                self.units[i].state = State::Done;
+                self.outputs.insert(output.unit, output);
+                if self.units.iter().all(|u| u.state == State::Done) {
+                    self.outcome = Some(Outcome::AllDone);
+                }
+            }
+            Err(e) => {
+                self.units[i].state = State::Leased {
+                    lease,
+                    worker: worker.clone(),
+                    deadline_ms: 0,
+                };
+                self.by_lease.insert(lease, i);
+                self.fail(lease, &worker, &format!("completion rejected: {e}"), true);
+            }
+        }
+    }
+
+    /// Records a failed attempt reported by `worker` (the lease's holder).
+    pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) -> FailReply {
+        // A lease this coordinator never gave (one of a coordinator before a
+        // restart) changes nothing: ignored, as a lease no longer current.
+        let not_current = match self.issued.get(&lease) {
+            Some((_, owner)) if owner != worker => FailReply::NotYours,
+            _ => FailReply::Stale,
+        };
+        let Some(&i) = self.by_lease.get(&lease) else {
+            return not_current;
         };
         if !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
         {
-            return;
+            return not_current;
         }
         self.by_lease.remove(&lease);
         self.failures += 1;
-        self.units[i]
-            .errors
-            .push((worker.to_string(), error.to_string()));
+        let name = self.name_of(worker);
+        self.units[i].errors.push((name, error.to_string()));
         if !retryable {
             self.give_up(i, "failed with an error that another attempt cannot fix");
         } else if self.units[i].attempts >= self.max_attempts {
@@ -335,6 +548,7 @@ impl Cluster {
             self.units[i].state = State::Pending;
             self.queue.push_back(i);
         }
+        FailReply::Recorded
     }
 
     pub fn counts(&self) -> Counts {
@@ -345,7 +559,7 @@ impl Cluster {
         for u in &self.units {
             match u.state {
                 State::Pending => c.pending += 1,
-                State::Leased { .. } => c.running += 1,
+                State::Leased { .. } | State::Checking { .. } => c.running += 1,
                 State::Done => c.done += 1,
                 State::Failed => c.failed += 1,
             }
@@ -367,7 +581,9 @@ impl Cluster {
     pub fn leases_of(&self, worker: &str) -> Vec<usize> {
         self.units
             .iter()
-            .filter(|u| matches!(&u.state, State::Leased { worker: w, .. } if w == worker))
+            .filter(|u| {
+                matches!(&u.state, State::Leased { worker: w, .. } | State::Checking { worker: w, .. } if w == worker)
+            })
             .map(|u| u.unit.id)
             .collect()
     }
@@ -487,6 +703,83 @@ mod tests {
         );
     }
 
+    fn output(unit: usize) -> UnitOutput {
+        UnitOutput {
+            unit,
+            file_name: format!("model-{:05}-of-00002.safetensors", unit + 1),
+            size: 8,
+            sha256: String::new(),
+            tensors: Vec::new(),
+            non_finite: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_lease_holder_can_complete_and_a_rejection_is_a_failed_attempt() {
+        let mut c = cluster(2, 2);
+        let (l, id) = lease(&mut c, "s1", 0);
+        // Another session, a lease never given, another unit: refused.
+        for (holder, lease, unit) in [("s2", l, id as u64), ("s1", 0, 0), ("s1", l, 1)] {
+            assert!(
+                matches!(c.begin_check(holder, lease, unit), Err(Refusal::Refused(_))),
+                "{holder} {lease} {unit}"
+            );
+        }
+        assert_eq!(c.fail(l, "s2", "boom", false), FailReply::NotYours);
+        assert!(c.outcome().is_none());
+        // The holder's completion is checked; meanwhile it neither expires
+        // nor goes to anyone else.
+        let check = c.begin_check("s1", l, id as u64).unwrap();
+        c.expire(1_000_000);
+        assert_eq!(c.counts().running, 1);
+        assert_eq!(lease(&mut c, "s2", 1_000_000).1, 1);
+        c.finish_check(&check, Err("garbage data".into()));
+        assert_eq!((c.counts().pending, c.failures), (1, 1));
+        assert_eq!(c.fail(l, "s1", "late", true), FailReply::Stale);
+        // The next attempt passes.
+        let (l2, _) = lease(&mut c, "s3", 1_000_000);
+        let check = c.begin_check("s3", l2, 0).unwrap();
+        c.finish_check(&check, Ok(output(0)));
+        assert_eq!(c.counts().done, 1);
+        assert_eq!(c.begin_check("s1", l, 0).unwrap_err(), Refusal::AlreadyDone);
+    }
+
+    #[test]
+    fn a_late_completion_counts_only_while_nobody_else_holds_the_unit() {
+        let mut c = cluster(1, 5);
+        let (l, _) = lease(&mut c, "s1", 0);
+        c.expire(5000);
+        // Expired, still pending: s1's shard is checked and kept.
+        let check = c.begin_check("s1", l, 0).unwrap();
+        assert!(check.late);
+        c.finish_check(&check, Err("bad".into()));
+        // Expired and handed to s2: s1's completion no longer counts.
+        let (l2, _) = lease(&mut c, "s2", 5000);
+        assert!(
+            matches!(c.begin_check("s1", l, 0), Err(Refusal::Refused(m)) if m.contains("another worker"))
+        );
+        assert!(c.begin_check("s2", l2, 0).is_ok());
+    }
+
+    #[test]
+    fn sessions_are_bounded_and_silent_ones_without_leases_forgotten() {
+        let mut c = cluster(1, 3);
+        c.limit_sessions(2, 1000);
+        let info = |t| WorkerInfo {
+            id: "w".into(),
+            last_seen_ms: t,
+            ..WorkerInfo::default()
+        };
+        c.register("a", info(0)).unwrap();
+        c.register("b", info(0)).unwrap();
+        assert!(c.register("c", info(10)).unwrap_err().contains("too many"));
+        lease(&mut c, "a", 10);
+        // b was silent and holds nothing: forgotten; a holds a lease: kept.
+        c.register("c", info(1500)).unwrap();
+        assert!(c.workers.contains_key("a") && !c.workers.contains_key("b"));
+        assert!(c.session("b", 1500).is_none());
+    }
+
     #[test]
     fn finished_units_of_an_earlier_run_are_not_leased() {
         let done: BTreeMap<usize, UnitOutput> = [(
@@ -497,6 +790,7 @@ mod tests {
                 size: 8,
                 sha256: String::new(),
                 tensors: Vec::new(),
+                non_finite: Vec::new(),
             },
         )]
         .into();

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod outdir;
 pub mod scheduler;
 pub mod service;
+pub mod shardcheck;
 pub mod verify;
 
 pub use assemble::{AssembleError, AssembleOptions};

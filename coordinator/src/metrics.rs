@@ -88,36 +88,41 @@ pub fn render(c: &Cluster, input_done: u64, input_total: u64, now_ms: u64) -> St
             id.replace('\\', "\\\\").replace('"', "\\\"")
         )
     };
+    // One series per worker name (several sessions may share one: a worker
+    // that registered again).
+    let mut by_name: std::collections::BTreeMap<&str, (u64, usize, u64)> =
+        std::collections::BTreeMap::new();
+    for (session, w) in &c.workers {
+        let e = by_name.entry(w.id.as_str()).or_insert((0, 0, 0));
+        e.0 += w.bytes_read;
+        e.1 += c.leases_of(session).len();
+        e.2 = e.2.max(w.last_seen_ms);
+    }
     metric(
         "fleetmerge_worker_bytes_read_total",
         "counter",
         "Input bytes a worker has read.",
-        c.workers
+        by_name
             .iter()
-            .map(|(id, w)| (label(id), w.bytes_read as f64))
+            .map(|(id, (read, _, _))| (label(id), *read as f64))
             .collect(),
     );
     metric(
         "fleetmerge_worker_units_leased",
         "gauge",
         "Units a worker holds leases on.",
-        c.workers
-            .keys()
-            .map(|id| (label(id), c.leases_of(id).len() as f64))
+        by_name
+            .iter()
+            .map(|(id, (_, units, _))| (label(id), *units as f64))
             .collect(),
     );
     metric(
         "fleetmerge_worker_heartbeat_age_seconds",
         "gauge",
         "Seconds since a worker was last heard from.",
-        c.workers
+        by_name
             .iter()
-            .map(|(id, w)| {
-                (
-                    label(id),
-                    now_ms.saturating_sub(w.last_seen_ms) as f64 / 1e3,
-                )
-            })
+            .map(|(id, (_, _, seen))| (label(id), now_ms.saturating_sub(*seen) as f64 / 1e3))
             .collect(),
     );
     s

@@ -7,7 +7,8 @@
 //!    `OUT/.fleetmerge/lock` for a local folder (released by the kernel when
 //!    the process ends, however it ends), a lock object created with a
 //!    conditional PUT on an object store, with an owner and an expiry that the
-//!    holder renews, so that a crashed holder blocks others only until then;
+//!    holder renews, so that a crashed holder blocks others only until then
+//!    (or not at all when it ran on this host and its process is gone);
 //! 3. refuses a folder that holds files no fleetmerge merge wrote (a folder
 //!    without a journal must be empty), and a file the new merge would write
 //!    over that the earlier merge's journal does not name;
@@ -334,6 +335,24 @@ impl Owner {
         }
     }
 
+    /// A holder on this very host whose process is gone (or whose pid is
+    /// ours: an earlier incarnation of this process, as after a container
+    /// restart). A holder elsewhere is trusted until its lock expires.
+    fn is_gone(&self) -> bool {
+        if self.host != host_name() {
+            return false;
+        }
+        if self.pid == std::process::id() {
+            return true;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+
     fn describe(&self) -> String {
         format!(
             "pid {} on {}, since {} s ago",
@@ -419,14 +438,14 @@ impl OutputLock {
                 let held = store.read_versioned(&location)?;
                 let owner: Option<Owner> = serde_json::from_slice(&held.bytes).ok();
                 match owner {
-                    Some(o) if o.expires_unix_ms > now_ms() => {
+                    Some(o) if o.expires_unix_ms > now_ms() && !o.is_gone() => {
                         return Err(OutDirError::Busy {
                             out: out_dir.to_string(),
                             owner: o.describe(),
                         })
                     }
                     _ => {
-                        tracing::warn!(lock = %location, "taking over an expired lock of a merge that stopped");
+                        tracing::warn!(lock = %location, "taking over the lock of a merge that stopped (expired, or its process on this host is gone)");
                         match store.put_conditional(&location, &body, Some(&held.version)) {
                             Ok(v) => v,
                             Err(StorageError::Conflict { .. }) => {

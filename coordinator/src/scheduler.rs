@@ -115,7 +115,7 @@ impl UnitSource for Scheduler<'_> {
                     return Some(Lease {
                         lease_id: lease,
                         worker: worker.to_string(),
-                        unit,
+                        unit: std::sync::Arc::unwrap_or_clone(unit),
                         out_dir: self.out_dir.clone(),
                     })
                 }

@@ -5,10 +5,9 @@
 //! and returns.
 
 use crate::assemble::{self, AssembleOptions};
-use crate::cluster::{Cluster, LeaseReply, Outcome};
+use crate::cluster::{Cluster, FailReply, LeaseReply, Outcome, Refusal};
 use crate::journal::Journal;
 use crate::scheduler::{RunError, RunSummary};
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use fleetmerge_proto::*;
@@ -127,10 +126,10 @@ impl Shared {
             workers: c
                 .workers
                 .iter()
-                .map(|(id, w)| WorkerSnapshot {
-                    id: id.clone(),
+                .map(|(session, w)| WorkerSnapshot {
+                    id: w.id.clone(),
                     device: w.device.clone(),
-                    units: c.leases_of(id),
+                    units: c.leases_of(session),
                     bytes_read: w.bytes_read,
                     last_seen_ms_ago: now.saturating_sub(w.last_seen_ms),
                 })
@@ -152,6 +151,77 @@ fn check_version(v: u32) -> Result<(), Status> {
 
 struct Service(Arc<Shared>);
 
+/// Most workers listed in a status answer (the rest are counted).
+pub const MAX_STATUS_WORKERS: usize = 100;
+/// Most sessions a coordinator keeps at once.
+pub const MAX_SESSIONS: usize = 1024;
+/// Longest session id accepted in a request (ours are 32 hex digits).
+const MAX_SESSION_BYTES: usize = 64;
+
+/// A fresh session id: 128 bits from the operating system's RNG, in hex.
+fn new_session() -> Result<String, Status> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Status::internal(format!("the OS random generator failed: {e}")))?;
+    Ok(hex::encode(bytes))
+}
+
+/// A random number for the shard spot check's choice of tensor.
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// Refuses a string a peer sent that is longer than `max` bytes or holds
+/// control characters (it ends up in logs and status).
+fn bounded(what: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{what} is {} bytes long; at most {max} are accepted",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{what} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying so.
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} ... (cut: {} bytes in all)", &text[..cut], text.len())
+}
+
+/// The worker of `session`, marked as heard from; refused when unknown.
+fn session<'a>(
+    c: &'a mut Cluster,
+    session: &str,
+    now: u64,
+) -> Result<&'a mut crate::cluster::WorkerInfo, Status> {
+    if session.is_empty() || session.len() > MAX_SESSION_BYTES {
+        return Err(Status::unauthenticated(format!(
+            "{UNKNOWN_SESSION}: the call carries no valid session id (register first; \
+             a worker of protocol version {PROTOCOL_VERSION} does)"
+        )));
+    }
+    c.session(session, now).ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "{UNKNOWN_SESSION}: register again (the coordinator restarted, or forgot this \
+             worker after a silence)"
+        ))
+    })
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn register(
@@ -160,14 +230,35 @@ impl Coordinator for Service {
     ) -> Result<Response<RegisterResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
+        bounded("worker_id", &r.worker_id, MAX_WORKER_ID_BYTES)?;
+        bounded("device", &r.device, MAX_DEVICE_BYTES)?;
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        if r.slots > MAX_SLOTS {
+            return Err(Status::invalid_argument(format!(
+                "{} slots; at most {MAX_SLOTS} are accepted",
+                r.slots
+            )));
+        }
+        let id = new_session()?;
+        let now = now_ms();
+        let info = crate::cluster::WorkerInfo {
+            id: r.worker_id.clone(),
+            device: r.device.clone(),
+            slots: r.slots,
+            last_seen_ms: now,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.cluster().register(&id, info) {
+            tracing::warn!(worker = %r.worker_id, error = %e, "registration refused");
+            return Err(Status::resource_exhausted(e));
+        }
         tracing::info!(worker = %r.worker_id, device = %r.device, slots = r.slots, "worker registered");
-        let mut c = self.0.cluster();
-        let info = c.touch(&r.worker_id, now_ms());
-        info.device = r.device;
-        info.slots = r.slots;
         Ok(Response::new(RegisterResponse {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_seconds: self.0.heartbeat_seconds,
+            session: id,
         }))
     }
 
@@ -176,16 +267,16 @@ impl Coordinator for Service {
         check_version(r.protocol_version)?;
         let now = now_ms();
         let mut c = self.0.cluster();
-        c.touch(&r.worker_id, now);
-        let reply = match c.lease(&r.worker_id, now) {
+        let name = session(&mut c, &r.session, now)?.id.clone();
+        let reply = match c.lease(&r.session, now) {
             LeaseReply::Unit {
                 lease,
                 unit,
                 deadline_ms,
             } => {
-                tracing::info!(worker = %r.worker_id, unit = unit.id, lease, "unit leased");
+                tracing::info!(worker = %name, unit = unit.id, lease, "unit leased");
                 let json =
-                    serde_json::to_vec(&unit).map_err(|e| Status::internal(e.to_string()))?;
+                    serde_json::to_vec(&*unit).map_err(|e| Status::internal(e.to_string()))?;
                 lease_response::Reply::Unit(UnitLease {
                     lease_id: lease,
                     unit: json,
@@ -195,7 +286,9 @@ impl Coordinator for Service {
             }
             LeaseReply::Wait => lease_response::Reply::RetryAfterMs(500),
             LeaseReply::Done(why) => {
-                c.touch(&r.worker_id, now).dismissed = true;
+                if let Some(w) = c.session(&r.session, now) {
+                    w.dismissed = true;
+                }
                 lease_response::Reply::Done(why)
             }
         };
@@ -208,14 +301,22 @@ impl Coordinator for Service {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
+        if r.lease_ids.len() > MAX_LEASES_PER_HEARTBEAT {
+            return Err(Status::invalid_argument(format!(
+                "{} lease ids; at most {MAX_LEASES_PER_HEARTBEAT} are accepted",
+                r.lease_ids.len()
+            )));
+        }
         let now = now_ms();
         let mut c = self.0.cluster();
-        let info = c.touch(&r.worker_id, now);
-        info.bytes_read += r.progress_bytes;
-        let revoked = c.heartbeat(&r.worker_id, &r.lease_ids, now);
+        let info = session(&mut c, &r.session, now)?;
+        info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
+        let revoked = c.heartbeat(&r.session, &r.lease_ids, now);
         let shutdown = c.outcome().is_some();
         if shutdown {
-            c.touch(&r.worker_id, now).dismissed = true;
+            if let Some(w) = c.session(&r.session, now) {
+                w.dismissed = true;
+            }
         }
         Ok(Response::new(HeartbeatResponse {
             revoked,
@@ -224,39 +325,97 @@ impl Coordinator for Service {
         }))
     }
 
+    /// A completion is checked in three steps, so that no storage I/O happens
+    /// under the cluster's lock, which every call needs: under the lock, the
+    /// lease must be this session's (the unit is then held as being checked);
+    /// without it, the shard is checked in the output storage and journaled;
+    /// under the lock again, the unit is recorded done, or (rejected) back in
+    /// the queue as a failed attempt.
     async fn complete(
         &self,
         req: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
+        let now = now_ms();
+        let (name, check) = {
+            let mut c = self.0.cluster();
+            let info = session(&mut c, &r.session, now)?;
+            info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
+            let name = info.id.clone();
+            match c.begin_check(&r.session, r.lease_id, r.unit) {
+                Ok(check) => (name, check),
+                Err(Refusal::AlreadyDone) => {
+                    tracing::info!(worker = %name, unit = r.unit, "unit completed again (already done)");
+                    return Ok(Response::new(CompleteResponse { accepted: false }));
+                }
+                Err(Refusal::Refused(why)) => {
+                    tracing::warn!(worker = %name, unit = r.unit, lease = r.lease_id, error = %why, "completion refused");
+                    return Err(Status::failed_precondition(format!(
+                        "completion refused: {why}"
+                    )));
+                }
+            }
+        };
         let shared = self.0.clone();
-        let worker = r.worker_id.clone();
-        // Checking the shard and journaling it touch storage: off the runtime threads.
+        let unit = check.unit.clone();
+        // Checking the shard and journaling it touch storage: off the runtime
+        // threads, and outside the lock.
         let result = tokio::task::spawn_blocking(move || {
-            let mut c = shared.cluster();
-            c.touch(&r.worker_id, now_ms()).bytes_read += r.progress_bytes;
-            let output = UnitOutput {
-                unit: r.unit as usize,
-                file_name: r.file_name,
-                size: r.size,
-                sha256: r.sha256,
-                tensors: r.tensors,
-                // Workers log their own non-finite warnings.
-                non_finite: Vec::new(),
-            };
-            c.complete(r.lease_id, output, &shared.journal)
+            if r.file_name != unit.file_name {
+                return Err(format!(
+                    "unit {} writes {}, not {}",
+                    unit.id,
+                    unit.file_name,
+                    truncated(&r.file_name, 256)
+                ));
+            }
+            if !crate::shardcheck::is_sha256_hex(&r.sha256) {
+                return Err(format!(
+                    "sha256 {:?} is not 64 lowercase hex digits",
+                    truncated(&r.sha256, 80)
+                ));
+            }
+            if !r.tensors.is_empty()
+                && (r.tensors.len() != unit.tensors.len()
+                    || r.tensors
+                        .iter()
+                        .zip(&unit.tensors)
+                        .any(|(a, b)| *a != b.name))
+            {
+                return Err(format!(
+                    "the reported tensors are not unit {}'s {} tensors",
+                    unit.id,
+                    unit.tensors.len()
+                ));
+            }
+            let output = crate::shardcheck::check_shard(
+                &unit,
+                &shared.out_dir,
+                r.size,
+                &r.sha256,
+                random_u64(),
+            )?;
+            shared
+                .journal
+                .record(&output)
+                .map_err(|e| format!("recording unit {} in the journal: {e}", output.unit))?;
+            Ok(output)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
+        self.0.cluster().finish_check(&check, result.clone());
         match result {
-            Ok(accepted) => {
-                tracing::info!(worker = %worker, accepted, "unit completed");
-                Ok(Response::new(CompleteResponse { accepted }))
+            Ok(_) => {
+                tracing::info!(worker = %name, unit = check.unit.id, accepted = true, "unit completed");
+                Ok(Response::new(CompleteResponse { accepted: true }))
             }
             Err(e) => {
-                tracing::warn!(worker = %worker, error = %e, "completion rejected");
-                Err(Status::failed_precondition(e))
+                tracing::warn!(worker = %name, unit = check.unit.id, error = %e, "completion rejected; the unit goes back to the queue");
+                Err(Status::failed_precondition(format!(
+                    "completion of unit {} rejected: {e}",
+                    check.unit.id
+                )))
             }
         }
     }
@@ -264,11 +423,26 @@ impl Coordinator for Service {
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
-        tracing::warn!(worker = %r.worker_id, lease = r.lease_id, retryable = r.retryable, error = %r.error, "unit failed");
+        let error = truncated(&r.error, MAX_ERROR_BYTES);
         let mut c = self.0.cluster();
-        c.touch(&r.worker_id, now_ms());
-        c.fail(r.lease_id, &r.worker_id, &r.error, r.retryable);
-        Ok(Response::new(FailResponse {}))
+        let name = session(&mut c, &r.session, now_ms())?.id.clone();
+        match c.fail(r.lease_id, &r.session, &error, r.retryable) {
+            FailReply::Recorded => {
+                tracing::warn!(worker = %name, lease = r.lease_id, retryable = r.retryable, error = %error, "unit failed");
+                Ok(Response::new(FailResponse {}))
+            }
+            FailReply::Stale => {
+                tracing::info!(worker = %name, lease = r.lease_id, error = %error, "a failure under a lease that is no longer current (ignored)");
+                Ok(Response::new(FailResponse {}))
+            }
+            FailReply::NotYours => {
+                tracing::warn!(worker = %name, lease = r.lease_id, "refused a failure report for a lease this worker does not hold");
+                Err(Status::permission_denied(format!(
+                    "lease {} is not held by this worker's session",
+                    r.lease_id
+                )))
+            }
+        }
     }
 
     async fn status(
@@ -278,13 +452,21 @@ impl Coordinator for Service {
         check_version(req.into_inner().protocol_version)?;
         let c = self.0.cluster();
         let counts = c.counts();
-        let workers = c
+        // Workers holding units first, then the most recently heard from.
+        let mut all: Vec<(&String, &crate::cluster::WorkerInfo, Vec<usize>)> = c
             .workers
             .iter()
-            .map(|(id, w)| WorkerStatus {
-                worker_id: id.clone(),
+            .map(|(s, w)| (s, w, c.leases_of(s)))
+            .collect();
+        all.sort_by_key(|(_, w, units)| (units.is_empty(), std::cmp::Reverse(w.last_seen_ms)));
+        let left_out = all.len().saturating_sub(MAX_STATUS_WORKERS);
+        let workers = all
+            .into_iter()
+            .take(MAX_STATUS_WORKERS)
+            .map(|(_, w, units)| WorkerStatus {
+                worker_id: w.id.clone(),
                 device: w.device.clone(),
-                units: c.leases_of(id).into_iter().map(|u| u as u64).collect(),
+                units: units.into_iter().map(|u| u as u64).collect(),
                 last_heartbeat_unix_ms: w.last_seen_ms,
                 bytes_read: w.bytes_read,
             })
@@ -297,6 +479,7 @@ impl Coordinator for Service {
             failed: counts.failed as u32,
             bytes_written: counts.bytes_written,
             workers,
+            workers_left_out: left_out as u32,
             state: match c.outcome() {
                 None => "running".into(),
                 Some(Outcome::AllDone) => "complete".into(),
@@ -332,12 +515,35 @@ fn authorize(token: &Option<Arc<str>>, req: &Request<()>) -> Result<(), Status> 
     }
 }
 
+/// Refuses a plan with a unit too large for a LeaseResponse (before anything
+/// is written or served), naming the unit.
+fn check_unit_sizes(plan: &Plan) -> Result<(), RunError> {
+    // Room for the lease's other fields and the protobuf framing.
+    let limit = MAX_UNIT_MESSAGE_BYTES - 64 * 1024;
+    for u in &plan.units {
+        let len = serde_json::to_vec(u)
+            .map_err(|e| RunError::Serve(format!("encoding work unit {}: {e}", u.id)))?
+            .len();
+        if len > limit {
+            return Err(RunError::Serve(format!(
+                "work unit {} ({}, {} tensors) is {len} bytes as JSON, more than the {limit} \
+                 a lease can carry to a worker: use a smaller --out-shard-size",
+                u.id,
+                u.file_name,
+                u.tensors.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs the merge as a gRPC coordinator until every unit is done (or one failed).
 pub async fn serve(
     plan: Plan,
     out_dir: String,
     opts: ServeOptions,
 ) -> Result<RunSummary, RunError> {
+    check_unit_sizes(&plan)?;
     // The output's lock is held until the merge returns.
     let crate::outdir::Claimed {
         journal,
@@ -372,17 +578,22 @@ pub async fn serve(
         .filter(|u| resume.done.contains_key(&u.id))
         .map(|u| u.input_bytes())
         .sum();
+    let mut cluster = Cluster::new(
+        plan.units.clone(),
+        resume.done,
+        &out_dir,
+        lease_ms,
+        opts.max_attempts,
+        // Lease ids of a restarted coordinator never collide with those that
+        // workers of the previous one still hold.
+        now_ms().saturating_mul(1000),
+    );
+    // A live worker calls at least every few seconds (heartbeats, or asking
+    // for work); one silent for longer than a lease, and at least 10 s, that
+    // holds no lease is forgotten (it registers again if it comes back).
+    cluster.limit_sessions(MAX_SESSIONS, lease_ms.max(10_000));
     let shared = Arc::new(Shared {
-        cluster: Mutex::new(Cluster::new(
-            plan.units.clone(),
-            resume.done,
-            &out_dir,
-            lease_ms,
-            opts.max_attempts,
-            // Lease ids of a restarted coordinator never collide with those that
-            // workers of the previous one still hold.
-            now_ms().saturating_mul(1000),
-        )),
+        cluster: Mutex::new(cluster),
         journal,
         heartbeat_seconds,
         out_dir: out_dir.clone(),
@@ -394,10 +605,14 @@ pub async fn serve(
     let open_to_anyone = token.is_none();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Service>>().await;
-    let svc =
-        CoordinatorServer::with_interceptor(Service(shared.clone()), move |req: Request<()>| {
-            authorize(&token, &req).map(|()| req)
-        });
+    // Requests are small (see fleetmerge_proto::MAX_REQUEST_BYTES); answers
+    // carry whole units.
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(Service(shared.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_UNIT_MESSAGE_BYTES),
+        move |req: Request<()>| authorize(&token, &req).map(|()| req),
+    );
     let metrics = match opts.metrics {
         None => None,
         Some(addr) => {
@@ -463,7 +678,10 @@ pub async fn serve(
         pending = plan.units.len() - resumed,
         "coordinator listening"
     );
-    let mut server = tonic::transport::Server::builder();
+    // Metadata (the token) is small; bound what a peer can make us hold.
+    let mut server = tonic::transport::Server::builder()
+        .http2_max_header_list_size(64 * 1024)
+        .max_concurrent_streams(256);
     if let Some(tls) = &opts.tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
         server = server

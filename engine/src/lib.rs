@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod methods;
 pub mod output;
 pub mod plan;
+pub mod size;
 pub mod storage;
 
 pub use dtype::DType;

@@ -3,7 +3,10 @@
 //! executed on the blocking thread pool while a heartbeat keeps its lease alive;
 //! the result is reported with the shard's size and sha256. A lost coordinator
 //! is retried with backoff; SIGTERM stops new leases and lets running units
-//! finish; the coordinator's "done" ends the worker.
+//! finish; the coordinator's "done" ends the worker. Every call after Register
+//! carries the session id the coordinator issued; when the coordinator no
+//! longer knows it (it restarted), the worker registers again. A message over
+//! the size limits both sides use ends the worker with an error saying so.
 
 use crate::retryable;
 use fleetmerge_engine::exec::{self, Progress};
@@ -38,6 +41,9 @@ pub struct RemoteOptions {
     /// `--allow-path` prefixes: where units may read inputs and write shards
     /// (none: see [`crate::paths`]).
     pub allow_paths: Vec<String>,
+    /// Send the token over plain `http://` to a coordinator that is not on
+    /// this machine (see [`connect`]).
+    pub insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +63,19 @@ pub enum WorkerError {
     /// A panic in a lease loop: a bug.
     #[error("internal error (a bug): {0}")]
     Internal(String),
+    #[error(
+        "{what}: a message between this worker and the coordinator at {address} is larger \
+         than the protocol allows ({message}); run the same fleetmerge version on both"
+    )]
+    TooLarge {
+        address: String,
+        what: String,
+        message: String,
+    },
+    /// The coordinator does not know this worker's session (handled by
+    /// registering again).
+    #[error("the coordinator at {address} no longer knows this worker: {message}")]
+    SessionUnknown { address: String, message: String },
 }
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
@@ -86,6 +105,8 @@ struct Shared {
     opts: RemoteOptions,
     /// Where units may read and write.
     paths: crate::paths::PathPolicy,
+    /// The session the coordinator issued at registration.
+    session: Mutex<String>,
     active: Mutex<BTreeSet<u64>>,
     read: AtomicU64,
     /// Stop asking for work (SIGTERM or the coordinator said so).
@@ -100,9 +121,72 @@ impl Progress for ReadCounter<'_> {
     }
 }
 
+impl Shared {
+    fn session(&self) -> String {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Calls `f` (with the current session) until it succeeds, retrying
+/// unavailable-coordinator errors with exponential backoff up to
+/// `give_up_after`, and registering again when the coordinator has forgotten
+/// the session.
+async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
+where
+    F: FnMut(Client, String) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let mut registrations = 0;
+    loop {
+        let session = shared.session();
+        match call(shared, what, |c| f(c, session.clone())).await {
+            Err(WorkerError::SessionUnknown { message, .. }) if registrations < 5 => {
+                registrations += 1;
+                // Another slot may have registered again meanwhile.
+                if shared.session() == session {
+                    tracing::warn!(what, %message, "registering again");
+                    register(shared).await?;
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Registers with the coordinator and keeps the session it issues.
+async fn register(shared: &Shared) -> Result<RegisterResponse, WorkerError> {
+    let opts = &shared.opts;
+    let reg = call(shared, "register", |mut c| {
+        let req = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: opts.worker_id.clone(),
+            device: opts.device.name(),
+            memory_bytes: opts.max_memory.unwrap_or(0),
+            slots: opts.slots as u32,
+        };
+        async move { c.register(req).await }
+    })
+    .await?;
+    if reg.protocol_version != PROTOCOL_VERSION || reg.session.is_empty() {
+        return Err(WorkerError::Refused {
+            address: opts.coordinator.clone(),
+            message: format!(
+                "the coordinator speaks protocol version {}, this worker {PROTOCOL_VERSION}: \
+                 run the same fleetmerge version on both",
+                reg.protocol_version
+            ),
+        });
+    }
+    *shared.session.lock().unwrap_or_else(|p| p.into_inner()) = reg.session.clone();
+    Ok(reg)
+}
+
 /// Calls `f` until it succeeds, retrying unavailable-coordinator errors with
 /// exponential backoff up to `give_up_after`.
-async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
+async fn call<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
 where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
@@ -113,11 +197,35 @@ where
         match f(shared.client.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s)
+                if s.code() == tonic::Code::Unauthenticated
+                    && s.message().starts_with(UNKNOWN_SESSION) =>
+            {
+                return Err(WorkerError::SessionUnknown {
+                    address: shared.opts.coordinator.clone(),
+                    message: s.message().to_string(),
+                })
+            }
+            // A message over the size limit (decoding here, or encoding on
+            // either side): no retry can fix that.
+            Err(s)
+                if s.code() == tonic::Code::OutOfRange
+                    || (s.code() == tonic::Code::ResourceExhausted
+                        && s.message().contains("message length too large")) =>
+            {
+                return Err(WorkerError::TooLarge {
+                    address: shared.opts.coordinator.clone(),
+                    what: what.to_string(),
+                    message: s.message().to_string(),
+                })
+            }
+            Err(s)
                 if matches!(
                     s.code(),
                     tonic::Code::Unauthenticated
                         | tonic::Code::FailedPrecondition
                         | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::ResourceExhausted
                 ) =>
             {
                 return Err(WorkerError::Refused {
@@ -141,13 +249,25 @@ where
     }
 }
 
+/// Whether `host` (of a URI) names this machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A client of the coordinator at `coordinator` (`http://` or `https://`),
 /// sending `token` with every call and trusting `tls_ca` besides public CAs.
-/// Connects lazily: the first call reports an unreachable coordinator.
+/// The token goes over plain `http://` only to this machine, unless
+/// `insecure`: over the network, whoever answers at that address would get
+/// it. Connects lazily: the first call reports an unreachable coordinator.
 pub fn connect(
     coordinator: &str,
     token: Option<&str>,
     tls_ca: Option<&[u8]>,
+    insecure: bool,
 ) -> Result<Client, WorkerError> {
     let address = coordinator.to_string();
     let endpoint = Endpoint::from_shared(address.clone())
@@ -157,6 +277,18 @@ pub fn connect(
         })?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120));
+    let host = endpoint.uri().host().unwrap_or("").to_string();
+    if token.is_some() && !address.starts_with("https://") && !insecure && !is_loopback(&host) {
+        return Err(WorkerError::Address {
+            address,
+            message: "refusing to send the token over plain http:// to another machine \
+                      (whoever answers at that address would get it): use \
+                      https://HOST:PORT (the coordinator's --tls-cert/--tls-key) with \
+                      --tls-ca CA.pem for a private CA, or pass --insecure to send it \
+                      unencrypted anyway (a network you trust)"
+                .into(),
+        });
+    }
     let endpoint = if address.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
         if let Some(ca) = &tls_ca {
@@ -187,7 +319,9 @@ pub fn connect(
         ),
         None => None,
     };
-    Ok(CoordinatorClient::with_interceptor(channel, Auth(token)))
+    Ok(CoordinatorClient::with_interceptor(channel, Auth(token))
+        .max_decoding_message_size(MAX_UNIT_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// Runs a worker until the coordinator says the merge is over (or SIGTERM).
@@ -196,38 +330,24 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
     // Installed first, so a SIGTERM at any later point drains instead of killing.
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let address = opts.coordinator.clone();
-    let client = connect(&address, opts.token.as_deref(), opts.tls_ca.as_deref())?;
+    let client = connect(
+        &address,
+        opts.token.as_deref(),
+        opts.tls_ca.as_deref(),
+        opts.insecure,
+    )?;
     let paths = crate::paths::PathPolicy::new(&opts.allow_paths).map_err(WorkerError::Options)?;
     let shared = Arc::new(Shared {
         client,
         opts: opts.clone(),
         paths,
+        session: Mutex::new(String::new()),
         active: Mutex::new(BTreeSet::new()),
         read: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         done: AtomicBool::new(false),
     });
-    let reg = with_retry(&shared, "register", |mut c| {
-        let req = RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            worker_id: opts.worker_id.clone(),
-            device: opts.device.name(),
-            memory_bytes: opts.max_memory.unwrap_or(0),
-            slots: opts.slots as u32,
-        };
-        async move { c.register(req).await }
-    })
-    .await?;
-    if reg.protocol_version != PROTOCOL_VERSION {
-        return Err(WorkerError::Refused {
-            address,
-            message: format!(
-                "the coordinator speaks protocol version {}, this worker {PROTOCOL_VERSION}: \
-                 run the same fleetmerge version on both",
-                reg.protocol_version
-            ),
-        });
-    }
+    let reg = register(&shared).await?;
     tracing::info!(coordinator = %address, worker = %opts.worker_id, "registered");
 
     // SIGTERM: finish what is running, take nothing new.
@@ -259,6 +379,7 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
                 worker_id: hb.opts.worker_id.clone(),
                 lease_ids: leases,
                 progress_bytes: hb.read.swap(0, Ordering::Relaxed),
+                session: hb.session(),
             };
             match hb.client.clone().heartbeat(req).await {
                 Ok(r) => {
@@ -308,10 +429,11 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
     let mut completed = 0;
     let worker = shared.opts.worker_id.clone();
     while !shared.draining.load(Ordering::SeqCst) {
-        let reply = with_retry(&shared, "lease", |mut c| {
+        let reply = with_retry(&shared, "lease", |mut c, session| {
             let req = LeaseRequest {
                 protocol_version: PROTOCOL_VERSION,
                 worker_id: worker.clone(),
+                session,
             };
             async move { c.lease(req).await }
         })
@@ -378,12 +500,18 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
                     file_name: out.file_name,
                     size: out.size,
                     sha256: out.sha256,
-                    tensors: out.tensors,
+                    // The coordinator knows the unit's tensors (and a long
+                    // list would not fit in a request).
+                    tensors: Vec::new(),
                     unit: id as u64,
                     progress_bytes: shared.read.swap(0, Ordering::Relaxed),
+                    session: String::new(),
                 };
-                let r = with_retry(&shared, "complete", |mut c| {
-                    let req = req.clone();
+                let r = with_retry(&shared, "complete", |mut c, session| {
+                    let req = CompleteRequest {
+                        session,
+                        ..req.clone()
+                    };
                     async move { c.complete(req).await }
                 })
                 .await;
@@ -428,15 +556,24 @@ async fn report_failure(
     retryable: bool,
 ) -> Result<(), WorkerError> {
     tracing::warn!(lease = lease_id, retryable, error, "unit failed");
+    // Cut to what the coordinator accepts.
+    let mut cut = error.len().min(MAX_ERROR_BYTES);
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
     let req = FailRequest {
         protocol_version: PROTOCOL_VERSION,
         worker_id: shared.opts.worker_id.clone(),
         lease_id,
-        error: error.to_string(),
+        error: error[..cut].to_string(),
         retryable,
+        session: String::new(),
     };
-    with_retry(shared, "fail", |mut c| {
-        let req = req.clone();
+    with_retry(shared, "fail", |mut c, session| {
+        let req = FailRequest {
+            session,
+            ..req.clone()
+        };
         async move { c.fail(req).await }
     })
     .await

@@ -282,35 +282,8 @@ pub fn limits_within(
     })
 }
 
-/// Parses a memory size: `8G`, `1.5GB`, `512M`, `2GiB`, `768MiB`, `100K`, or
-/// bytes. K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024; a trailing `B` is
-/// optional.
-pub fn parse_memory(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let upper = t.to_ascii_uppercase();
-    let body = upper.strip_suffix('B').unwrap_or(&upper);
-    let (num, mult) = [
-        ("KI", 1u64 << 10),
-        ("MI", 1 << 20),
-        ("GI", 1 << 30),
-        ("TI", 1 << 40),
-        ("K", 1_000),
-        ("M", 1_000_000),
-        ("G", 1_000_000_000),
-        ("T", 1_000_000_000_000),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| body.strip_suffix(suffix).map(|n| (n, *m)))
-    .unwrap_or((body, 1));
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a memory size (examples: 8G, 1.5GB, 512MiB)"))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(format!("'{s}' must be a positive memory size"));
-    }
-    Ok((v * mult as f64) as u64)
-}
+/// Memory sizes (`--max-memory`): the one size syntax of [`crate::size`].
+pub use crate::size::parse_size as parse_memory;
 
 #[cfg(test)]
 mod tests {

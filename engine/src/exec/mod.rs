@@ -407,6 +407,42 @@ fn run_unit(
     })
 }
 
+/// Computes tensor `index` of `unit` alone, on the CPU, and returns its bytes:
+/// what the unit's shard holds for it. A tensor's merge depends only on the
+/// tensor (name, shape, inputs, parameters) and the unit's seed, not on the
+/// other tensors of the unit, so this is how a coordinator spot-checks a
+/// worker's shard without recomputing the whole unit.
+pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecError> {
+    if unit.format != PLAN_FORMAT {
+        return Err(ExecError::Format {
+            unit: unit.id,
+            found: unit.format,
+            expected: PLAN_FORMAT,
+        });
+    }
+    let method = methods::get(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
+        unit: unit.id,
+        method: unit.merge_method.clone(),
+    })?;
+    let Some(tensors) = unit.tensors.get(index..index + 1) else {
+        return Ok(Vec::new());
+    };
+    let maps = read::Maps::open(tensors)?;
+    let loaded = read::load(tensors, &maps)?;
+    let views = loaded.views(tensors, &maps)?;
+    let mut out = vec![0u8; tensors[0].byte_len() as usize];
+    compute(
+        unit,
+        method,
+        &tensors[0],
+        &views[0],
+        &mut out,
+        None,
+        &Device::Cpu,
+    )?;
+    Ok(out)
+}
+
 /// Computes a window's tensors in parallel, each into its slice of `out`.
 fn compute_window(
     unit: &WorkUnit,

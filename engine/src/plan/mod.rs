@@ -216,40 +216,7 @@ pub enum PlanError {
     Inputs(String),
 }
 
-/// Parses `5B`, `500M`, `1.5K`, `123` (bytes; K/M/B = 10^3/10^6/10^9, any case),
-/// as mergekit's `--out-shard-size` does.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1e3),
-        Some('M') => (&t[..t.len() - 1], 1e6),
-        Some('B') | Some('G') => (&t[..t.len() - 1], 1e9),
-        _ => (t, 1.0),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 5B, 500M, 100K, 1048576)"))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(format!("'{s}' must be a positive size"));
-    }
-    Ok((v * mult) as u64)
-}
-
-#[cfg(test)]
-mod size_tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_like_mergekit() {
-        assert_eq!(parse_size("5B").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("500m").unwrap(), 500_000_000);
-        assert_eq!(parse_size("1.5K").unwrap(), 1500);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("-5M").is_err());
-    }
-}
+/// Sizes (`--out-shard-size`): see [`crate::size`].
+pub use crate::size::parse_size;
 #[cfg(test)]
 mod tests;

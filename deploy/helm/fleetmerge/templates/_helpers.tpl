@@ -35,6 +35,19 @@ token
 {{- end -}}
 {{- end -}}
 
+{{- define "fleetmerge.tlsSecret" -}}
+{{- if .Values.tls.existingSecret -}}
+{{ .Values.tls.existingSecret }}
+{{- else -}}
+{{ include "fleetmerge.fullname" . }}-tls
+{{- end -}}
+{{- end -}}
+
+{{/* The host name workers connect to (and the coordinator's certificate names). */}}
+{{- define "fleetmerge.coordinatorHost" -}}
+{{ include "fleetmerge.fullname" . }}-coordinator
+{{- end -}}
+
 {{- define "fleetmerge.configMap" -}}
 {{- if .Values.merge.existingConfigMap -}}
 {{ .Values.merge.existingConfigMap }}
@@ -75,6 +88,11 @@ envFrom:
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /var/run/secrets/fleetmerge/tls
+  readOnly: true
+{{- end }}
 {{- if .Values.storage.gcsServiceAccount.existingSecret }}
 - name: gcs
   mountPath: /var/run/secrets/fleetmerge/gcs
@@ -98,6 +116,11 @@ envFrom:
     name: {{ include "fleetmerge.configMap" . }}
 - name: tmp
   emptyDir: {}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "fleetmerge.tlsSecret" . }}
+{{- end }}
 {{- if .Values.storage.gcsServiceAccount.existingSecret }}
 - name: gcs
   secret:
