@@ -148,6 +148,12 @@ struct WorkerArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Read inputs and write shards only under this prefix (an absolute local
+    /// path or an object-store URL; repeatable). Without it, the worker writes
+    /// only into the first output folder the coordinator gives it and reads
+    /// any input that is a tensor of a safetensors file's header.
+    #[arg(long = "allow-path", value_name = "PREFIX")]
+    allow_path: Vec<String>,
     /// Only warnings and errors.
     #[arg(long, short)]
     quiet: bool,
@@ -559,6 +565,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         max_memory: args.max_memory,
         give_up_after: std::time::Duration::from_secs(args.give_up_after),
         tls_ca: args.tls_ca.as_deref().map(read_file).transpose()?,
+        allow_paths: args.allow_path,
         insecure: args.insecure,
     };
     let done = runtime()?.block_on(run_remote(opts))?;

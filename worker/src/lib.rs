@@ -3,6 +3,7 @@
 //! the output shard) and reports the result. In `fleetmerge run` the source is the
 //! in-process scheduler; in cluster mode it is the coordinator over gRPC.
 
+pub mod paths;
 pub mod remote;
 
 use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress, UnitOutput};
@@ -51,7 +52,12 @@ pub fn work(
     let mut done = 0;
     while let Some(lease) = source.next(worker) {
         tracing::debug!(worker, unit = lease.unit.id, file = %lease.unit.file_name, "unit leased");
-        let result = ExecLimits::for_unit(&lease.unit, &lease.out_dir, max_memory)
+        // Checked before anything else looks at it (the executor checks again).
+        let result = lease
+            .unit
+            .validate()
+            .map_err(ExecError::from)
+            .and_then(|()| ExecLimits::for_unit(&lease.unit, &lease.out_dir, max_memory))
             .and_then(|l| exec::execute_unit_on(&lease.unit, &lease.out_dir, progress, &l, device));
         match result {
             Ok(output) => {

@@ -38,6 +38,9 @@ pub struct RemoteOptions {
     /// PEM certificate(s) to trust for an `https://` coordinator, besides the
     /// public web PKI roots (a private CA or a self-signed certificate).
     pub tls_ca: Option<Vec<u8>>,
+    /// `--allow-path` prefixes: where units may read inputs and write shards
+    /// (none: see [`crate::paths`]).
+    pub allow_paths: Vec<String>,
     /// Send the token over plain `http://` to a coordinator that is not on
     /// this machine (see [`connect`]).
     pub insecure: bool,
@@ -55,6 +58,11 @@ pub enum WorkerError {
         seconds: u64,
         message: String,
     },
+    #[error("{0}")]
+    Options(String),
+    /// A panic in a lease loop: a bug.
+    #[error("internal error (a bug): {0}")]
+    Internal(String),
     #[error(
         "{what}: a message between this worker and the coordinator at {address} is larger \
          than the protocol allows ({message}); run the same fleetmerge version on both"
@@ -85,23 +93,18 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// A unit must write one plain file name inside the output folder.
+/// A unit must be one a planner would write (names, dtypes, shapes, byte
+/// ranges, indexes, parameters; a plain shard file name): see
+/// [`WorkUnit::validate`].
 fn check_unit(unit: &WorkUnit) -> Result<(), String> {
-    let name = &unit.file_name;
-    if name.is_empty()
-        || name.contains('/')
-        || name.contains('\\')
-        || name.contains("..")
-        || !name.ends_with(".safetensors")
-    {
-        return Err(format!("refusing to write {name:?}: a shard must be a plain .safetensors file name inside the output folder"));
-    }
-    Ok(())
+    unit.validate().map_err(|e| e.to_string())
 }
 
 struct Shared {
     client: Client,
     opts: RemoteOptions,
+    /// Where units may read and write.
+    paths: crate::paths::PathPolicy,
     /// The session the coordinator issued at registration.
     session: Mutex<String>,
     active: Mutex<BTreeSet<u64>>,
@@ -333,9 +336,11 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
         opts.tls_ca.as_deref(),
         opts.insecure,
     )?;
+    let paths = crate::paths::PathPolicy::new(&opts.allow_paths).map_err(WorkerError::Options)?;
     let shared = Arc::new(Shared {
         client,
         opts: opts.clone(),
+        paths,
         session: Mutex::new(String::new()),
         active: Mutex::new(BTreeSet::new()),
         read: AtomicU64::new(0),
@@ -407,10 +412,8 @@ pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
                 first_error.get_or_insert(e);
             }
             Err(e) => {
-                first_error.get_or_insert(WorkerError::Refused {
-                    address: address.clone(),
-                    message: e.to_string(),
-                });
+                shared.draining.store(true, Ordering::SeqCst);
+                first_error.get_or_insert(slot_died(e));
             }
         }
     }
@@ -452,7 +455,9 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
         let unit: Result<WorkUnit, String> =
             serde_json::from_slice(&lease.unit).map_err(|e| format!("unreadable work unit: {e}"));
         let unit = unit.and_then(|u| check_unit(&u).map(|()| u));
-        let unit = match unit {
+        let admitted =
+            unit.and_then(|mut u| shared.paths.admit(&mut u, &lease.out_dir).map(|d| (u, d)));
+        let (unit, out_dir) = match admitted {
             Ok(u) => u,
             Err(e) => {
                 report_failure(&shared, lease_id, &e, false).await?;
@@ -466,7 +471,6 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
             .insert(lease_id);
         tracing::info!(slot, unit = unit.id, lease = lease_id, file = %unit.file_name, "working");
         let job = shared.clone();
-        let out_dir = lease.out_dir.clone();
         let id = unit.id;
         let budget = job
             .opts
@@ -481,7 +485,7 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
                 .map_err(|e| (retryable(&e), e.to_string()))
         })
         .await
-        .unwrap_or_else(|e| Err((true, format!("the unit's thread died: {e}"))));
+        .unwrap_or_else(|e| Err((false, slot_died(e).to_string())));
         shared
             .active
             .lock()
@@ -529,6 +533,22 @@ async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerErr
     Ok(completed)
 }
 
+/// The error for a task that died (a panic that escaped the executor's own
+/// guards: a bug, never the coordinator's refusal).
+fn slot_died(e: tokio::task::JoinError) -> WorkerError {
+    if e.is_panic() {
+        let payload = e.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        WorkerError::Internal(format!("a worker task panicked: {message}"))
+    } else {
+        WorkerError::Internal(format!("a worker task stopped: {e}"))
+    }
+}
+
 async fn report_failure(
     shared: &Shared,
     lease_id: u64,
@@ -558,4 +578,32 @@ async fn report_failure(
     })
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease loop that panics is a bug of this worker, reported as such, not
+    /// as the coordinator refusing it.
+    #[test]
+    fn a_panicking_slot_is_an_internal_error() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let joined = rt.block_on(async {
+            tokio::spawn(async {
+                panic!("slot exploded");
+            })
+            .await
+        });
+        let e = slot_died(joined.unwrap_err());
+        assert!(matches!(e, WorkerError::Internal(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("internal error (a bug)") && text.contains("slot exploded"),
+            "{text}"
+        );
+        assert!(!text.contains("refused"), "{text}");
+    }
 }

@@ -7,6 +7,8 @@
 //! atomically when complete.
 
 mod device;
+mod guard;
+mod inputs;
 pub mod memory;
 pub mod read;
 pub mod stream;
@@ -17,7 +19,7 @@ use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
 use crate::output::ShardLayout;
-use crate::plan::{OutputTensor, TensorOp, WorkUnit, PLAN_FORMAT};
+use crate::plan::{OutputTensor, TensorOp, UnitError, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -59,6 +61,28 @@ pub enum ExecError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Method(#[from] MethodError),
+    /// The unit is not one a planner would write (see [`WorkUnit::validate`]).
+    #[error(transparent)]
+    Invalid(#[from] UnitError),
+    /// A panic in the pipeline: a bug, reported as the unit's error.
+    #[error("internal error (a bug): {0}")]
+    Internal(String),
+    /// An input file that is not a usable safetensors file (not one at all,
+    /// or truncated or changed since the merge was planned).
+    #[error("refusing to read {input} from {location}: not a usable safetensors file: {message}")]
+    NotSafetensors {
+        location: String,
+        input: String,
+        message: String,
+    },
+    /// An input reference that is not exactly a tensor of its file's header.
+    #[error("{tensor}: refusing to read input {input} from {location}: {message}")]
+    InputMismatch {
+        location: String,
+        tensor: String,
+        input: String,
+        message: String,
+    },
     #[error("work unit {unit} uses merge method '{method}', which this build does not know")]
     UnknownMethod { unit: usize, method: String },
     #[error("work unit {unit} has plan format {found}, this build reads format {expected}")]
@@ -192,8 +216,25 @@ pub fn execute_unit_with(
     execute_unit_on(unit, out_dir, progress, limits, &Device::Cpu)
 }
 
-/// [`execute_unit_with`] computing on `device`.
+/// [`execute_unit_with`] computing on `device`. The unit is validated
+/// ([`WorkUnit::validate`]) and its inputs checked against their files' headers
+/// before anything is written; a panic anywhere in the pipeline is returned as
+/// [`ExecError::Internal`].
 pub fn execute_unit_on(
+    unit: &WorkUnit,
+    out_dir: &str,
+    progress: &dyn Progress,
+    limits: &ExecLimits,
+    device: &Device,
+) -> Result<UnitOutput, ExecError> {
+    guard::catch(|| {
+        unit.validate()?;
+        run_unit(unit, out_dir, progress, limits, device)
+    })
+}
+
+/// The pipeline proper, for a validated unit.
+fn run_unit(
     unit: &WorkUnit,
     out_dir: &str,
     progress: &dyn Progress,
@@ -219,6 +260,7 @@ pub fn execute_unit_on(
             .collect::<Vec<_>>(),
     );
     let maps = read::Maps::open(&unit.tensors)?;
+    inputs::check(unit, &maps)?;
     let windows = read::windows(&unit.tensors, limits.window_bytes);
     let out_store = storage::for_location(out_dir);
     let location = out_store.join(out_dir, &unit.file_name);
@@ -227,27 +269,33 @@ pub fn execute_unit_on(
     let (writer, hasher, size, non_finite) = std::thread::scope(|scope| {
         // Loader: one window ahead of compute (or in step with it).
         // `None`: a streamed tensor, read as it computes.
-        let (load_tx, load_rx) =
-            mpsc::sync_channel::<Result<Option<read::Loaded>, StorageError>>(0);
+        let (load_tx, load_rx) = mpsc::sync_channel::<Result<Option<read::Loaded>, ExecError>>(0);
         let (next_tx, next_rx) = mpsc::channel::<()>();
         let tensors = &unit.tensors;
         let maps_ref = &maps;
         let windows_ref = &windows;
         let read_ahead = limits.read_ahead;
         scope.spawn(move || {
-            for w in windows_ref {
-                if !read_ahead && next_rx.recv().is_err() {
-                    return;
+            let load = || {
+                for w in windows_ref {
+                    if !read_ahead && next_rx.recv().is_err() {
+                        break;
+                    }
+                    let ts = &tensors[w.clone()];
+                    let loaded = match ts {
+                        [t] if limits.streams(t) => Ok(None),
+                        _ => read::load(ts, maps_ref).map(Some).map_err(ExecError::from),
+                    };
+                    let failed = loaded.is_err();
+                    if load_tx.send(loaded).is_err() || failed {
+                        break;
+                    }
                 }
-                let ts = &tensors[w.clone()];
-                let loaded = match ts {
-                    [t] if limits.streams(t) => Ok(None),
-                    _ => read::load(ts, maps_ref).map(Some),
-                };
-                let failed = loaded.is_err();
-                if load_tx.send(loaded).is_err() || failed {
-                    return;
-                }
+                Ok(())
+            };
+            // A panic is sent on as the window's error.
+            if let Err(e) = guard::catch(load) {
+                let _ = load_tx.send(Err(e));
             }
         });
 
@@ -255,23 +303,25 @@ pub fn execute_unit_on(
         let (fill_tx, fill_rx) = mpsc::sync_channel::<Filled>(1);
         let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(2);
         let layout_ref = &layout;
-        let writing = scope.spawn(move || -> Result<_, StorageError> {
-            let mut writer = writer;
-            let mut hasher = Sha256::new();
-            let mut scan = finite::FiniteScan::new(layout_ref);
-            let header = &layout_ref.header;
-            writer.write_all(header)?;
-            hasher.update(header);
-            let mut size = header.len() as u64;
-            for (buf, len) in fill_rx {
-                writer.write_all(&buf[..len])?;
-                hasher.update(&buf[..len]);
-                scan.update(&buf[..len]);
-                size += len as u64;
-                progress.written(len as u64);
-                let _ = free_tx.send(buf);
-            }
-            Ok((writer, hasher, size, scan.finish()))
+        let writing = scope.spawn(move || {
+            guard::catch(move || -> Result<_, ExecError> {
+                let mut writer = writer;
+                let mut hasher = Sha256::new();
+                let mut scan = finite::FiniteScan::new(layout_ref);
+                let header = &layout_ref.header;
+                writer.write_all(header)?;
+                hasher.update(header);
+                let mut size = header.len() as u64;
+                for (buf, len) in fill_rx {
+                    writer.write_all(&buf[..len])?;
+                    hasher.update(&buf[..len]);
+                    scan.update(&buf[..len]);
+                    size += len as u64;
+                    progress.written(len as u64);
+                    let _ = free_tx.send(buf);
+                }
+                Ok((writer, hasher, size, scan.finish()))
+            })
         });
 
         // Output buffers: two, passed to the writer and back.
@@ -292,7 +342,10 @@ pub fn execute_unit_on(
             buf[..bytes.len()].copy_from_slice(bytes);
             send(buf, bytes.len())
         };
-        let computed = (|| -> Result<(), ExecError> {
+        // A panic here (or in a compute thread: rayon passes it on) ends the
+        // unit; the channels below are dropped either way, so the reader and
+        // the writer stop.
+        let computed = guard::catch(|| -> Result<(), ExecError> {
             for w in &windows {
                 if !read_ahead {
                     let _ = next_tx.send(());
@@ -323,14 +376,12 @@ pub fn execute_unit_on(
                 }
             }
             Ok(())
-        })();
+        });
         drop(fill_tx);
         drop(load_rx);
         drop(next_tx);
         drop(pool);
-        let written = writing
-            .join()
-            .unwrap_or_else(|_| Err(StorageError::io(&location, "the output writer died")));
+        let written = writing.join().unwrap_or_else(|p| Err(guard::internal(p)));
         // A failed writer stops the compute too: its error is the one to report.
         let written = written?;
         computed?;
@@ -727,5 +778,252 @@ mod tests {
                 assert_eq!(a.sha256, b.sha256, "{case}: {} differs", unit.file_name);
             }
         }
+    }
+
+    fn ties_unit() -> WorkUnit {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let yaml =
+            std::fs::read_to_string(root.join("tests/fixtures/cases/ties/config.yaml")).unwrap();
+        let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
+        let mut p = plan(
+            &cfg,
+            &PlanOptions {
+                out_shard_size: DEFAULT_SHARD_SIZE,
+                seed: 7,
+                allow_crimes: false,
+                keep_fp8: false,
+                base_dir: root.join("examples"),
+            },
+        )
+        .unwrap();
+        p.units.remove(0)
+    }
+
+    /// `f`'s result on a thread of its own, or a failed test after `limit`
+    /// (a hang) or if the thread panicked (a panic that escaped).
+    fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the unit did not end within 60 s"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the panic escaped"),
+        }
+    }
+
+    fn out_dir() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_string_lossy().into_owned();
+        (dir, out)
+    }
+
+    fn assert_internal(e: &ExecError) {
+        let text = e.to_string();
+        assert!(matches!(e, ExecError::Internal(_)), "{text}");
+        assert!(
+            text.starts_with("internal error (a bug): panicked at ") && text.contains(".rs:"),
+            "{text}"
+        );
+    }
+
+    /// A kernel that panics (an integer merged output, which validation would
+    /// refuse: the pipeline is called without it) fails the unit within
+    /// bounded time, in the parallel compute of a window, in a window of one
+    /// tensor, and in a streamed tensor; nothing is written.
+    #[test]
+    fn a_panicking_kernel_is_the_units_error_not_a_hang() {
+        let mut unit = ties_unit();
+        for t in &mut unit.tensors {
+            t.dtype = DType::I64;
+        }
+        assert!(unit.validate().is_err());
+        for limits in [
+            ExecLimits::default(),
+            ExecLimits {
+                window_bytes: 1,
+                read_ahead: false,
+                stream: false,
+            },
+            ExecLimits {
+                window_bytes: 4096,
+                read_ahead: true,
+                stream: true,
+            },
+        ] {
+            let (dir, out) = out_dir();
+            let u = unit.clone();
+            let r = bounded(move || run_unit(&u, &out, &NoProgress, &limits, &Device::Cpu));
+            let e = r.expect_err("a panic is an error");
+            assert_internal(&e);
+            assert!(e.to_string().contains("non-float dtype I64"), "{e}");
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "{limits:?}"
+            );
+            // Through the public entry, validation refuses the unit first.
+            let (_dir, out) = out_dir();
+            let e = execute_unit_with(&unit, &out, &NoProgress, &limits).unwrap_err();
+            assert!(matches!(e, ExecError::Invalid(_)), "{e}");
+        }
+    }
+
+    /// A panic on the writer thread (here in a progress callback) fails the
+    /// unit too, with the panic's message and place.
+    #[test]
+    fn a_panic_on_the_writer_thread_is_the_units_error() {
+        struct Explodes;
+        impl Progress for Explodes {
+            fn written(&self, _: u64) {
+                panic!("progress callback exploded");
+            }
+        }
+        let unit = ties_unit();
+        let (dir, out) = out_dir();
+        let r = bounded(move || execute_unit(&unit, &out, &Explodes));
+        let e = r.expect_err("a panic is an error");
+        assert_internal(&e);
+        assert!(e.to_string().contains("progress callback exploded"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Inputs are read only as tensors of their file's own header.
+    #[test]
+    fn inputs_must_be_tensors_of_their_files_header() {
+        let unit = ties_unit();
+        let (dir, out) = out_dir();
+        let run = |u: &WorkUnit| execute_unit(u, &out, &NoProgress).unwrap_err().to_string();
+        let name = unit.tensors[0].name.clone();
+
+        // Shifted by one element: same length, not the header's range.
+        let mut u = unit.clone();
+        u.tensors[0].inputs[1].offset += 2;
+        let e = run(&u);
+        let file = &unit.tensors[0].inputs[1].location;
+        assert!(e.contains(&name) && e.contains(file.as_str()), "{e}");
+        assert!(e.contains("but the file's header has"), "{e}");
+
+        // Another tensor's name at this tensor's range.
+        let mut u = unit.clone();
+        u.tensors[0].inputs[0].name = "model.norm.weight".into();
+        assert!(run(&u).contains("but the file's header has"));
+
+        // A name the file does not have.
+        let mut u = unit.clone();
+        u.tensors[0].inputs[0].name = "exfil".into();
+        assert!(run(&u).contains("exfil") && run(&u).contains("no such tensor"));
+
+        // A file that is not a safetensors file.
+        let secret = dir.path().join("secret.txt");
+        std::fs::write(&secret, vec![b'x'; 200_000]).unwrap();
+        let mut u = unit.clone();
+        u.tensors[0].inputs[0].location = secret.to_string_lossy().into_owned();
+        let e = run(&u);
+        assert!(
+            e.contains("secret.txt") && e.contains("not a usable safetensors file"),
+            "{e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("secret.txt")]);
+    }
+
+    /// What the checks cost on a unit of 12,000 tensors from four 12,000-tensor
+    /// files (`cargo test --release -p fleetmerge-engine check_cost -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore = "a measurement"]
+    fn check_cost() {
+        use crate::methods::{ParamValue, TensorParams};
+        use crate::plan::TensorRef;
+        use std::time::Instant;
+        const N: usize = 12_000;
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..N)
+            .map(|i| {
+                format!(
+                    "model.layers.{}.mlp.experts.{}.up_proj.weight",
+                    i / 100,
+                    i % 100
+                )
+            })
+            .collect();
+        let mut files = Vec::new();
+        for m in 0..4 {
+            let mut header = serde_json::Map::new();
+            for (i, n) in names.iter().enumerate() {
+                header.insert(
+                    n.clone(),
+                    serde_json::json!({"dtype": "BF16", "shape": [64], "data_offsets": [i * 128, (i + 1) * 128]}),
+                );
+            }
+            let json = serde_json::to_vec(&header).unwrap();
+            let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&json);
+            let start = bytes.len() as u64;
+            bytes.resize(bytes.len() + N * 128, 0x3f);
+            let path = dir.path().join(format!("m{m}.safetensors"));
+            std::fs::write(&path, bytes).unwrap();
+            files.push((path.to_string_lossy().into_owned(), start));
+        }
+        let mut params = TensorParams::default();
+        params
+            .shared
+            .insert("normalize".into(), ParamValue::Bool(true));
+        params.per_input = vec![[("weight".to_string(), ParamValue::Number(0.25))].into(); 4];
+        let unit = WorkUnit {
+            format: PLAN_FORMAT,
+            id: 0,
+            file_name: "model.safetensors".into(),
+            merge_method: "linear".into(),
+            seed: 0,
+            tensors: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| OutputTensor {
+                    name: n.clone(),
+                    dtype: DType::BF16,
+                    shape: vec![64],
+                    op: TensorOp::Merge,
+                    inputs: files
+                        .iter()
+                        .enumerate()
+                        .map(|(m, (loc, start))| TensorRef {
+                            model: m,
+                            name: n.clone(),
+                            location: loc.clone(),
+                            offset: start + i as u64 * 128,
+                            len: 128,
+                            dtype: DType::BF16,
+                            shape: vec![64],
+                        })
+                        .collect(),
+                    base: None,
+                    params: params.clone(),
+                    scales: Vec::new(),
+                    block: None,
+                    requant: None,
+                })
+                .collect(),
+        };
+        let t = Instant::now();
+        unit.validate().unwrap();
+        let validate = t.elapsed();
+        let t = Instant::now();
+        let maps = read::Maps::open(&unit.tensors).unwrap();
+        inputs::check(&unit, &maps).unwrap();
+        let check = t.elapsed();
+        let (_out, out) = out_dir();
+        let t = Instant::now();
+        execute_unit(&unit, &out, &NoProgress).unwrap();
+        let whole = t.elapsed();
+        println!(
+            "{N} tensors x 4 inputs: validate {validate:?}, header check (4 headers of {N}) \
+             {check:?}, whole unit (both included) {whole:?}"
+        );
     }
 }

@@ -8,8 +8,10 @@ mod build;
 pub mod layout;
 mod resolve;
 pub mod summary;
+mod validate;
 
 pub use build::{inspect_models, plan, ModelFacts, PlanOptions};
+pub use validate::{is_shard_file_name, UnitError, MAX_NAME_LEN, MAX_RANK, MAX_UNIT_BYTES};
 
 use crate::checkpoint::CheckpointError;
 use crate::config::ConfigError;
@@ -114,7 +116,8 @@ impl OutputTensor {
     }
 }
 
-/// One output shard and everything needed to compute it.
+/// One output shard and everything needed to compute it. A unit that comes
+/// from elsewhere is checked with [`WorkUnit::validate`] before it is run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkUnit {
     pub format: u32,

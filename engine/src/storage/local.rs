@@ -30,11 +30,46 @@ fn map_err(location: &str, e: std::io::Error) -> StorageError {
     }
 }
 
+/// A FIFO, socket, device or directory where a file is expected: reading it
+/// could block forever or read without end, so it is refused (for good: another
+/// attempt will not help).
+fn not_regular(location: &str) -> StorageError {
+    StorageError::Denied {
+        location: location.to_string(),
+        message: "not a regular file (a FIFO, socket, device or directory); only regular files \
+                  are read"
+            .into(),
+    }
+}
+
+/// Opens a local file for reading if it is a regular file: checked before the
+/// open, opened with `O_NONBLOCK` (so that a FIFO or device put there in the
+/// meantime cannot block the open; it does not change reads of a regular file)
+/// and `O_NOCTTY`, and checked again on the open descriptor.
+pub(crate) fn open_regular(location: &str) -> Result<File, StorageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path_of(location);
+    let meta = fs::metadata(path).map_err(|e| map_err(location, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(location));
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| map_err(location, e))?;
+    let meta = file.metadata().map_err(|e| map_err(location, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(location));
+    }
+    Ok(file)
+}
+
 impl Storage for LocalStorage {
     fn size(&self, location: &str) -> Result<u64, StorageError> {
         let meta = fs::metadata(path_of(location)).map_err(|e| map_err(location, e))?;
         if !meta.is_file() {
-            return Err(StorageError::io(location, "not a regular file"));
+            return Err(not_regular(location));
         }
         Ok(meta.len())
     }
@@ -44,7 +79,7 @@ impl Storage for LocalStorage {
     }
 
     fn read_into(&self, location: &str, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let file = File::open(path_of(location)).map_err(|e| map_err(location, e))?;
+        let file = open_regular(location)?;
         file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == ErrorKind::UnexpectedEof {
                 let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -61,7 +96,12 @@ impl Storage for LocalStorage {
     }
 
     fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError> {
-        fs::read(path_of(location)).map_err(|e| map_err(location, e))
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        open_regular(location)?
+            .read_to_end(&mut bytes)
+            .map_err(|e| map_err(location, e))?;
+        Ok(bytes)
     }
 
     fn put(&self, location: &str, bytes: &[u8]) -> Result<(), StorageError> {
@@ -141,8 +181,9 @@ pub struct Mapped {
 }
 
 impl Mapped {
+    /// Maps `location`, which must be a regular file (see [`open_regular`]).
     pub fn open(location: &str) -> Result<Self, StorageError> {
-        let file = File::open(path_of(location)).map_err(|e| map_err(location, e))?;
+        let file = open_regular(location)?;
         let len = file.metadata().map_err(|e| map_err(location, e))?.len();
         // An empty file cannot be mapped; every range of it is out of range anyway.
         let map = if len == 0 {
@@ -516,6 +557,40 @@ mod tests {
             s.list(&dir.path().join("sub").to_string_lossy()).unwrap(),
             vec!["a.bin"]
         );
+    }
+
+    /// A FIFO (or device) where a file is expected is refused at once: opening
+    /// or reading it would wait for a writer for ever.
+    #[test]
+    fn fifos_are_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let loc = fifo.to_string_lossy().into_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let s = LocalStorage;
+            let results = [
+                Mapped::open(&loc).map(|_| ()),
+                s.read_all(&loc).map(|_| ()),
+                s.read_range(&loc, 0..8).map(|_| ()),
+                s.size(&loc).map(|_| ()),
+            ];
+            let _ = tx.send(results);
+        });
+        let results = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("reading a FIFO must not block");
+        for r in results {
+            match r {
+                Err(StorageError::Denied { message, .. }) => {
+                    assert!(message.contains("not a regular file"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

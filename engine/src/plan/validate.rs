@@ -1,0 +1,706 @@
+//! [`WorkUnit::validate`]: a work unit arriving from another process is checked
+//! the way a safetensors header is, before anything is read or written: every
+//! name, dtype, shape, length, index and parameter that the executor would
+//! otherwise trust. A unit the planner emits always passes; what fails is a unit
+//! no planner would write (a bug, or a hostile coordinator).
+//!
+//! What this does not check, because it cannot be known from the unit alone:
+//! that the inputs are what the unit says they are (the executor checks each
+//! input reference against its file's own header), and `TensorRef::model`
+//! (an index into the plan's model list, which a unit does not carry and nothing
+//! downstream uses).
+
+use super::{OutputTensor, TensorOp, TensorRef, WorkUnit, PLAN_FORMAT};
+use crate::dtype::DType;
+use crate::methods::{self, BasePolicy, ParamKind, ParamValue, Scope};
+use std::collections::HashSet;
+
+/// Longest tensor name accepted (real ones are well under 200 bytes).
+pub const MAX_NAME_LEN: usize = 1024;
+/// Most dimensions a tensor may have.
+pub const MAX_RANK: usize = 16;
+/// Most output bytes one unit may write: 1 TiB (a shard is 5 GB by default; a
+/// single tensor larger than the shard size gets a unit of its own).
+pub const MAX_UNIT_BYTES: u64 = 1 << 40;
+
+/// Why a work unit was refused: the unit, the tensor and the field concerned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid work unit {unit} ({file}): {place}{field}: {message}")]
+pub struct UnitError {
+    pub unit: usize,
+    /// The unit's file name (quoted, shortened).
+    pub file: String,
+    /// `tensor NAME: ` (quoted, shortened), or empty for a unit-level field.
+    pub place: String,
+    /// The field, e.g. `inputs[2].len`.
+    pub field: String,
+    pub message: String,
+}
+
+/// A name from an untrusted unit, for a message: quoted, escaped, cut short.
+fn quoted(s: &str) -> String {
+    let mut out: String = s.chars().take(96).collect();
+    if out.len() < s.len() {
+        out.push_str("...");
+    }
+    format!("{out:?}")
+}
+
+/// Whether `name` is a shard file name the planner writes: `model.safetensors`
+/// or `model-NNNNN-of-NNNNN.safetensors` (at least five digits each, 1 <= N <= of).
+pub fn is_shard_file_name(name: &str) -> bool {
+    if name == "model.safetensors" {
+        return true;
+    }
+    let Some(rest) = name
+        .strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+    else {
+        return false;
+    };
+    let Some((i, n)) = rest.split_once("-of-") else {
+        return false;
+    };
+    let number = |s: &str| {
+        (s.len() >= 5 && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    matches!((number(i), number(n)), (Some(i), Some(n)) if i >= 1 && i <= n)
+}
+
+/// Elements of `shape`, or `None` when the product overflows.
+fn elements(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+}
+
+/// Bytes of a `dtype` tensor of `shape`, or `None` on overflow.
+fn byte_len(dtype: DType, shape: &[u64]) -> Option<u64> {
+    elements(shape)?.checked_mul(dtype.size() as u64)
+}
+
+/// The shape of the block scales of a 2-D `shape` in `block`-sized blocks.
+fn scale_shape(shape: &[u64], block: [u64; 2]) -> Option<Vec<u64>> {
+    match shape {
+        [rows, cols] if block[0] > 0 && block[1] > 0 => {
+            Some(vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])])
+        }
+        _ => None,
+    }
+}
+
+struct Checker<'a> {
+    unit: &'a WorkUnit,
+}
+
+impl Checker<'_> {
+    fn err(&self, tensor: Option<&str>, field: &str, message: String) -> UnitError {
+        UnitError {
+            unit: self.unit.id,
+            file: quoted(&self.unit.file_name),
+            place: tensor
+                .map(|t| format!("tensor {}: ", quoted(t)))
+                .unwrap_or_default(),
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    // Field names are built only for an error (a unit has tens of thousands).
+    fn name(
+        &self,
+        tensor: Option<&str>,
+        field: impl Fn() -> String,
+        name: &str,
+    ) -> Result<(), UnitError> {
+        if name.is_empty() {
+            return Err(self.err(tensor, &field(), "empty name".into()));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(self.err(
+                tensor,
+                &field(),
+                format!(
+                    "name of {} bytes, longer than the limit of {MAX_NAME_LEN}",
+                    name.len()
+                ),
+            ));
+        }
+        if name == "__metadata__" {
+            return Err(self.err(
+                tensor,
+                &field(),
+                "__metadata__ is the safetensors header's metadata key, not a tensor name".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rank, element count and byte length of a shape of `dtype`.
+    fn shape(
+        &self,
+        tensor: &str,
+        field: impl Fn() -> String,
+        dtype: DType,
+        shape: &[u64],
+    ) -> Result<u64, UnitError> {
+        if shape.len() > MAX_RANK {
+            return Err(self.err(
+                Some(tensor),
+                &field(),
+                format!("{} dimensions, more than {MAX_RANK}", shape.len()),
+            ));
+        }
+        byte_len(dtype, shape).ok_or_else(|| {
+            self.err(
+                Some(tensor),
+                &field(),
+                format!("{shape:?} of {dtype} is too large to address (the size overflows)"),
+            )
+        })
+    }
+
+    /// One input (or scale) reference: name, shape, length, byte range.
+    fn input(&self, t: &str, field: impl Fn() -> String, r: &TensorRef) -> Result<(), UnitError> {
+        let field = |sub: &str| format!("{}.{sub}", field());
+        self.name(Some(t), || field("name"), &r.name)?;
+        if r.location.is_empty() {
+            return Err(self.err(Some(t), &field("location"), "empty".into()));
+        }
+        let bytes = self.shape(t, || field("shape"), r.dtype, &r.shape)?;
+        if r.len != bytes {
+            return Err(self.err(
+                Some(t),
+                &field("len"),
+                format!(
+                    "{} bytes, but {:?} of {} is {bytes} bytes",
+                    r.len, r.shape, r.dtype
+                ),
+            ));
+        }
+        if r.offset.checked_add(r.len).is_none() {
+            return Err(self.err(
+                Some(t),
+                &field("offset"),
+                format!("offset {} + len {} overflows", r.offset, r.len),
+            ));
+        }
+        Ok(())
+    }
+
+    fn tensor(
+        &self,
+        method: &dyn methods::MergeMethod,
+        t: &OutputTensor,
+    ) -> Result<u64, UnitError> {
+        let name = t.name.as_str();
+        let out_bytes = self.shape(name, || "shape".into(), t.dtype, &t.shape)?;
+        if t.inputs.is_empty() {
+            return Err(self.err(Some(name), "inputs", "no inputs".into()));
+        }
+        for (i, r) in t.inputs.iter().enumerate() {
+            self.input(name, || format!("inputs[{i}]"), r)?;
+        }
+        if let Some(b) = t.base {
+            if b >= t.inputs.len() {
+                return Err(self.err(
+                    Some(name),
+                    "base",
+                    format!("index {b}, but the tensor has {} inputs", t.inputs.len()),
+                ));
+            }
+        }
+        let per_input = t.params.per_input.len();
+        match t.op {
+            TensorOp::CopyIdentical => {
+                for (i, r) in t.inputs.iter().enumerate() {
+                    if r.dtype != t.dtype || r.shape != t.shape {
+                        return Err(self.err(
+                            Some(name),
+                            &format!("inputs[{i}]"),
+                            format!(
+                                "{} {:?}, but a copied tensor keeps its input's dtype and shape \
+                                 ({} {:?})",
+                                r.dtype, r.shape, t.dtype, t.shape
+                            ),
+                        ));
+                    }
+                }
+                if !t.scales.is_empty() || t.block.is_some() || t.requant.is_some() {
+                    return Err(self.err(
+                        Some(name),
+                        "op",
+                        "a copied tensor has no block scales and is not re-quantized".into(),
+                    ));
+                }
+                if per_input != 0 && per_input != t.inputs.len() {
+                    return Err(self.err(
+                        Some(name),
+                        "params.per_input",
+                        format!("{per_input} entries for {} inputs", t.inputs.len()),
+                    ));
+                }
+            }
+            TensorOp::Merge => self.merge(method, t)?,
+        }
+        Ok(out_bytes)
+    }
+
+    fn merge(&self, method: &dyn methods::MergeMethod, t: &OutputTensor) -> Result<(), UnitError> {
+        let name = t.name.as_str();
+        let n = t.inputs.len();
+        // The shape every input has: the output's, or the re-quantized weight's.
+        let merged_shape: &[u64] = match &t.requant {
+            None => {
+                if !t.dtype.is_float() {
+                    return Err(self.err(
+                        Some(name),
+                        "dtype",
+                        format!(
+                            "{}: a merged tensor is written as BF16, F16, F32 or F64",
+                            t.dtype
+                        ),
+                    ));
+                }
+                &t.shape
+            }
+            Some(rq) => {
+                self.name(Some(name), || "requant.weight".into(), &rq.weight)?;
+                self.shape(
+                    name,
+                    || "requant.weight_shape".into(),
+                    DType::F32,
+                    &rq.weight_shape,
+                )?;
+                let Some(scales) = scale_shape(&rq.weight_shape, rq.block) else {
+                    return Err(self.err(
+                        Some(name),
+                        "requant",
+                        format!(
+                            "weight shape {:?} in blocks {:?}: re-quantized weights are 2-D \
+                             with non-zero blocks",
+                            rq.weight_shape, rq.block
+                        ),
+                    ));
+                };
+                let (want_dtype, want_shape) = if rq.scales {
+                    (DType::F32, scales)
+                } else {
+                    (DType::F8_E4M3, rq.weight_shape.clone())
+                };
+                if t.dtype != want_dtype || t.shape != want_shape {
+                    return Err(self.err(
+                        Some(name),
+                        "requant",
+                        format!(
+                            "output {} {:?}, but the {} of a {:?} weight in {:?} blocks are {} \
+                             {:?}",
+                            t.dtype,
+                            t.shape,
+                            if rq.scales { "scales" } else { "E4M3 values" },
+                            rq.weight_shape,
+                            rq.block,
+                            want_dtype,
+                            want_shape
+                        ),
+                    ));
+                }
+                &rq.weight_shape
+            }
+        };
+        for (i, r) in t.inputs.iter().enumerate() {
+            if !(r.dtype.is_float() || r.dtype.is_fp8()) {
+                return Err(self.err(
+                    Some(name),
+                    &format!("inputs[{i}].dtype"),
+                    format!("{}: merged inputs are floating-point", r.dtype),
+                ));
+            }
+            if r.shape != merged_shape {
+                return Err(self.err(
+                    Some(name),
+                    &format!("inputs[{i}].shape"),
+                    format!("{:?}, but the tensor merges {merged_shape:?}", r.shape),
+                ));
+            }
+        }
+        if !t.scales.is_empty() {
+            if t.scales.len() != n {
+                return Err(self.err(
+                    Some(name),
+                    "scales",
+                    format!("{} entries for {n} inputs", t.scales.len()),
+                ));
+            }
+            let Some(block) = t.block.filter(|b| b[0] > 0 && b[1] > 0) else {
+                return Err(self.err(
+                    Some(name),
+                    "block",
+                    format!(
+                        "{:?}: block-scaled inputs need a non-zero block size",
+                        t.block
+                    ),
+                ));
+            };
+            for (i, s) in t.scales.iter().enumerate() {
+                let Some(s) = s else { continue };
+                let field = format!("scales[{i}]");
+                self.input(name, || field.clone(), s)?;
+                let r = &t.inputs[i];
+                let want = scale_shape(&r.shape, block).filter(|_| r.dtype.is_fp8());
+                if want.as_ref() != Some(&s.shape) || !s.dtype.is_float() {
+                    return Err(self.err(
+                        Some(name),
+                        &field,
+                        format!(
+                            "{} {:?}, but the block scales of a {} {:?} input in {block:?} \
+                             blocks are {}",
+                            s.dtype,
+                            s.shape,
+                            r.dtype,
+                            r.shape,
+                            match want {
+                                Some(w) => format!("floats of shape {w:?}"),
+                                None =>
+                                    "not possible (only 2-D FP8 weights are block-scaled)".into(),
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+        // The method's input contract and parameters, as the planner checks them.
+        let spec = method.spec();
+        let base_ok = match spec.base {
+            BasePolicy::Required => t.base.is_some(),
+            BasePolicy::Ignored => t.base.is_none(),
+            BasePolicy::Optional => true,
+        };
+        if !base_ok {
+            return Err(self.err(
+                Some(name),
+                "base",
+                format!("{:?} does not fit merge method {}", t.base, spec.name),
+            ));
+        }
+        let non_base = n - usize::from(t.base.is_some());
+        if n < spec.min_inputs
+            || spec.max_inputs.is_some_and(|m| n > m)
+            || non_base < spec.min_non_base
+            || spec.max_non_base.is_some_and(|m| non_base > m)
+        {
+            return Err(self.err(
+                Some(name),
+                "inputs",
+                format!(
+                    "{n} inputs ({non_base} besides the base) do not fit merge method {}",
+                    spec.name
+                ),
+            ));
+        }
+        if t.params.per_input.len() != n {
+            return Err(self.err(
+                Some(name),
+                "params.per_input",
+                format!("{} entries for {n} inputs", t.params.per_input.len()),
+            ));
+        }
+        let check = |field: &dyn Fn() -> String, key: &str, v: &ParamValue, shared: bool| {
+            let p = spec
+                .param(key)
+                .filter(|p| (p.scope == Scope::Shared) == shared);
+            let ok = match (p.map(|p| p.kind), v) {
+                (None, _) => {
+                    return Err(self.err(
+                        Some(name),
+                        &field(),
+                        format!(
+                            "not a {} parameter of {}",
+                            if shared { "shared" } else { "per-model" },
+                            spec.name
+                        ),
+                    ))
+                }
+                (Some(ParamKind::Bool), ParamValue::Bool(_)) => true,
+                (Some(ParamKind::Number { min, max }), ParamValue::Number(x)) => {
+                    x.is_finite() && *x >= min && *x <= max
+                }
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(self.err(Some(name), &field(), format!("{v:?} is not a valid value")))
+            }
+        };
+        for (k, v) in &t.params.shared {
+            check(&|| format!("params.shared.{}", quoted(k)), k, v, true)?;
+        }
+        for (i, m) in t.params.per_input.iter().enumerate() {
+            for (k, v) in m {
+                check(
+                    &|| format!("params.per_input[{i}].{}", quoted(k)),
+                    k,
+                    v,
+                    false,
+                )?;
+            }
+        }
+        method
+            .validate(&t.params, t.base)
+            .map_err(|p| self.err(Some(name), "params", p.message))
+    }
+}
+
+impl WorkUnit {
+    /// Checks everything about the unit that can be checked without reading its
+    /// inputs (see the module documentation of `plan::validate`). Every worker
+    /// runs this before it reads or writes anything.
+    pub fn validate(&self) -> Result<(), UnitError> {
+        let c = Checker { unit: self };
+        if self.format != PLAN_FORMAT {
+            return Err(c.err(
+                None,
+                "format",
+                format!(
+                    "plan format {}, this build reads format {PLAN_FORMAT}",
+                    self.format
+                ),
+            ));
+        }
+        if !is_shard_file_name(&self.file_name) {
+            return Err(c.err(
+                None,
+                "file_name",
+                "a shard is written as model.safetensors or model-NNNNN-of-NNNNN.safetensors \
+                 inside the output folder"
+                    .into(),
+            ));
+        }
+        let method = methods::get(&self.merge_method).ok_or_else(|| {
+            c.err(
+                None,
+                "merge_method",
+                format!(
+                    "{} is not a merge method this build knows",
+                    quoted(&self.merge_method)
+                ),
+            )
+        })?;
+        let mut names = HashSet::with_capacity(self.tensors.len());
+        let mut total = 0u64;
+        for t in &self.tensors {
+            c.name(Some(&t.name), || "name".into(), &t.name)?;
+            if !names.insert(t.name.as_str()) {
+                return Err(c.err(
+                    Some(&t.name),
+                    "name",
+                    "two output tensors have this name".into(),
+                ));
+            }
+            let bytes = c.tensor(method, t)?;
+            total = total.saturating_add(bytes);
+            if total > MAX_UNIT_BYTES {
+                return Err(c.err(
+                    Some(&t.name),
+                    "shape",
+                    format!("the unit's output exceeds {MAX_UNIT_BYTES} bytes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MergeConfig;
+    use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
+    use std::path::PathBuf;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    fn plan_case(case: &str, shard: u64) -> crate::plan::Plan {
+        let path = root()
+            .join("tests/fixtures/cases")
+            .join(case)
+            .join("config.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
+        plan(
+            &cfg,
+            &PlanOptions {
+                out_shard_size: shard,
+                seed: 7,
+                allow_crimes: false,
+                keep_fp8: false,
+                base_dir: root().join("examples"),
+            },
+        )
+        .unwrap()
+    }
+
+    /// Every unit the planner writes for the conformance cases passes (one
+    /// shard, and many small ones).
+    #[test]
+    fn planned_units_are_valid() {
+        let cases = std::fs::read_dir(root().join("tests/fixtures/cases")).unwrap();
+        let mut checked = 0;
+        for case in cases {
+            let case = case.unwrap().file_name().to_string_lossy().into_owned();
+            if case.starts_with("err_") || case.ends_with(".json") {
+                continue;
+            }
+            for shard in [DEFAULT_SHARD_SIZE, 100_000] {
+                for u in plan_case(&case, shard).units {
+                    u.validate().unwrap_or_else(|e| panic!("{case}: {e}"));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 40, "{checked} units");
+    }
+
+    fn ties_unit() -> WorkUnit {
+        plan_case("ties", DEFAULT_SHARD_SIZE).units.remove(0)
+    }
+
+    /// One mutation per rule: the error names the tensor and the field.
+    #[test]
+    fn each_rule_refuses_with_the_tensor_and_field() {
+        type Mutation = fn(&mut WorkUnit);
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            ("format", "plan format 2", |u| u.format = 2),
+            ("file_name", "file_name", |u| {
+                u.file_name = "../x.safetensors".into()
+            }),
+            ("file_name", "file_name", |u| {
+                u.file_name = "/etc/model.safetensors".into()
+            }),
+            ("file_name", "file_name", |u| {
+                u.file_name = "model-00002-of-00001.safetensors".into()
+            }),
+            ("method", "merge_method", |u| u.merge_method = "nope".into()),
+            ("empty name", "name: empty", |u| u.tensors[0].name.clear()),
+            ("long name", "longer than", |u| {
+                u.tensors[0].name = "x".repeat(2000)
+            }),
+            ("metadata", "__metadata__", |u| {
+                u.tensors[1].name = "__metadata__".into()
+            }),
+            ("duplicate", "two output tensors", |u| {
+                u.tensors[1].name = u.tensors[0].name.clone()
+            }),
+            ("rank", "dimensions", |u| u.tensors[0].shape = vec![1; 17]),
+            ("overflow", "overflows", |u| {
+                u.tensors[0].shape = vec![1 << 32, 1 << 32]
+            }),
+            ("out dtype", "dtype: I64", |u| {
+                u.tensors[0].dtype = DType::I64
+            }),
+            ("copy dtype", "keeps its input", |u| {
+                u.tensors[0].op = TensorOp::CopyIdentical;
+                u.tensors[0].dtype = DType::F32;
+            }),
+            ("no inputs", "no inputs", |u| u.tensors[0].inputs.clear()),
+            ("input len", "inputs[1].len", |u| {
+                u.tensors[0].inputs[1].len -= 2
+            }),
+            ("input dtype", "inputs[0].len", |u| {
+                u.tensors[0].inputs[0].dtype = DType::F32
+            }),
+            ("input int", "inputs[0].dtype", |u| {
+                let r = &mut u.tensors[0].inputs[0];
+                r.dtype = DType::I16;
+            }),
+            ("input shape", "inputs[2].shape", |u| {
+                let r = &mut u.tensors[0].inputs[2];
+                r.shape = vec![r.len / 2];
+            }),
+            ("input range", "offset", |u| {
+                u.tensors[0].inputs[0].offset = u64::MAX - 1
+            }),
+            ("input name", "inputs[0].name", |u| {
+                u.tensors[0].inputs[0].name.clear()
+            }),
+            ("base", "index 9", |u| u.tensors[0].base = Some(9)),
+            ("base policy", "does not fit", |u| u.tensors[0].base = None),
+            ("per_input", "params.per_input", |u| {
+                u.tensors[0].params.per_input.pop();
+            }),
+            ("param name", "not a per-model parameter", |u| {
+                u.tensors[0].params.per_input[0]
+                    .insert("lambda".into(), crate::methods::ParamValue::Number(1.0));
+            }),
+            ("param value", "not a valid value", |u| {
+                u.tensors[0].params.per_input[0].insert(
+                    "density".into(),
+                    crate::methods::ParamValue::Number(f64::NAN),
+                );
+            }),
+            ("param kind", "not a valid value", |u| {
+                u.tensors[0]
+                    .params
+                    .shared
+                    .insert("normalize".into(), crate::methods::ParamValue::Number(1.0));
+            }),
+            ("scales", "scales", |u| u.tensors[0].scales = vec![None]),
+            ("requant", "requant", |u| {
+                u.tensors[0].requant = Some(crate::plan::Requant {
+                    block: [128, 128],
+                    weight: u.tensors[0].name.clone(),
+                    weight_shape: u.tensors[0].shape.clone(),
+                    scales: true,
+                })
+            }),
+            ("total", "exceeds", |u| {
+                // Consistent, but 2 TiB.
+                let t = &mut u.tensors[0];
+                t.shape = vec![1 << 40];
+                for r in &mut t.inputs {
+                    r.shape = vec![1 << 40];
+                    r.len = 2 << 40;
+                }
+            }),
+        ];
+        let base = ties_unit();
+        base.validate().unwrap();
+        for (what, expect, mutate) in cases {
+            let mut u = base.clone();
+            mutate(&mut u);
+            let e = u.validate().expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert!(e.starts_with("invalid work unit 0 "), "{what}: {e}");
+            if !matches!(what, "format" | "file_name" | "method") {
+                assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn shard_names() {
+        for ok in [
+            "model.safetensors",
+            "model-00001-of-00004.safetensors",
+            "model-00004-of-00004.safetensors",
+            "model-123456-of-200000.safetensors",
+        ] {
+            assert!(is_shard_file_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "x.safetensors",
+            "model-0001-of-00004.safetensors",
+            "model-00000-of-00004.safetensors",
+            "model-00001-of-00004.safetensors/..",
+            "sub/model.safetensors",
+            "model-00001-of-0000a.safetensors",
+            ".model.safetensors",
+        ] {
+            assert!(!is_shard_file_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Where a cluster worker may read and write (`fleetmerge worker --allow-path`).
+//!
+//! The coordinator names every input location and the output folder of a unit;
+//! a worker does not take them on trust:
+//!
+//! - `out_dir` must be an absolute local path or an object-store URL (an empty
+//!   or relative one would write at the filesystem root or in the worker's
+//!   working directory).
+//! - Local paths are resolved (symlinks followed, `.` and `..` removed) before
+//!   any check, and the unit is run on the resolved paths; object-store URLs
+//!   with `.` or `..` segments are refused.
+//! - With `--allow-path PREFIX` (repeatable; local path prefixes or URL
+//!   prefixes, matched a path segment at a time), every input must lie under one
+//!   of the prefixes, and so must the output folder.
+//! - Without it, the worker writes only into the first output folder the
+//!   coordinator gave it (a lease for another folder is refused) and reads any
+//!   input that passes the executor's header check (a tensor of a safetensors
+//!   file's own header).
+
+use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::storage;
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+/// A location after resolution: a local path or an object-store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    Local(PathBuf),
+    Url(String),
+}
+
+impl Place {
+    fn to_location(&self) -> String {
+        match self {
+            Place::Local(p) => p.to_string_lossy().into_owned(),
+            Place::Url(u) => u.clone(),
+        }
+    }
+
+    fn is_under(&self, prefix: &Place) -> bool {
+        match (self, prefix) {
+            (Place::Local(p), Place::Local(q)) => p.starts_with(q),
+            (Place::Url(u), Place::Url(q)) => {
+                let q = q.trim_end_matches('/');
+                u == q || u.strip_prefix(q).is_some_and(|rest| rest.starts_with('/'))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Resolves `location` (what a unit or the command line names): a URL is kept
+/// (without a trailing `/`) unless it has `.` or `..` segments; a local path
+/// must be absolute and is resolved through its existing part (symlinks
+/// followed); the part that does not exist yet must be plain names.
+fn resolve(location: &str) -> Result<Place, String> {
+    if location.is_empty() {
+        return Err("empty location".into());
+    }
+    if storage::is_url(location) {
+        let path = location.split_once("://").map_or("", |(_, p)| p);
+        if path.split('/').any(|s| s == "." || s == "..") {
+            return Err(format!(
+                "{location:?}: an object-store location with . or .. segments"
+            ));
+        }
+        return Ok(Place::Url(location.trim_end_matches('/').to_string()));
+    }
+    let path = Path::new(location.strip_prefix("file://").unwrap_or(location));
+    if !path.is_absolute() {
+        return Err(format!(
+            "{location:?} is not an absolute path (a relative one would be resolved against \
+             the worker's working directory)"
+        ));
+    }
+    // The longest existing ancestor, resolved; then the rest, which must be names.
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(real) => {
+                let mut out = real;
+                for name in rest.iter().rev() {
+                    out.push(name);
+                }
+                return Ok(Place::Local(out));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(Component::Normal(name)) = existing.components().next_back() else {
+                    return Err(format!(
+                        "{location:?}: cannot resolve a path that does not exist and ends in \
+                         . or .."
+                    ));
+                };
+                rest.push(name.to_os_string());
+                if !existing.pop() {
+                    return Err(format!("{location:?}: cannot be resolved"));
+                }
+            }
+            Err(e) => return Err(format!("{location:?}: cannot be resolved: {e}")),
+        }
+    }
+}
+
+/// The read/write policy of one worker process.
+#[derive(Debug, Default)]
+pub struct PathPolicy {
+    allow: Vec<Place>,
+    /// Without `--allow-path`: the output folder of the first lease.
+    pinned: Mutex<Option<Place>>,
+}
+
+impl PathPolicy {
+    /// The policy for `--allow-path` values `allow` (none: see the module docs).
+    pub fn new(allow: &[String]) -> Result<Self, String> {
+        let allow = allow
+            .iter()
+            .map(|p| resolve(p).map_err(|e| format!("--allow-path {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(PathPolicy {
+            allow,
+            pinned: Mutex::new(None),
+        })
+    }
+
+    fn allowed(&self, place: &Place) -> bool {
+        self.allow.iter().any(|p| place.is_under(p))
+    }
+
+    fn allowed_list(&self) -> String {
+        self.allow
+            .iter()
+            .map(Place::to_location)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks where `unit` reads and where it writes (`out_dir`), rewriting its
+    /// local input locations to their resolved paths. Returns the resolved
+    /// output folder to write into.
+    pub fn admit(&self, unit: &mut WorkUnit, out_dir: &str) -> Result<String, String> {
+        let out = resolve(out_dir).map_err(|e| format!("refusing output folder: {e}"))?;
+        if !self.allow.is_empty() {
+            if !self.allowed(&out) {
+                return Err(format!(
+                    "refusing output folder {out_dir:?}: not under an --allow-path ({})",
+                    self.allowed_list()
+                ));
+            }
+        } else {
+            let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+            match &*pinned {
+                None => *pinned = Some(out.clone()),
+                Some(first) if *first == out => {}
+                Some(first) => {
+                    return Err(format!(
+                        "refusing output folder {out_dir:?}: this worker writes only into \
+                         {:?}, the first output folder of this session (start the worker with \
+                         --allow-path to allow others)",
+                        first.to_location()
+                    ))
+                }
+            }
+        }
+        let mut resolved: HashMap<String, String> = HashMap::new();
+        for t in &mut unit.tensors {
+            let refs = t.inputs.iter_mut().chain(t.scales.iter_mut().flatten());
+            for r in refs {
+                if let Some(real) = resolved.get(&r.location) {
+                    r.location = real.clone();
+                    continue;
+                }
+                let place = resolve(&r.location)
+                    .map_err(|e| format!("refusing input {} of {}: {e}", r.name, t.name))?;
+                if !self.allow.is_empty() && !self.allowed(&place) {
+                    return Err(format!(
+                        "refusing input {} of {}: {:?} is not under an --allow-path ({})",
+                        r.name,
+                        t.name,
+                        place.to_location(),
+                        self.allowed_list()
+                    ));
+                }
+                let real = place.to_location();
+                resolved.insert(r.location.clone(), real.clone());
+                r.location = real;
+            }
+        }
+        Ok(out.to_location())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_through_symlinks_and_prefixes_match_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(real.join("allowed/sub")).unwrap();
+        std::fs::create_dir_all(real.join("other")).unwrap();
+        std::os::unix::fs::symlink(real.join("other"), real.join("allowed/link")).unwrap();
+        let s = |p: PathBuf| p.to_string_lossy().into_owned();
+        let allowed = resolve(&s(real.join("allowed"))).unwrap();
+        let under = |p: PathBuf| resolve(&s(p)).unwrap().is_under(&allowed);
+        assert!(under(real.join("allowed/sub/x.safetensors")));
+        assert!(under(real.join("allowed/new/dir")), "not yet existing");
+        assert!(!under(real.join("allowed/link/x")), "a symlink out");
+        assert!(!under(real.join("allowed/../other/x")));
+        assert!(!under(real.join("allowedX/x")), "a whole segment");
+        assert!(resolve("relative/out").is_err());
+        assert!(resolve("").is_err());
+        let url = resolve("s3://bucket/models/").unwrap();
+        assert!(resolve("s3://bucket/models/a/b").unwrap().is_under(&url));
+        assert!(!resolve("s3://bucket/modelsX/a").unwrap().is_under(&url));
+        assert!(resolve("s3://bucket/models/../secret").is_err());
+    }
+}
