@@ -155,18 +155,7 @@ fn three_workers_write_what_run_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (config, cwd) = (fixture("ties").join("config.yaml"), examples());
     let reference = dir.path().join("reference");
-    let o = fleetmerge(
-        &cwd,
-        &[
-            "run",
-            config.to_str().unwrap(),
-            reference.to_str().unwrap(),
-            "--quiet",
-            "--out-shard-size",
-            "100K",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_case("ties", &reference, "100K");
     let token = dir.path().join("token");
     std::fs::write(&token, "a-shared-secret\n").unwrap();
 

@@ -43,21 +43,7 @@ fn start_coordinator(cwd: &Path, config: &Path, out: &Path, extra: &[&str]) -> (
 }
 
 fn start_worker(name: &str, addr: &str) -> Proc {
-    let url = format!("http://{addr}");
-    Proc::start(
-        name,
-        Path::new("."),
-        &[
-            "worker",
-            "--coordinator",
-            &url,
-            "--worker-id",
-            name,
-            "--threads",
-            "1",
-        ],
-        &[("FLEETMERGE_TOKEN", TOKEN)],
-    )
+    local_worker(name, addr, &[("FLEETMERGE_TOKEN", TOKEN)])
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -176,18 +162,7 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     let dir = tempfile::tempdir().unwrap();
     let (config, cwd) = (fixture("ties").join("config.yaml"), examples());
     let reference = dir.path().join("reference");
-    let o = fleetmerge(
-        &cwd,
-        &[
-            "run",
-            config.to_str().unwrap(),
-            reference.to_str().unwrap(),
-            "--quiet",
-            "--out-shard-size",
-            "100K",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_case("ties", &reference, "100K");
     let out = dir.path().join("out");
     // Long leases: none expires while the test holds it, however slow.
     let (mut coordinator, addr) = start_coordinator(

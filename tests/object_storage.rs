@@ -446,21 +446,7 @@ fn coordinator(
 }
 
 fn worker(name: &str, addr: &str, env: &[(&str, &str)]) -> Proc {
-    let url = format!("http://{addr}");
-    Proc::start(
-        name,
-        Path::new("."),
-        &[
-            "worker",
-            "--coordinator",
-            &url,
-            "--worker-id",
-            name,
-            "--threads",
-            "1",
-        ],
-        env,
-    )
+    local_worker(name, addr, env)
 }
 
 #[test]

@@ -352,3 +352,21 @@ pub fn ties_config(density: f64) -> String {
          parameters: {{weight: 0.5, density: {density}}}\nmerge_method: ties\nbase_model: base\n"
     )
 }
+
+/// `fleetmerge run` of a kit case (from the example models) into `out` with
+/// `--out-shard-size shard`; the run must succeed.
+pub fn run_case(case: &str, out: &Path, shard: &str) {
+    let config = fixture(case).join("config.yaml");
+    let o = fleetmerge(
+        &examples(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            shard,
+        ],
+    );
+    assert!(o.status.success(), "{case}: {}", stderr(&o));
+}

@@ -171,3 +171,23 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A one-thread `fleetmerge worker NAME` for the coordinator at `addr`
+/// (plain http on loopback) with `env` (its token, storage settings).
+pub fn local_worker(name: &str, addr: &str, env: &[(&str, &str)]) -> Proc {
+    let url = format!("http://{addr}");
+    Proc::start(
+        name,
+        Path::new("."),
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--worker-id",
+            name,
+            "--threads",
+            "1",
+        ],
+        env,
+    )
+}

@@ -241,17 +241,7 @@ fn run_unit(
     limits: &ExecLimits,
     device: &Device,
 ) -> Result<UnitOutput, ExecError> {
-    if unit.format != PLAN_FORMAT {
-        return Err(ExecError::Format {
-            unit: unit.id,
-            found: unit.format,
-            expected: PLAN_FORMAT,
-        });
-    }
-    let method = methods::get(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
-        unit: unit.id,
-        method: unit.merge_method.clone(),
-    })?;
+    let method = unit_method(unit)?;
     let layout = ShardLayout::new(
         &unit
             .tensors
@@ -413,17 +403,7 @@ fn run_unit(
 /// other tensors of the unit, so this is how a coordinator spot-checks a
 /// worker's shard without recomputing the whole unit.
 pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecError> {
-    if unit.format != PLAN_FORMAT {
-        return Err(ExecError::Format {
-            unit: unit.id,
-            found: unit.format,
-            expected: PLAN_FORMAT,
-        });
-    }
-    let method = methods::get(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
-        unit: unit.id,
-        method: unit.merge_method.clone(),
-    })?;
+    let method = unit_method(unit)?;
     let Some(tensors) = unit.tensors.get(index..index + 1) else {
         return Ok(Vec::new());
     };
@@ -441,6 +421,22 @@ pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecErro
         &Device::Cpu,
     )?;
     Ok(out)
+}
+
+/// The method of a unit this build can execute: its plan format must be this
+/// build's and its method known.
+fn unit_method(unit: &WorkUnit) -> Result<&'static dyn methods::MergeMethod, ExecError> {
+    if unit.format != PLAN_FORMAT {
+        return Err(ExecError::Format {
+            unit: unit.id,
+            found: unit.format,
+            expected: PLAN_FORMAT,
+        });
+    }
+    methods::get(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
+        unit: unit.id,
+        method: unit.merge_method.clone(),
+    })
 }
 
 /// Computes a window's tensors in parallel, each into its slice of `out`.
