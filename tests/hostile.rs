@@ -6,7 +6,6 @@
 mod common;
 use common::procs::*;
 use common::*;
-use fleetmerge_engine::output::ShardLayout;
 use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_proto::*;
 use fleetmerge_worker::remote::{connect, Client};
@@ -143,16 +142,6 @@ fn assert_refused(e: &tonic::Status, code: Code, words: &[&str]) {
     }
 }
 
-fn layout(unit: &WorkUnit) -> ShardLayout {
-    ShardLayout::new(
-        &unit
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-            .collect::<Vec<_>>(),
-    )
-}
-
 /// Items 9 and 10 of issue 16: a completion must name a lease of the caller's
 /// session and a shard that matches the plan; another session can neither
 /// extend, fail nor complete a lease; unknown sessions and old protocol
@@ -255,14 +244,14 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     );
     // 2. a random file of the right size
     let (lease2, unit2, _) = lease(&rt, &c, &a);
-    let l2 = layout(&unit2);
+    let l2 = unit2.layout();
     let noise: Vec<u8> = (0..l2.file_size).map(|i| (i * 7919 % 251) as u8).collect();
     std::fs::write(out.join(&unit2.file_name), &noise).unwrap();
     let e = complete(&rt, &c, completion(&a, lease2, &unit2, &noise));
     assert_refused(&e, Code::FailedPrecondition, &["rejected", "header"]);
     // 3. the plan's header over garbage data
     let (lease3, unit3, _) = lease(&rt, &c, &a);
-    let l3 = layout(&unit3);
+    let l3 = unit3.layout();
     let mut garbage = l3.header.clone();
     garbage.resize(l3.file_size as usize, 0x7b);
     std::fs::write(out.join(&unit3.file_name), &garbage).unwrap();
@@ -274,7 +263,7 @@ fn completions_and_leases_are_checked_against_sessions_and_the_plan() {
     );
     // 4. a size that is not the plan's
     let (lease4, unit4, _) = lease(&rt, &c, &a);
-    let mut short = layout(&unit4).header;
+    let mut short = unit4.layout().header;
     short.extend_from_slice(&[0; 16]);
     std::fs::write(out.join(&unit4.file_name), &short).unwrap();
     let e = complete(&rt, &c, completion(&a, lease4, &unit4, &short));

@@ -34,17 +34,6 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// The layout the plan implies for `unit`'s shard.
-pub fn layout(unit: &WorkUnit) -> ShardLayout {
-    ShardLayout::new(
-        &unit
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-            .collect::<Vec<_>>(),
-    )
-}
-
 /// Checks the shard of `unit` in `out_dir` against the plan and the worker's
 /// report (`size`, `sha256`); `pick` chooses the tensor recomputed. Returns
 /// the unit's output record.
@@ -55,7 +44,7 @@ pub fn check_shard(
     sha256: &str,
     pick: u64,
 ) -> Result<UnitOutput, String> {
-    let layout = layout(unit);
+    let layout = unit.layout();
     if size != layout.file_size {
         return Err(format!(
             "the worker reported {size} bytes, but unit {}'s shard has {} (header and data)",

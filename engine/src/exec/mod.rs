@@ -18,7 +18,6 @@ pub use device::Device;
 use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
-use crate::output::ShardLayout;
 use crate::plan::{OutputTensor, TensorOp, UnitError, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};
 use rayon::prelude::*;
@@ -242,13 +241,7 @@ fn run_unit(
     device: &Device,
 ) -> Result<UnitOutput, ExecError> {
     let method = unit_method(unit)?;
-    let layout = ShardLayout::new(
-        &unit
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let layout = unit.layout();
     let maps = read::Maps::open(&unit.tensors)?;
     inputs::check(unit, &maps)?;
     let windows = read::windows(&unit.tensors, limits.window_bytes);

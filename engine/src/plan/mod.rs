@@ -130,6 +130,18 @@ pub struct WorkUnit {
 }
 
 impl WorkUnit {
+    /// The byte layout of the unit's shard: its tensors in order, as the
+    /// executor writes it and the coordinator expects to find it.
+    pub fn layout(&self) -> crate::output::ShardLayout {
+        crate::output::ShardLayout::new(
+            &self
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
     /// Bytes of tensor data in the shard.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(OutputTensor::byte_len).sum()
