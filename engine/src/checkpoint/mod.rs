@@ -5,6 +5,7 @@ mod model;
 mod safetensors;
 
 pub use model::{read_index, Checkpoint, Index, TensorLocation};
+pub(crate) use safetensors::check_header_len;
 pub use safetensors::{parse_header, read_header, SafetensorsHeader, TensorInfo, MAX_HEADER_LEN};
 
 use crate::dtype::DType;

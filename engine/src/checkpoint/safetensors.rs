@@ -150,7 +150,13 @@ pub(crate) fn short(value: &Value) -> String {
     }
 }
 
-fn check_header_len(location: &str, file_size: u64, len: u64) -> Result<(), CheckpointError> {
+/// The header length field of a file of `file_size` bytes: not zero, within
+/// [`MAX_HEADER_LEN`], and inside the file.
+pub(crate) fn check_header_len(
+    location: &str,
+    file_size: u64,
+    len: u64,
+) -> Result<(), CheckpointError> {
     if len == 0 {
         return Err(CheckpointError::HeaderEmpty {
             location: location.to_string(),

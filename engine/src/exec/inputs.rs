@@ -37,25 +37,8 @@ fn local_header(
         .try_into()
         .map_err(|_| StorageError::io(location, "reading the header length"))?;
     let len = u64::from_le_bytes(len_bytes);
-    let location = location.to_string();
-    if len == 0 {
-        return Err(CheckpointError::HeaderEmpty { location });
-    }
-    if len > checkpoint::MAX_HEADER_LEN {
-        return Err(CheckpointError::HeaderTooLarge {
-            location,
-            len,
-            limit: checkpoint::MAX_HEADER_LEN,
-        });
-    }
-    if len > size - 8 {
-        return Err(CheckpointError::HeaderPastEnd {
-            location,
-            len,
-            file_size: size,
-        });
-    }
-    let header = checkpoint::parse_header(&location, size, map.bytes(8..8 + len)?);
+    checkpoint::check_header_len(location, size, len)?;
+    let header = checkpoint::parse_header(location, size, map.bytes(8..8 + len)?);
     map.release(0..8 + len);
     header
 }
