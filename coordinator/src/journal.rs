@@ -173,9 +173,12 @@ pub fn fingerprint(plan: &Plan) -> Result<String, StorageError> {
 impl Journal {
     /// Opens (or starts) the journal of `plan` in `out_dir`. With `restart`, an
     /// earlier journal is discarded; otherwise a journal of a different merge is
-    /// an error, and a matching one tells what is already done.
+    /// an error, and a matching one tells what is already done. `earlier` is
+    /// the plan the folder's journal records ([`read_plan`]): when this merge
+    /// replaces it, its finished markers and shards are removed first.
     pub fn open(
         plan: &Plan,
+        earlier: Option<&Plan>,
         out_dir: &str,
         restart: bool,
     ) -> Result<(Journal, Resume), JournalError> {
@@ -212,7 +215,9 @@ impl Journal {
                 })
             }
             _ => {
-                journal.retire_earlier()?;
+                if let Some(earlier) = earlier {
+                    journal.retire_earlier(earlier)?;
+                }
                 journal.clear()?;
                 let plan_json =
                     serde_json::to_vec_pretty(plan).map_err(|e| StorageError::io("plan", e))?;
@@ -240,10 +245,7 @@ impl Journal {
     /// merge in this folder as finished (the final marker, the index, the model
     /// card), then the shards its plan names, and nothing else (a user's file
     /// named like a shard stays).
-    fn retire_earlier(&self) -> Result<(), JournalError> {
-        let Some(earlier) = read_plan(self.store.as_ref(), &self.out_dir)? else {
-            return Ok(());
-        };
+    fn retire_earlier(&self, earlier: &Plan) -> Result<(), StorageError> {
         self.store.delete(&self.path(DONE))?;
         for name in ["model.safetensors.index.json", "README.md"] {
             self.store.delete(&self.store.join(&self.out_dir, name))?;

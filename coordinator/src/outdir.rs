@@ -29,8 +29,7 @@ use std::time::Duration;
 pub const JOURNAL_DIR: &str = ".fleetmerge";
 const LOCK: &str = "lock";
 
-/// Files that a merge writes besides its shards (the tokenizer's are added by
-/// the donor's, see `engine::output::tokenizer`).
+/// Files that a merge writes besides its shards and the donor's tokenizer files.
 const SIDE_FILES: &[&str] = &[
     "model.safetensors.index.json",
     "config.json",
@@ -102,8 +101,11 @@ pub fn claim(plan: &Plan, out_dir: &str, restart: bool) -> Result<Claimed, OutDi
         }
         e
     };
-    check_ownership(store.as_ref(), plan, out_dir).map_err(refused)?;
-    let (journal, resume) = Journal::open(plan, out_dir, restart)?;
+    // The earlier merge's plan, read once: what it wrote, and what a new merge
+    // removes of it.
+    let earlier = crate::journal::read_plan(store.as_ref(), out_dir)?;
+    check_ownership(store.as_ref(), plan, earlier.as_ref(), out_dir).map_err(refused)?;
+    let (journal, resume) = Journal::open(plan, earlier.as_ref(), out_dir, restart)?;
     Ok(Claimed {
         journal,
         resume,
@@ -230,25 +232,25 @@ pub fn check_disjoint(plan: &Plan, out_dir: &str) -> Result<(), OutDirError> {
     Ok(())
 }
 
-/// What the earlier merge in `out_dir` wrote, from its journal's plan: its
-/// shards and side files. `None` when the folder has no journal.
-fn earlier_files(store: &dyn Storage, out_dir: &str) -> Result<Option<Vec<String>>, OutDirError> {
-    let Some(plan) = crate::journal::read_plan(store, out_dir)? else {
-        return Ok(None);
-    };
-    let mut files: Vec<String> = plan.units.iter().map(|u| u.file_name.clone()).collect();
-    files.extend(SIDE_FILES.iter().map(|s| s.to_string()));
-    files.extend(
-        fleetmerge_engine::output::TOKENIZER_FILES
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    Ok(Some(files))
+/// What the earlier merge (`earlier`, its journal's plan) wrote that a new
+/// merge may write again: its shards and side files.
+fn earlier_files(earlier: &Plan) -> Vec<&str> {
+    earlier
+        .units
+        .iter()
+        .map(|u| u.file_name.as_str())
+        .chain(SIDE_FILES.iter().copied())
+        .collect()
 }
 
 /// Refuses a folder with files no fleetmerge merge wrote, and files this merge
 /// would write over that the earlier merge did not write.
-fn check_ownership(store: &dyn Storage, plan: &Plan, out_dir: &str) -> Result<(), OutDirError> {
+fn check_ownership(
+    store: &dyn Storage,
+    plan: &Plan,
+    earlier: Option<&Plan>,
+    out_dir: &str,
+) -> Result<(), OutDirError> {
     let present: Vec<String> = store
         .list(out_dir)?
         .into_iter()
@@ -260,7 +262,7 @@ fn check_ownership(store: &dyn Storage, plan: &Plan, out_dir: &str) -> Result<()
             .map_err(|e| io(Path::new(out_dir), e))?
             .filter_map(Result::ok)
             .any(|e| e.file_name() != JOURNAL_DIR && e.path().is_dir());
-    match earlier_files(store, out_dir)? {
+    match earlier.map(earlier_files) {
         None if present.is_empty() && !has_subdirs => Ok(()),
         None => {
             let mut shown: Vec<String> = present.iter().take(5).cloned().collect();
@@ -282,7 +284,7 @@ fn check_ownership(store: &dyn Storage, plan: &Plan, out_dir: &str) -> Result<()
                 .map(|u| u.file_name.as_str())
                 .chain(SIDE_FILES.iter().copied());
             for file in writes {
-                if present.iter().any(|p| p == file) && !ours.iter().any(|o| o == file) {
+                if present.iter().any(|p| p == file) && !ours.contains(&file) {
                     return Err(OutDirError::WouldOverwrite {
                         out: out_dir.to_string(),
                         file: file.to_string(),
