@@ -108,8 +108,20 @@ pub fn check_option(prefix: &str, key: &str) -> Result<(), String> {
     }
 }
 
+/// reqwest is built without a TLS crypto provider of its own (Cargo.toml: ring
+/// rather than the C library aws-lc); its clients use the process default,
+/// set here once, before the first client is built. A provider installed
+/// earlier by someone else is kept.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, String> {
     use std::str::FromStr;
+    install_crypto_provider();
     let url = url::Url::parse(root).map_err(|e| e.to_string())?;
     let bad = |k: &str| format!("unknown storage option '{k}'");
     let retry = object_store::RetryConfig {
