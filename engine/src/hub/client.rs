@@ -518,6 +518,21 @@ pub(crate) fn tree(
     })
 }
 
+/// The tree entry of one file (its size and blob id).
+pub fn tree_entry(repo: &str, commit: &str, path: &str) -> Result<TreeEntry, StorageError> {
+    tree(repo, commit)?
+        .get(path)
+        .cloned()
+        .ok_or_else(|| StorageError::NotFound {
+            location: HubPath {
+                repo: repo.to_string(),
+                commit: commit.to_string(),
+                path: path.to_string(),
+            }
+            .location(),
+        })
+}
+
 async fn fetch_tree(repo: &str, commit: &str) -> Result<BTreeMap<String, TreeEntry>, StorageError> {
     let location = super::reference::model_location(repo, commit);
     let token = token_for(repo)?;
