@@ -280,7 +280,7 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
         (
             "mixtral_ties",
             &["mixtral-ft-a", "mixtral-ft-b", "mixtral-base"][..],
-            "200K",
+            "5B",
         ),
     ] {
         let want = local_run(case, &t.path().join(format!("{case}-local")), shard);
@@ -337,11 +337,16 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
             shard_heads <= shard_files && shard_heads > 0,
             "{case}: {shard_heads} HEADs for {shard_files} shard files"
         );
-        // Ranges go to the CDN, never through /resolve/; the token reaches the
-        // Hub's origin and never the CDN.
+        // Ranges go to the signed CDN URL (or the Hub's resolve-cache URL of a
+        // small file), never through /resolve/; the token reaches the Hub's
+        // origin and never the CDN.
         assert!(reqs
             .iter()
             .filter(|r| r.range.is_some())
+            .all(|r| !r.path.contains("/resolve/")));
+        assert!(reqs
+            .iter()
+            .filter(|r| r.range.is_some() && r.path.starts_with("/blob/"))
             .all(|r| r.origin == "cdn"));
         assert!(
             reqs.iter()
@@ -354,11 +359,12 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
             .filter(|r| r.origin == "hub")
             .all(|r| r.auth.as_deref() == Some(&format!("Bearer {TOKEN}"))));
         let cdn = reqs.iter().filter(|r| r.origin == "cdn").count();
-        let read = range_bytes(&reqs);
+        let cdn_reqs: Vec<Req> = reqs.iter().filter(|r| r.origin == "cdn").cloned().collect();
+        let read = range_bytes(&cdn_reqs);
         let size = model_file_bytes(inputs);
         eprintln!(
             "{case}: {} requests ({} to /resolve/, {} API, {cdn} ranges on the CDN), {read} bytes \
-             read of {size} bytes of input shards",
+             read from the CDN of {size} bytes of input shards",
             reqs.len(),
             per_file.len(),
             reqs.iter()
@@ -587,8 +593,9 @@ fn hub_faults_are_recovered_and_failures_leave_nothing_complete() {
     assert!(reqs.iter().all(|r| r.origin == "hub" || r.auth.is_none()));
     hub.faults(json!({"expire_after": 0}));
 
-    // A CDN that keeps failing: a clear error naming the file, no complete-looking output.
-    hub.faults(json!({"cdn_503": 100000}));
+    // A CDN that fails once the merge was planned (its 7 shard headers read):
+    // a clear error naming the file, no complete-looking output.
+    hub.faults(json!({"cdn_ok_then_503": 7}));
     let out = t.path().join("failed");
     let o = run_env(
         t.path(),
@@ -614,7 +621,7 @@ fn hub_faults_are_recovered_and_failures_leave_nothing_complete() {
             && !out.join(".fleetmerge/done").exists(),
         "a failed merge left a finished-looking output"
     );
-    hub.faults(json!({"cdn_503": 0}));
+    hub.faults(json!({"cdn_ok_then_503": -1}));
 
     // Resumed after `main` moved: the journal's commit is kept, and said so.
     hub.http(

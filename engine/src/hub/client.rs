@@ -992,7 +992,20 @@ pub(crate) fn read_all(hp: &HubPath) -> Result<Vec<u8>, StorageError> {
                 ));
             }
             match resp.bytes().await {
-                Ok(b) => return Ok(b.to_vec()),
+                Ok(b) => {
+                    // Where the file was served: a second read needs no /resolve/.
+                    let slot = meta_slot(&location);
+                    let mut g = slot.lock().await;
+                    if g.is_none() {
+                        *g = Some(Arc::new(FileMeta {
+                            url: url.clone(),
+                            size: b.len() as u64,
+                            etag: None,
+                            fetched: Instant::now(),
+                        }));
+                    }
+                    return Ok(b.to_vec());
+                }
                 Err(e) if attempts < retries() => {
                     tracing::debug!(location = %location, error = %e.without_url(), "body lost, retrying");
                     attempts += 1;

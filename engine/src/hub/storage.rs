@@ -124,12 +124,17 @@ impl Storage for HubStorage {
             .unwrap_or_else(|p| p.into_inner())
             .get(location)
             .cloned();
-        if let Some(k) = kept.filter(|k| end <= k.len() as u64) {
-            buf.copy_from_slice(&k[offset as usize..end as usize]);
-            return Ok(());
-        }
-        let parts = client::read_range(&hp, offset..end)?;
+        // What the kept prefix holds is not fetched again.
         let mut at = 0;
+        if let Some(k) = kept.filter(|k| offset < k.len() as u64) {
+            let have = (k.len() as u64).min(end);
+            at = (have - offset) as usize;
+            buf[..at].copy_from_slice(&k[offset as usize..have as usize]);
+            if have == end {
+                return Ok(());
+            }
+        }
+        let parts = client::read_range(&hp, offset + at as u64..end)?;
         for p in parts {
             buf[at..at + p.len()].copy_from_slice(&p);
             at += p.len();
