@@ -369,11 +369,13 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
             "models": models,
             "mismatches": mismatches,
             "plan": summary,
+            "hub": crate::hub::inputs_json(planned.as_ref().ok()),
             "error": error,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_plan(&models, &mismatches, summary.as_ref(), args.max_memory);
+        crate::hub::print_inputs(planned.as_ref().ok());
     }
     match error {
         Some(e) => anyhow::bail!(e),

@@ -1,6 +1,7 @@
 //! The `fleetmerge` command line: a thin layer over the engine, coordinator and
 //! worker crates. Every failure ends in one paragraph on stderr and exit code 1.
 
+mod hub;
 mod inspect;
 mod progress;
 
@@ -65,6 +66,9 @@ enum Command {
     /// Dry run: compare the inputs and show what a merge will read, write and
     /// hold in memory, from the checkpoints' headers only.
     Plan(inspect::PlanCmdArgs),
+    /// Fill the Hugging Face cache with the files a merge reads from the Hub
+    /// (huggingface_hub's layout), for offline merges, transformers or mergekit.
+    Download(hub::DownloadArgs),
 }
 
 #[derive(Args)]
@@ -300,6 +304,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let config = MergeConfig::load(&args.config)?;
     let base_dir = std::env::current_dir().context("reading the current directory")?;
+    hub::pin_from_journal(&args.out, args.restart);
     let plan = plan::plan(
         &config,
         &PlanOptions {
@@ -470,6 +475,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
     init_logging(args.quiet);
     let config = MergeConfig::load(&args.config)?;
     let base_dir = std::env::current_dir().context("reading the current directory")?;
+    hub::pin_from_journal(&args.out, args.restart);
     let plan = plan::plan(
         &config,
         &PlanOptions {
@@ -589,6 +595,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => inspect::verify(args),
         Command::Status(args) => inspect::status(args),
         Command::Plan(args) => inspect::plan(args),
+        Command::Download(args) => hub::download(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod exec;
 #[cfg(any(feature = "cuda", test))]
 pub mod gpu;
+pub mod hub;
 pub mod methods;
 pub mod output;
 pub mod plan;

@@ -101,8 +101,11 @@ impl Maps {
     pub fn open(tensors: &[OutputTensor]) -> Result<Self, StorageError> {
         let mut files = HashMap::new();
         for (_, _, r) in refs(tensors) {
-            if !storage::is_url(&r.location) && !files.contains_key(&r.location) {
-                files.insert(r.location.clone(), Mapped::open(&r.location)?);
+            if !files.contains_key(&r.location) {
+                // Local files, and Hub files the HF cache holds.
+                if let Some(path) = storage::local_file(&r.location) {
+                    files.insert(r.location.clone(), Mapped::open(&path)?);
+                }
             }
         }
         Ok(Maps { files })

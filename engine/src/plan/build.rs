@@ -274,7 +274,9 @@ fn model_references(cfg: &MergeConfig) -> (Vec<Mention>, Option<(ModelRef, Span)
     (refs, tokenizer)
 }
 
-/// Resolves a model path against `base_dir`, checking that it exists.
+/// Finds a model as mergekit does: an existing local directory (a revision is
+/// then ignored, as mergekit ignores it), an object-store URL, else a Hugging
+/// Face Hub id resolved to a commit (`hf://repo@commit`, see [`crate::hub`]).
 fn locate(
     cfg: &MergeConfig,
     opts: &PlanOptions,
@@ -282,18 +284,18 @@ fn locate(
     key: &str,
     span: Span,
 ) -> Result<String, PlanError> {
-    if r.revision.is_some() {
-        return Err(cfg_err(
-            cfg,
-            key,
-            Some(span),
-            format!(
-                "model '{r}': a revision (@...) only applies to Hugging Face Hub models, which \
-                 fleetmerge does not download; point at a local directory"
-            ),
-        ));
-    }
     if storage::is_url(&r.path) {
+        if r.revision.is_some() {
+            return Err(cfg_err(
+                cfg,
+                key,
+                Some(span),
+                format!(
+                    "model '{r}': a revision (@...) only applies to Hugging Face Hub ids, not to \
+                     a URL"
+                ),
+            ));
+        }
         // Checked when its files are opened (a missing model is a NotFound there).
         return Ok(r.path.trim_end_matches('/').to_string());
     }
@@ -305,20 +307,33 @@ fn locate(
     };
     // `./models/a` → `models/a` (lexically; `..` and symlinks are left alone).
     let full: std::path::PathBuf = full.components().collect();
-    if !full.is_dir() {
-        return Err(cfg_err(
-            cfg,
-            key,
-            Some(span),
-            format!(
-                "model '{}' not found: {} is not a directory (fleetmerge reads local model \
-                 directories; it does not download from the Hugging Face Hub)",
-                r.path,
-                full.display()
-            ),
-        ));
+    if full.is_dir() {
+        if let Some(rev) = &r.revision {
+            tracing::warn!(
+                "{key}: '{}' is a local directory; its revision '@{rev}' is ignored (as mergekit \
+                 does)",
+                r.path
+            );
+        }
+        return Ok(full.to_string_lossy().into_owned());
     }
-    Ok(full.to_string_lossy().into_owned())
+    if crate::hub::is_repo_id(&r.path) {
+        return crate::hub::resolve(&r.path, r.revision.as_deref())
+            .map(|h| h.location)
+            .map_err(|m| cfg_err(cfg, key, Some(span), format!("model '{r}': {m}")));
+    }
+    Err(cfg_err(
+        cfg,
+        key,
+        Some(span),
+        format!(
+            "model '{}' not found: {} is not a directory, and '{}' is not a Hugging Face Hub id \
+             (ORG/NAME: letters, digits, '-', '_', '.')",
+            r.path,
+            full.display(),
+            r.path
+        ),
+    ))
 }
 
 fn open_models(

@@ -8,6 +8,7 @@ mod object;
 pub mod overrides;
 
 pub use local::{LocalStorage, Mapped};
+pub(crate) use object::{concurrency, install_crypto_provider, PART};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -127,9 +128,13 @@ pub trait ObjectWriter: Send {
     fn commit(self: Box<Self>) -> Result<(), StorageError>;
 }
 
-/// The storage for a location string: a local path (or `file://` URL), or an
-/// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`).
+/// The storage for a location string: a local path (or `file://` URL), an
+/// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`), or a Hugging
+/// Face Hub location (`hf://repo@commit/file`, see [`crate::hub`]).
 pub fn for_location(location: &str) -> Arc<dyn Storage> {
+    if crate::hub::is_hub_location(location) {
+        return Arc::new(crate::hub::HubStorage);
+    }
     if !object::is_url(location) {
         return Arc::new(LocalStorage);
     }
@@ -141,7 +146,17 @@ pub fn for_location(location: &str) -> Arc<dyn Storage> {
 
 /// Whether `location` is an object-store URL rather than a local path.
 pub fn is_url(location: &str) -> bool {
-    object::is_url(location)
+    object::is_url(location) || crate::hub::is_hub_location(location)
+}
+
+/// The local file to memory-map for `location`: itself when it is a local
+/// path, the cached file of a Hugging Face Hub location the cache holds,
+/// `None` when its bytes are remote.
+pub fn local_file(location: &str) -> Option<String> {
+    if !is_url(location) {
+        return Some(location.to_string());
+    }
+    crate::hub::local_file(location)
 }
 
 /// Bytes a streamed write (`create`) to `location` buffers at most: for an

@@ -99,6 +99,7 @@ pub fn check_option(prefix: &str, key: &str) -> Result<(), String> {
         "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
         "az" | "abfs" | "abfss" => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
         "http" | "https" => object_store::ClientConfigKey::from_str(key).is_ok(),
+        "hf" => return crate::hub::check_option(key),
         other => return Err(format!("unsupported scheme {other}://")),
     };
     if known {
