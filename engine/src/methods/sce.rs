@@ -33,11 +33,26 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Population variance across models of the task vectors at one element, as
-/// torch computes it in f32 (`var(dim=0, unbiased=False)`).
+/// torch's CPU `var(dim=0, unbiased=False)` computes it for f32: Welford's
+/// update in f64 (`WelfordOps<float, double>`), rounded to f32 once. Its last
+/// bit decides which variances tie at the top-k threshold, so it must be
+/// torch's, not merely close.
 fn variance(d: &[f32]) -> f32 {
-    let n = d.len() as f32;
-    let mean = d.iter().sum::<f32>() / n;
-    d.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n
+    let (mut mean, mut m2) = (0.0f64, 0.0f64);
+    for (i, &v) in d.iter().enumerate() {
+        let v = v as f64;
+        let delta = v - mean;
+        mean += delta / (i + 1) as f64;
+        m2 += delta * (v - mean);
+    }
+    (m2 / d.len() as f64) as f32
+}
+
+/// How many variances SCE keeps: mergekit's `int(count_nonzero(var) *
+/// select_topk)` multiplies an int64 tensor by a Python float, which torch does
+/// in f32: 90 · 0.7 keeps 63 (in f64, 62.99… would keep 62).
+fn keep_count(nonzero: u64, select_topk: f64) -> u64 {
+    (nonzero as f32 * select_topk as f32) as u64
 }
 
 impl MergeMethod for Sce {
@@ -88,7 +103,7 @@ impl MergeMethod for Sce {
                 },
                 |a, b| a + b,
             );
-            let want = (nonzero as f64 * topk) as u64;
+            let want = keep_count(nonzero, topk);
             select::top_k(job, &[want], |_, x, out| var_keys(x, out))
                 .pop()
                 .unwrap_or(TopK::Nothing)
@@ -182,6 +197,25 @@ mod tests {
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-6, "{out:?}");
         }
+    }
+
+    #[test]
+    fn keep_count_multiplies_in_f32_as_torch() {
+        // int(torch.tensor(90) * 0.7) == 63, int(180 * 0.35) == 63 in torch.
+        assert_eq!(keep_count(90, 0.7), 63);
+        assert_eq!(keep_count(180, 0.35), 63);
+        assert_eq!(keep_count(64, 0.5), 32);
+    }
+
+    #[test]
+    fn variance_is_torchs_f64_welford() {
+        // torch.var(torch.tensor([[a], [b], [c]]), dim=0, unbiased=False) is
+        // 0x3a30e38e for these bf16-valued deltas; a plain f32 two-pass is not.
+        let d = [0.02734375f32, -0.0234375, -0.03125];
+        assert_eq!(variance(&d).to_bits(), 0x3a30_e38e);
+        let mean = d.iter().sum::<f32>() / 3.0;
+        let plain = d.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 3.0;
+        assert_ne!(plain.to_bits(), 0x3a30_e38e);
     }
 
     #[test]
