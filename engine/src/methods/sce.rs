@@ -2,9 +2,12 @@
 //! whose task vectors vary most across models (`select_topk` of the non-zero
 //! variances), weight each model by the mean square of its (selected) task
 //! vector, erase disagreeing signs like TIES, and take the weighted mean.
+//! The variances, their count and, on tensors up to `select::EXACT_LIMIT`
+//! elements, the choice among equal variances ([`super::torch_topk`]) are
+//! torch's, so small tensors keep exactly mergekit's elements.
 
 use super::kernel::{self, MergeJob, OutputView};
-use super::select::{self, TopK};
+use super::select::{self, TopK, TorchOrder};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
     ParamValue, Scope,
@@ -80,7 +83,8 @@ impl MergeMethod for Sce {
                 d[s] = x[i][e] - x[base][e];
             }
         };
-        // Select: the top `trunc(nonzero · select_topk)` variances.
+        // Select: the top `trunc(nonzero · select_topk)` variances, as torch.topk
+        // picks them among equals.
         let selection = if topk >= 1.0 {
             TopK::All
         } else if topk <= 0.0 {
@@ -104,7 +108,7 @@ impl MergeMethod for Sce {
                 |a, b| a + b,
             );
             let want = keep_count(nonzero, topk);
-            select::top_k(job, &[want], |_, x, out| var_keys(x, out))
+            select::top_k_as(job, &[want], TorchOrder::Topk, |_, x, out| var_keys(x, out))
                 .pop()
                 .unwrap_or(TopK::Nothing)
         };
@@ -197,6 +201,49 @@ mod tests {
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-6, "{out:?}");
         }
+    }
+
+    #[test]
+    fn norm_weight_with_tied_variances_merges_as_mergekit() {
+        // sce_fixture.txt (scripts/torch_topk_fixtures.py): a 64-element bf16
+        // norm weight of three fine-tunes, merged by mergekit 0.1.5 with torch.
+        let lines: Vec<&str> = include_str!("sce_fixture.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        let bf16 = |line: &str| -> Vec<f32> {
+            line.split_whitespace()
+                .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap() << 16))
+                .collect()
+        };
+        let base = bf16(lines[0]);
+        let models: Vec<Vec<f32>> = lines[1..4].iter().map(|l| bf16(l)).collect();
+        let want: Vec<u32> = lines[4]
+            .split_whitespace()
+            .map(|h| u32::from_str_radix(h, 16).unwrap())
+            .collect();
+        // The case is one where ties decide: more variances equal the k-th
+        // largest than the selection keeps of them.
+        let vars: Vec<f32> = (0..64)
+            .map(|e| variance(&[0, 1, 2].map(|m| models[m][e] - base[e])))
+            .collect();
+        let nonzero = vars.iter().filter(|&&v| v != 0.0).count() as u64;
+        let k = keep_count(nonzero, 0.5) as usize;
+        let mut sorted = vars.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let (threshold, above) = (
+            sorted[k - 1],
+            sorted.iter().filter(|&&v| v > sorted[k - 1]).count(),
+        );
+        let tied = vars.iter().filter(|&&v| v == threshold).count();
+        assert!(tied > k - above, "{tied} tied, {} of them kept", k - above);
+
+        let mut inputs = models.clone();
+        inputs.push(base);
+        let p = params(&[("select_topk", num(0.5))], &[&[], &[], &[], &[]]);
+        let out = run(&Sce, &[64], &inputs, Some(3), &p).unwrap();
+        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
