@@ -19,6 +19,7 @@ mod sce;
 pub(crate) mod select;
 mod slerp;
 mod torch_sort;
+mod torch_topk;
 
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};

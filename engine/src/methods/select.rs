@@ -3,14 +3,15 @@
 //! their bit patterns, so the k-th largest is found digit by digit with a
 //! histogram pass over the top 12 bits and a pass that collects the keys of
 //! the one bucket holding the k-th largest. Which of several elements equal to the
-//! threshold mergekit keeps depends on how torch's sort leaves equal keys: for
-//! tensors of up to [`EXACT_LIMIT`] elements we replay that sort
-//! ([`super::torch_sort`]) and keep exactly mergekit's elements; above it, ties
-//! are kept from the highest index down (deterministic, and a handful of equal
-//! magnitudes out of millions).
+//! threshold mergekit keeps depends on the torch call that selects them
+//! ([`TorchOrder`]: `argsort` for TIES' magnitudes, `topk` for SCE's
+//! variances): for tensors of up to [`EXACT_LIMIT`] elements we replay that call
+//! ([`super::torch_sort`], [`super::torch_topk`]) and keep exactly mergekit's
+//! elements; above it, ties are kept from the highest index down
+//! (deterministic, and a handful of equal magnitudes out of millions).
 
 use super::kernel::{self, Chunk, MergeJob};
-use super::torch_sort;
+use super::{torch_sort, torch_topk};
 
 /// Largest tensor whose top-k replays torch's sort (cost: one sort per task vector).
 pub const EXACT_LIMIT: usize = 1 << 16;
@@ -96,25 +97,49 @@ pub fn magnitude_key(x: f32) -> u32 {
 /// threshold and each chunk's share of the ties follow. When that bucket is too
 /// crowded to collect (e.g. a task vector that is mostly exact zeros), the
 /// remaining bits are resolved by further histogram passes instead.
+///
+/// Ties at the threshold of tensors up to [`EXACT_LIMIT`] elements are kept as
+/// torch's `argsort(descending=True)[:k]` keeps them.
 pub fn top_k(
     job: &MergeJob,
     ks: &[u64],
     keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
 ) -> Vec<TopK> {
-    top_k_limited(job, ks, keys, candidate_limit(job.numel() as u64))
+    top_k_as(job, ks, TorchOrder::Argsort, keys)
 }
 
-/// [`top_k`], collecting a bucket of at most `limit` keys.
+/// The torch call whose choice among threshold-equal keys a top-k reproduces
+/// on tensors of up to [`EXACT_LIMIT`] elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchOrder {
+    /// `argsort(descending=True)[:k]` (mergekit's magnitude sparsification).
+    Argsort,
+    /// `topk(k, largest=True)` (mergekit's SCE selection).
+    Topk,
+}
+
+/// [`top_k`], keeping small tensors' ties as `order` says.
+pub fn top_k_as(
+    job: &MergeJob,
+    ks: &[u64],
+    order: TorchOrder,
+    keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
+) -> Vec<TopK> {
+    top_k_limited(job, ks, order, keys, candidate_limit(job.numel() as u64))
+}
+
+/// [`top_k_as`], collecting a bucket of at most `limit` keys.
 fn top_k_limited(
     job: &MergeJob,
     ks: &[u64],
+    order: TorchOrder,
     keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
     limit: u64,
 ) -> Vec<TopK> {
     let n = job.numel() as u64;
     let streams = ks.len();
     if job.numel() <= EXACT_LIMIT {
-        return top_k_exact(job, ks, &keys);
+        return top_k_exact(job, ks, order, &keys);
     }
     let mut state = initial_state(ks, n);
     if state.iter().all(Option::is_none) {
@@ -355,10 +380,11 @@ pub fn working_memory(n: u64, streams: usize) -> u64 {
     streams as u64 * (candidate_limit(n) * 4 * 2 + chunks * 12 + (4 << 10) * 8)
 }
 
-/// Small tensors: the first k indices of torch's descending argsort.
+/// Small tensors: the k indices torch's descending argsort or topk returns.
 fn top_k_exact(
     job: &MergeJob,
     ks: &[u64],
+    order: TorchOrder,
     keys: &(impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send),
 ) -> Vec<TopK> {
     let n = job.numel();
@@ -377,8 +403,12 @@ fn top_k_exact(
                 buf
             })
             .concat();
+            let kept = match order {
+                TorchOrder::Argsort => torch_sort::argsort_descending(&all)[..k].to_vec(),
+                TorchOrder::Topk => torch_topk::topk_largest(&all, k),
+            };
             let mut mask = vec![false; n];
-            for &i in &torch_sort::argsort_descending(&all)[..k] {
+            for i in kept {
                 mask[i as usize] = true;
             }
             TopK::Mask(mask)
@@ -394,10 +424,10 @@ mod tests {
     use crate::methods::TensorParams;
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
-        select_limited(values, k, None)
+        select_limited(values, k, None, TorchOrder::Argsort)
     }
 
-    fn select_limited(values: &[f32], k: u64, limit: Option<u64>) -> Vec<bool> {
+    fn select_limited(values: &[f32], k: u64, limit: Option<u64>, order: TorchOrder) -> Vec<bool> {
         let bytes = f32_bytes(values);
         let params = TensorParams::default();
         let shape = [values.len() as u64];
@@ -420,8 +450,8 @@ mod tests {
             }
         };
         let tk = match limit {
-            Some(limit) => top_k_limited(&job, &[k], keys, limit),
-            None => top_k(&job, &[k], keys),
+            Some(limit) => top_k_limited(&job, &[k], order, keys, limit),
+            None => top_k_as(&job, &[k], order, keys),
         };
         let mut kept = Vec::new();
         for (ci, chunk) in values.chunks(CHUNK).enumerate() {
@@ -466,6 +496,10 @@ mod tests {
         let kept = select(&[1.0; 17], 2);
         assert!(kept[8] && kept[16]);
         assert_eq!(kept.iter().filter(|&&b| b).count(), 2);
+        // ... and torch.topk(torch.ones(17), 3) returns 10, 11, 12.
+        let kept = select_limited(&[-1.0; 17], 3, None, TorchOrder::Topk);
+        let kept: Vec<usize> = (0..17).filter(|&i| kept[i]).collect();
+        assert_eq!(kept, [10, 11, 12]);
     }
 
     #[test]
@@ -482,8 +516,8 @@ mod tests {
             })
             .collect();
         for k in [1u64, 1000, 60_000, 131_000] {
-            let collected = select_limited(&v, k, Some(u64::MAX));
-            let histogram = select_limited(&v, k, Some(0));
+            let collected = select_limited(&v, k, Some(u64::MAX), TorchOrder::Argsort);
+            let histogram = select_limited(&v, k, Some(0), TorchOrder::Argsort);
             assert_eq!(collected.iter().filter(|&&b| b).count() as u64, k);
             assert!(collected == histogram, "k = {k}");
         }
