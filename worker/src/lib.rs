@@ -456,3 +456,6 @@ impl Loop<'_> {
         self.source.fail(slot, lease, failure)
     }
 }
+
+#[cfg(test)]
+mod tests;
