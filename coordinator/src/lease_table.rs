@@ -776,6 +776,34 @@ mod tests {
         assert!(c.begin_check("s2", l2, 0, Origin::Remote).is_ok());
     }
 
+    /// An in-process shard that cannot be recorded ends the merge (this
+    /// process's own storage failed); one finished after another unit ended
+    /// the merge is still recorded (a resumed run keeps it), where a remote
+    /// worker's is refused.
+    #[test]
+    fn in_process_completions_end_the_merge_when_rejected_and_count_after_a_failure() {
+        let mut c = cluster(3, 3);
+        let (l0, _) = lease(&mut c, "local-0", 0);
+        let (l1, _) = lease(&mut c, "local-1", 0);
+        let (l2, _) = lease(&mut c, "s1", 0);
+        let check = c.begin_check("local-0", l0, 0, Origin::InProcess).unwrap();
+        c.finish_check(&check, Err("recording unit 0 in the journal: disk gone"));
+        let Some(Outcome::Failed(e)) = c.outcome() else {
+            panic!("expected a failure, got {:?}", c.outcome());
+        };
+        assert!(
+            e.contains("cannot fix") && e.contains("local-0: recording unit 0 in the journal"),
+            "{e}"
+        );
+        let check = c.begin_check("local-1", l1, 1, Origin::InProcess).unwrap();
+        c.finish_check::<str>(&check, Ok(output(1)));
+        assert_eq!(c.done_units(), vec![1]);
+        assert!(matches!(
+            c.begin_check("s1", l2, 2, Origin::Remote),
+            Err(Refusal::MergeOver { .. })
+        ));
+    }
+
     #[test]
     fn sessions_are_bounded_and_silent_ones_without_leases_forgotten() {
         let mut c = cluster(1, 3);
