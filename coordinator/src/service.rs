@@ -137,7 +137,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn cluster(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
+    fn table(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
         self.merge.table()
     }
 
@@ -155,7 +155,7 @@ impl Shared {
 
     /// The state of the merge for progress displays.
     fn snapshot(&self) -> Snapshot {
-        let c = self.cluster();
+        let c = self.table();
         let now = now_ms();
         Snapshot {
             counts: c.counts(),
@@ -269,7 +269,7 @@ impl Coordinator for Service {
             last_seen_ms: now,
             ..Default::default()
         };
-        if let Err(e) = self.0.cluster().register(&id, info) {
+        if let Err(e) = self.0.table().register(&id, info) {
             tracing::warn!(worker = %r.worker_id, error = %e, "registration refused");
             return Err(Status::resource_exhausted(e.to_string()));
         }
@@ -285,7 +285,7 @@ impl Coordinator for Service {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let now = now_ms();
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let name = session(&mut c, &r.session, now)?.id.clone();
         let reply = match c.lease(&r.session, now) {
             LeaseReply::Unit {
@@ -327,7 +327,7 @@ impl Coordinator for Service {
             )));
         }
         let now = now_ms();
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let info = session(&mut c, &r.session, now)?;
         info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
         let revoked = c.heartbeat(&r.session, &r.lease_ids, now);
@@ -354,7 +354,7 @@ impl Coordinator for Service {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let name = {
-            let mut c = self.0.cluster();
+            let mut c = self.0.table();
             let info = session(&mut c, &r.session, now_ms())?;
             info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
             info.id.clone()
@@ -400,7 +400,7 @@ impl Coordinator for Service {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let error = truncated(&r.error, MAX_ERROR_BYTES);
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let name = session(&mut c, &r.session, now_ms())?.id.clone();
         match c.fail(r.lease_id, &r.session, &error, r.retryable) {
             FailReply::Recorded => {
@@ -426,7 +426,7 @@ impl Coordinator for Service {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         check_version(req.into_inner().protocol_version)?;
-        let c = self.0.cluster();
+        let c = self.0.table();
         let counts = c.counts();
         // Workers holding units first, then the most recently heard from.
         let mut all: Vec<(&String, &crate::lease_table::WorkerInfo, Vec<usize>)> = c
@@ -574,7 +574,7 @@ pub async fn serve(
         Some(addr) => {
             let shared = shared.clone();
             let (bound, task) = crate::metrics::serve(addr, move || {
-                let c = shared.cluster();
+                let c = shared.table();
                 crate::metrics::render(&c, shared.input_done(&c), shared.input_total(), now_ms())
             })
             .await
@@ -606,7 +606,7 @@ pub async fn serve(
         let mut over_since: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut c = watcher.cluster();
+            let mut c = watcher.table();
             c.expire(now_ms());
             if c.outcome().is_none() {
                 continue;

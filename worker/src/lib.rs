@@ -352,7 +352,7 @@ impl Loop<'_> {
                         file,
                         message: message.clone(),
                     };
-                    let _ = self.report_failure(slot, lease, &failure);
+                    let _ = self.report_failure(slot, lease, Some(unit), &failure);
                 }
                 Err(WorkerError::Internal(format!(
                     "a worker task panicked: {message}"
@@ -375,7 +375,7 @@ impl Loop<'_> {
             let mut lease = match self.source.lease(slot)? {
                 Next::Unit(l) => l,
                 Next::Unreadable { lease, error } => {
-                    self.report_failure(slot, lease, &UnitFailure::Unreadable(error))?;
+                    self.report_failure(slot, lease, None, &UnitFailure::Unreadable(error))?;
                     continue;
                 }
                 Next::Wait(d) => {
@@ -416,7 +416,7 @@ impl Loop<'_> {
                         }
                     }
                 }
-                Err(failure) => self.report_failure(slot, id, &failure)?,
+                Err(failure) => self.report_failure(slot, id, Some(unit), &failure)?,
             }
             held.set(None);
         }
@@ -449,10 +449,16 @@ impl Loop<'_> {
         &self,
         slot: usize,
         lease: u64,
+        unit: Option<usize>,
         failure: &UnitFailure,
     ) -> Result<(), WorkerError> {
         let retryable = failure.retryable();
-        tracing::warn!(slot, lease, retryable, error = %failure, "unit failed");
+        match unit {
+            Some(unit) => {
+                tracing::warn!(slot, unit, lease, retryable, error = %failure, "unit failed")
+            }
+            None => tracing::warn!(slot, lease, retryable, error = %failure, "unit failed"),
+        }
         self.source.fail(slot, lease, failure)
     }
 }
