@@ -4,12 +4,11 @@
 //! fills the HF cache with the files a merge reads, in huggingface_hub's
 //! layout.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use fleetmerge_engine::config::MergeConfig;
 use fleetmerge_engine::exec::human_bytes as bytes;
 use fleetmerge_engine::hub::{self, HubPath};
-use fleetmerge_engine::plan::{self, Plan, PlanOptions};
+use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, Storage};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -155,7 +154,7 @@ pub struct DownloadArgs {
     /// The mergekit YAML config whose Hub models to fetch.
     config: std::path::PathBuf,
     #[command(flatten)]
-    plan: crate::PlanArgs,
+    plan: crate::cmd::options::PlanArgs,
     /// Only warnings and errors.
     #[arg(long, short)]
     quiet: bool,
@@ -164,7 +163,7 @@ pub struct DownloadArgs {
 /// Files besides the shards that a merge, transformers or mergekit read.
 const SIDE_FILES: &[&str] = &[
     "config.json",
-    "model.safetensors.index.json",
+    fleetmerge_engine::output::INDEX_FILE,
     "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -184,22 +183,12 @@ const SIDE_FILES: &[&str] = &[
 /// `refs/`). Files already cached are kept. No `trees/` listing is written,
 /// since it would claim files that were not fetched.
 pub fn download(args: DownloadArgs) -> Result<()> {
-    crate::init_logging(args.quiet);
+    crate::cmd::options::init_logging(args.quiet);
     let s = hub::settings();
     if s.offline {
         anyhow::bail!("HF_HUB_OFFLINE is set: `download` needs the Hub");
     }
-    let config = MergeConfig::load(&args.config)?;
-    let plan = plan::plan(
-        &config,
-        &PlanOptions {
-            out_shard_size: args.plan.out_shard_size,
-            seed: args.plan.random_seed,
-            allow_crimes: args.plan.allow_crimes,
-            keep_fp8: args.plan.keep_fp8,
-            base_dir: std::env::current_dir().context("reading the current directory")?,
-        },
-    )?;
+    let plan = args.plan.plan(&args.config)?;
     let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut dirs: Vec<(String, String)> = plan
         .models
