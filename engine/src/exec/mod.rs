@@ -16,7 +16,7 @@ pub mod stream;
 pub use device::Device;
 
 use crate::dtype::DType;
-use crate::methods::kernel::BlockScale;
+use crate::methods::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
 use crate::plan::{OutputTensor, TensorOp, UnitError, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};

@@ -26,13 +26,13 @@ pub(crate) mod emu;
 use crate::dtype::DType;
 use crate::methods::gta::{self, DeviceKeep, DeviceSetup};
 use crate::methods::select::{self, DigitState, TopK};
-use crate::methods::{kernel, MergeJob, OutputView, TensorView};
+use crate::methods::{chunked, MergeJob, OutputView, TensorView};
 
 /// The kernels' source.
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Elements per chunk: the CPU kernels' chunks (tie quotas are per chunk).
-const CHUNK: usize = kernel::CHUNK;
+const CHUNK: usize = chunked::CHUNK;
 /// Threads per block (gta_merge's shared arrays are sized for it).
 pub const THREADS: u32 = 256;
 /// Most task vectors gta_merge takes.
@@ -527,7 +527,7 @@ fn grid(n: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::{num, params};
+    use crate::methods::testing::{num, params};
     use crate::methods::{self, TensorParams, TensorView};
 
     /// Runs `method` on `job` on the CPU and through the emulated GPU path
@@ -564,7 +564,7 @@ mod tests {
         in_dtype: DType,
         out_dtype: DType,
     ) -> (Vec<u8>, Vec<u8>) {
-        let encoded = crate::methods::kernel::testing::encode(inputs, in_dtype);
+        let encoded = crate::methods::testing::encode(inputs, in_dtype);
         let job = MergeJob {
             name: "model.layers.3.mlp.down_proj.weight",
             shape,
@@ -634,7 +634,7 @@ mod tests {
                 ],
             )
         };
-        let flag = crate::methods::kernel::testing::flag;
+        let flag = crate::methods::testing::flag;
         let cases: Vec<(&str, TensorParams)> = vec![
             (
                 "linear",
@@ -799,7 +799,7 @@ mod tests {
     /// E4M3 / E5M2 code: the same bytes on the emulated GPU as on the CPU.
     #[test]
     fn emulated_fp8_inputs_match_the_cpu() {
-        use crate::methods::kernel::BlockScale;
+        use crate::methods::BlockScale;
         let (rows, cols) = (300usize, 331usize);
         let n = rows * cols;
         let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));

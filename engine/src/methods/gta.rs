@@ -6,7 +6,7 @@
 //! rescale) → weight → elect signs on the *weighted* deltas → masked sum → divide
 //! by the masked weight sum → λ.
 
-use super::kernel::{self, Chunk, MergeJob, OutputView, CHUNK};
+use super::chunked::{self, CHUNK};
 use super::rng::Stream;
 use super::select::{self, TieQuota, TopK};
 use super::torch_sort;
@@ -14,6 +14,7 @@ use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, ParamValue, Scope, TensorParams,
 };
+use super::{Chunk, MergeJob, OutputView};
 
 /// How each task vector is thinned before merging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,7 +483,7 @@ impl Gta {
 
     fn chunk_size(&self, job: &MergeJob) -> usize {
         match self.sparsify {
-            Sparsify::DellaMagprune => kernel::row_chunk(job.row_len()),
+            Sparsify::DellaMagprune => chunked::row_chunk(job.row_len()),
             _ => CHUNK,
         }
     }
@@ -522,7 +523,7 @@ impl Gta {
                     let bot = n.saturating_sub(keep + top);
                     if job.numel() <= select::EXACT_LIMIT {
                         // Sorted ascending positions [bot, bot + keep), in torch's order.
-                        let keys: Vec<u32> = kernel::reduce(job, |c, x| {
+                        let keys: Vec<u32> = chunked::reduce(job, |c, x| {
                             let mut buf = vec![0u32; c.len];
                             magnitude_keys(s, x, &mut buf);
                             buf
@@ -591,7 +592,7 @@ impl Gta {
             .collect();
         if self.rescales(job) {
             let row_len = job.row_len();
-            let parts = kernel::reduce_sized(job, self.chunk_size(job), |c, x| {
+            let parts = chunked::reduce_sized(job, self.chunk_size(job), |c, x| {
                 let mut mask = vec![false; c.len];
                 tvs.iter()
                     .map(|tv| {
@@ -683,9 +684,9 @@ impl MergeMethod for Gta {
         let consensus = self.consensus;
         let k = tvs.len();
         let row_len = job.row_len();
-        kernel::map_sized(job, out, self.chunk_size(job), |c, x, y| {
+        chunked::map_sized(job, out, self.chunk_size(job), |c, x, y| {
             let len = c.len;
-            kernel::with_buffers(k + 2, len, |bufs| {
+            chunked::with_buffers(k + 2, len, |bufs| {
                 let (w, rest) = bufs.split_at_mut(k);
                 let (sum, div) = rest.split_at_mut(1);
                 let (sum, div) = (&mut sum[0][..len], &mut div[0][..len]);
@@ -751,7 +752,7 @@ impl MergeMethod for Gta {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
     use crate::methods::TensorParams;
 
     fn ties(
@@ -963,7 +964,7 @@ mod tests {
         };
         let one = go(1);
         assert_eq!(one, go(4));
-        let other_seed = crate::methods::kernel::testing::run_seeded(
+        let other_seed = crate::methods::testing::run_seeded(
             &DARE_TIES,
             &[n as u64],
             &[a.clone(), vec![0.0; n]],

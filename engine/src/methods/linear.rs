@@ -1,11 +1,12 @@
 //! `linear`: the weighted average `Σ w_i·x_i / Σ w_i` (mergekit 0.1.5 accumulates
 //! `acc = fma(x_i, w_i, acc)` in f32 and divides once; so do we, bit for bit).
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, Scope, TensorParams,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Linear;
 
@@ -60,7 +61,7 @@ impl MergeMethod for Linear {
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let (w, sum) = weights(job.params, job.inputs.len());
         let normalize = job.params.shared_bool("normalize").unwrap_or(true);
-        kernel::map(job, out, |_, xs, y| {
+        chunked::map(job, out, |_, xs, y| {
             weighted_sum(xs, &w, y);
             if normalize {
                 for v in y.iter_mut() {
@@ -106,7 +107,7 @@ fn weighted_sum_portable(xs: &[&[f32]], w: &[f32], y: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     #[test]
     fn weighted_average_by_hand() {

@@ -1,12 +1,15 @@
 //! Merge methods. Each method is one file: a unit struct implementing
-//! [`MergeMethod`] (its parameter spec and its kernel) plus one line in
-//! [`registry`]. Kernels read inputs as f32 chunks through [`kernel`], never as
-//! whole f32 copies, so memory stays bounded by a few chunks per thread.
+//! [`MergeMethod`] (its parameter spec and its CPU merge) plus one line in
+//! [`registry`]. A method is handed a [`MergeJob`] (see [`job`]: the input
+//! tensors' bytes, parameters, seed) and reads its inputs as f32 chunks through
+//! the helpers of [`chunked`], never as whole f32 copies, so memory stays
+//! bounded by a few chunks per thread.
 
 mod arcee_fusion;
+pub mod chunked;
 pub(crate) mod gta;
+mod job;
 mod karcher;
-pub mod kernel;
 mod linear;
 mod model_stock;
 mod multislerp;
@@ -18,13 +21,15 @@ mod rng;
 mod sce;
 pub(crate) mod select;
 mod slerp;
+#[cfg(test)]
+pub(crate) mod testing;
 mod torch_sort;
 
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
+pub use job::{BlockScale, Chunk, MergeJob, OutputView, Segments, TensorView};
 #[cfg(any(feature = "cuda", test))]
 pub(crate) use linear::weights as linear_weights;
 
