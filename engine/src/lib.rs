@@ -8,7 +8,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod exec;
-#[cfg(any(feature = "cuda", test))]
 pub mod gpu;
 pub mod methods;
 pub mod output;

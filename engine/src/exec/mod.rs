@@ -13,9 +13,10 @@ pub mod memory;
 pub mod read;
 pub mod stream;
 
-pub use device::Device;
+pub use device::{Device, DeviceError};
 
 use crate::dtype::DType;
+use crate::gpu::GpuError;
 use crate::methods::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
 use crate::plan::{OutputTensor, TensorOp, UnitError, WorkUnit, PLAN_FORMAT};
@@ -102,8 +103,9 @@ pub enum ExecError {
         needs: String,
         budget: String,
     },
+    /// The GPU failed (out of memory while other units ran, a driver error).
     #[error("computing on the GPU: {0}")]
-    Gpu(String),
+    Gpu(#[from] GpuError),
     #[error("{tensor}: the merge produced {produced} of its {expected} bytes while streaming")]
     StreamIncomplete {
         tensor: String,
@@ -645,8 +647,8 @@ fn compute(
                     dtype: t.dtype,
                     bytes: out,
                 };
-                if let Some(done) = device.merge(&unit.merge_method, &job, &mut view) {
-                    return done.map_err(ExecError::Gpu);
+                if let Some(done) = device.merge(method, &job, &mut view) {
+                    return Ok(done?);
                 }
                 method.merge(&job, &mut view)?;
                 return Ok(());

@@ -2,6 +2,7 @@
 //! `acc = fma(x_i, w_i, acc)` in f32 and divides once; so do we, bit for bit).
 
 use super::chunked;
+use super::device::{DeviceOp, WeightedSumOp};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, Scope, TensorParams,
@@ -31,7 +32,7 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Weights as f32 and their f32 sum, as torch computes them.
-pub(crate) fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
+fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
     let w: Vec<f32> = (0..n)
         .map(|i| params.input_f64(i, "weight").unwrap_or(0.0) as f32)
         .collect();
@@ -70,6 +71,15 @@ impl MergeMethod for Linear {
             }
         });
         Ok(())
+    }
+
+    fn device_op(&self, job: &MergeJob) -> Option<DeviceOp> {
+        let (weights, sum) = weights(job.params, job.inputs.len());
+        Some(DeviceOp::WeightedSum(WeightedSumOp {
+            weights,
+            normalize: job.params.shared_bool("normalize").unwrap_or(true),
+            sum,
+        }))
     }
 }
 

@@ -7,7 +7,8 @@
 
 mod arcee_fusion;
 pub mod chunked;
-pub(crate) mod gta;
+pub mod device;
+mod gta;
 mod job;
 mod karcher;
 mod linear;
@@ -19,7 +20,7 @@ mod passthrough;
 mod ram;
 mod rng;
 mod sce;
-pub(crate) mod select;
+mod select;
 mod slerp;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -30,8 +31,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use job::{BlockScale, Chunk, MergeJob, OutputView, Segments, TensorView};
-#[cfg(any(feature = "cuda", test))]
-pub(crate) use linear::weights as linear_weights;
 
 /// A resolved parameter value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -186,7 +185,8 @@ pub enum MethodError {
     },
 }
 
-/// A merge method: its spec, its checks, its kernel.
+/// A merge method: its spec, its checks, its CPU merge, and what a compute
+/// device can compute of it.
 pub trait MergeMethod: Send + Sync {
     fn spec(&self) -> &MethodSpec;
 
@@ -198,6 +198,13 @@ pub trait MergeMethod: Send + Sync {
 
     /// Computes the output tensor. `out` has the output dtype and shape of `job`.
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError>;
+
+    /// How a compute device computes `job` with the bytes of
+    /// [`merge`](MergeMethod::merge), when it can; `None` (the default): only
+    /// the CPU does. See [`device`].
+    fn device_op(&self, _job: &MergeJob) -> Option<device::DeviceOp> {
+        None
+    }
 
     /// Bytes one [`merge`](MergeMethod::merge) of a tensor of `numel` elements
     /// from `inputs` inputs may hold beyond the per-thread chunk scratch (e.g.
