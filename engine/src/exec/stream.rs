@@ -2,9 +2,9 @@
 //! segment of rows at a time (local files: mapped ahead of use and unmapped after
 //! it; remote objects: one range request per input per segment) and its output
 //! goes to the writer a segment at a time, so memory holds one segment, however
-//! large the tensor. The kernels' helpers drive it (see
-//! [`Segments`](crate::methods::Segments)): a method that needs
-//! whole-tensor statistics reads the tensor once per pass.
+//! large the tensor. The methods' chunked helpers drive it (see
+//! [`Segments`]): a method that needs whole-tensor statistics reads the tensor
+//! once per pass.
 
 use super::read::Maps;
 use crate::methods::{chunked, Segments};

@@ -1,7 +1,7 @@
 //! The GPU path: the [`DeviceOp`]s of merge methods computed by the kernels of
 //! `kernels.cu`.
 //!
-//! With the cargo feature `cuda`, [`cuda::Gpu`] runs them on an NVIDIA GPU
+//! With the cargo feature `cuda`, `cuda::Gpu` runs them on an NVIDIA GPU
 //! through the CUDA driver API (cudarc, loaded at run time), the kernels
 //! compiled at start-up by NVRTC, so building needs neither nvcc nor the CUDA
 //! toolkit; running needs the driver (libcuda) and NVRTC (libnvrtc). Without
@@ -16,8 +16,8 @@
 //! generator. Everything else runs on the CPU of the same worker.
 //!
 //! [`run`] computes one op on any [`Backend`] (buffers and kernel launches, in
-//! order): inputs decoded on the device ([`convert`]), the op ([`weighted_sum`],
-//! [`task_vectors`]), the output encoded. The tests run the very same code and
+//! order): inputs decoded on the device (`convert.rs`), the op (`weighted_sum.rs`,
+//! `task_vectors.rs`), the output encoded. The tests run the very same code and
 //! kernels in a host emulator (`emu`: kernels.cu compiled as C++ with a small
 //! shim, blocks of real threads with barriers) and compare the bytes with the
 //! CPU path's, on machines without a GPU.

@@ -1,6 +1,6 @@
 //! Merge methods. Each method is one file: a unit struct implementing
 //! [`MergeMethod`] (its parameter spec and its CPU merge) plus one line in
-//! [`registry`]. A method is handed a [`MergeJob`] (see [`job`]: the input
+//! [`registry`]. A method is handed a [`MergeJob`] (see `job.rs`: the input
 //! tensors' bytes, parameters, seed) and reads its inputs as f32 chunks through
 //! the helpers of [`chunked`], never as whole f32 copies, so memory stays
 //! bounded by a few chunks per thread.
