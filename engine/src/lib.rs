@@ -8,7 +8,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod exec;
-#[cfg(any(feature = "cuda", test))]
 pub mod gpu;
 pub mod hub;
 pub mod methods;

@@ -95,7 +95,7 @@ pub fn estimate(
         .max()
         .unwrap_or(0) as u64;
     // Chunk scratch: every input, the output and a few method buffers per input.
-    let scratch = threads * (2 * max_inputs + 4) * methods::kernel::CHUNK as u64 * 4;
+    let scratch = threads * (2 * max_inputs + 4) * methods::chunked::CHUNK as u64 * 4;
     // Per-tensor working memory: the largest `threads` tensors of a window may
     // be merged at once.
     let per_tensor = windows

@@ -1,12 +1,16 @@
 //! Merge methods. Each method is one file: a unit struct implementing
-//! [`MergeMethod`] (its parameter spec and its kernel) plus one line in
-//! [`registry`]. Kernels read inputs as f32 chunks through [`kernel`], never as
-//! whole f32 copies, so memory stays bounded by a few chunks per thread.
+//! [`MergeMethod`] (its parameter spec and its CPU merge) plus one line in
+//! [`registry`]. A method is handed a [`MergeJob`] (see `job.rs`: the input
+//! tensors' bytes, parameters, seed) and reads its inputs as f32 chunks through
+//! the helpers of [`chunked`], never as whole f32 copies, so memory stays
+//! bounded by a few chunks per thread.
 
 mod arcee_fusion;
-pub(crate) mod gta;
+pub mod chunked;
+pub mod device;
+mod gta;
+mod job;
 mod karcher;
-pub mod kernel;
 mod linear;
 mod model_stock;
 mod multislerp;
@@ -16,8 +20,10 @@ mod passthrough;
 mod ram;
 mod rng;
 mod sce;
-pub(crate) mod select;
+mod select;
 mod slerp;
+#[cfg(test)]
+pub(crate) mod testing;
 mod torch_sort;
 mod torch_topk;
 
@@ -25,9 +31,7 @@ use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
-#[cfg(any(feature = "cuda", test))]
-pub(crate) use linear::weights as linear_weights;
+pub use job::{BlockScale, Chunk, MergeJob, OutputView, Segments, TensorView};
 
 /// A resolved parameter value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -182,7 +186,8 @@ pub enum MethodError {
     },
 }
 
-/// A merge method: its spec, its checks, its kernel.
+/// A merge method: its spec, its checks, its CPU merge, and what a compute
+/// device can compute of it.
 pub trait MergeMethod: Send + Sync {
     fn spec(&self) -> &MethodSpec;
 
@@ -194,6 +199,13 @@ pub trait MergeMethod: Send + Sync {
 
     /// Computes the output tensor. `out` has the output dtype and shape of `job`.
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError>;
+
+    /// How a compute device computes `job` with the bytes of
+    /// [`merge`](MergeMethod::merge), when it can; `None` (the default): only
+    /// the CPU does. See [`device`].
+    fn device_op(&self, _job: &MergeJob) -> Option<device::DeviceOp> {
+        None
+    }
 
     /// Bytes one [`merge`](MergeMethod::merge) of a tensor of `numel` elements
     /// from `inputs` inputs may hold beyond the per-thread chunk scratch (e.g.

@@ -6,12 +6,13 @@
 //! elements, the choice among equal variances ([`super::torch_topk`]) are
 //! torch's, so small tensors keep exactly mergekit's elements.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::select::{self, TopK, TorchOrder};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
     ParamValue, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Sce;
 
@@ -74,7 +75,7 @@ impl MergeMethod for Sce {
         let others = job.non_base();
         let k = others.len();
         if k == 0 {
-            kernel::map(job, out, |_, x, y| y.copy_from_slice(x[base]));
+            chunked::map(job, out, |_, x, y| y.copy_from_slice(x[base]));
             return Ok(());
         }
         let topk = job.params.shared_f64("select_topk").unwrap_or(1.0);
@@ -97,7 +98,7 @@ impl MergeMethod for Sce {
                     *o = select::magnitude_key(variance(&d));
                 }
             };
-            let nonzero: u64 = kernel::fold_exact(
+            let nonzero: u64 = chunked::fold_exact(
                 job,
                 || 0u64,
                 |acc, c, x| {
@@ -112,7 +113,7 @@ impl MergeMethod for Sce {
                 .pop()
                 .unwrap_or(TopK::Nothing)
         };
-        let selected = |c: kernel::Chunk, x: &[&[f32]]| -> Vec<bool> {
+        let selected = |c: super::Chunk, x: &[&[f32]]| -> Vec<bool> {
             let mut quota = selection.chunk_quota(c);
             let mut d = vec![0.0f32; k];
             (0..c.len)
@@ -123,7 +124,7 @@ impl MergeMethod for Sce {
                 .collect()
         };
         // Calculate: weights from the mean square of each selected task vector.
-        let parts = kernel::reduce(job, |c, x| {
+        let parts = chunked::reduce(job, |c, x| {
             let mask = selected(c, x);
             let mut sq = vec![0.0f64; k];
             let mut d = vec![0.0f32; k];
@@ -148,7 +149,7 @@ impl MergeMethod for Sce {
             weights.iter_mut().for_each(|w| *w /= sum);
         }
         // Erase and merge.
-        kernel::map(job, out, |c, x, y| {
+        chunked::map(job, out, |c, x, y| {
             let mask = selected(c, x);
             let mut d = vec![0.0f32; k];
             for (e, o) in y.iter_mut().enumerate() {
@@ -176,7 +177,7 @@ impl MergeMethod for Sce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     #[test]
     fn sce_by_hand() {

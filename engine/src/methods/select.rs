@@ -10,8 +10,9 @@
 //! elements; above it, ties are kept from the highest index down
 //! (deterministic, and a handful of equal magnitudes out of millions).
 
-use super::kernel::{self, Chunk, MergeJob};
+use super::chunked;
 use super::{torch_sort, torch_topk};
+use super::{Chunk, MergeJob};
 
 /// Largest tensor whose top-k replays torch's sort (cost: one sort per task vector).
 pub const EXACT_LIMIT: usize = 1 << 16;
@@ -159,7 +160,7 @@ fn top_k_limited(
             .map(|s| s.map(|(key, _, left)| (key, left)))
             .collect();
         // Ties: count keys equal to the threshold per chunk.
-        per_chunk = kernel::reduce(job, |c, x| {
+        per_chunk = chunked::reduce(job, |c, x| {
             let mut eq = vec![0u32; streams];
             with_keys(c.len, |buf| {
                 for (s, t) in thresholds.iter().enumerate() {
@@ -173,7 +174,7 @@ fn top_k_limited(
         });
     } else {
         // Collect the keys of each stream's bucket, chunk by chunk.
-        let candidates: Vec<Vec<Vec<u32>>> = kernel::reduce(job, |c, x| {
+        let candidates: Vec<Vec<Vec<u32>>> = chunked::reduce(job, |c, x| {
             with_keys(c.len, |buf| {
                 state
                     .iter()
@@ -319,7 +320,7 @@ fn digit_pass(
     let streams = state.len();
     let buckets = 1usize << bits;
     let snapshot = state.to_vec();
-    let hist = kernel::fold_exact(
+    let hist = chunked::fold_exact(
         job,
         || vec![0u64; streams * buckets],
         |h, c, x| {
@@ -371,7 +372,7 @@ fn with_keys<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
 
 /// Bytes a [`top_k`] over `streams` streams of `n` keys may hold at most.
 pub fn working_memory(n: u64, streams: usize) -> u64 {
-    let chunks = n.div_ceil(kernel::CHUNK as u64);
+    let chunks = n.div_ceil(chunked::CHUNK as u64);
     if n as usize <= EXACT_LIMIT {
         // Every key, its sort order and a mask.
         return n * 9 * streams as u64;
@@ -397,7 +398,7 @@ fn top_k_exact(
             if k >= n {
                 return TopK::All;
             }
-            let all: Vec<u32> = kernel::reduce(job, |c, x| {
+            let all: Vec<u32> = chunked::reduce(job, |c, x| {
                 let mut buf = vec![0u32; c.len];
                 keys(s, x, &mut buf);
                 buf
@@ -420,8 +421,8 @@ fn top_k_exact(
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::{testing::f32_bytes, TensorView, CHUNK};
     use crate::methods::TensorParams;
+    use crate::methods::{chunked::CHUNK, testing::f32_bytes, TensorView};
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
         select_limited(values, k, None, TorchOrder::Argsort)
