@@ -13,6 +13,7 @@ use fleetmerge_coordinator::{
 use fleetmerge_engine::config::MergeConfig;
 use fleetmerge_engine::exec::{self, human_bytes as bytes, Progress};
 use fleetmerge_engine::plan::{self, PlanOptions};
+use fleetmerge_engine::unit;
 use fleetmerge_worker::remote::{run_remote, RemoteOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -346,7 +347,7 @@ fn run(args: RunArgs) -> Result<()> {
         running.store(false, Ordering::Relaxed);
         r
     })?;
-    let non_finite: Vec<exec::NonFinite> = summary
+    let non_finite: Vec<unit::NonFinite> = summary
         .outputs
         .iter()
         .flat_map(|o| o.non_finite.iter().cloned())

@@ -10,9 +10,8 @@
 //! `fleetmerge run`. Only the holder can extend, complete or fail its lease.
 
 use crate::journal::Journal;
-use fleetmerge_engine::exec::UnitOutput;
-use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::{UnitOutput, WorkUnit};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -596,7 +595,7 @@ mod tests {
     fn units(n: usize) -> Vec<WorkUnit> {
         (0..n)
             .map(|id| WorkUnit {
-                format: fleetmerge_engine::plan::PLAN_FORMAT,
+                format: fleetmerge_engine::unit::PLAN_FORMAT,
                 id,
                 file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
                 merge_method: "linear".into(),

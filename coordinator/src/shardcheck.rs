@@ -18,10 +18,10 @@
 //! checks every shard against the journal's sha256.
 
 use fleetmerge_engine::dtype::DType;
-use fleetmerge_engine::exec::{compute_tensor, UnitOutput};
+use fleetmerge_engine::exec::compute_tensor;
 use fleetmerge_engine::output::ShardLayout;
-use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::{UnitOutput, WorkUnit};
 use sha2::{Digest, Sha256};
 
 /// Input bytes (and output bytes) of a tensor the coordinator recomputes.

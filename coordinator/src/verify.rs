@@ -9,8 +9,8 @@
 use crate::journal;
 use fleetmerge_engine::checkpoint::{read_header, read_index};
 use fleetmerge_engine::dtype::decode_f32;
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};

@@ -15,5 +15,6 @@ pub mod output;
 pub mod plan;
 pub mod size;
 pub mod storage;
+pub mod unit;
 
 pub use dtype::DType;

@@ -6,9 +6,9 @@
 pub mod paths;
 pub mod remote;
 
-use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress, UnitOutput};
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress};
 use fleetmerge_engine::storage::StorageError;
+use fleetmerge_engine::unit::{UnitOutput, WorkUnit};
 
 /// A unit handed to a worker, with the lease that identifies this attempt.
 #[derive(Debug, Clone)]

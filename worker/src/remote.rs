@@ -10,7 +10,7 @@
 
 use crate::retryable;
 use fleetmerge_engine::exec::{self, Progress};
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::coordinator_client::CoordinatorClient;
 use fleetmerge_proto::*;
 use std::collections::BTreeSet;

@@ -11,7 +11,7 @@
 
 use super::{read, stream, ExecLimits};
 use crate::methods;
-use crate::plan::WorkUnit;
+use crate::unit::WorkUnit;
 
 /// Bytes of the process itself (code, allocator, runtime), outside any unit.
 pub const PROCESS_BYTES: u64 = 48 << 20;
@@ -289,7 +289,7 @@ pub use crate::size::parse_size as parse_memory;
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::plan::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
+    use crate::unit::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
 
     fn unit(method: &str, tensors: &[(&str, u64)]) -> WorkUnit {
         WorkUnit {

@@ -18,27 +18,15 @@ pub use device::Device;
 use crate::dtype::DType;
 use crate::methods::kernel::BlockScale;
 use crate::methods::{self, MergeJob, MethodError, OutputView, Segments, TensorView};
-use crate::plan::{OutputTensor, TensorOp, UnitError, WorkUnit, PLAN_FORMAT};
 use crate::storage::{self, StorageError};
+use crate::unit::{
+    NonFinite, OutputTensor, Requant, TensorOp, UnitError, UnitOutput, WorkUnit, PLAN_FORMAT,
+};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::sync::{mpsc, Mutex};
 
 mod finite;
-pub use finite::NonFinite;
-
-/// What a finished unit produced.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct UnitOutput {
-    pub unit: usize,
-    pub file_name: String,
-    pub size: u64,
-    pub sha256: String,
-    pub tensors: Vec<String>,
-    /// Tensors written with NaN or infinite values (reported as warnings).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub non_finite: Vec<NonFinite>,
-}
 
 /// `tensor: N NaN, M Inf` for up to five tensors, and how many more.
 pub fn describe_non_finite(list: &[NonFinite]) -> String {
@@ -672,7 +660,7 @@ fn compute(
 /// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales
 /// `amax / 448`, or (`rq.scales`) those scales as F32: DeepSeek-V3's layout,
 /// where the weight is `fp8 · weight_scale_inv` per block.
-fn requantize(values: &[f32], shape: &[u64], rq: &crate::plan::Requant, out: &mut [u8]) {
+fn requantize(values: &[f32], shape: &[u64], rq: &Requant, out: &mut [u8]) {
     let (rows, cols) = (
         shape.first().copied().unwrap_or(1) as usize,
         shape.get(1).copied().unwrap_or(1).max(1) as usize,
@@ -927,8 +915,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement"]
     fn check_cost() {
-        use crate::methods::{ParamValue, TensorParams};
-        use crate::plan::TensorRef;
+        use crate::unit::{ParamValue, TensorParams, TensorRef};
         use std::time::Instant;
         const N: usize = 12_000;
         let dir = tempfile::tempdir().unwrap();

@@ -528,7 +528,8 @@ fn grid(n: usize) -> u32 {
 mod tests {
     use super::*;
     use crate::methods::kernel::testing::{num, params};
-    use crate::methods::{self, TensorParams, TensorView};
+    use crate::methods::{self, TensorView};
+    use crate::unit::TensorParams;
 
     /// Runs `method` on `job` on the CPU and through the emulated GPU path
     /// (which must take it) into `out_dtype`; returns both outputs.
@@ -623,7 +624,7 @@ mod tests {
         let inputs = models(n, 4);
         let base = Some(3);
         // Per fine-tune: weight and density (a negative weight; density 1 keeps all).
-        let family = |shared: &[(&str, methods::ParamValue)]| {
+        let family = |shared: &[(&str, crate::unit::ParamValue)]| {
             params(
                 shared,
                 &[

@@ -12,8 +12,9 @@ use super::select::{self, TieQuota, TopK};
 use super::torch_sort;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
-    ParamSpec, ParamValue, Scope, TensorParams,
+    ParamSpec, Scope,
 };
+use crate::unit::{ParamValue, TensorParams};
 
 /// How each task vector is thinned before merging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -752,7 +753,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use crate::methods::kernel::testing::*;
-    use crate::methods::TensorParams;
+    use crate::unit::TensorParams;
 
     fn ties(
         inputs: &[Vec<f32>],

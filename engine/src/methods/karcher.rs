@@ -17,8 +17,9 @@
 use super::kernel::{self, MergeJob, OutputView};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
-    ParamSpec, ParamValue, Scope, TensorParams,
+    ParamSpec, Scope,
 };
+use crate::unit::{ParamValue, TensorParams};
 
 pub struct Karcher;
 

@@ -13,8 +13,9 @@
 //! method that needs whole-tensor statistics (norms, top-k thresholds) gets
 //! them from its reductions, each one more pass over the segments.
 
-use super::{MethodError, TensorParams};
+use super::MethodError;
 use crate::dtype::{decode_f32, encode_f32, DType};
+use crate::unit::TensorParams;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -425,7 +426,8 @@ pub fn sum_partials<const N: usize>(parts: &[[f64; N]]) -> [f64; N] {
 pub(crate) mod testing {
     //! Helpers for method unit tests: run a method on small f32 tensors.
     use super::*;
-    use crate::methods::{MergeMethod, TensorParams};
+    use crate::methods::MergeMethod;
+    use crate::unit::TensorParams;
 
     pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -655,7 +657,8 @@ mod tests {
     /// Parameters every registered method accepts: its required ones set to
     /// plausible values, varied by input.
     fn plausible_params(method: &dyn crate::methods::MergeMethod, n: usize) -> TensorParams {
-        use crate::methods::{ParamDefault, ParamKind, ParamValue, Scope};
+        use crate::methods::{ParamDefault, ParamKind, Scope};
+        use crate::unit::ParamValue;
         let mut p = TensorParams {
             per_input: vec![Default::default(); n],
             ..Default::default()

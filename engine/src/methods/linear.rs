@@ -4,8 +4,9 @@
 use super::kernel::{self, MergeJob, OutputView};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
-    ParamSpec, Scope, TensorParams,
+    ParamSpec, Scope,
 };
+use crate::unit::TensorParams;
 
 pub struct Linear;
 

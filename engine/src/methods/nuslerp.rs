@@ -11,8 +11,9 @@
 use super::kernel::{self, MergeJob, OutputView};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
-    ParamSpec, Scope, TensorParams,
+    ParamSpec, Scope,
 };
+use crate::unit::TensorParams;
 
 pub struct NuSlerp;
 
@@ -214,7 +215,7 @@ impl MergeMethod for NuSlerp {
 mod tests {
     use super::*;
     use crate::methods::kernel::testing::*;
-    use crate::methods::ParamValue;
+    use crate::unit::ParamValue;
 
     fn nuslerp(
         shape: &[u64],

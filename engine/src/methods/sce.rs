@@ -6,9 +6,9 @@
 use super::kernel::{self, MergeJob, OutputView};
 use super::select::{self, TopK};
 use super::{
-    BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
-    ParamValue, Scope,
+    BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec, Scope,
 };
+use crate::unit::ParamValue;
 
 pub struct Sce;
 

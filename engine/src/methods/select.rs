@@ -391,7 +391,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use crate::methods::kernel::{testing::f32_bytes, TensorView, CHUNK};
-    use crate::methods::TensorParams;
+    use crate::unit::TensorParams;
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
         select_limited(values, k, None)

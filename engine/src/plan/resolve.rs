@@ -5,7 +5,8 @@
 //! per-model ones against that model's input tensor name).
 
 use crate::config::{ConfigError, Params, Span};
-use crate::methods::{ParamDefault, ParamKind, ParamSpec, ParamValue};
+use crate::methods::{ParamDefault, ParamKind, ParamSpec};
+use crate::unit::ParamValue;
 
 /// The value of one parameter and the YAML setting it came from (none for a default).
 #[derive(Debug, Clone, PartialEq)]

@@ -197,7 +197,7 @@ pub fn summarize(
             "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
         ));
     }
-    let dequantized: Vec<&super::OutputTensor> = tensors()
+    let dequantized: Vec<&crate::unit::OutputTensor> = tensors()
         .filter(|t| !t.scales.is_empty() && t.requant.is_none())
         .collect();
     if let Some(t) = dequantized.first() {
