@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use super::yaml::{Node, NodeKind};
-use super::{ConfigError, Span, Spanned};
+use super::{ConfigError, Spanned};
+use crate::yaml::{key_text, Node, NodeKind, Span};
 
 /// One YAML scalar as written; mergekit 0.1.5 keeps the raw type and converts
 /// it only when the parameter's type is known (at evaluation).
@@ -286,7 +286,7 @@ fn conditional(node: &Node, key_path: &str) -> Result<Conditional, ConfigError> 
                     k.span,
                     format!(
                         "unknown key '{}' in a filter entry (allowed: filter, value)",
-                        super::yaml::key_text(k)
+                        key_text(k)
                     ),
                 ))
             }

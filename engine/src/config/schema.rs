@@ -6,9 +6,9 @@ use std::fmt;
 use std::path::Path;
 
 use super::params::{ParamSetting, Scalar};
-use super::yaml::{key_text, Node, NodeKind};
-use super::{ConfigError, Span, Spanned};
+use super::{ConfigError, Spanned};
 use crate::dtype::DType;
+use crate::yaml::{key_text, Node, NodeKind, Span};
 
 /// A parsed merge configuration.
 #[derive(Debug, Clone, PartialEq)]

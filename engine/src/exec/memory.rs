@@ -162,6 +162,15 @@ pub struct Peak<'a> {
     pub streamed: usize,
 }
 
+impl crate::plan::summary::PeakMemory for Peak<'_> {
+    fn peak_bytes(&self) -> u64 {
+        self.bytes
+    }
+    fn streamed_tensors(&self) -> usize {
+        self.streamed
+    }
+}
+
 /// Estimates every unit of `units` (into `out_dir`, on `threads` threads,
 /// within `budget` bytes each when given) and returns the highest peak.
 pub fn peak<'a>(

@@ -8,15 +8,14 @@ use super::layout::{Layout, TIED_HEADS};
 use super::resolve::{resolve, Resolved};
 use super::{OutputMeta, Plan, PlanError, PlannedModel};
 use crate::checkpoint::Checkpoint;
-use crate::config::{
-    ConfigError, MergeConfig, ModelInputs, ModelRef, Params, Span, TokenizerSource,
-};
+use crate::config::{ConfigError, MergeConfig, ModelInputs, ModelRef, Params, TokenizerSource};
 use crate::dtype::DType;
 use crate::methods::{self, BasePolicy, MergeMethod, ParamSpec, Scope};
 use crate::storage;
 use crate::unit::{
     OutputTensor, ParamValue, Requant, TensorOp, TensorParams, TensorRef, WorkUnit, PLAN_FORMAT,
 };
+use crate::yaml::Span;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;

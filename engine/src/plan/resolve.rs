@@ -4,9 +4,10 @@
 //! parameters are looked up without a model against the output tensor name;
 //! per-model ones against that model's input tensor name).
 
-use crate::config::{ConfigError, Params, Span};
+use crate::config::{ConfigError, Params};
 use crate::methods::{ParamDefault, ParamKind, ParamSpec};
 use crate::unit::ParamValue;
+use crate::yaml::Span;
 
 /// The value of one parameter and the YAML setting it came from (none for a default).
 #[derive(Debug, Clone, PartialEq)]

@@ -130,7 +130,7 @@ pub trait ObjectWriter: Send {
 /// The storage for a location string: a local path (or `file://` URL), or an
 /// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`).
 pub fn for_location(location: &str) -> Arc<dyn Storage> {
-    if !object::is_url(location) {
+    if !is_url(location) {
         return Arc::new(LocalStorage);
     }
     match object::for_url(location) {
@@ -141,7 +141,11 @@ pub fn for_location(location: &str) -> Arc<dyn Storage> {
 
 /// Whether `location` is an object-store URL rather than a local path.
 pub fn is_url(location: &str) -> bool {
-    object::is_url(location)
+    [
+        "s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://",
+    ]
+    .iter()
+    .any(|p| location.starts_with(p))
 }
 
 /// Bytes a streamed write (`create`) to `location` buffers at most: for an
