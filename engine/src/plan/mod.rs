@@ -6,10 +6,16 @@
 
 mod build;
 pub mod layout;
+mod meta;
+mod models;
 mod resolve;
+mod shards;
+mod slices;
 pub mod summary;
+mod tensors;
 
-pub use build::{inspect_models, plan, ModelFacts, PlanOptions};
+pub use build::{plan, PlanOptions};
+pub use models::{inspect_models, ModelFacts};
 
 use crate::checkpoint::CheckpointError;
 use crate::config::ConfigError;

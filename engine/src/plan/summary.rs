@@ -5,7 +5,7 @@
 //! (`exec::memory::peak`), through [`PeakMemory`]: the plan does not look up
 //! into the executor.
 
-use super::build::ModelFacts;
+use super::models::ModelFacts;
 use super::Plan;
 use serde::Serialize;
 use std::collections::BTreeMap;
