@@ -6,7 +6,7 @@
 mod params;
 mod schema;
 
-pub use params::{Conditional, ParamSetting, Scalar};
+pub use params::{Conditional, ParamSetting, Scalar, SettingError};
 pub use schema::{
     InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params,
     TokenizerSource,

@@ -139,9 +139,7 @@ pub(super) fn open_models(
             let st = storage::for_location(&location);
             let checkpoint = Checkpoint::open(st.as_ref(), &location)?;
             let layout = Layout::infer(checkpoint.tensors.keys());
-            checkpoint
-                .check_layer_count(layout.layer_count())
-                .map_err(PlanError::Inputs)?;
+            checkpoint.check_layer_count(layout.layer_count())?;
             let layers = checkpoint
                 .num_layers()
                 .map(|(_, n)| n)

@@ -113,10 +113,13 @@ pub(crate) fn resolve(
         let value = match spec.kind {
             ParamKind::Bool => setting
                 .evaluate_bool(tensor, t)
-                .map_err(err)?
+                .map_err(|e| err(e.to_string()))?
                 .map(ParamValue::Bool),
             ParamKind::Number { min, max } => {
-                match setting.evaluate_number(tensor, t).map_err(err)? {
+                match setting
+                    .evaluate_number(tensor, t)
+                    .map_err(|e| err(e.to_string()))?
+                {
                     None => None,
                     Some(v) if !v.is_finite() => {
                         return Err(err(format!(
