@@ -147,7 +147,7 @@ mod tests {
         let out = run_dtype(
             &Linear,
             &[50, 100],
-            &[xb.clone()],
+            std::slice::from_ref(&xb),
             None,
             &p,
             DType::BF16,

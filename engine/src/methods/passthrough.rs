@@ -68,10 +68,13 @@ mod tests {
             ..Default::default()
         };
         let x = vec![1.5f32, -2.0, f32::MIN_POSITIVE];
-        assert_eq!(run(&Passthrough, &[3], &[x.clone()], None, &p).unwrap(), x);
+        assert_eq!(
+            run(&Passthrough, &[3], std::slice::from_ref(&x), None, &p).unwrap(),
+            x
+        );
         let p = params(&[], &[&[("scale", num(0.5))]]);
         assert_eq!(
-            run(&Passthrough, &[3], &[x.clone()], None, &p).unwrap(),
+            run(&Passthrough, &[3], std::slice::from_ref(&x), None, &p).unwrap(),
             vec![0.75, -1.0, f32::MIN_POSITIVE * 0.5]
         );
     }
