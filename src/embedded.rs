@@ -10,8 +10,9 @@ use fleetmerge_coordinator::{
     now_ms, AssembleOptions, CompleteError, Merge, MergeOptions, Opened, Report, RunError,
     RunSummary,
 };
-use fleetmerge_engine::exec::{Device, Progress, UnitOutput};
+use fleetmerge_engine::exec::{Device, Progress};
 use fleetmerge_engine::plan::Plan;
+use fleetmerge_engine::unit::UnitOutput;
 use fleetmerge_worker::{
     Completed, Lease, LoopOptions, Next, UnitFailure, UnitSource, WorkerError,
 };

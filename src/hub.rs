@@ -7,8 +7,8 @@
 use anyhow::Result;
 use clap::Args;
 use fleetmerge_engine::exec::human_bytes as bytes;
-use fleetmerge_engine::hub::{self, HubPath};
 use fleetmerge_engine::plan::Plan;
+use fleetmerge_engine::storage::hub::{self, HubPath};
 use fleetmerge_engine::storage::{self, Storage};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -3,10 +3,10 @@
 //! — last of all, once every shard exists — `model.safetensors.index.json`.
 
 use fleetmerge_engine::checkpoint::CheckpointError;
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::output::{self, CardInput, OutputError, Provenance};
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 
 /// What to write besides the tensors.
 #[derive(Debug, Clone)]

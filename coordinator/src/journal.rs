@@ -7,10 +7,10 @@
 //! finished merge may be overwritten by a different one; an unfinished one is
 //! resumed, or refused when the config or inputs changed (unless `--restart`).
 
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::output::INDEX_FILE;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -11,8 +11,8 @@
 //! (see [`LeaseTable::register`]), or the name of an in-process worker of
 //! `fleetmerge run`. Only the holder can extend, complete or fail its lease.
 
-use fleetmerge_engine::exec::UnitOutput;
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
 use std::sync::Arc;
@@ -605,7 +605,7 @@ mod tests {
     fn units(n: usize) -> Vec<WorkUnit> {
         (0..n)
             .map(|id| WorkUnit {
-                format: fleetmerge_engine::plan::PLAN_FORMAT,
+                format: fleetmerge_engine::unit::PLAN_FORMAT,
                 id,
                 file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
                 merge_method: "linear".into(),

@@ -31,9 +31,10 @@ use crate::journal::{Journal, JournalError};
 use crate::lease_table::{Check, LeaseTable, Origin, Outcome, Refusal};
 use crate::outdir::{OutDirError, OutputLock};
 use crate::shardcheck::{self, Reported, ShardError};
-use fleetmerge_engine::exec::{Progress, UnitOutput};
+use fleetmerge_engine::exec::Progress;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::StorageError;
+use fleetmerge_engine::unit::UnitOutput;
 use std::sync::{Mutex, MutexGuard};
 
 /// Why a merge did not finish.

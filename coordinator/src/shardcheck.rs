@@ -21,10 +21,11 @@
 //! looked up ([`check_own`]), as the executor's own output record is kept.
 
 use fleetmerge_engine::dtype::DType;
-use fleetmerge_engine::exec::{compute_tensor, UnitOutput};
+use fleetmerge_engine::exec::compute_tensor;
 use fleetmerge_engine::output::ShardLayout;
-use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage::{self, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use sha2::{Digest, Sha256};
 
 /// Why a shard does not count as its unit's output. Each names the unit or

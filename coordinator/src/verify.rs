@@ -9,9 +9,9 @@
 use crate::journal;
 use fleetmerge_engine::checkpoint::{read_header, read_index, CheckpointError};
 use fleetmerge_engine::dtype::decode_f32;
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::output::INDEX_FILE as INDEX;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};

@@ -81,12 +81,12 @@ pub fn init_logging(quiet: bool) {
 }
 
 /// `--max-memory` (of `run`, `worker` and `plan`): a size in bytes.
-pub fn memory_size(text: &str) -> Result<u64, String> {
+pub fn memory_size(text: &str) -> Result<u64, fleetmerge_engine::size::SizeError> {
     exec::memory::parse_memory(text)
 }
 
 /// `--out-shard-size`: a size in bytes.
-pub fn shard_size(text: &str) -> Result<u64, String> {
+pub fn shard_size(text: &str) -> Result<u64, fleetmerge_engine::size::SizeError> {
     plan::parse_size(text)
 }
 

@@ -127,7 +127,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         running.store(false, Ordering::Relaxed);
         r
     })?;
-    let non_finite: Vec<exec::NonFinite> = summary
+    let non_finite: Vec<fleetmerge_engine::unit::NonFinite> = summary
         .outputs
         .iter()
         .flat_map(|o| o.non_finite.iter().cloned())

@@ -24,9 +24,10 @@
 pub mod paths;
 pub mod remote;
 
-use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress, UnitOutput};
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress};
 use fleetmerge_engine::storage::StorageError;
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use paths::{PathError, PathPolicy};
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};

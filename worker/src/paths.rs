@@ -17,8 +17,8 @@
 //!   input that passes the executor's header check (a tensor of a safetensors
 //!   file's own header).
 
-use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::WorkUnit;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;

@@ -10,8 +10,9 @@
 
 use crate::paths::PathPolicy;
 use crate::{Completed, Heartbeat, Lease, LoopOptions, Next, UnitFailure, UnitSource};
-use fleetmerge_engine::exec::{self, NoProgress, UnitOutput};
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::exec::{self, NoProgress};
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::coordinator_client::CoordinatorClient;
 use fleetmerge_proto::*;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,7 +11,7 @@
 
 use super::{read, stream, ExecLimits};
 use crate::methods;
-use crate::plan::WorkUnit;
+use crate::unit::WorkUnit;
 
 /// Bytes of the process itself (code, allocator, runtime), outside any unit.
 pub const PROCESS_BYTES: u64 = 48 << 20;
@@ -162,6 +162,15 @@ pub struct Peak<'a> {
     pub streamed: usize,
 }
 
+impl crate::plan::summary::PeakMemory for Peak<'_> {
+    fn peak_bytes(&self) -> u64 {
+        self.bytes
+    }
+    fn streamed_tensors(&self) -> usize {
+        self.streamed
+    }
+}
+
 /// Estimates every unit of `units` (into `out_dir`, on `threads` threads,
 /// within `budget` bytes each when given) and returns the highest peak.
 pub fn peak<'a>(
@@ -289,7 +298,7 @@ pub use crate::size::parse_size as parse_memory;
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::plan::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
+    use crate::unit::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
 
     fn unit(method: &str, tensors: &[(&str, u64)]) -> WorkUnit {
         WorkUnit {

@@ -28,25 +28,10 @@ mod tests;
 
 pub use device::{Device, DeviceError};
 
-pub use finite::NonFinite;
-
 use crate::gpu::GpuError;
 use crate::methods::{self, MethodError};
-use crate::plan::{OutputTensor, UnitError, WorkUnit, PLAN_FORMAT};
 use crate::storage::StorageError;
-
-/// What a finished unit produced.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct UnitOutput {
-    pub unit: usize,
-    pub file_name: String,
-    pub size: u64,
-    pub sha256: String,
-    pub tensors: Vec<String>,
-    /// Tensors written with NaN or infinite values (reported as warnings).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub non_finite: Vec<NonFinite>,
-}
+use crate::unit::{NonFinite, OutputTensor, UnitError, UnitOutput, WorkUnit, PLAN_FORMAT};
 
 /// `tensor: N NaN, M Inf` for up to five tensors, and how many more.
 pub fn describe_non_finite(list: &[NonFinite]) -> String {

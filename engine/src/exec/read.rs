@@ -11,8 +11,8 @@
 //! bytes are cut out of its span. A window of hundreds of small expert tensors
 //! costs a handful of requests per input file instead of one per tensor.
 
-use crate::plan::{OutputTensor, TensorRef};
 use crate::storage::{self, Mapped, StorageError};
+use crate::unit::{OutputTensor, TensorRef};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -244,8 +244,7 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::TensorParams;
-    use crate::plan::TensorOp;
+    use crate::unit::{TensorOp, TensorParams};
 
     fn tensor(name: &str, inputs: &[(&str, u64, u64)]) -> OutputTensor {
         OutputTensor {

@@ -8,8 +8,8 @@
 
 use super::read::Maps;
 use crate::methods::{chunked, Segments};
-use crate::plan::{OutputTensor, TensorRef};
 use crate::storage::StorageError;
+use crate::unit::{OutputTensor, TensorRef};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -185,7 +185,7 @@ impl Segments for Stream<'_> {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::plan::{OutputTensor, TensorOp};
+    use crate::unit::{OutputTensor, TensorOp};
 
     fn tensor(location: &str, numel: u64) -> OutputTensor {
         OutputTensor {

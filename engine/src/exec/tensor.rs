@@ -7,7 +7,7 @@
 use super::{Device, ExecError};
 use crate::dtype::DType;
 use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
-use crate::plan::{OutputTensor, TensorOp, WorkUnit};
+use crate::unit::{OutputTensor, TensorOp, WorkUnit};
 use rayon::prelude::*;
 
 /// Computes `t` from its inputs' bytes (then its scales' bytes) into `out`;
@@ -128,7 +128,7 @@ pub(super) fn compute(
 /// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales
 /// `amax / 448`, or (`rq.scales`) those scales as F32: DeepSeek-V3's layout,
 /// where the weight is `fp8 · weight_scale_inv` per block.
-fn requantize(values: &[f32], shape: &[u64], rq: &crate::plan::Requant, out: &mut [u8]) {
+fn requantize(values: &[f32], shape: &[u64], rq: &crate::unit::Requant, out: &mut [u8]) {
     let (rows, cols) = (
         shape.first().copied().unwrap_or(1) as usize,
         shape.get(1).copied().unwrap_or(1).max(1) as usize,

@@ -5,8 +5,8 @@ use super::pipeline::run_unit;
 use super::*;
 use crate::config::MergeConfig;
 use crate::dtype::DType;
-use crate::plan::TensorOp;
 use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
+use crate::unit::TensorOp;
 use std::path::PathBuf;
 use std::sync::mpsc;
 
@@ -212,8 +212,8 @@ fn inputs_must_be_tensors_of_their_files_header() {
 #[test]
 #[ignore = "a measurement"]
 fn check_cost() {
-    use crate::methods::{ParamValue, TensorParams};
-    use crate::plan::TensorRef;
+    use crate::unit::TensorRef;
+    use crate::unit::{ParamValue, TensorParams};
     use std::time::Instant;
     const N: usize = 12_000;
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 use super::*;
 use crate::methods::chunked::CHUNK;
 use crate::methods::testing::{num, params};
-use crate::methods::{self, TensorParams, TensorView};
+use crate::methods::{self, TensorView};
+use crate::unit::TensorParams;
 
 /// Runs `method` on `job` on the CPU and through the emulated GPU path
 /// (which must take it) into `out_dtype`; returns both outputs.
@@ -100,7 +101,7 @@ fn emulated_gpu_merges_are_byte_identical_to_the_cpu() {
     let inputs = models(n, 4);
     let base = Some(3);
     // Per fine-tune: weight and density (a negative weight; density 1 keeps all).
-    let family = |shared: &[(&str, methods::ParamValue)]| {
+    let family = |shared: &[(&str, crate::unit::ParamValue)]| {
         params(
             shared,
             &[

@@ -295,7 +295,8 @@ pub fn sum_partials<const N: usize>(parts: &[[f64; N]]) -> [f64; N] {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::{testing, TensorParams};
+    use crate::methods::testing;
+    use crate::unit::TensorParams;
 
     #[test]
     fn reductions_do_not_depend_on_thread_count() {
@@ -338,7 +339,8 @@ mod tests {
     /// Parameters every registered method accepts: its required ones set to
     /// plausible values, varied by input.
     fn plausible_params(method: &dyn crate::methods::MergeMethod, n: usize) -> TensorParams {
-        use crate::methods::{ParamDefault, ParamKind, ParamValue, Scope};
+        use crate::methods::{ParamDefault, ParamKind, Scope};
+        use crate::unit::ParamValue;
         let mut p = TensorParams {
             per_input: vec![Default::default(); n],
             ..Default::default()

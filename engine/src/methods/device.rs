@@ -149,7 +149,8 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use crate::methods::chunked::CHUNK;
-    use crate::methods::{MergeJob, TensorParams, TensorView};
+    use crate::methods::{MergeJob, TensorView};
+    use crate::unit::TensorParams;
 
     /// Counts on the host, as a device does.
     struct HostCounts<'a> {

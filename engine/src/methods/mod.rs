@@ -28,33 +28,9 @@ mod torch_sort;
 mod torch_topk;
 
 use crate::dtype::DType;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use crate::unit::{ParamValue, TensorParams};
 
 pub use job::{BlockScale, Chunk, MergeJob, OutputView, Segments, TensorView};
-
-/// A resolved parameter value.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ParamValue {
-    Bool(bool),
-    Number(f64),
-}
-
-impl ParamValue {
-    pub fn as_f64(self) -> f64 {
-        match self {
-            ParamValue::Number(x) => x,
-            ParamValue::Bool(b) => b as u8 as f64,
-        }
-    }
-    pub fn as_bool(self) -> bool {
-        match self {
-            ParamValue::Bool(b) => b,
-            ParamValue::Number(x) => x != 0.0,
-        }
-    }
-}
 
 /// The type of a parameter, with the range a number must lie in.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,26 +119,6 @@ pub struct MethodSpec {
 impl MethodSpec {
     pub fn param(&self, name: &str) -> Option<&ParamSpec> {
         self.params.iter().find(|p| p.name == name)
-    }
-}
-
-/// Fully resolved parameters of one output tensor: shared values, and one map
-/// per input (in input order; empty for the base where the scope excludes it).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct TensorParams {
-    pub shared: BTreeMap<String, ParamValue>,
-    pub per_input: Vec<BTreeMap<String, ParamValue>>,
-}
-
-impl TensorParams {
-    pub fn shared_f64(&self, name: &str) -> Option<f64> {
-        self.shared.get(name).map(|v| v.as_f64())
-    }
-    pub fn shared_bool(&self, name: &str) -> Option<bool> {
-        self.shared.get(name).map(|v| v.as_bool())
-    }
-    pub fn input_f64(&self, input: usize, name: &str) -> Option<f64> {
-        self.per_input.get(input)?.get(name).map(|v| v.as_f64())
     }
 }
 

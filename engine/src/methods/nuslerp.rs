@@ -215,7 +215,7 @@ impl MergeMethod for NuSlerp {
 mod tests {
     use super::*;
     use crate::methods::testing::*;
-    use crate::methods::ParamValue;
+    use crate::unit::ParamValue;
 
     fn nuslerp(
         shape: &[u64],

@@ -60,7 +60,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use crate::methods::testing::*;
-    use crate::methods::TensorParams;
+    use crate::unit::TensorParams;
 
     #[test]
     fn copies_and_scales() {

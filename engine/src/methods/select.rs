@@ -421,8 +421,8 @@ fn top_k_exact(
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::TensorParams;
     use crate::methods::{chunked::CHUNK, testing::f32_bytes, TensorView};
+    use crate::unit::TensorParams;
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
         select_limited(values, k, None, TorchOrder::Argsort)

@@ -168,8 +168,8 @@ pub fn run_bytes(
 }
 
 pub fn params(
-    shared: &[(&str, crate::methods::ParamValue)],
-    per_input: &[&[(&str, crate::methods::ParamValue)]],
+    shared: &[(&str, crate::unit::ParamValue)],
+    per_input: &[&[(&str, crate::unit::ParamValue)]],
 ) -> TensorParams {
     TensorParams {
         shared: shared.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -180,10 +180,10 @@ pub fn params(
     }
 }
 
-pub fn num(x: f64) -> crate::methods::ParamValue {
-    crate::methods::ParamValue::Number(x)
+pub fn num(x: f64) -> crate::unit::ParamValue {
+    crate::unit::ParamValue::Number(x)
 }
 
-pub fn flag(b: bool) -> crate::methods::ParamValue {
-    crate::methods::ParamValue::Bool(b)
+pub fn flag(b: bool) -> crate::unit::ParamValue {
+    crate::unit::ParamValue::Bool(b)
 }

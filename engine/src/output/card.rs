@@ -124,12 +124,12 @@ pub fn provenance(p: &Provenance) -> String {
     ));
     s.push_str("Input models (the config's reference, and where it was read):\n\n");
     for (reference, location) in p.models {
-        if let Ok(h) = crate::hub::parse_location(location) {
+        if let Ok(h) = crate::storage::hub::parse_location(location) {
             s.push_str(&format!(
                 "* `{reference}`: Hugging Face Hub `{}` at commit [`{}`]({})\n",
                 h.repo,
                 h.commit,
-                crate::hub::commit_url(&h.repo, &h.commit)
+                crate::storage::hub::commit_url(&h.repo, &h.commit)
             ));
         } else if reference == location {
             s.push_str(&format!("* `{reference}`\n"));

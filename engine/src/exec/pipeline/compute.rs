@@ -9,8 +9,8 @@ use super::writer::OutputBuffers;
 use crate::exec::tensor::compute;
 use crate::exec::{guard, read, stream, Device, ExecError, ExecLimits, Progress};
 use crate::methods::MergeMethod;
-use crate::plan::{OutputTensor, WorkUnit};
 use crate::storage;
+use crate::unit::{OutputTensor, WorkUnit};
 use rayon::prelude::*;
 use std::ops::Range;
 

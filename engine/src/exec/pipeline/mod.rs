@@ -19,10 +19,10 @@ mod compute;
 mod reader;
 mod writer;
 
-use super::UnitOutput;
 use super::{guard, inputs, read, unit_method, Device, ExecError, ExecLimits, Progress};
-use crate::plan::WorkUnit;
 use crate::storage;
+use crate::unit::UnitOutput;
+use crate::unit::WorkUnit;
 use sha2::Digest;
 
 /// Runs `unit` (validated), writing its shard into `out_dir`.

@@ -9,8 +9,8 @@
 //! read-ahead, the `requests` channel.
 
 use crate::exec::{guard, read, ExecError, ExecLimits};
-use crate::plan::OutputTensor;
 use crate::storage::StorageError;
+use crate::unit::OutputTensor;
 use std::ops::Range;
 use std::sync::mpsc;
 use std::thread::Scope;

@@ -5,10 +5,11 @@
 //! The compute stage holds the other end, [`OutputBuffers`]: two buffers that
 //! go to the writer over the `filled` channel and come back over `free`.
 
-use crate::exec::finite::{FiniteScan, NonFinite};
+use crate::exec::finite::FiniteScan;
 use crate::exec::{guard, ExecError, Progress};
 use crate::output::ShardLayout;
 use crate::storage::{ObjectWriter, StorageError};
+use crate::unit::NonFinite;
 use sha2::{Digest, Sha256};
 use std::sync::{mpsc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};

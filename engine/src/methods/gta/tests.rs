@@ -3,7 +3,7 @@
 use super::*;
 use crate::dtype::DType;
 use crate::methods::testing::*;
-use crate::methods::TensorParams;
+use crate::unit::TensorParams;
 
 fn ties(
     inputs: &[Vec<f32>],

@@ -8,7 +8,7 @@
 //!   except for `fleetmerge download`).
 //! - `client`: the Hub's HTTP API (revision, tree, resolve), signed-URL range
 //!   reads, retries, rate limits, token handling.
-//! - `storage`: [`HubStorage`], the read-only [`crate::storage::Storage`] for
+//! - `backend`: [`HubStorage`], the read-only [`crate::storage::Storage`] for
 //!   `hf://` locations.
 //!
 //! With `HF_HUB_OFFLINE=1` (or `TRANSFORMERS_OFFLINE=1`) nothing goes to the
@@ -16,16 +16,16 @@
 //! model that is not cached is an error naming the id, the revision and the
 //! cache folder.
 
+mod backend;
 pub mod cache;
 pub mod client;
 pub mod reference;
-mod storage;
 
+pub use backend::HubStorage;
 pub use client::{settings, Settings, TreeEntry, OPTIONS};
 pub use reference::{
     is_commit, is_hub_location, is_repo_id, model_location, parse_location, HubPath, SCHEME,
 };
-pub use storage::HubStorage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
