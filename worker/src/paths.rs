@@ -104,7 +104,7 @@ impl Place {
                             // A Hub repository, `hf://ORG/NAME`, holds its files
                             // at every commit (`hf://ORG/NAME@COMMIT/FILE`).
                             || (rest.starts_with('@')
-                                && fleetmerge_engine::hub::is_hub_location(q)
+                                && fleetmerge_engine::storage::hub::is_hub_location(q)
                                 && !q.contains('@'))
                     })
             }
