@@ -3,9 +3,7 @@
 //! as an unlimited run, and a budget too small for the largest tensor is
 //! refused before anything is written.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::process::Command;
 

@@ -17,10 +17,8 @@
 //!   token for a gated model fails its units with an error naming the id, and
 //!   the merge ends unfinished.
 
-mod common;
-
-use common::procs::{field, Proc};
-use common::{examples, fixture, root};
+use crate::common::procs::{field, Proc};
+use crate::common::{examples, fixture, root};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -241,7 +239,7 @@ fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn local_run(case: &str, out: &Path, shard: &str) -> BTreeMap<String, Vec<u8>> {
-    common::run_case(case, out, shard);
+    crate::common::run_case(case, out, shard);
     outputs(out)
 }
 
@@ -432,7 +430,7 @@ fn a_cache_huggingface_hub_filled_merges_offline_with_no_request() {
     );
     hub.log(true);
     // A dead endpoint: any request would fail.
-    let dead = format!("http://127.0.0.1:{}", common::procs::free_port());
+    let dead = format!("http://127.0.0.1:{}", crate::common::procs::free_port());
     let env = [
         ("HF_ENDPOINT", dead.as_str()),
         ("HF_HUB_CACHE", cache.to_str().unwrap()),
