@@ -3,6 +3,8 @@
 //! gRPC) driven from one test crate, a module per area, so they link once.
 //! One test: `cargo test --release --test it safety::NAME`; one area:
 //! `cargo test --release --test it hub::`. Fixtures are in tests/fixtures.
+//! tests/memory.rs is apart: it measures children's peak RSS, which needs a
+//! small parent process.
 
 mod common;
 
@@ -16,7 +18,6 @@ mod hostile;
 mod hostile_units;
 mod hub;
 mod inspect;
-mod memory;
 mod object_storage;
 mod resume;
 mod safety;
