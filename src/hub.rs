@@ -160,21 +160,13 @@ pub struct DownloadArgs {
     quiet: bool,
 }
 
-/// Files besides the shards that a merge, transformers or mergekit read.
-const SIDE_FILES: &[&str] = &[
-    "config.json",
-    fleetmerge_engine::output::INDEX_FILE,
-    "generation_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "chat_template.jinja",
-    "chat_template.json",
-];
+/// Files besides the shards that a merge, transformers or mergekit read: the
+/// model's config and index, and the tokenizer files a merge copies.
+fn side_files() -> impl Iterator<Item = &'static str> {
+    ["config.json", fleetmerge_engine::output::INDEX_FILE]
+        .into_iter()
+        .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
+}
 
 /// Fills the HF cache with what the merge of `CONFIG` reads from the Hub: the
 /// shards its plan reads, config.json, the index and the tokenizer files, as
@@ -202,7 +194,7 @@ pub fn download(args: DownloadArgs) -> Result<()> {
             continue;
         }
         let set = wanted.entry(dir.clone()).or_default();
-        for name in SIDE_FILES {
+        for name in side_files() {
             let f = st.join(dir, name);
             if st.exists(&f)? {
                 set.insert(f);

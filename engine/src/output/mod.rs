@@ -15,7 +15,7 @@ pub use chat_templates::{builtin_chat_template, resolve_chat_template};
 pub use index::{index_json, shard_file_names, INDEX_FILE};
 pub use model_config::{output_config, to_pretty_json};
 pub use shard::ShardLayout;
-pub use tokenizer::copy_tokenizer;
+pub use tokenizer::{copy_tokenizer, TOKENIZER_FILES};
 
 use crate::storage::StorageError;
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 /// The files mergekit 0.1.5 copies (`merge.py: _copy_tokenizer`), plus
 /// `vocab.json`: mergekit forgets it, but BPE tokenizers without a
 /// `tokenizer.json` cannot load without it.
-const TOKENIZER_FILES: &[&str] = &[
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",
