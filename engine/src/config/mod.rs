@@ -1,10 +1,12 @@
 //! mergekit's YAML merge configuration: the schema (`schema`), a YAML reader that
 //! keeps the line of every key (`yaml`), and parameter settings with gradients
-//! and filters (`params`). Everything a user can get wrong here is reported with
-//! the key and its line.
+//! and filters (`params`), and the tokenizer settings (`tokenizer`:
+//! `tokenizer_source` / `tokenizer:`). Everything a user can get wrong here is
+//! reported with the key and its line.
 
 mod params;
 mod schema;
+pub mod tokenizer;
 mod yaml;
 
 pub use params::{Conditional, ParamSetting, Scalar};
