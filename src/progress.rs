@@ -2,6 +2,7 @@
 //! the merge, one line per worker on the coordinator), plain log lines every
 //! few seconds otherwise, nothing with `--quiet`.
 
+use fleetmerge_engine::exec::human_bytes;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -116,10 +117,10 @@ impl Display {
         }
         format!(
             "{units} · read {} of {} ({}/s) · written {} · {eta}",
-            crate::bytes(s.input_done as f64),
-            crate::bytes(s.input_total as f64),
-            crate::bytes(rate),
-            crate::bytes(s.written as f64),
+            human_bytes(s.input_done as f64),
+            human_bytes(s.input_total as f64),
+            human_bytes(rate),
+            human_bytes(s.written as f64),
         )
     }
 
@@ -150,8 +151,8 @@ impl Display {
             "  {} ({}): {units} · {}/s · read {} · heartbeat {:.1} s ago",
             w.id,
             w.device,
-            crate::bytes(*rate),
-            crate::bytes(w.bytes_read as f64),
+            human_bytes(*rate),
+            human_bytes(w.bytes_read as f64),
             w.last_seen_ms_ago as f64 / 1e3
         )
     }

@@ -180,6 +180,8 @@ fn credentials_come_from_secrets_never_from_plain_values() {
         "auth.existingSecret=merge-token",
         "--set",
         "storage.gcsServiceAccount.existingSecret=gcs-sa",
+        "--set",
+        "hf.existingSecret=hf-token",
     ]);
     // With an existing token Secret the chart creates none (only the TLS one).
     assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")
@@ -203,6 +205,17 @@ fn credentials_come_from_secrets_never_from_plain_values() {
                 "{job}: {name} is set in plain text"
             );
         }
+        // The Hub token: HF_TOKEN from its Secret, in the coordinator and every worker.
+        let hf = c["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some("HF_TOKEN"))
+            .unwrap_or_else(|| panic!("{job}: no HF_TOKEN"));
+        assert_eq!(
+            hf["valueFrom"]["secretKeyRef"]["name"].as_str(),
+            Some("hf-token")
+        );
         let vols = j["spec"]["template"]["spec"]["volumes"].as_vec().unwrap();
         assert!(vols
             .iter()

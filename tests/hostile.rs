@@ -6,7 +6,7 @@
 mod common;
 use common::procs::*;
 use common::*;
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::*;
 use fleetmerge_worker::remote::{connect, Client};
 use sha2::{Digest, Sha256};

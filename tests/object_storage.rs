@@ -647,3 +647,105 @@ fn object_store_outputs_are_locked_and_never_overlap_inputs() {
         .iter()
         .any(|k| k.contains(".fleetmerge")));
 }
+
+// ---- no storage I/O under the lease table's lock ----
+
+/// `run --workers 2` into S3 with the first unit's journal record held on its
+/// way to storage: the other slot still leases, computes and records the next
+/// unit meanwhile (the record is written outside the lease table's lock, which
+/// every slot needs), and the model is the reference's.
+#[test]
+fn a_slow_journal_write_does_not_hold_up_the_other_slots() {
+    let endpoint = s3();
+    let (dir, reference) = big(endpoint);
+    create_bucket(endpoint, "out-gated-run");
+    let gate = Gate::new("/.fleetmerge/units/");
+    let env = s3_env(&gated_proxy(endpoint, gate.clone()));
+    let mut run = Proc::start(
+        "run",
+        dir,
+        &[
+            "run",
+            "s3.yaml",
+            "s3://out-gated-run/m",
+            "--out-shard-size",
+            "4M",
+            "--workers",
+            "2",
+        ],
+        &env_refs(&env),
+    );
+    // Well within the S3 client's own timeout (30 s), after which it would
+    // send the held record again.
+    let recorded_meanwhile = gate.wait_until(Duration::from_secs(20), |seen| {
+        seen.len() >= 2 && seen[1] != seen[0]
+    });
+    let seen = gate.seen();
+    gate.open();
+    run.succeeds(MINUTE * 2);
+    assert!(
+        recorded_meanwhile,
+        "no other unit was recorded while {:?} was held: {seen:?}\n{}",
+        seen.first(),
+        run.log()
+    );
+    let got = dir.join("got-gated-run");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-gated-run", "m", &got);
+    assert_same_files(&got, reference);
+}
+
+/// A coordinator whose first completion is being recorded (its journal PUT
+/// held on its way to S3) answers a status call at once, and counts the unit
+/// being checked as running; the merge then finishes as the reference.
+#[test]
+fn the_coordinator_answers_while_a_completion_is_recorded() {
+    use fleetmerge_proto::{StatusRequest, PROTOCOL_VERSION};
+    let endpoint = s3();
+    let (dir, reference) = big(endpoint);
+    create_bucket(endpoint, "out-gated-cluster");
+    let gate = Gate::new("/.fleetmerge/units/");
+    let env = s3_env(&gated_proxy(endpoint, gate.clone()));
+    let env = env_refs(&env);
+    let (mut c, addr) = coordinator(
+        "coordinator",
+        dir,
+        "s3://out-gated-cluster/m",
+        "127.0.0.1:0",
+        &env,
+    );
+    let mut w = worker("w1", &addr, &env);
+    let held = gate.wait_until(MINUTE, |seen| !seen.is_empty());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = held.then(|| {
+        rt.block_on(async {
+            let mut client =
+                fleetmerge_worker::remote::connect(&format!("http://{addr}"), None, None, false)
+                    .unwrap();
+            let request = StatusRequest {
+                protocol_version: PROTOCOL_VERSION,
+            };
+            tokio::time::timeout(Duration::from_secs(10), client.status(request)).await
+        })
+    });
+    // Still the one held: the completion had not finished when status answered.
+    let seen = gate.seen();
+    gate.open();
+    assert!(held, "no unit was recorded:\n{}", c.log());
+    let status = match answer {
+        Some(Ok(Ok(reply))) => reply.into_inner(),
+        Some(Ok(Err(e))) => panic!("status failed: {e}"),
+        _ => panic!("status did not answer within 10 s while a completion was recorded"),
+    };
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        status.running >= 1 && status.done == 0,
+        "the unit being checked is running: {status:?}"
+    );
+    c.succeeds(MINUTE * 2);
+    w.succeeds(MINUTE);
+    let got = dir.join("got-gated-cluster");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-gated-cluster", "m", &got);
+    assert_same_files(&got, reference);
+}

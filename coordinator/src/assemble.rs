@@ -3,10 +3,10 @@
 //! — last of all, once every shard exists — `model.safetensors.index.json`.
 
 use fleetmerge_engine::checkpoint::CheckpointError;
-use fleetmerge_engine::exec::UnitOutput;
 use fleetmerge_engine::output::{self, CardInput, OutputError, Provenance};
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 
 /// What to write besides the tensors.
 #[derive(Debug, Clone)]
@@ -144,7 +144,7 @@ fn write_card(
 /// unfinished merge never looks finished.
 pub fn remove_index(out_dir: &str) -> Result<(), AssembleError> {
     let out = storage::for_location(out_dir);
-    out.delete(&out.join(out_dir, "model.safetensors.index.json"))?;
+    out.delete(&out.join(out_dir, output::INDEX_FILE))?;
     Ok(())
 }
 
@@ -163,7 +163,7 @@ pub fn write_index(
         write_card(plan, out_dir, outputs, fingerprint)?;
     }
     let out = storage::for_location(out_dir);
-    let index_location = out.join(out_dir, "model.safetensors.index.json");
+    let index_location = out.join(out_dir, output::INDEX_FILE);
     if plan.units.len() > 1 {
         let index = output::index_json(plan.total_size(), &plan.weight_map());
         out.put(&index_location, index.as_bytes())?;

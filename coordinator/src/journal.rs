@@ -7,9 +7,10 @@
 //! finished merge may be overwritten by a different one; an unfinished one is
 //! resumed, or refused when the config or inputs changed (unless `--restart`).
 
-use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::output::INDEX_FILE;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -247,7 +248,7 @@ impl Journal {
     /// named like a shard stays).
     fn retire_earlier(&self, earlier: &Plan) -> Result<(), StorageError> {
         self.store.delete(&self.path(DONE))?;
-        for name in ["model.safetensors.index.json", "README.md"] {
+        for name in [INDEX_FILE, "README.md"] {
             self.store.delete(&self.store.join(&self.out_dir, name))?;
         }
         for unit in &earlier.units {

@@ -2,15 +2,15 @@
 //! `GET /metrics` answers in the text exposition format. A minimal HTTP/1.1
 //! responder on the coordinator's runtime, since scrapes are small and rare.
 
-use crate::cluster::Cluster;
+use crate::lease_table::LeaseTable;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The metrics text for the cluster's current state.
+/// The metrics text for the lease table's current state.
 /// `input_done` and `input_total` are the input bytes of the units done and
 /// of all units.
-pub fn render(c: &Cluster, input_done: u64, input_total: u64, now_ms: u64) -> String {
+pub fn render(c: &LeaseTable, input_done: u64, input_total: u64, now_ms: u64) -> String {
     let counts = c.counts();
     let mut s = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {

@@ -18,6 +18,7 @@
 //!    plan names, and nothing else.
 
 use crate::journal::{Journal, JournalError, Resume};
+use fleetmerge_engine::output::INDEX_FILE;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
 use std::path::{Component, Path, PathBuf};
@@ -31,7 +32,7 @@ const LOCK: &str = "lock";
 
 /// Files that a merge writes besides its shards and the donor's tokenizer files.
 const SIDE_FILES: &[&str] = &[
-    "model.safetensors.index.json",
+    INDEX_FILE,
     "config.json",
     "README.md",
     "mergekit_config.yml",

@@ -1,18 +1,20 @@
-//! The coordinator's gRPC service (`fleetmerge coordinator`): workers register,
-//! lease units, heartbeat, and report completions and failures; the standard
-//! gRPC health service answers probes. When every unit is done the coordinator
-//! writes the index and the journal's final marker, tells the workers to exit,
-//! and returns.
+//! The coordinator's gRPC service (`fleetmerge coordinator`): the cluster
+//! driver of a [`Merge`]. Workers register, lease units, heartbeat, and report
+//! completions and failures, each call a short visit to the merge's lease
+//! table (a completion's shard check and journal record run outside its lock,
+//! see [`crate::merge`]); the standard gRPC health service answers probes.
+//! When every unit is done the merge is finished (index, final marker), the
+//! workers are told to exit, and the coordinator returns.
 
-use crate::assemble::{self, AssembleOptions};
-use crate::cluster::{Cluster, FailReply, LeaseReply, Outcome, Refusal};
-use crate::journal::Journal;
-use crate::scheduler::{RunError, RunSummary};
+use crate::assemble::AssembleOptions;
+use crate::lease_table::{FailReply, LeaseReply, LeaseTable, Outcome, Refusal};
+use crate::merge::{CompleteError, Merge, MergeOptions, Opened, Report, RunError, RunSummary};
+use crate::shardcheck::{truncated, Reported};
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use fleetmerge_proto::*;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
@@ -37,6 +39,44 @@ pub struct ServeOptions {
     pub metrics: Option<SocketAddr>,
 }
 
+/// Why the coordinator could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("encoding work unit {unit}: {source}")]
+    Encode {
+        unit: usize,
+        source: serde_json::Error,
+    },
+    #[error(
+        "work unit {unit} ({file}, {tensors} tensors) is {len} bytes as JSON, more than the \
+         {limit} a lease can carry to a worker: use a smaller --out-shard-size"
+    )]
+    UnitTooLarge {
+        unit: usize,
+        file: String,
+        tensors: usize,
+        len: usize,
+        limit: usize,
+    },
+    #[error("metrics on {address}: {source}")]
+    Metrics {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS certificate or key: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("serving on {address}: {source}")]
+    Serve {
+        address: SocketAddr,
+        source: tonic::transport::Error,
+    },
+}
+
 /// A progress callback (see [`ServeOptions::progress`]).
 #[derive(Clone)]
 pub struct ProgressFn(pub Arc<dyn Fn(&Snapshot) + Send + Sync>);
@@ -50,7 +90,7 @@ impl std::fmt::Debug for ProgressFn {
 /// The state of a merge being served, for progress displays.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub counts: crate::cluster::Counts,
+    pub counts: crate::lease_table::Counts,
     /// Input bytes of all units, and of those done.
     pub input_total: u64,
     pub input_done: u64,
@@ -88,10 +128,8 @@ pub fn now_ms() -> u64 {
 }
 
 struct Shared {
-    cluster: Mutex<Cluster>,
-    journal: Journal,
+    merge: Merge,
     heartbeat_seconds: u32,
-    out_dir: String,
     started_ms: u64,
     /// Input bytes per unit id, and of the units resumed from the journal.
     input: std::collections::HashMap<usize, u64>,
@@ -99,8 +137,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
-        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    fn table(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
+        self.merge.table()
     }
 
     fn input_total(&self) -> u64 {
@@ -108,7 +146,7 @@ impl Shared {
     }
 
     /// Input bytes of the units `c` has done.
-    fn input_done(&self, c: &Cluster) -> u64 {
+    fn input_done(&self, c: &LeaseTable) -> u64 {
         c.done_units()
             .iter()
             .filter_map(|u| self.input.get(u))
@@ -117,7 +155,7 @@ impl Shared {
 
     /// The state of the merge for progress displays.
     fn snapshot(&self) -> Snapshot {
-        let c = self.cluster();
+        let c = self.table();
         let now = now_ms();
         Snapshot {
             counts: c.counts(),
@@ -166,13 +204,6 @@ fn new_session() -> Result<String, Status> {
     Ok(hex::encode(bytes))
 }
 
-/// A random number for the shard spot check's choice of tensor.
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    u64::from_le_bytes(bytes)
-}
-
 /// Refuses a string a peer sent that is longer than `max` bytes or holds
 /// control characters (it ends up in logs and status).
 fn bounded(what: &str, value: &str, max: usize) -> Result<(), Status> {
@@ -190,24 +221,12 @@ fn bounded(what: &str, value: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// `text` cut to at most `max` bytes (on a character boundary), saying so.
-fn truncated(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut cut = max;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{} ... (cut: {} bytes in all)", &text[..cut], text.len())
-}
-
 /// The worker of `session`, marked as heard from; refused when unknown.
 fn session<'a>(
-    c: &'a mut Cluster,
+    c: &'a mut LeaseTable,
     session: &str,
     now: u64,
-) -> Result<&'a mut crate::cluster::WorkerInfo, Status> {
+) -> Result<&'a mut crate::lease_table::WorkerInfo, Status> {
     if session.is_empty() || session.len() > MAX_SESSION_BYTES {
         return Err(Status::unauthenticated(format!(
             "{UNKNOWN_SESSION}: the call carries no valid session id (register first; \
@@ -243,16 +262,16 @@ impl Coordinator for Service {
         }
         let id = new_session()?;
         let now = now_ms();
-        let info = crate::cluster::WorkerInfo {
+        let info = crate::lease_table::WorkerInfo {
             id: r.worker_id.clone(),
             device: r.device.clone(),
             slots: r.slots,
             last_seen_ms: now,
             ..Default::default()
         };
-        if let Err(e) = self.0.cluster().register(&id, info) {
+        if let Err(e) = self.0.table().register(&id, info) {
             tracing::warn!(worker = %r.worker_id, error = %e, "registration refused");
-            return Err(Status::resource_exhausted(e));
+            return Err(Status::resource_exhausted(e.to_string()));
         }
         tracing::info!(worker = %r.worker_id, device = %r.device, slots = r.slots, "worker registered");
         Ok(Response::new(RegisterResponse {
@@ -266,7 +285,7 @@ impl Coordinator for Service {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let now = now_ms();
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let name = session(&mut c, &r.session, now)?.id.clone();
         let reply = match c.lease(&r.session, now) {
             LeaseReply::Unit {
@@ -280,7 +299,7 @@ impl Coordinator for Service {
                 lease_response::Reply::Unit(UnitLease {
                     lease_id: lease,
                     unit: json,
-                    out_dir: self.0.out_dir.clone(),
+                    out_dir: self.0.merge.out_dir().to_string(),
                     deadline_unix_ms: deadline_ms,
                 })
             }
@@ -308,7 +327,7 @@ impl Coordinator for Service {
             )));
         }
         let now = now_ms();
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let info = session(&mut c, &r.session, now)?;
         info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
         let revoked = c.heartbeat(&r.session, &r.lease_ids, now);
@@ -326,96 +345,53 @@ impl Coordinator for Service {
     }
 
     /// A completion is checked in three steps, so that no storage I/O happens
-    /// under the cluster's lock, which every call needs: under the lock, the
-    /// lease must be this session's (the unit is then held as being checked);
-    /// without it, the shard is checked in the output storage and journaled;
-    /// under the lock again, the unit is recorded done, or (rejected) back in
-    /// the queue as a failed attempt.
+    /// under the lease table's lock, which every call needs (see
+    /// [`Merge::complete`]): the whole of it runs on the blocking pool.
     async fn complete(
         &self,
         req: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
-        let now = now_ms();
-        let (name, check) = {
-            let mut c = self.0.cluster();
-            let info = session(&mut c, &r.session, now)?;
+        let name = {
+            let mut c = self.0.table();
+            let info = session(&mut c, &r.session, now_ms())?;
             info.bytes_read = info.bytes_read.saturating_add(r.progress_bytes);
-            let name = info.id.clone();
-            match c.begin_check(&r.session, r.lease_id, r.unit) {
-                Ok(check) => (name, check),
-                Err(Refusal::AlreadyDone) => {
-                    tracing::info!(worker = %name, unit = r.unit, "unit completed again (already done)");
-                    return Ok(Response::new(CompleteResponse { accepted: false }));
-                }
-                Err(Refusal::Refused(why)) => {
-                    tracing::warn!(worker = %name, unit = r.unit, lease = r.lease_id, error = %why, "completion refused");
-                    return Err(Status::failed_precondition(format!(
-                        "completion refused: {why}"
-                    )));
-                }
-            }
+            info.id.clone()
         };
         let shared = self.0.clone();
-        let unit = check.unit.clone();
-        // Checking the shard and journaling it touch storage: off the runtime
-        // threads, and outside the lock.
+        let (session, lease, unit) = (r.session.clone(), r.lease_id, r.unit);
+        let report = Report::Remote(Reported {
+            file_name: r.file_name,
+            size: r.size,
+            sha256: r.sha256,
+            tensors: r.tensors,
+        });
         let result = tokio::task::spawn_blocking(move || {
-            if r.file_name != unit.file_name {
-                return Err(format!(
-                    "unit {} writes {}, not {}",
-                    unit.id,
-                    unit.file_name,
-                    truncated(&r.file_name, 256)
-                ));
-            }
-            if !crate::shardcheck::is_sha256_hex(&r.sha256) {
-                return Err(format!(
-                    "sha256 {:?} is not 64 lowercase hex digits",
-                    truncated(&r.sha256, 80)
-                ));
-            }
-            if !r.tensors.is_empty()
-                && (r.tensors.len() != unit.tensors.len()
-                    || r.tensors
-                        .iter()
-                        .zip(&unit.tensors)
-                        .any(|(a, b)| *a != b.name))
-            {
-                return Err(format!(
-                    "the reported tensors are not unit {}'s {} tensors",
-                    unit.id,
-                    unit.tensors.len()
-                ));
-            }
-            let output = crate::shardcheck::check_shard(
-                &unit,
-                &shared.out_dir,
-                r.size,
-                &r.sha256,
-                random_u64(),
-            )?;
-            shared
-                .journal
-                .record(&output)
-                .map_err(|e| format!("recording unit {} in the journal: {e}", output.unit))?;
-            Ok(output)
+            shared.merge.complete(&session, lease, unit, report)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
-        self.0.cluster().finish_check(&check, result.clone());
+        .map_err(|e| Status::internal(format!("the completion's check stopped: {e}")))?;
         match result {
             Ok(_) => {
-                tracing::info!(worker = %name, unit = check.unit.id, accepted = true, "unit completed");
+                tracing::info!(worker = %name, unit, accepted = true, "unit completed");
                 Ok(Response::new(CompleteResponse { accepted: true }))
             }
-            Err(e) => {
-                tracing::warn!(worker = %name, unit = check.unit.id, error = %e, "completion rejected; the unit goes back to the queue");
+            Err(CompleteError::Refused(Refusal::AlreadyDone { .. })) => {
+                tracing::info!(worker = %name, unit, "unit completed again (already done)");
+                Ok(Response::new(CompleteResponse { accepted: false }))
+            }
+            Err(CompleteError::Refused(why)) => {
+                tracing::warn!(worker = %name, unit, lease, error = %why, "completion refused");
                 Err(Status::failed_precondition(format!(
-                    "completion of unit {} rejected: {e}",
-                    check.unit.id
+                    "completion refused: {why}"
                 )))
+            }
+            Err(rejected) => {
+                if let CompleteError::Rejected { reason, .. } = &rejected {
+                    tracing::warn!(worker = %name, unit, error = %reason, "completion rejected; the unit goes back to the queue");
+                }
+                Err(Status::failed_precondition(rejected.to_string()))
             }
         }
     }
@@ -424,7 +400,7 @@ impl Coordinator for Service {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let error = truncated(&r.error, MAX_ERROR_BYTES);
-        let mut c = self.0.cluster();
+        let mut c = self.0.table();
         let name = session(&mut c, &r.session, now_ms())?.id.clone();
         match c.fail(r.lease_id, &r.session, &error, r.retryable) {
             FailReply::Recorded => {
@@ -450,10 +426,10 @@ impl Coordinator for Service {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         check_version(req.into_inner().protocol_version)?;
-        let c = self.0.cluster();
+        let c = self.0.table();
         let counts = c.counts();
         // Workers holding units first, then the most recently heard from.
-        let mut all: Vec<(&String, &crate::cluster::WorkerInfo, Vec<usize>)> = c
+        let mut all: Vec<(&String, &crate::lease_table::WorkerInfo, Vec<usize>)> = c
             .workers
             .iter()
             .map(|(s, w)| (s, w, c.leases_of(s)))
@@ -517,21 +493,21 @@ fn authorize(token: &Option<Arc<str>>, req: &Request<()>) -> Result<(), Status> 
 
 /// Refuses a plan with a unit too large for a LeaseResponse (before anything
 /// is written or served), naming the unit.
-fn check_unit_sizes(plan: &Plan) -> Result<(), RunError> {
+fn check_unit_sizes(plan: &Plan) -> Result<(), ServeError> {
     // Room for the lease's other fields and the protobuf framing.
     let limit = MAX_UNIT_MESSAGE_BYTES - 64 * 1024;
     for u in &plan.units {
         let len = serde_json::to_vec(u)
-            .map_err(|e| RunError::Serve(format!("encoding work unit {}: {e}", u.id)))?
+            .map_err(|source| ServeError::Encode { unit: u.id, source })?
             .len();
         if len > limit {
-            return Err(RunError::Serve(format!(
-                "work unit {} ({}, {} tensors) is {len} bytes as JSON, more than the {limit} \
-                 a lease can carry to a worker: use a smaller --out-shard-size",
-                u.id,
-                u.file_name,
-                u.tensors.len()
-            )));
+            return Err(ServeError::UnitTooLarge {
+                unit: u.id,
+                file: u.file_name.clone(),
+                tensors: u.tensors.len(),
+                len,
+                limit,
+            });
         }
     }
     Ok(())
@@ -544,59 +520,39 @@ pub async fn serve(
     opts: ServeOptions,
 ) -> Result<RunSummary, RunError> {
     check_unit_sizes(&plan)?;
-    // The output's lock is held until the merge returns.
-    let crate::outdir::Claimed {
-        journal,
-        resume,
-        lock: _lock,
-    } = crate::outdir::claim(&plan, &out_dir, opts.restart)?;
-    if resume.finished {
-        tracing::info!(out = %out_dir, "this merge is already complete");
-        return Ok(RunSummary {
-            total_size: plan.total_size(),
-            resumed: resume.done.len(),
-            outputs: resume.done.into_values().collect(),
-        });
-    }
-    assemble::remove_index(&out_dir)?;
-    assemble::write_side_files(&plan, &out_dir, &opts.assemble)?;
-    let assemble_opts = opts.assemble.clone();
-    let resumed = resume.done.len();
-    if resumed > 0 {
-        tracing::info!(
-            done = resumed,
-            total = plan.units.len(),
-            "resuming: units finished by an earlier run are kept"
-        );
-    }
     let lease_ms = opts.lease_timeout.as_millis().max(1) as u64;
+    let merge_opts = MergeOptions {
+        assemble: opts.assemble.clone(),
+        restart: opts.restart,
+        max_attempts: opts.max_attempts,
+        lease_ms,
+        // Lease ids of a restarted coordinator never collide with those that
+        // workers of the previous one still hold.
+        first_lease: now_ms().saturating_mul(1000),
+    };
+    // The output's lock is held until the merge returns.
+    let (merge, _lock) = match Merge::open(&plan, &out_dir, &merge_opts)? {
+        Opened::Complete(summary) => return Ok(summary),
+        Opened::Started { merge, lock } => (*merge, lock),
+    };
+    let resumed = merge.resumed().len();
     // A third of the lease, at most 2 s (progress displays want fresh numbers).
     let heartbeat_seconds = (lease_ms / 3000).clamp(1, 2) as u32;
     let input_resumed: u64 = plan
         .units
         .iter()
-        .filter(|u| resume.done.contains_key(&u.id))
+        .filter(|u| merge.resumed().contains(&u.id))
         .map(|u| u.input_bytes())
         .sum();
-    let mut cluster = Cluster::new(
-        plan.units.clone(),
-        resume.done,
-        &out_dir,
-        lease_ms,
-        opts.max_attempts,
-        // Lease ids of a restarted coordinator never collide with those that
-        // workers of the previous one still hold.
-        now_ms().saturating_mul(1000),
-    );
     // A live worker calls at least every few seconds (heartbeats, or asking
     // for work); one silent for longer than a lease, and at least 10 s, that
     // holds no lease is forgotten (it registers again if it comes back).
-    cluster.limit_sessions(MAX_SESSIONS, lease_ms.max(10_000));
+    merge
+        .table()
+        .limit_sessions(MAX_SESSIONS, lease_ms.max(10_000));
     let shared = Arc::new(Shared {
-        cluster: Mutex::new(cluster),
-        journal,
+        merge,
         heartbeat_seconds,
-        out_dir: out_dir.clone(),
         started_ms: now_ms(),
         input: plan.units.iter().map(|u| (u.id, u.input_bytes())).collect(),
         input_resumed,
@@ -618,11 +574,14 @@ pub async fn serve(
         Some(addr) => {
             let shared = shared.clone();
             let (bound, task) = crate::metrics::serve(addr, move || {
-                let c = shared.cluster();
+                let c = shared.table();
                 crate::metrics::render(&c, shared.input_done(&c), shared.input_total(), now_ms())
             })
             .await
-            .map_err(|e| RunError::Serve(format!("metrics on {addr}: {e}")))?;
+            .map_err(|source| ServeError::Metrics {
+                address: addr,
+                source,
+            })?;
             tracing::info!(metrics = %bound, "metrics listening (GET /metrics)");
             Some(task)
         }
@@ -647,7 +606,7 @@ pub async fn serve(
         let mut over_since: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut c = watcher.cluster();
+            let mut c = watcher.table();
             c.expire(now_ms());
             if c.outcome().is_none() {
                 continue;
@@ -662,7 +621,10 @@ pub async fn serve(
         }
     };
     let incoming = tonic::transport::server::TcpIncoming::bind(opts.listen)
-        .map_err(|e| RunError::Serve(format!("listening on {}: {e}", opts.listen)))?
+        .map_err(|source| ServeError::Listen {
+            address: opts.listen,
+            source,
+        })?
         .with_nodelay(Some(true));
     let bound = incoming.local_addr().unwrap_or(opts.listen);
     if open_to_anyone {
@@ -686,14 +648,17 @@ pub async fn serve(
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
         server = server
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| RunError::Serve(format!("TLS certificate or key: {e}")))?;
+            .map_err(ServeError::Tls)?;
     }
     server
         .add_service(health_service)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| RunError::Serve(format!("serving on {}: {e}", opts.listen)))?;
+        .map_err(|source| ServeError::Serve {
+            address: opts.listen,
+            source,
+        })?;
     if let Some(m) = metrics {
         m.abort();
     }
@@ -702,31 +667,9 @@ pub async fn serve(
     if let Some(r) = reporter {
         let _ = r.await;
     }
-    let (outcome, outputs) = {
-        let c = shared.cluster();
-        (c.outcome().cloned(), c.outputs())
-    };
-    match outcome {
-        Some(Outcome::AllDone) => {
-            assemble::write_index(
-                &plan,
-                &out_dir,
-                &assemble_opts,
-                &outputs,
-                shared.journal.fingerprint(),
-            )?;
-            shared.journal.finish()?;
-            Ok(RunSummary {
-                total_size: plan.total_size(),
-                outputs,
-                resumed,
-            })
-        }
-        Some(Outcome::Failed(e)) => Err(RunError::Cluster(e)),
-        None => Err(RunError::Cluster(
-            "the coordinator stopped before the merge ended".into(),
-        )),
-    }
+    shared
+        .merge
+        .finish(&plan, "the coordinator stopped before the merge ended")
 }
 
 #[cfg(test)]

@@ -16,13 +16,162 @@
 //! [`HASH_WHOLE_MAX_BYTES`] are also hashed whole and compared with the
 //! reported sha256; larger ones are hashed by `fleetmerge verify`, which
 //! checks every shard against the journal's sha256.
+//!
+//! A shard an in-process worker wrote is this process's own: it is only
+//! looked up ([`check_own`]), as the executor's own output record is kept.
 
 use fleetmerge_engine::dtype::DType;
-use fleetmerge_engine::exec::{compute_tensor, UnitOutput};
+use fleetmerge_engine::exec::compute_tensor;
 use fleetmerge_engine::output::ShardLayout;
-use fleetmerge_engine::plan::WorkUnit;
-use fleetmerge_engine::storage;
+use fleetmerge_engine::storage::{self, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use sha2::{Digest, Sha256};
+
+/// Why a shard does not count as its unit's output. Each names the unit or
+/// the shard's location.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("unit {unit} writes {planned}, not {reported}")]
+    FileName {
+        unit: usize,
+        planned: String,
+        /// As reported (cut to a readable length).
+        reported: String,
+    },
+    #[error("sha256 {reported:?} is not 64 lowercase hex digits")]
+    Sha256Format { reported: String },
+    #[error("the reported tensors are not unit {unit}'s {count} tensors")]
+    Tensors { unit: usize, count: usize },
+    #[error("the worker reported {reported} bytes, but unit {unit}'s shard has {planned} (header and data)")]
+    ReportedSize {
+        unit: usize,
+        reported: u64,
+        planned: u64,
+    },
+    #[error("{shard} has {stored} bytes, the plan's shard has {planned}")]
+    NotPlannedSize {
+        shard: String,
+        stored: u64,
+        planned: u64,
+    },
+    #[error("{shard} has {stored} bytes, the worker reported {reported}")]
+    NotReportedSize {
+        shard: String,
+        stored: u64,
+        reported: u64,
+    },
+    #[error("the worker reported {shard} written, but: {source}")]
+    Missing { shard: String, source: StorageError },
+    #[error("reading the header of {shard}: {source}")]
+    ReadHeader { shard: String, source: StorageError },
+    #[error("{shard}: {difference}")]
+    Header { shard: String, difference: String },
+    #[error("reading {tensor} from {shard}: {source}")]
+    ReadTensor {
+        shard: String,
+        tensor: String,
+        source: StorageError,
+    },
+    #[error(
+        "{shard}: tensor {tensor} differs from the coordinator's own computation of it (first \
+         at byte {at} of {len}): the shard's data is wrong"
+    )]
+    DataDiffers {
+        shard: String,
+        tensor: String,
+        at: usize,
+        len: u64,
+    },
+    #[error("reading {shard}: {source}")]
+    Read { shard: String, source: StorageError },
+    #[error("{shard} has sha256 {actual}, the worker reported {reported}")]
+    Sha256 {
+        shard: String,
+        actual: String,
+        reported: String,
+    },
+}
+
+/// What a remote worker reports about a unit's shard.
+#[derive(Debug, Clone)]
+pub struct Reported {
+    pub file_name: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The shard's tensor names, in order (empty: not reported).
+    pub tensors: Vec<String>,
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying so.
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} ... (cut: {} bytes in all)", &text[..cut], text.len())
+}
+
+/// Checks a remote worker's report on `unit` (file name, sha256 format,
+/// tensor names when given), then its shard in `out_dir` ([`check_shard`]).
+pub fn check_reported(
+    unit: &WorkUnit,
+    out_dir: &str,
+    r: &Reported,
+    pick: u64,
+) -> Result<UnitOutput, ShardError> {
+    if r.file_name != unit.file_name {
+        return Err(ShardError::FileName {
+            unit: unit.id,
+            planned: unit.file_name.clone(),
+            reported: truncated(&r.file_name, 256),
+        });
+    }
+    if !is_sha256_hex(&r.sha256) {
+        return Err(ShardError::Sha256Format {
+            reported: truncated(&r.sha256, 80),
+        });
+    }
+    if !r.tensors.is_empty()
+        && (r.tensors.len() != unit.tensors.len()
+            || r.tensors
+                .iter()
+                .zip(&unit.tensors)
+                .any(|(a, b)| *a != b.name))
+    {
+        return Err(ShardError::Tensors {
+            unit: unit.id,
+            count: unit.tensors.len(),
+        });
+    }
+    check_shard(unit, out_dir, r.size, &r.sha256, pick)
+}
+
+/// Checks the shard an in-process worker wrote for `unit`: the file the
+/// plan names, in `out_dir` with the size the executor reported.
+pub fn check_own(unit: &WorkUnit, out_dir: &str, output: &UnitOutput) -> Result<(), ShardError> {
+    if unit.file_name != output.file_name {
+        return Err(ShardError::FileName {
+            unit: output.unit,
+            planned: unit.file_name.clone(),
+            reported: output.file_name.clone(),
+        });
+    }
+    let store = storage::for_location(out_dir);
+    let shard = store.join(out_dir, &output.file_name);
+    match store.size(&shard) {
+        Ok(s) if s == output.size => Ok(()),
+        Ok(stored) => Err(ShardError::NotReportedSize {
+            shard,
+            stored,
+            reported: output.size,
+        }),
+        Err(source) => Err(ShardError::Missing { shard, source }),
+    }
+}
 
 /// Input bytes (and output bytes) of a tensor the coordinator recomputes.
 pub const SPOT_CHECK_MAX_BYTES: u64 = 16 * 1024 * 1024;
@@ -43,34 +192,35 @@ pub fn check_shard(
     size: u64,
     sha256: &str,
     pick: u64,
-) -> Result<UnitOutput, String> {
+) -> Result<UnitOutput, ShardError> {
     let layout = unit.layout();
     if size != layout.file_size {
-        return Err(format!(
-            "the worker reported {size} bytes, but unit {}'s shard has {} (header and data)",
-            unit.id, layout.file_size
-        ));
+        return Err(ShardError::ReportedSize {
+            unit: unit.id,
+            reported: size,
+            planned: layout.file_size,
+        });
     }
     let store = storage::for_location(out_dir);
     let shard = store.join(out_dir, &unit.file_name);
     match store.size(&shard) {
         Ok(s) if s == layout.file_size => {}
-        Ok(s) => {
-            return Err(format!(
-                "{shard} has {s} bytes, the plan's shard has {}",
-                layout.file_size
-            ))
+        Ok(stored) => {
+            return Err(ShardError::NotPlannedSize {
+                shard,
+                stored,
+                planned: layout.file_size,
+            })
         }
-        Err(e) => return Err(format!("the worker reported {shard} written, but: {e}")),
+        Err(source) => return Err(ShardError::Missing { shard, source }),
     }
-    let header = store
-        .read_range(&shard, 0..layout.header.len() as u64)
-        .map_err(|e| format!("reading the header of {shard}: {e}"))?;
+    let header = match store.read_range(&shard, 0..layout.header.len() as u64) {
+        Ok(h) => h,
+        Err(source) => return Err(ShardError::ReadHeader { shard, source }),
+    };
     if header != layout.header {
-        return Err(format!(
-            "{shard}: {}",
-            header_difference(&header, &layout, size)
-        ));
+        let difference = header_difference(&header, &layout, size);
+        return Err(ShardError::Header { shard, difference });
     }
 
     // The data spot check (see the module's comment for why this one).
@@ -93,15 +243,23 @@ pub fn check_shard(
         match compute_tensor(unit, i) {
             Ok(expected) => {
                 let (_, _, _, offset, len) = &layout.tensors[i];
-                let got = store
-                    .read_range(&shard, *offset..offset + len)
-                    .map_err(|e| format!("reading {} from {shard}: {e}", t.name))?;
+                let got = match store.read_range(&shard, *offset..offset + len) {
+                    Ok(g) => g,
+                    Err(source) => {
+                        return Err(ShardError::ReadTensor {
+                            shard,
+                            tensor: t.name.clone(),
+                            source,
+                        })
+                    }
+                };
                 if let Some(at) = first_difference(t.dtype, &got, &expected) {
-                    return Err(format!(
-                        "{shard}: tensor {} differs from the coordinator's own computation \
-                         of it (first at byte {at} of {len}): the shard's data is wrong",
-                        t.name
-                    ));
+                    return Err(ShardError::DataDiffers {
+                        shard,
+                        tensor: t.name.clone(),
+                        at,
+                        len: *len,
+                    });
                 }
             }
             // Not the worker's fault (the coordinator may lack the inputs'
@@ -111,14 +269,17 @@ pub fn check_shard(
         }
     }
     if size <= HASH_WHOLE_MAX_BYTES {
-        let bytes = store
-            .read_range(&shard, 0..size)
-            .map_err(|e| format!("reading {shard}: {e}"))?;
+        let bytes = match store.read_range(&shard, 0..size) {
+            Ok(b) => b,
+            Err(source) => return Err(ShardError::Read { shard, source }),
+        };
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != sha256 {
-            return Err(format!(
-                "{shard} has sha256 {actual}, the worker reported {sha256}"
-            ));
+            return Err(ShardError::Sha256 {
+                shard,
+                actual,
+                reported: sha256.to_string(),
+            });
         }
     }
     Ok(UnitOutput {

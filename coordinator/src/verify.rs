@@ -7,15 +7,15 @@
 //! NaN and infinities. Every problem is collected, not just the first.
 
 use crate::journal;
-use fleetmerge_engine::checkpoint::{read_header, read_index};
+use fleetmerge_engine::checkpoint::{read_header, read_index, CheckpointError};
 use fleetmerge_engine::dtype::decode_f32;
-use fleetmerge_engine::exec::UnitOutput;
+use fleetmerge_engine::output::INDEX_FILE as INDEX;
 use fleetmerge_engine::storage::{self, Storage, StorageError};
+use fleetmerge_engine::unit::UnitOutput;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
-const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 /// Bytes read per request while hashing or scanning.
 const READ: u64 = 64 << 20;
@@ -40,6 +40,20 @@ impl Report {
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// Why a shard's header could not be read (a problem of the report).
+#[derive(Debug, thiserror::Error)]
+enum ShardProblem {
+    #[error("{name}: missing")]
+    Missing { name: String },
+    #[error("{name}: {source}")]
+    Storage { name: String, source: StorageError },
+    #[error("{name}: {source}")]
+    Header {
+        name: String,
+        source: CheckpointError,
+    },
 }
 
 /// Verifies the merged model in `out`.
@@ -93,25 +107,35 @@ pub fn verify(out: &str, scan: bool) -> Report {
     report.shards = shard_names.len();
 
     // Headers of every shard, checked against the file and the index.
-    let headers: Vec<(String, Result<_, String>)> = shard_names
+    let headers: Vec<(String, Result<_, ShardProblem>)> = shard_names
         .par_iter()
         .map(|name| {
             let loc = store.join(out, name);
+            let name = name.clone();
             let r = match store.size(&loc) {
-                Err(StorageError::NotFound { .. }) => Err(format!("{name}: missing")),
-                Err(e) => Err(format!("{name}: {e}")),
-                Ok(size) => read_header(store.as_ref(), &loc)
-                    .map(|h| (size, h))
-                    .map_err(|e| format!("{name}: {e}")),
+                Err(StorageError::NotFound { .. }) => {
+                    Err(ShardProblem::Missing { name: name.clone() })
+                }
+                Err(source) => Err(ShardProblem::Storage {
+                    name: name.clone(),
+                    source,
+                }),
+                Ok(size) => match read_header(store.as_ref(), &loc) {
+                    Ok(h) => Ok((size, h)),
+                    Err(source) => Err(ShardProblem::Header {
+                        name: name.clone(),
+                        source,
+                    }),
+                },
             };
-            (name.clone(), r)
+            (name, r)
         })
         .collect();
     let mut data_bytes = 0u64;
     let mut present: BTreeMap<String, (u64, Vec<(String, _)>)> = BTreeMap::new();
     for (name, r) in headers {
         match r {
-            Err(e) => report.problems.push(e),
+            Err(e) => report.problems.push(e.to_string()),
             Ok((size, h)) => {
                 report.bytes += size;
                 let end = h.tensors.iter().map(|(_, t)| t.offset + t.len).max();

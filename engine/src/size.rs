@@ -5,14 +5,23 @@
 //! trailing `B` after a unit is allowed (`20MB`, `2GiB`). Case does not matter.
 //! Fractions are allowed (`1.5G`); the result is rounded down to whole bytes.
 
+/// A text that is not a size; each variant holds the text as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error(
+        "'{0}' is not a size: a number of bytes with an optional unit (K, M, G, T = 10^3..10^12, \
+         B = 10^9 as mergekit; Ki, Mi, Gi, Ti = 2^10..2^40; e.g. 5B, 500M, 20MB, 2GiB, 1048576)"
+    )]
+    Syntax(String),
+    #[error("'{0}' must be a positive size (at least one byte)")]
+    NotPositive(String),
+    #[error("'{0}' is larger than any size this machine can hold")]
+    TooLarge(String),
+}
+
 /// Parses a size (see the module's comment) into bytes; it must be positive.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!(
-            "'{s}' is not a size: a number of bytes with an optional unit (K, M, G, T = 10^3..10^12, \
-             B = 10^9 as mergekit; Ki, Mi, Gi, Ti = 2^10..2^40; e.g. 5B, 500M, 20MB, 2GiB, 1048576)"
-        )
-    };
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let bad = || SizeError::Syntax(s.to_string());
     let upper = s.trim().to_ascii_uppercase();
     const UNITS: &[(&str, f64)] = &[
         ("KIB", 1024.0),
@@ -45,19 +54,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let v: f64 = num.parse().map_err(|_| bad())?;
     let bytes = v * mult;
     if bytes.is_nan() || bytes < 1.0 {
-        return Err(format!("'{s}' must be a positive size (at least one byte)"));
+        return Err(SizeError::NotPositive(s.to_string()));
     }
     if bytes >= u64::MAX as f64 {
-        return Err(format!(
-            "'{s}' is larger than any size this machine can hold"
-        ));
+        return Err(SizeError::TooLarge(s.to_string()));
     }
     Ok(bytes as u64)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, SizeError};
 
     #[test]
     fn decimal_binary_and_mergekit_units() {
@@ -103,9 +110,19 @@ mod tests {
             "0.0001",
             "99999999999T",
         ] {
-            let e = parse_size(text).unwrap_err();
+            let e = parse_size(text).unwrap_err().to_string();
             assert!(e.contains(&format!("'{text}'")), "{text}: {e}");
         }
-        assert!(parse_size("lots").unwrap_err().contains("2GiB"));
+        assert!(parse_size("lots").unwrap_err().to_string().contains("2GiB"));
+        assert_eq!(parse_size("0"), Err(SizeError::NotPositive("0".into())));
+        assert_eq!(
+            parse_size("0.0001"),
+            Err(SizeError::NotPositive("0.0001".into()))
+        );
+        assert_eq!(
+            parse_size("99999999999T"),
+            Err(SizeError::TooLarge("99999999999T".into()))
+        );
+        assert_eq!(parse_size("-5M"), Err(SizeError::Syntax("-5M".into())));
     }
 }

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 fn find(env: &str, names: &[&str]) -> PathBuf {
@@ -217,6 +217,87 @@ pub fn flaky_proxy(
     fail_every: usize,
     drop_every: usize,
 ) -> (String, Arc<ProxyStats>) {
+    proxy(upstream, fail_every, drop_every, None)
+}
+
+/// Holds the first PUT whose path contains `pattern` (its answer waits) until
+/// [`Gate::open`]; every other request passes. Records the paths of the
+/// matching PUTs in the order they came.
+pub struct Gate {
+    pattern: String,
+    /// Matching PUT paths, the held one first.
+    seen: Mutex<Vec<String>>,
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    pub fn new(pattern: &str) -> Arc<Gate> {
+        Arc::new(Gate {
+            pattern: pattern.to_string(),
+            seen: Mutex::new(Vec::new()),
+            open: Mutex::new(false),
+            opened: Condvar::new(),
+        })
+    }
+
+    /// The matching PUT paths so far, the held one first.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `done(seen)` holds (checked as PUTs come), at most `timeout`.
+    pub fn wait_until(&self, timeout: Duration, done: impl Fn(&[String]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if done(&self.seen()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done(&self.seen())
+    }
+
+    /// Lets the held request (and any later one) through.
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    /// Called for every request: holds the first matching PUT.
+    fn pass(&self, head: &str) {
+        let mut line = head.lines().next().unwrap_or("").split(' ');
+        let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+        if method != "PUT" || !path.contains(&self.pattern) {
+            return;
+        }
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(path.to_string());
+            seen.len() == 1
+        };
+        if first {
+            let open = self.open.lock().unwrap();
+            // Bounded, so that a test that fails never hangs here.
+            let _ = self
+                .opened
+                .wait_timeout_while(open, Duration::from_secs(120), |open| !*open);
+        }
+    }
+}
+
+/// A proxy in front of `upstream` that passes every request once `gate`
+/// lets it (see [`Gate`]). Returns its address.
+pub fn gated_proxy(upstream: &str, gate: Arc<Gate>) -> String {
+    proxy(upstream, usize::MAX, usize::MAX, Some(gate)).0
+}
+
+fn proxy(
+    upstream: &str,
+    fail_every: usize,
+    drop_every: usize,
+    gate: Option<Arc<Gate>>,
+) -> (String, Arc<ProxyStats>) {
     let upstream = upstream.trim_start_matches("http://").to_string();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
@@ -225,9 +306,16 @@ pub fn flaky_proxy(
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let (upstream, st) = (upstream.clone(), st.clone());
+            let (upstream, st, gate) = (upstream.clone(), st.clone(), gate.clone());
             std::thread::spawn(move || {
-                let _ = relay(conn, &upstream, &st, fail_every, drop_every);
+                let _ = relay(
+                    conn,
+                    &upstream,
+                    &st,
+                    fail_every,
+                    drop_every,
+                    gate.as_deref(),
+                );
             });
         }
     });
@@ -240,6 +328,7 @@ fn relay(
     stats: &ProxyStats,
     fail_every: usize,
     drop_every: usize,
+    gate: Option<&Gate>,
 ) -> std::io::Result<()> {
     // One request per connection: read its head and body.
     let mut buf = Vec::new();
@@ -269,6 +358,9 @@ fn relay(
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    if let Some(gate) = gate {
+        gate.pass(&head);
     }
     let i = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
     if head.starts_with("GET ")

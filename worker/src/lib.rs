@@ -1,32 +1,173 @@
-//! fleetmerge-worker: the loop every worker runs, wherever its units come from.
-//! It asks a [`UnitSource`] for a unit, executes it (reads inputs, merges, writes
-//! the output shard) and reports the result. In `fleetmerge run` the source is the
-//! in-process scheduler; in cluster mode it is the coordinator over gRPC.
+//! fleetmerge-worker: the one loop every worker runs ([`work`]), wherever its
+//! units come from. A [`UnitSource`] hands out leases and takes results: the
+//! merge's own lease table in `fleetmerge run` (the embedded driver in the
+//! binary wires it), or a coordinator over gRPC in `fleetmerge worker`
+//! ([`remote::GrpcSource`]). The loop owns everything else, once for both:
+//!
+//! - `slots` lease loops on their own threads, each unit within its share of
+//!   `max_memory`, computed on the worker's device;
+//! - every unit checked before anything reads it ([`WorkUnit::validate`]),
+//!   and, with a [`paths::PathPolicy`], where it reads and writes;
+//! - heartbeats for the leases in flight, with the bytes read since the last
+//!   one, when the source wants them;
+//! - draining: once the stop flag is set (SIGTERM, the source saying the
+//!   merge is over or telling a heartbeat to shut down, or a slot failing),
+//!   no slot takes a new unit and those running finish theirs;
+//! - failures reported with whether another attempt may pass; a panic while
+//!   computing a unit is reported as that unit's failure (a bug of this
+//!   worker, never the source's refusal), and a panic anywhere else in a slot
+//!   fails the lease it held and ends the worker with an internal error.
+//!
+//! This crate knows nothing of the coordinator's internals: the coordinator
+//! crate does not depend on it either.
 
 pub mod paths;
 pub mod remote;
 
-use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress, UnitOutput};
-use fleetmerge_engine::plan::WorkUnit;
+use fleetmerge_engine::exec::{self, Device, ExecError, ExecLimits, Progress};
 use fleetmerge_engine::storage::StorageError;
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
+use paths::{PathError, PathPolicy};
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
-/// A unit handed to a worker, with the lease that identifies this attempt.
+/// A unit handed to a worker under a lease.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    pub lease_id: u64,
-    /// The worker holding the lease.
-    pub worker: String,
+    /// The lease that identifies this attempt.
+    pub id: u64,
     pub unit: WorkUnit,
     /// Where the unit's shard goes.
     pub out_dir: String,
 }
 
-/// Where a worker gets units from and reports them to.
+/// What a source answers a slot asking for work.
+#[derive(Debug)]
+pub enum Next {
+    Unit(Lease),
+    /// A lease whose unit this worker cannot read: reported as a failure
+    /// another attempt cannot fix.
+    Unreadable {
+        lease: u64,
+        error: serde_json::Error,
+    },
+    /// Nothing to hand out now (the remaining units are running elsewhere
+    /// and may come back): ask again after this long.
+    Wait(Duration),
+    /// The merge is over for this worker: why.
+    Done(String),
+}
+
+/// What became of a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completed {
+    Accepted,
+    /// The unit was done already (another attempt won; harmless).
+    AlreadyDone,
+    /// Not counted: the source says why (it re-queues the unit itself).
+    Refused(String),
+}
+
+/// A source's answer to a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Heartbeat {
+    /// Take no new units.
+    pub shutdown: bool,
+    /// Leases this worker no longer holds (their results will not count).
+    pub revoked: Vec<u64>,
+}
+
+/// Where a worker gets units from and reports them to. `slot` is the lease
+/// loop calling (`0..slots`).
 pub trait UnitSource: Sync {
-    /// The next unit to work on; `None` when there is nothing left for this worker.
-    fn next(&self, worker: &str) -> Option<Lease>;
-    fn complete(&self, lease: &Lease, output: UnitOutput);
-    fn fail(&self, lease: &Lease, error: &ExecError);
+    fn lease(&self, slot: usize) -> Result<Next, WorkerError>;
+    /// Reports `lease` done with `output`; `progress_bytes` were read since
+    /// the last report.
+    fn complete(
+        &self,
+        slot: usize,
+        lease: &Lease,
+        output: UnitOutput,
+        progress_bytes: u64,
+    ) -> Result<Completed, WorkerError>;
+    /// Reports that the attempt under lease `lease` failed.
+    fn fail(&self, slot: usize, lease: u64, failure: &UnitFailure) -> Result<(), WorkerError>;
+    /// How often leases must be renewed (`None`: they never expire).
+    fn heartbeat_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Renews `leases`; `progress_bytes` were read since the last heartbeat.
+    fn heartbeat(&self, _leases: &[u64], _progress_bytes: u64) -> Result<Heartbeat, WorkerError> {
+        Ok(Heartbeat::default())
+    }
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("coordinator address {address}: {message}")]
+    Address { address: String, message: String },
+    #[error("the coordinator at {address} refused this worker: {message}")]
+    Refused { address: String, message: String },
+    #[error("lost the coordinator at {address} for more than {seconds} s: {message}")]
+    Unreachable {
+        address: String,
+        seconds: u64,
+        message: String,
+    },
+    #[error(transparent)]
+    Paths(#[from] PathError),
+    /// A panic in a lease loop outside a unit's computation: a bug.
+    #[error("internal error (a bug): {0}")]
+    Internal(String),
+    #[error(
+        "{what}: a message between this worker and the coordinator at {address} is larger \
+         than the protocol allows ({message}); run the same fleetmerge version on both"
+    )]
+    TooLarge {
+        address: String,
+        what: String,
+        message: String,
+    },
+    /// The coordinator does not know this worker's session (handled by
+    /// registering again).
+    #[error("the coordinator at {address} no longer knows this worker: {message}")]
+    SessionUnknown { address: String, message: String },
+    /// A heartbeat that did not get through (logged; the next one may).
+    #[error("{message}")]
+    Heartbeat { message: String },
+}
+
+/// Why one attempt at a unit failed (reported to the source).
+#[derive(Debug, thiserror::Error)]
+pub enum UnitFailure {
+    #[error("unreadable work unit: {0}")]
+    Unreadable(serde_json::Error),
+    /// The unit reads or writes where this worker does not (see [`paths`]).
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// A panic that escaped the executor's own guards: a bug of this worker.
+    #[error(
+        "internal error (a bug): the worker panicked computing unit {unit} ({file}): {message}"
+    )]
+    Panicked {
+        unit: usize,
+        file: String,
+        message: String,
+    },
+}
+
+impl UnitFailure {
+    /// Whether another attempt (here or on another worker) might succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, UnitFailure::Exec(e) if retryable(e))
+    }
 }
 
 /// Whether another attempt (here or on another worker) might succeed: I/O
@@ -39,38 +180,289 @@ pub fn retryable(e: &ExecError) -> bool {
     )
 }
 
-/// Works until the source has nothing left, each unit within `max_memory`
-/// bytes when given, computing on `device`. Returns the number of units
-/// completed.
+/// How a worker works.
+#[derive(Debug)]
+pub struct LoopOptions {
+    /// Units computed at the same time.
+    pub slots: usize,
+    /// Memory all slots together may use (each gets an equal share).
+    pub max_memory: Option<u64>,
+    pub device: Device,
+    /// Where units may read and write; `None` for units this process planned
+    /// itself.
+    pub paths: Option<PathPolicy>,
+    /// Log every unit taken and finished at `info` (a worker process), not
+    /// at `debug` (`fleetmerge run`, whose progress display shows them).
+    pub announce: bool,
+}
+
+/// A panic's message.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Passes progress on, counting the bytes read (for heartbeats and reports).
+struct Counted<'a> {
+    inner: &'a dyn Progress,
+    read: &'a AtomicU64,
+}
+
+impl Progress for Counted<'_> {
+    fn read(&self, bytes: u64) {
+        self.read.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.read(bytes);
+    }
+    fn written(&self, bytes: u64) {
+        self.inner.written(bytes);
+    }
+    fn unit_done(&self, input_bytes: u64, resumed: bool) {
+        self.inner.unit_done(input_bytes, resumed);
+    }
+}
+
+/// The state the slots share.
+struct Loop<'a> {
+    source: &'a dyn UnitSource,
+    opts: &'a LoopOptions,
+    stop: &'a AtomicBool,
+    progress: &'a dyn Progress,
+    /// Memory each slot's unit may use.
+    budget: Option<u64>,
+    /// Leases being computed (renewed by heartbeats).
+    active: Mutex<BTreeSet<u64>>,
+    /// Bytes read since the last heartbeat or report.
+    read: AtomicU64,
+}
+
+macro_rules! announce {
+    ($announce:expr, $($arg:tt)+) => {
+        if $announce {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
+        }
+    };
+}
+
+/// Works for `source` until it has nothing left for this worker, or `stop`
+/// is set (then the units running finish first). Returns the number of units
+/// completed, or the first error that ended a slot.
 pub fn work(
-    worker: &str,
     source: &dyn UnitSource,
+    opts: &LoopOptions,
+    stop: &AtomicBool,
     progress: &dyn Progress,
-    max_memory: Option<u64>,
-    device: &Device,
-) -> usize {
-    let mut done = 0;
-    while let Some(lease) = source.next(worker) {
-        tracing::debug!(worker, unit = lease.unit.id, file = %lease.unit.file_name, "unit leased");
-        // Checked before anything else looks at it (the executor checks again).
-        let result = lease
-            .unit
-            .validate()
-            .map_err(ExecError::from)
-            .and_then(|()| ExecLimits::for_unit(&lease.unit, &lease.out_dir, max_memory))
-            .and_then(|l| exec::execute_unit_on(&lease.unit, &lease.out_dir, progress, &l, device));
-        match result {
-            Ok(output) => {
-                tracing::debug!(worker, unit = lease.unit.id, sha256 = %output.sha256, "unit done");
-                source.complete(&lease, output);
-                progress.unit_done(lease.unit.input_bytes(), false);
-                done += 1;
+) -> Result<usize, WorkerError> {
+    let slots = opts.slots.max(1);
+    let state = Loop {
+        source,
+        opts,
+        stop,
+        progress,
+        budget: opts.max_memory.map(|m| m / slots as u64),
+        active: Mutex::new(BTreeSet::new()),
+        read: AtomicU64::new(0),
+    };
+    let state = &state;
+    let (finished, heartbeats_end) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let heartbeats = source
+            .heartbeat_every()
+            .map(|period| s.spawn(move || state.heartbeats(period, heartbeats_end)));
+        let handles: Vec<_> = (0..slots)
+            .map(|slot| s.spawn(move || state.slot(slot)))
+            .collect();
+        let mut completed = 0;
+        let mut first_error = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(n)) => completed += n,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                // `slot` catches its panics; this is a panic in that handling.
+                Err(p) => {
+                    stop.store(true, Ordering::SeqCst);
+                    first_error.get_or_insert(WorkerError::Internal(format!(
+                        "a worker task panicked: {}",
+                        panic_message(p.as_ref())
+                    )));
+                }
             }
-            Err(e) => {
-                tracing::warn!(worker, unit = lease.unit.id, error = %e, "unit failed");
-                source.fail(&lease, &e);
+        }
+        drop(finished);
+        if let Some(h) = heartbeats {
+            let _ = h.join();
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(completed),
+        }
+    })
+}
+
+impl Loop<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every `period` until `end` closes: renews the leases in flight.
+    fn heartbeats(&self, period: Duration, end: mpsc::Receiver<()>) {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = end.recv_timeout(period) {
+            let leases: Vec<u64> = self.active().iter().copied().collect();
+            match self
+                .source
+                .heartbeat(&leases, self.read.swap(0, Ordering::Relaxed))
+            {
+                Ok(h) => {
+                    if h.shutdown {
+                        self.stop.store(true, Ordering::SeqCst);
+                    }
+                    for l in h.revoked {
+                        tracing::warn!(
+                            lease = l,
+                            "lease revoked by the coordinator; its result will not count"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
     }
-    done
+
+    /// One lease loop. A panic in it fails the lease it held (reported to
+    /// the source) and ends the worker with an internal error; any error
+    /// stops the other slots from taking new units.
+    fn slot(&self, slot: usize) -> Result<usize, WorkerError> {
+        let held = std::cell::Cell::new(None);
+        let result = catch_unwind(AssertUnwindSafe(|| self.lease_loop(slot, &held)))
+            .unwrap_or_else(|p| {
+                let message = panic_message(p.as_ref());
+                if let Some((lease, unit, file)) = held.take() {
+                    self.active().remove(&lease);
+                    let failure = UnitFailure::Panicked {
+                        unit,
+                        file,
+                        message: message.clone(),
+                    };
+                    let _ = self.report_failure(slot, lease, Some(unit), &failure);
+                }
+                Err(WorkerError::Internal(format!(
+                    "a worker task panicked: {message}"
+                )))
+            });
+        if result.is_err() {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn lease_loop(
+        &self,
+        slot: usize,
+        held: &std::cell::Cell<Option<(u64, usize, String)>>,
+    ) -> Result<usize, WorkerError> {
+        let announce = self.opts.announce;
+        let mut completed = 0;
+        while !self.stopping() {
+            let mut lease = match self.source.lease(slot)? {
+                Next::Unit(l) => l,
+                Next::Unreadable { lease, error } => {
+                    self.report_failure(slot, lease, None, &UnitFailure::Unreadable(error))?;
+                    continue;
+                }
+                Next::Wait(d) => {
+                    std::thread::sleep(d);
+                    continue;
+                }
+                Next::Done(why) => {
+                    announce!(announce, slot, reason = %why, "the coordinator has no more work");
+                    self.stop.store(true, Ordering::SeqCst);
+                    break;
+                }
+            };
+            let (id, unit) = (lease.id, lease.unit.id);
+            held.set(Some((id, unit, lease.unit.file_name.clone())));
+            self.active().insert(id);
+            announce!(announce, slot, unit, lease = id, file = %lease.unit.file_name, "working");
+            let result = catch_unwind(AssertUnwindSafe(|| self.compute(&mut lease)))
+                .unwrap_or_else(|p| {
+                    Err(UnitFailure::Panicked {
+                        unit,
+                        file: lease.unit.file_name.clone(),
+                        message: panic_message(p.as_ref()),
+                    })
+                });
+            self.active().remove(&id);
+            match result {
+                Ok(output) => {
+                    let read = self.read.swap(0, Ordering::Relaxed);
+                    match self.source.complete(slot, &lease, output, read)? {
+                        Completed::Refused(message) => {
+                            tracing::warn!(unit, %message, "completion refused")
+                        }
+                        done => {
+                            let accepted = done == Completed::Accepted;
+                            announce!(announce, slot, unit, accepted, "unit done");
+                            self.progress.unit_done(lease.unit.input_bytes(), false);
+                            completed += 1;
+                        }
+                    }
+                }
+                Err(failure) => self.report_failure(slot, id, Some(unit), &failure)?,
+            }
+            held.set(None);
+        }
+        Ok(completed)
+    }
+
+    /// Checks the unit and where it reads and writes, then computes it.
+    fn compute(&self, lease: &mut Lease) -> Result<UnitOutput, UnitFailure> {
+        // Checked before anything else looks at it (the executor checks again).
+        lease.unit.validate().map_err(ExecError::from)?;
+        let out_dir = match &self.opts.paths {
+            Some(policy) => policy.admit(&mut lease.unit, &lease.out_dir)?,
+            None => lease.out_dir.clone(),
+        };
+        let limits = ExecLimits::for_unit(&lease.unit, &out_dir, self.budget)?;
+        let progress = Counted {
+            inner: self.progress,
+            read: &self.read,
+        };
+        Ok(exec::execute_unit_on(
+            &lease.unit,
+            &out_dir,
+            &progress,
+            &limits,
+            &self.opts.device,
+        )?)
+    }
+
+    fn report_failure(
+        &self,
+        slot: usize,
+        lease: u64,
+        unit: Option<usize>,
+        failure: &UnitFailure,
+    ) -> Result<(), WorkerError> {
+        let retryable = failure.retryable();
+        match unit {
+            Some(unit) => {
+                tracing::warn!(slot, unit, lease, retryable, error = %failure, "unit failed")
+            }
+            None => tracing::warn!(slot, lease, retryable, error = %failure, "unit failed"),
+        }
+        self.source.fail(slot, lease, failure)
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,11 +17,65 @@
 //!   input that passes the executor's header check (a tensor of a safetensors
 //!   file's own header).
 
-use fleetmerge_engine::plan::WorkUnit;
 use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::WorkUnit;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
+
+/// Why a location cannot be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum LocationError {
+    #[error("empty location")]
+    Empty,
+    #[error("{location:?}: an object-store location with . or .. segments")]
+    DotSegments { location: String },
+    #[error(
+        "{location:?} is not an absolute path (a relative one would be resolved against \
+         the worker's working directory)"
+    )]
+    Relative { location: String },
+    #[error("{location:?}: cannot resolve a path that does not exist and ends in . or ..")]
+    DotsAtEnd { location: String },
+    #[error("{location:?}: cannot be resolved")]
+    NoParent { location: String },
+    #[error("{location:?}: cannot be resolved: {source}")]
+    Io {
+        location: String,
+        source: std::io::Error,
+    },
+}
+
+/// Why a prefix, a unit's output folder or one of its inputs is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("--allow-path {0}")]
+    AllowPath(LocationError),
+    #[error("refusing output folder: {0}")]
+    Output(LocationError),
+    #[error("refusing output folder {out_dir:?}: not under an --allow-path ({allowed})")]
+    OutputNotAllowed { out_dir: String, allowed: String },
+    #[error(
+        "refusing output folder {out_dir:?}: this worker writes only into {first:?}, the first \
+         output folder of this session (start the worker with --allow-path to allow others)"
+    )]
+    OutputPinned { out_dir: String, first: String },
+    #[error("refusing input {input} of {tensor}: {source}")]
+    Input {
+        input: String,
+        tensor: String,
+        source: LocationError,
+    },
+    #[error(
+        "refusing input {input} of {tensor}: {location:?} is not under an --allow-path ({allowed})"
+    )]
+    InputNotAllowed {
+        input: String,
+        tensor: String,
+        location: String,
+        allowed: String,
+    },
+}
 
 /// A location after resolution: a local path or an object-store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,25 +108,21 @@ impl Place {
 /// (without a trailing `/`) unless it has `.` or `..` segments; a local path
 /// must be absolute and is resolved through its existing part (symlinks
 /// followed); the part that does not exist yet must be plain names.
-fn resolve(location: &str) -> Result<Place, String> {
+fn resolve(location: &str) -> Result<Place, LocationError> {
+    let owned = || location.to_string();
     if location.is_empty() {
-        return Err("empty location".into());
+        return Err(LocationError::Empty);
     }
     if storage::is_url(location) {
         let path = location.split_once("://").map_or("", |(_, p)| p);
         if path.split('/').any(|s| s == "." || s == "..") {
-            return Err(format!(
-                "{location:?}: an object-store location with . or .. segments"
-            ));
+            return Err(LocationError::DotSegments { location: owned() });
         }
         return Ok(Place::Url(location.trim_end_matches('/').to_string()));
     }
     let path = Path::new(location.strip_prefix("file://").unwrap_or(location));
     if !path.is_absolute() {
-        return Err(format!(
-            "{location:?} is not an absolute path (a relative one would be resolved against \
-             the worker's working directory)"
-        ));
+        return Err(LocationError::Relative { location: owned() });
     }
     // The longest existing ancestor, resolved; then the rest, which must be names.
     let mut existing = path.to_path_buf();
@@ -88,17 +138,19 @@ fn resolve(location: &str) -> Result<Place, String> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let Some(Component::Normal(name)) = existing.components().next_back() else {
-                    return Err(format!(
-                        "{location:?}: cannot resolve a path that does not exist and ends in \
-                         . or .."
-                    ));
+                    return Err(LocationError::DotsAtEnd { location: owned() });
                 };
                 rest.push(name.to_os_string());
                 if !existing.pop() {
-                    return Err(format!("{location:?}: cannot be resolved"));
+                    return Err(LocationError::NoParent { location: owned() });
                 }
             }
-            Err(e) => return Err(format!("{location:?}: cannot be resolved: {e}")),
+            Err(source) => {
+                return Err(LocationError::Io {
+                    location: owned(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -113,10 +165,10 @@ pub struct PathPolicy {
 
 impl PathPolicy {
     /// The policy for `--allow-path` values `allow` (none: see the module docs).
-    pub fn new(allow: &[String]) -> Result<Self, String> {
+    pub fn new(allow: &[String]) -> Result<Self, PathError> {
         let allow = allow
             .iter()
-            .map(|p| resolve(p).map_err(|e| format!("--allow-path {e}")))
+            .map(|p| resolve(p).map_err(PathError::AllowPath))
             .collect::<Result<_, _>>()?;
         Ok(PathPolicy {
             allow,
@@ -139,14 +191,14 @@ impl PathPolicy {
     /// Checks where `unit` reads and where it writes (`out_dir`), rewriting its
     /// local input locations to their resolved paths. Returns the resolved
     /// output folder to write into.
-    pub fn admit(&self, unit: &mut WorkUnit, out_dir: &str) -> Result<String, String> {
-        let out = resolve(out_dir).map_err(|e| format!("refusing output folder: {e}"))?;
+    pub fn admit(&self, unit: &mut WorkUnit, out_dir: &str) -> Result<String, PathError> {
+        let out = resolve(out_dir).map_err(PathError::Output)?;
         if !self.allow.is_empty() {
             if !self.allowed(&out) {
-                return Err(format!(
-                    "refusing output folder {out_dir:?}: not under an --allow-path ({})",
-                    self.allowed_list()
-                ));
+                return Err(PathError::OutputNotAllowed {
+                    out_dir: out_dir.to_string(),
+                    allowed: self.allowed_list(),
+                });
             }
         } else {
             let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
@@ -154,12 +206,10 @@ impl PathPolicy {
                 None => *pinned = Some(out.clone()),
                 Some(first) if *first == out => {}
                 Some(first) => {
-                    return Err(format!(
-                        "refusing output folder {out_dir:?}: this worker writes only into \
-                         {:?}, the first output folder of this session (start the worker with \
-                         --allow-path to allow others)",
-                        first.to_location()
-                    ))
+                    return Err(PathError::OutputPinned {
+                        out_dir: out_dir.to_string(),
+                        first: first.to_location(),
+                    })
                 }
             }
         }
@@ -171,16 +221,18 @@ impl PathPolicy {
                     r.location = real.clone();
                     continue;
                 }
-                let place = resolve(&r.location)
-                    .map_err(|e| format!("refusing input {} of {}: {e}", r.name, t.name))?;
+                let place = resolve(&r.location).map_err(|source| PathError::Input {
+                    input: r.name.clone(),
+                    tensor: t.name.clone(),
+                    source,
+                })?;
                 if !self.allow.is_empty() && !self.allowed(&place) {
-                    return Err(format!(
-                        "refusing input {} of {}: {:?} is not under an --allow-path ({})",
-                        r.name,
-                        t.name,
-                        place.to_location(),
-                        self.allowed_list()
-                    ));
+                    return Err(PathError::InputNotAllowed {
+                        input: r.name.clone(),
+                        tensor: t.name.clone(),
+                        location: place.to_location(),
+                        allowed: self.allowed_list(),
+                    });
                 }
                 let real = place.to_location();
                 resolved.insert(r.location.clone(), real.clone());

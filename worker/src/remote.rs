@@ -1,25 +1,28 @@
-//! A worker of a cluster merge (`fleetmerge worker`): connects to the
-//! coordinator, registers, and runs `slots` lease loops. Each leased unit is
-//! executed on the blocking thread pool while a heartbeat keeps its lease alive;
-//! the result is reported with the shard's size and sha256. A lost coordinator
-//! is retried with backoff; SIGTERM stops new leases and lets running units
-//! finish; the coordinator's "done" ends the worker. Every call after Register
-//! carries the session id the coordinator issued; when the coordinator no
-//! longer knows it (it restarted), the worker registers again. A message over
-//! the size limits both sides use ends the worker with an error saying so.
+//! `fleetmerge worker`: the gRPC unit source ([`GrpcSource`]) that feeds the
+//! worker loop ([`crate::work`]) from a coordinator, and [`run_remote`], which
+//! connects, registers, drains on SIGTERM and runs the loop. Every call after
+//! Register carries the session id the coordinator issued; when the
+//! coordinator no longer knows it (it restarted), the source registers again.
+//! A lost coordinator is retried with backoff up to `give_up_after`; the
+//! coordinator's "done" ends the worker. A message over the size limits both
+//! sides use ends the worker with an error saying so. Heartbeats, draining,
+//! slots and their memory shares are the loop's.
 
-use crate::retryable;
-use fleetmerge_engine::exec::{self, Progress};
-use fleetmerge_engine::plan::WorkUnit;
+use crate::paths::PathPolicy;
+use crate::{Completed, Heartbeat, Lease, LoopOptions, Next, UnitFailure, UnitSource};
+use fleetmerge_engine::exec::{self, NoProgress};
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::coordinator_client::CoordinatorClient;
 use fleetmerge_proto::*;
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
+
+pub use crate::WorkerError;
 
 /// Options of `fleetmerge worker`.
 #[derive(Debug, Clone)]
@@ -46,38 +49,6 @@ pub struct RemoteOptions {
     pub insecure: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("coordinator address {address}: {message}")]
-    Address { address: String, message: String },
-    #[error("the coordinator at {address} refused this worker: {message}")]
-    Refused { address: String, message: String },
-    #[error("lost the coordinator at {address} for more than {seconds} s: {message}")]
-    Unreachable {
-        address: String,
-        seconds: u64,
-        message: String,
-    },
-    #[error("{0}")]
-    Options(String),
-    /// A panic in a lease loop: a bug.
-    #[error("internal error (a bug): {0}")]
-    Internal(String),
-    #[error(
-        "{what}: a message between this worker and the coordinator at {address} is larger \
-         than the protocol allows ({message}); run the same fleetmerge version on both"
-    )]
-    TooLarge {
-        address: String,
-        what: String,
-        message: String,
-    },
-    /// The coordinator does not know this worker's session (handled by
-    /// registering again).
-    #[error("the coordinator at {address} no longer knows this worker: {message}")]
-    SessionUnknown { address: String, message: String },
-}
-
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the shared token to every call.
@@ -93,158 +64,296 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// A unit must be one a planner would write (names, dtypes, shapes, byte
-/// ranges, indexes, parameters; a plain shard file name): see
-/// [`WorkUnit::validate`].
-fn check_unit(unit: &WorkUnit) -> Result<(), String> {
-    unit.validate().map_err(|e| e.to_string())
-}
-
-struct Shared {
+/// A coordinator as the worker loop's unit source: each call blocks the
+/// calling slot (a thread of the loop) on `rt`.
+pub struct GrpcSource {
+    rt: tokio::runtime::Handle,
     client: Client,
     opts: RemoteOptions,
-    /// Where units may read and write.
-    paths: crate::paths::PathPolicy,
     /// The session the coordinator issued at registration.
     session: Mutex<String>,
-    active: Mutex<BTreeSet<u64>>,
-    read: AtomicU64,
-    /// Stop asking for work (SIGTERM or the coordinator said so).
-    draining: AtomicBool,
-    done: AtomicBool,
+    /// How often the coordinator wants heartbeats.
+    heartbeat: Duration,
 }
 
-struct ReadCounter<'a>(&'a AtomicU64);
-impl Progress for ReadCounter<'_> {
-    fn read(&self, bytes: u64) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
+impl GrpcSource {
+    /// Connects to the coordinator of `opts` and registers.
+    pub fn connect(opts: &RemoteOptions, rt: tokio::runtime::Handle) -> Result<Self, WorkerError> {
+        let client = rt.block_on(async {
+            // (The client needs the runtime to exist when it is made.)
+            connect(
+                &opts.coordinator,
+                opts.token.as_deref(),
+                opts.tls_ca.as_deref(),
+                opts.insecure,
+            )
+        })?;
+        let mut source = GrpcSource {
+            rt,
+            client,
+            opts: opts.clone(),
+            session: Mutex::new(String::new()),
+            heartbeat: Duration::from_secs(1),
+        };
+        let reg = source.rt.clone().block_on(source.register())?;
+        source.heartbeat = Duration::from_secs(reg.heartbeat_seconds.max(1) as u64);
+        Ok(source)
     }
-}
 
-impl Shared {
     fn session(&self) -> String {
         self.session
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
-}
 
-/// Calls `f` (with the current session) until it succeeds, retrying
-/// unavailable-coordinator errors with exponential backoff up to
-/// `give_up_after`, and registering again when the coordinator has forgotten
-/// the session.
-async fn with_retry<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
-where
-    F: FnMut(Client, String) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-{
-    let mut registrations = 0;
-    loop {
-        let session = shared.session();
-        match call(shared, what, |c| f(c, session.clone())).await {
-            Err(WorkerError::SessionUnknown { message, .. }) if registrations < 5 => {
-                registrations += 1;
-                // Another slot may have registered again meanwhile.
-                if shared.session() == session {
-                    tracing::warn!(what, %message, "registering again");
-                    register(shared).await?;
+    /// Calls `f` (with the current session) until it succeeds, retrying
+    /// unavailable-coordinator errors with exponential backoff up to
+    /// `give_up_after`, and registering again when the coordinator has forgotten
+    /// the session.
+    async fn with_retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, WorkerError>
+    where
+        F: FnMut(Client, String) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut registrations = 0;
+        loop {
+            let session = self.session();
+            match self.call(what, |c| f(c, session.clone())).await {
+                Err(WorkerError::SessionUnknown { message, .. }) if registrations < 5 => {
+                    registrations += 1;
+                    // Another slot may have registered again meanwhile.
+                    if self.session() == session {
+                        tracing::warn!(what, %message, "registering again");
+                        self.register().await?;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Registers with the coordinator and keeps the session it issues.
+    async fn register(&self) -> Result<RegisterResponse, WorkerError> {
+        let opts = &self.opts;
+        let reg = self
+            .call("register", |mut c| {
+                let req = RegisterRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker_id: opts.worker_id.clone(),
+                    device: opts.device.name(),
+                    memory_bytes: opts.max_memory.unwrap_or(0),
+                    slots: opts.slots as u32,
+                };
+                async move { c.register(req).await }
+            })
+            .await?;
+        if reg.protocol_version != PROTOCOL_VERSION || reg.session.is_empty() {
+            return Err(WorkerError::Refused {
+                address: opts.coordinator.clone(),
+                message: format!(
+                    "the coordinator speaks protocol version {}, this worker {PROTOCOL_VERSION}: \
+                     run the same fleetmerge version on both",
+                    reg.protocol_version
+                ),
+            });
+        }
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = reg.session.clone();
+        Ok(reg)
+    }
+
+    /// Calls `f` until it succeeds, retrying unavailable-coordinator errors with
+    /// exponential backoff up to `give_up_after`.
+    async fn call<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, WorkerError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let address = || self.opts.coordinator.clone();
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f(self.client.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s)
+                    if s.code() == tonic::Code::Unauthenticated
+                        && s.message().starts_with(UNKNOWN_SESSION) =>
+                {
+                    return Err(WorkerError::SessionUnknown {
+                        address: address(),
+                        message: s.message().to_string(),
+                    })
+                }
+                // A message over the size limit (decoding here, or encoding on
+                // either side): no retry can fix that.
+                Err(s)
+                    if s.code() == tonic::Code::OutOfRange
+                        || (s.code() == tonic::Code::ResourceExhausted
+                            && s.message().contains("message length too large")) =>
+                {
+                    return Err(WorkerError::TooLarge {
+                        address: address(),
+                        what: what.to_string(),
+                        message: s.message().to_string(),
+                    })
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::ResourceExhausted
+                    ) =>
+                {
+                    return Err(WorkerError::Refused {
+                        address: address(),
+                        message: format!("{what}: {}", s.message()),
+                    })
+                }
+                Err(s) => {
+                    if started.elapsed() > self.opts.give_up_after {
+                        return Err(WorkerError::Unreachable {
+                            address: address(),
+                            seconds: self.opts.give_up_after.as_secs(),
+                            message: s.message().to_string(),
+                        });
+                    }
+                    tracing::warn!(what, error = %s.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unavailable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            other => return other,
         }
     }
 }
 
-/// Registers with the coordinator and keeps the session it issues.
-async fn register(shared: &Shared) -> Result<RegisterResponse, WorkerError> {
-    let opts = &shared.opts;
-    let reg = call(shared, "register", |mut c| {
-        let req = RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            worker_id: opts.worker_id.clone(),
-            device: opts.device.name(),
-            memory_bytes: opts.max_memory.unwrap_or(0),
-            slots: opts.slots as u32,
-        };
-        async move { c.register(req).await }
-    })
-    .await?;
-    if reg.protocol_version != PROTOCOL_VERSION || reg.session.is_empty() {
-        return Err(WorkerError::Refused {
-            address: opts.coordinator.clone(),
-            message: format!(
-                "the coordinator speaks protocol version {}, this worker {PROTOCOL_VERSION}: \
-                 run the same fleetmerge version on both",
-                reg.protocol_version
-            ),
-        });
-    }
-    *shared.session.lock().unwrap_or_else(|p| p.into_inner()) = reg.session.clone();
-    Ok(reg)
-}
-
-/// Calls `f` until it succeeds, retrying unavailable-coordinator errors with
-/// exponential backoff up to `give_up_after`.
-async fn call<T, F, Fut>(shared: &Shared, what: &str, mut f: F) -> Result<T, WorkerError>
-where
-    F: FnMut(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-{
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match f(shared.client.clone()).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::Unauthenticated
-                    && s.message().starts_with(UNKNOWN_SESSION) =>
-            {
-                return Err(WorkerError::SessionUnknown {
-                    address: shared.opts.coordinator.clone(),
-                    message: s.message().to_string(),
-                })
-            }
-            // A message over the size limit (decoding here, or encoding on
-            // either side): no retry can fix that.
-            Err(s)
-                if s.code() == tonic::Code::OutOfRange
-                    || (s.code() == tonic::Code::ResourceExhausted
-                        && s.message().contains("message length too large")) =>
-            {
-                return Err(WorkerError::TooLarge {
-                    address: shared.opts.coordinator.clone(),
-                    what: what.to_string(),
-                    message: s.message().to_string(),
-                })
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unauthenticated
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::PermissionDenied
-                        | tonic::Code::InvalidArgument
-                        | tonic::Code::ResourceExhausted
-                ) =>
-            {
-                return Err(WorkerError::Refused {
-                    address: shared.opts.coordinator.clone(),
-                    message: format!("{what}: {}", s.message()),
-                })
-            }
-            Err(s) => {
-                if started.elapsed() > shared.opts.give_up_after {
-                    return Err(WorkerError::Unreachable {
-                        address: shared.opts.coordinator.clone(),
-                        seconds: shared.opts.give_up_after.as_secs(),
-                        message: s.message().to_string(),
-                    });
+impl UnitSource for GrpcSource {
+    fn lease(&self, _slot: usize) -> Result<Next, WorkerError> {
+        let worker = &self.opts.worker_id;
+        let reply = self
+            .rt
+            .block_on(self.with_retry("lease", |mut c, session| {
+                let req = LeaseRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker_id: worker.clone(),
+                    session,
+                };
+                async move { c.lease(req).await }
+            }))?;
+        Ok(match reply.reply {
+            Some(lease_response::Reply::Unit(u)) => {
+                match serde_json::from_slice::<WorkUnit>(&u.unit) {
+                    Ok(unit) => Next::Unit(Lease {
+                        id: u.lease_id,
+                        unit,
+                        out_dir: u.out_dir,
+                    }),
+                    Err(error) => Next::Unreadable {
+                        lease: u.lease_id,
+                        error,
+                    },
                 }
-                tracing::warn!(what, error = %s.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unavailable");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            Some(lease_response::Reply::RetryAfterMs(ms)) => {
+                Next::Wait(Duration::from_millis(ms.clamp(50, 5000) as u64))
+            }
+            Some(lease_response::Reply::Done(why)) => Next::Done(why),
+            None => Next::Wait(Duration::ZERO),
+        })
+    }
+
+    fn complete(
+        &self,
+        _slot: usize,
+        lease: &Lease,
+        output: UnitOutput,
+        progress_bytes: u64,
+    ) -> Result<Completed, WorkerError> {
+        let req = CompleteRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: self.opts.worker_id.clone(),
+            lease_id: lease.id,
+            file_name: output.file_name,
+            size: output.size,
+            sha256: output.sha256,
+            // The coordinator knows the unit's tensors (and a long list would
+            // not fit in a request).
+            tensors: Vec::new(),
+            unit: lease.unit.id as u64,
+            progress_bytes,
+            session: String::new(),
+        };
+        let r = self
+            .rt
+            .block_on(self.with_retry("complete", |mut c, session| {
+                let req = CompleteRequest {
+                    session,
+                    ..req.clone()
+                };
+                async move { c.complete(req).await }
+            }));
+        match r {
+            Ok(r) if r.accepted => Ok(Completed::Accepted),
+            Ok(_) => Ok(Completed::AlreadyDone),
+            // The coordinator rejected the shard: it re-queues the unit itself.
+            Err(WorkerError::Refused { message, .. }) => Ok(Completed::Refused(message)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fail(&self, _slot: usize, lease: u64, failure: &UnitFailure) -> Result<(), WorkerError> {
+        let error = failure.to_string();
+        // Cut to what the coordinator accepts.
+        let mut cut = error.len().min(MAX_ERROR_BYTES);
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let req = FailRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: self.opts.worker_id.clone(),
+            lease_id: lease,
+            error: error[..cut].to_string(),
+            retryable: failure.retryable(),
+            session: String::new(),
+        };
+        self.rt
+            .block_on(self.with_retry("fail", |mut c, session| {
+                let req = FailRequest {
+                    session,
+                    ..req.clone()
+                };
+                async move { c.fail(req).await }
+            }))
+            .map(|_| ())
+    }
+
+    fn heartbeat_every(&self) -> Option<Duration> {
+        Some(self.heartbeat)
+    }
+
+    fn heartbeat(&self, leases: &[u64], progress_bytes: u64) -> Result<Heartbeat, WorkerError> {
+        let req = HeartbeatRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: self.opts.worker_id.clone(),
+            lease_ids: leases.to_vec(),
+            progress_bytes,
+            session: self.session(),
+        };
+        // One try: the next heartbeat comes soon (and the lease loops retry).
+        let mut client = self.client.clone();
+        match self.rt.block_on(async move { client.heartbeat(req).await }) {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(Heartbeat {
+                    shutdown: r.shutdown,
+                    revoked: r.revoked,
+                })
+            }
+            Err(e) => Err(WorkerError::Heartbeat {
+                message: e.message().to_string(),
+            }),
         }
     }
 }
@@ -324,286 +433,32 @@ pub fn connect(
         .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
-/// Runs a worker until the coordinator says the merge is over (or SIGTERM).
-/// Returns the number of units this worker completed.
-pub async fn run_remote(opts: RemoteOptions) -> Result<usize, WorkerError> {
+/// Runs a worker until the coordinator says the merge is over (or SIGTERM:
+/// then the units running finish first), its gRPC calls on `rt`. Returns the
+/// number of units this worker completed.
+pub fn run_remote(opts: RemoteOptions, rt: &tokio::runtime::Handle) -> Result<usize, WorkerError> {
+    let stop = Arc::new(AtomicBool::new(false));
     // Installed first, so a SIGTERM at any later point drains instead of killing.
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let address = opts.coordinator.clone();
-    let client = connect(
-        &address,
-        opts.token.as_deref(),
-        opts.tls_ca.as_deref(),
-        opts.insecure,
-    )?;
-    let paths = crate::paths::PathPolicy::new(&opts.allow_paths).map_err(WorkerError::Options)?;
-    let shared = Arc::new(Shared {
-        client,
-        opts: opts.clone(),
-        paths,
-        session: Mutex::new(String::new()),
-        active: Mutex::new(BTreeSet::new()),
-        read: AtomicU64::new(0),
-        draining: AtomicBool::new(false),
-        done: AtomicBool::new(false),
+    let term = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
     });
-    let reg = register(&shared).await?;
-    tracing::info!(coordinator = %address, worker = %opts.worker_id, "registered");
-
-    // SIGTERM: finish what is running, take nothing new.
-    let sig = shared.clone();
-    tokio::spawn(async move {
-        if let Some(mut term) = term {
+    let paths = PathPolicy::new(&opts.allow_paths)?;
+    let source = GrpcSource::connect(&opts, rt.clone())?;
+    tracing::info!(coordinator = %opts.coordinator, worker = %opts.worker_id, "registered");
+    if let Some(mut term) = term {
+        let stop = stop.clone();
+        rt.spawn(async move {
             term.recv().await;
             tracing::info!("SIGTERM: finishing the current units, then exiting");
-            sig.draining.store(true, Ordering::SeqCst);
-        }
-    });
-    let hb = shared.clone();
-    let period = Duration::from_secs(reg.heartbeat_seconds.max(1) as u64);
-    let heartbeat = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(period).await;
-            if hb.done.load(Ordering::SeqCst) {
-                break;
-            }
-            let leases: Vec<u64> = hb
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .collect();
-            let req = HeartbeatRequest {
-                protocol_version: PROTOCOL_VERSION,
-                worker_id: hb.opts.worker_id.clone(),
-                lease_ids: leases,
-                progress_bytes: hb.read.swap(0, Ordering::Relaxed),
-                session: hb.session(),
-            };
-            match hb.client.clone().heartbeat(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    if r.shutdown {
-                        hb.draining.store(true, Ordering::SeqCst);
-                    }
-                    for l in r.revoked {
-                        tracing::warn!(
-                            lease = l,
-                            "lease revoked by the coordinator; its result will not count"
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
-            }
-        }
-    });
-    let mut slots = Vec::new();
-    for slot in 0..opts.slots.max(1) {
-        slots.push(tokio::spawn(lease_loop(shared.clone(), slot)));
-    }
-    let mut completed = 0;
-    let mut first_error = None;
-    for s in slots {
-        match s.await {
-            Ok(Ok(n)) => completed += n,
-            Ok(Err(e)) => {
-                shared.draining.store(true, Ordering::SeqCst);
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                shared.draining.store(true, Ordering::SeqCst);
-                first_error.get_or_insert(slot_died(e));
-            }
-        }
-    }
-    shared.done.store(true, Ordering::SeqCst);
-    heartbeat.abort();
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(completed),
-    }
-}
-
-async fn lease_loop(shared: Arc<Shared>, slot: usize) -> Result<usize, WorkerError> {
-    let mut completed = 0;
-    let worker = shared.opts.worker_id.clone();
-    while !shared.draining.load(Ordering::SeqCst) {
-        let reply = with_retry(&shared, "lease", |mut c, session| {
-            let req = LeaseRequest {
-                protocol_version: PROTOCOL_VERSION,
-                worker_id: worker.clone(),
-                session,
-            };
-            async move { c.lease(req).await }
-        })
-        .await?;
-        let lease = match reply.reply {
-            Some(lease_response::Reply::Unit(u)) => u,
-            Some(lease_response::Reply::RetryAfterMs(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms.clamp(50, 5000) as u64)).await;
-                continue;
-            }
-            Some(lease_response::Reply::Done(why)) => {
-                tracing::info!(slot, reason = %why, "the coordinator has no more work");
-                shared.draining.store(true, Ordering::SeqCst);
-                break;
-            }
-            None => continue,
-        };
-        let lease_id = lease.lease_id;
-        let unit: Result<WorkUnit, String> =
-            serde_json::from_slice(&lease.unit).map_err(|e| format!("unreadable work unit: {e}"));
-        let unit = unit.and_then(|u| check_unit(&u).map(|()| u));
-        let admitted =
-            unit.and_then(|mut u| shared.paths.admit(&mut u, &lease.out_dir).map(|d| (u, d)));
-        let (unit, out_dir) = match admitted {
-            Ok(u) => u,
-            Err(e) => {
-                report_failure(&shared, lease_id, &e, false).await?;
-                continue;
-            }
-        };
-        shared
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(lease_id);
-        tracing::info!(slot, unit = unit.id, lease = lease_id, file = %unit.file_name, "working");
-        let job = shared.clone();
-        let id = unit.id;
-        let budget = job
-            .opts
-            .max_memory
-            .map(|m| m / job.opts.slots.max(1) as u64);
-        let result = tokio::task::spawn_blocking(move || {
-            exec::ExecLimits::for_unit(&unit, &out_dir, budget)
-                .and_then(|l| {
-                    let read = ReadCounter(&job.read);
-                    exec::execute_unit_on(&unit, &out_dir, &read, &l, &job.opts.device)
-                })
-                .map_err(|e| (retryable(&e), e.to_string()))
-        })
-        .await
-        .unwrap_or_else(|e| Err((false, slot_died(e).to_string())));
-        shared
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&lease_id);
-        match result {
-            Ok(out) => {
-                let req = CompleteRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    worker_id: worker.clone(),
-                    lease_id,
-                    file_name: out.file_name,
-                    size: out.size,
-                    sha256: out.sha256,
-                    // The coordinator knows the unit's tensors (and a long
-                    // list would not fit in a request).
-                    tensors: Vec::new(),
-                    unit: id as u64,
-                    progress_bytes: shared.read.swap(0, Ordering::Relaxed),
-                    session: String::new(),
-                };
-                let r = with_retry(&shared, "complete", |mut c, session| {
-                    let req = CompleteRequest {
-                        session,
-                        ..req.clone()
-                    };
-                    async move { c.complete(req).await }
-                })
-                .await;
-                match r {
-                    Ok(r) => {
-                        tracing::info!(slot, unit = id, accepted = r.accepted, "unit done");
-                        completed += 1;
-                    }
-                    // The coordinator rejected the shard: it re-queues the unit itself.
-                    Err(WorkerError::Refused { message, .. }) => {
-                        tracing::warn!(unit = id, %message, "completion refused")
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Err((retry, e)) => report_failure(&shared, lease_id, &e, retry).await?,
-        }
-    }
-    Ok(completed)
-}
-
-/// The error for a task that died (a panic that escaped the executor's own
-/// guards: a bug, never the coordinator's refusal).
-fn slot_died(e: tokio::task::JoinError) -> WorkerError {
-    if e.is_panic() {
-        let payload = e.into_panic();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
-        WorkerError::Internal(format!("a worker task panicked: {message}"))
-    } else {
-        WorkerError::Internal(format!("a worker task stopped: {e}"))
-    }
-}
-
-async fn report_failure(
-    shared: &Shared,
-    lease_id: u64,
-    error: &str,
-    retryable: bool,
-) -> Result<(), WorkerError> {
-    tracing::warn!(lease = lease_id, retryable, error, "unit failed");
-    // Cut to what the coordinator accepts.
-    let mut cut = error.len().min(MAX_ERROR_BYTES);
-    while !error.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let req = FailRequest {
-        protocol_version: PROTOCOL_VERSION,
-        worker_id: shared.opts.worker_id.clone(),
-        lease_id,
-        error: error[..cut].to_string(),
-        retryable,
-        session: String::new(),
-    };
-    with_retry(shared, "fail", |mut c, session| {
-        let req = FailRequest {
-            session,
-            ..req.clone()
-        };
-        async move { c.fail(req).await }
-    })
-    .await
-    .map(|_| ())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A lease loop that panics is a bug of this worker, reported as such, not
-    /// as the coordinator refusing it.
-    #[test]
-    fn a_panicking_slot_is_an_internal_error() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let joined = rt.block_on(async {
-            tokio::spawn(async {
-                panic!("slot exploded");
-            })
-            .await
+            stop.store(true, Ordering::SeqCst);
         });
-        let e = slot_died(joined.unwrap_err());
-        assert!(matches!(e, WorkerError::Internal(_)), "{e}");
-        let text = e.to_string();
-        assert!(
-            text.starts_with("internal error (a bug)") && text.contains("slot exploded"),
-            "{text}"
-        );
-        assert!(!text.contains("refused"), "{text}");
     }
+    let loop_opts = LoopOptions {
+        slots: opts.slots.max(1),
+        max_memory: opts.max_memory,
+        device: opts.device.clone(),
+        paths: Some(paths),
+        announce: true,
+    };
+    crate::work(&source, &loop_opts, &stop, &NoProgress)
 }

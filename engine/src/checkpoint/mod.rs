@@ -139,6 +139,26 @@ pub enum CheckpointError {
     ConfigMissing { location: String },
     #[error("{location}: config.json is invalid: {message}")]
     ConfigInvalid { location: String, message: String },
+    /// config.json's layer count (`key`) is not a whole number.
+    #[error("{file}: {key} is {value}, not a whole number of layers")]
+    LayerCountNotWhole {
+        file: String,
+        key: String,
+        /// The value as written (cut at 40 characters).
+        value: String,
+    },
+    /// config.json counts fewer layers than the tensors hold.
+    #[error(
+        "{file}: {key} is {count}, but the checkpoint's tensors hold {layers} layers (0 to {}); \
+         fix config.json so that it describes the weights",
+        .layers - 1
+    )]
+    LayerCountTooSmall {
+        file: String,
+        key: String,
+        count: u64,
+        layers: u64,
+    },
 }
 
 #[cfg(test)]

@@ -67,8 +67,8 @@ impl Checkpoint {
     /// that is not a whole number (-1, 6.5, [6]) or fewer layers than the
     /// tensors hold (`layers_in_tensors`, beyond DeepSeek's MTP layers that
     /// `num_nextn_predict_layers` counts) would give an output config that
-    /// disagrees with its weights. Returns a message naming the file and key.
-    pub fn check_layer_count(&self, layers_in_tensors: u64) -> Result<(), String> {
+    /// disagrees with its weights. The error names the file and key.
+    pub fn check_layer_count(&self, layers_in_tensors: u64) -> Result<(), CheckpointError> {
         let file = format!("{}/config.json", self.location.trim_end_matches('/'));
         let keys = ["num_hidden_layers", "n_layer", "num_layers"];
         let nested = self
@@ -81,10 +81,11 @@ impl Checkpoint {
             .chain(nested.map(|v| ("text_config.num_hidden_layers".to_string(), v)));
         for (key, value) in present {
             if value.as_u64().is_none() {
-                let shown: String = value.to_string().chars().take(40).collect();
-                return Err(format!(
-                    "{file}: {key} is {shown}, not a whole number of layers"
-                ));
+                return Err(CheckpointError::LayerCountNotWhole {
+                    file,
+                    key,
+                    value: value.to_string().chars().take(40).collect(),
+                });
             }
         }
         if let Some((key, n)) = self.num_layers() {
@@ -94,11 +95,12 @@ impl Checkpoint {
                 .and_then(Value::as_u64)
                 .unwrap_or(0);
             if layers_in_tensors > n.saturating_add(extra) {
-                return Err(format!(
-                    "{file}: {key} is {n}, but the checkpoint's tensors hold {layers_in_tensors} \
-                     layers (0 to {}); fix config.json so that it describes the weights",
-                    layers_in_tensors - 1
-                ));
+                return Err(CheckpointError::LayerCountTooSmall {
+                    file,
+                    key,
+                    count: n,
+                    layers: layers_in_tensors,
+                });
             }
         }
         Ok(())

@@ -660,7 +660,8 @@ fn layer_counts_that_disagree_with_the_weights_are_refused() {
     ] {
         let e = ck(serde_json::json!({"num_hidden_layers": bad}))
             .check_layer_count(6)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("models/m/config.json: num_hidden_layers is ")
                 && e.contains("not a whole number"),
@@ -669,15 +670,22 @@ fn layer_counts_that_disagree_with_the_weights_are_refused() {
     }
     let e = ck(serde_json::json!({"text_config": {"num_hidden_layers": 6.5}}))
         .check_layer_count(6)
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("text_config.num_hidden_layers"), "{e}");
     // more layers in the tensors than the config says
     let e = ck(serde_json::json!({"num_hidden_layers": 4}))
         .check_layer_count(6)
         .unwrap_err();
     assert!(
-        e.contains("num_hidden_layers is 4, but the checkpoint's tensors hold 6"),
-        "{e}"
+        matches!(&e, CheckpointError::LayerCountTooSmall { file, key, count: 4, layers: 6 }
+            if file == "models/m/config.json" && key == "num_hidden_layers"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "models/m/config.json: num_hidden_layers is 4, but the checkpoint's tensors hold 6 layers \
+         (0 to 5); fix config.json so that it describes the weights"
     );
     // what is fine: agreement, fewer tensors' layers, DeepSeek's MTP layer, no key
     assert!(ck(serde_json::json!({"num_hidden_layers": 6}))

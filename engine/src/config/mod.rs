@@ -1,35 +1,20 @@
-//! mergekit's YAML merge configuration: the schema (`schema`), a YAML reader that
-//! keeps the line of every key (`yaml`), and parameter settings with gradients
-//! and filters (`params`), and the tokenizer settings (`tokenizer`:
-//! `tokenizer_source` / `tokenizer:`). Everything a user can get wrong here is
-//! reported with the key and its line.
+//! mergekit's YAML merge configuration: the schema (`schema`) read from the
+//! node tree of [`crate::yaml`] (which keeps the line of every key), parameter
+//! settings with gradients and filters (`params`), and the tokenizer settings
+//! (`tokenizer`: `tokenizer_source` / `tokenizer:`). Everything a user can get
+//! wrong here is reported with the key and its line.
 
 mod params;
 mod schema;
 pub mod tokenizer;
-mod yaml;
 
-pub use params::{Conditional, ParamSetting, Scalar};
+pub use params::{Conditional, ParamSetting, Scalar, SettingError};
 pub use schema::{
     InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params,
     TokenizerSource,
 };
-pub use yaml::{Node, NodeKind};
 
-use std::fmt;
-
-/// A position in the YAML source (1-based line and column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Span {
-    pub line: usize,
-    pub col: usize,
-}
-
-impl fmt::Display for Span {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}, column {}", self.line, self.col)
-    }
-}
+use crate::yaml::{Span, YamlError};
 
 /// A value with the position of the YAML node it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,4 +53,15 @@ pub struct ConfigError {
     pub key_path: String,
     pub span: Option<Span>,
     pub message: String,
+}
+
+impl From<YamlError> for ConfigError {
+    fn from(e: YamlError) -> Self {
+        ConfigError {
+            file: e.file,
+            key_path: e.key_path,
+            span: e.span,
+            message: e.message,
+        }
+    }
 }

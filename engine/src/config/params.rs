@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use super::yaml::{Node, NodeKind};
-use super::{ConfigError, Span, Spanned};
+use super::{ConfigError, Spanned};
+use crate::yaml::{key_text, Node, NodeKind, Span};
 
 /// One YAML scalar as written; mergekit 0.1.5 keeps the raw type and converts
 /// it only when the parameter's type is known (at evaluation).
@@ -38,6 +38,24 @@ pub struct Conditional {
     pub span: Span,
 }
 
+/// A setting that cannot be evaluated for a tensor: its value does not fit
+/// the parameter's type (mergekit keeps YAML's raw types until the type is
+/// known). The caller, who knows the file, key and line, reports it there.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SettingError {
+    #[error("expected a number, got {0}")]
+    NotANumber(Scalar),
+    #[error(
+        "{0} is not a finite number a 32-bit float can hold (merges compute in f32, |x| <= \
+         3.4e38)"
+    )]
+    NotF32(Scalar),
+    #[error("expected true or false, got {0}")]
+    NotABool(Scalar),
+    #[error("gradient position t={0} is outside [0, 1]")]
+    Position(f64),
+}
+
 impl fmt::Display for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -65,7 +83,7 @@ impl Scalar {
     /// numeric strings such as "1e-3" (a string for PyYAML) are parsed.
     /// Numbers that f32 cannot hold (NaN, infinities, |x| > 3.4e38) are
     /// refused: the merge computes in f32 and would write Inf or NaN.
-    pub fn to_number(&self) -> Result<f64, String> {
+    pub fn to_number(&self) -> Result<f64, SettingError> {
         let x = match self {
             Scalar::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
             Scalar::Int(i) => Ok(*i as f64),
@@ -73,20 +91,17 @@ impl Scalar {
             Scalar::Str(s) => s
                 .trim()
                 .parse::<f64>()
-                .map_err(|_| format!("expected a number, got {self}")),
+                .map_err(|_| SettingError::NotANumber(self.clone())),
         }?;
         if !x.is_finite() || x.abs() > f64::from(f32::MAX) {
-            return Err(format!(
-                "{self} is not a finite number a 32-bit float can hold (merges compute in \
-                 f32, |x| <= 3.4e38)"
-            ));
+            return Err(SettingError::NotF32(self.clone()));
         }
         Ok(x)
     }
 
     /// Converts like a pydantic (lax) `bool` field: 0/1 and the usual words.
-    pub fn to_bool(&self) -> Result<bool, String> {
-        let bad = || format!("expected true or false, got {self}");
+    pub fn to_bool(&self) -> Result<bool, SettingError> {
+        let bad = || SettingError::NotABool(self.clone());
         match self {
             Scalar::Bool(b) => Ok(*b),
             Scalar::Int(0) => Ok(false),
@@ -105,7 +120,7 @@ impl Scalar {
 
 impl ParamSetting {
     /// Value of a numeric (float) parameter for one tensor, or None when no filter matched.
-    pub fn evaluate_number(&self, tensor_name: &str, t: f64) -> Result<Option<f64>, String> {
+    pub fn evaluate_number(&self, tensor_name: &str, t: f64) -> Result<Option<f64>, SettingError> {
         match self.select(tensor_name) {
             None => Ok(None),
             Some(ParamSetting::Scalar(s)) => s.to_number().map(Some),
@@ -116,7 +131,7 @@ impl ParamSetting {
     }
 
     /// Value of a boolean parameter.
-    pub fn evaluate_bool(&self, tensor_name: &str, t: f64) -> Result<Option<bool>, String> {
+    pub fn evaluate_bool(&self, tensor_name: &str, t: f64) -> Result<Option<bool>, SettingError> {
         match self.select(tensor_name) {
             None => Ok(None),
             Some(ParamSetting::Scalar(s)) => s.to_bool().map(Some),
@@ -161,7 +176,7 @@ impl Conditional {
 }
 
 /// Linear interpolation along a gradient, in f64 exactly as mergekit computes it.
-fn interpolate(values: &[Scalar], t: f64) -> Result<Option<f64>, String> {
+fn interpolate(values: &[Scalar], t: f64) -> Result<Option<f64>, SettingError> {
     if values.is_empty() {
         return Ok(None);
     }
@@ -181,8 +196,8 @@ fn interpolate(values: &[Scalar], t: f64) -> Result<Option<f64>, String> {
 fn pick<T>(
     values: &[Scalar],
     t: f64,
-    convert: impl Fn(&Scalar) -> Result<T, String>,
-) -> Result<Option<T>, String> {
+    convert: impl Fn(&Scalar) -> Result<T, SettingError>,
+) -> Result<Option<T>, SettingError> {
     if values.is_empty() {
         return Ok(None);
     }
@@ -193,9 +208,9 @@ fn pick<T>(
 
 /// `trunc(t·(L−1))`, refusing a `t` outside [0, 1] (which mergekit never
 /// produces and which would index outside the list).
-fn position(len: usize, t: f64) -> Result<usize, String> {
+fn position(len: usize, t: f64) -> Result<usize, SettingError> {
     if !(0.0..=1.0).contains(&t) {
-        return Err(format!("gradient position t={t} is outside [0, 1]"));
+        return Err(SettingError::Position(t));
     }
     let i = (t * (len - 1) as f64).trunc() as usize;
     Ok(i.min(len - 1))
@@ -286,7 +301,7 @@ fn conditional(node: &Node, key_path: &str) -> Result<Conditional, ConfigError> 
                     k.span,
                     format!(
                         "unknown key '{}' in a filter entry (allowed: filter, value)",
-                        super::yaml::key_text(k)
+                        key_text(k)
                     ),
                 ))
             }
@@ -379,7 +394,10 @@ mod tests {
 
     #[test]
     fn gradient_position_outside_unit_interval_is_an_error() {
-        assert!(setting("[0, 1]").evaluate_number("x", 1.5).is_err());
+        assert_eq!(
+            setting("[0, 1]").evaluate_number("x", 1.5),
+            Err(SettingError::Position(1.5))
+        );
         assert!(setting("[0, 1]").evaluate_number("x", f64::NAN).is_err());
     }
 
@@ -466,7 +484,8 @@ mod tests {
             Scalar::Str("1e300".into()),
         ] {
             let e = s.to_number().unwrap_err();
-            assert!(e.contains("32-bit float"), "{e}");
+            assert!(matches!(e, SettingError::NotF32(_)), "{e:?}");
+            assert!(e.to_string().contains("32-bit float"), "{e}");
         }
         assert_eq!(Scalar::Float(3.4e38).to_number(), Ok(3.4e38));
         assert_eq!(Scalar::Int(i64::MAX).to_number(), Ok(i64::MAX as f64));
@@ -483,7 +502,7 @@ mod tests {
         assert_eq!(num("'0.25'", "x", 0.0), Some(0.25));
         assert_eq!(num("[1e-3, 3e-3]", "x", 0.5), Some(0.002));
         let e = setting("abc").evaluate_number("x", 0.0).unwrap_err();
-        assert_eq!(e, "expected a number, got the string 'abc'");
+        assert_eq!(e.to_string(), "expected a number, got the string 'abc'");
         // every element is validated, even one the position does not use
         assert!(setting("[0, 1, abc]").evaluate_number("x", 0.0).is_err());
     }
@@ -498,17 +517,16 @@ mod tests {
         assert_eq!(b("'Yes'"), Ok(Some(true)));
         assert_eq!(b("'OFF'"), Ok(Some(false)));
         assert_eq!(b("'0'"), Ok(Some(false)));
+        let refused = |y: &str| b(y).unwrap_err().to_string();
+        assert_eq!(refused("2"), "expected true or false, got the number 2");
+        assert_eq!(refused("0.5"), "expected true or false, got the number 0.5");
         assert_eq!(
-            b("2"),
-            Err("expected true or false, got the number 2".into())
-        );
-        assert_eq!(
-            b("0.5"),
-            Err("expected true or false, got the number 0.5".into())
+            refused("maybe"),
+            "expected true or false, got the string 'maybe'"
         );
         assert_eq!(
             b("maybe"),
-            Err("expected true or false, got the string 'maybe'".into())
+            Err(SettingError::NotABool(Scalar::Str("maybe".into())))
         );
     }
 

@@ -6,8 +6,9 @@
 //! the models the overrides name are merged.
 
 use super::schema::ModelRef;
-use super::yaml::{key_text, Node, NodeKind};
-use super::{ConfigError, Span, Spanned};
+use super::{ConfigError, Spanned};
+use crate::yaml::Span;
+use crate::yaml::{key_text, Node, NodeKind};
 
 /// The tokenizer settings of a merge (either key).
 #[derive(Debug, Clone, PartialEq)]

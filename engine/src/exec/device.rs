@@ -1,6 +1,24 @@
 //! Where a unit's merges are computed: the CPU, or (a build with the `cuda`
-//! feature) an NVIDIA GPU, which takes the tensors and methods it supports and
-//! leaves the rest to the CPU (see [`crate::gpu`]).
+//! feature) an NVIDIA GPU, which takes the tensors whose method describes
+//! them as a device op and leaves the rest to the CPU (see
+//! [`crate::methods::device`] and [`crate::gpu`]).
+
+use crate::gpu::GpuError;
+use crate::methods::{MergeJob, MergeMethod, OutputView};
+
+/// A `--device` that cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("--device {spec}: expected cpu, cuda or cuda:N (N: the GPU's index)")]
+    Unknown { spec: String },
+    #[error(
+        "--device {spec}: this build computes on the CPU only; GPU workers need a build with \
+         the cuda feature (cargo build --release --features cuda; README: \"CUDA\")"
+    )]
+    NoCuda { spec: String },
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
 
 /// A compute device, opened once per process and shared by its units.
 #[derive(Clone, Debug, Default)]
@@ -16,7 +34,7 @@ pub enum Device {
 
 impl Device {
     /// Opens the device `spec` names: `cpu`, `cuda` (GPU 0) or `cuda:N`.
-    pub fn open(spec: &str) -> Result<Device, String> {
+    pub fn open(spec: &str) -> Result<Device, DeviceError> {
         let spec = spec.trim();
         if spec == "cpu" {
             return Ok(Device::Cpu);
@@ -28,9 +46,7 @@ impl Device {
         };
         match ordinal {
             Some(n) => open_cuda(spec, n),
-            None => Err(format!(
-                "--device {spec}: expected cpu, cuda or cuda:N (N: the GPU's index)"
-            )),
+            None => Err(DeviceError::Unknown { spec: spec.into() }),
         }
     }
 
@@ -50,38 +66,32 @@ impl Device {
     #[cfg_attr(not(any(feature = "cuda", test)), allow(unused_variables))]
     pub(crate) fn merge(
         &self,
-        method: &str,
-        job: &crate::methods::MergeJob,
-        out: &mut crate::methods::OutputView,
-    ) -> Option<Result<(), String>> {
+        method: &dyn MergeMethod,
+        job: &MergeJob,
+        out: &mut OutputView,
+    ) -> Option<Result<(), GpuError>> {
         match self {
             Device::Cpu => None,
             #[cfg(feature = "cuda")]
-            Device::Cuda(gpu) => gpu
-                .merge(method, job, out)
-                .map(|r| r.map_err(|e| e.to_string())),
+            Device::Cuda(gpu) => gpu.merge(method, job, out),
             #[cfg(test)]
-            Device::Emulated => crate::gpu::supports(method, job, out).then(|| {
-                crate::gpu::merge(&crate::gpu::emu::Emu::new(), method, job, out)
-                    .map_err(|e| e.to_string())
-            }),
+            Device::Emulated => {
+                let op = crate::gpu::accept(method, job, out)?;
+                Some(crate::gpu::run(&crate::gpu::emu::Emu::new(), &op, job, out))
+            }
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(spec: &str, ordinal: usize) -> Result<Device, String> {
-    crate::gpu::cuda::Gpu::open(spec, ordinal)
-        .map(|g| Device::Cuda(std::sync::Arc::new(g)))
-        .map_err(|e| e.to_string())
+fn open_cuda(spec: &str, ordinal: usize) -> Result<Device, DeviceError> {
+    let gpu = crate::gpu::cuda::Gpu::open(spec, ordinal)?;
+    Ok(Device::Cuda(std::sync::Arc::new(gpu)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(spec: &str, _ordinal: usize) -> Result<Device, String> {
-    Err(format!(
-        "--device {spec}: this build computes on the CPU only; GPU workers need a build with \
-         the cuda feature (cargo build --release --features cuda; README: \"CUDA\")"
-    ))
+fn open_cuda(spec: &str, _ordinal: usize) -> Result<Device, DeviceError> {
+    Err(DeviceError::NoCuda { spec: spec.into() })
 }
 
 #[cfg(test)]
@@ -93,12 +103,17 @@ mod tests {
         assert!(matches!(Device::open("cpu"), Ok(Device::Cpu)));
         for bad in ["gpu", "cuda:", "cuda:x", "cudax", "tpu:0"] {
             let e = Device::open(bad).unwrap_err();
-            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+            assert!(matches!(e, DeviceError::Unknown { .. }), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("expected cpu, cuda or cuda:N"),
+                "{bad}: {e}"
+            );
         }
         #[cfg(not(feature = "cuda"))]
         {
             let e = Device::open("cuda:1").unwrap_err();
-            assert!(e.contains("--features cuda"), "{e}");
+            assert!(matches!(e, DeviceError::NoCuda { .. }), "{e}");
+            assert!(e.to_string().contains("--features cuda"), "{e}");
         }
     }
 }

@@ -5,14 +5,7 @@
 
 use crate::dtype::DType;
 use crate::output::ShardLayout;
-
-/// Non-finite values of one output tensor.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NonFinite {
-    pub tensor: String,
-    pub nan: u64,
-    pub inf: u64,
-}
+use crate::unit::NonFinite;
 
 /// Follows the output bytes of a shard in order and counts per tensor.
 pub(crate) struct FiniteScan<'a> {

@@ -12,8 +12,8 @@
 use super::read::Maps;
 use super::ExecError;
 use crate::checkpoint::{self, CheckpointError, TensorInfo};
-use crate::plan::{TensorRef, WorkUnit};
 use crate::storage::{self, StorageError};
+use crate::unit::{TensorRef, WorkUnit};
 use rayon::prelude::*;
 use std::collections::HashMap;
 

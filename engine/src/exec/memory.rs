@@ -11,7 +11,7 @@
 
 use super::{read, stream, ExecLimits};
 use crate::methods;
-use crate::plan::WorkUnit;
+use crate::unit::WorkUnit;
 
 /// Bytes of the process itself (code, allocator, runtime), outside any unit.
 pub const PROCESS_BYTES: u64 = 48 << 20;
@@ -95,7 +95,7 @@ pub fn estimate(
         .max()
         .unwrap_or(0) as u64;
     // Chunk scratch: every input, the output and a few method buffers per input.
-    let scratch = threads * (2 * max_inputs + 4) * methods::kernel::CHUNK as u64 * 4;
+    let scratch = threads * (2 * max_inputs + 4) * methods::chunked::CHUNK as u64 * 4;
     // Per-tensor working memory: the largest `threads` tensors of a window may
     // be merged at once.
     let per_tensor = windows
@@ -160,6 +160,15 @@ pub struct Peak<'a> {
     pub over_budget: Option<super::ExecError>,
     /// Tensors streamed in segments under the budget, over all units.
     pub streamed: usize,
+}
+
+impl crate::plan::summary::PeakMemory for Peak<'_> {
+    fn peak_bytes(&self) -> u64 {
+        self.bytes
+    }
+    fn streamed_tensors(&self) -> usize {
+        self.streamed
+    }
 }
 
 /// Estimates every unit of `units` (into `out_dir`, on `threads` threads,
@@ -289,7 +298,7 @@ pub use crate::size::parse_size as parse_memory;
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::plan::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
+    use crate::unit::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
 
     fn unit(method: &str, tensors: &[(&str, u64)]) -> WorkUnit {
         WorkUnit {

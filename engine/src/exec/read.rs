@@ -11,8 +11,8 @@
 //! bytes are cut out of its span. A window of hundreds of small expert tensors
 //! costs a handful of requests per input file instead of one per tensor.
 
-use crate::plan::{OutputTensor, TensorRef};
 use crate::storage::{self, Mapped, StorageError};
+use crate::unit::{OutputTensor, TensorRef};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -101,8 +101,11 @@ impl Maps {
     pub fn open(tensors: &[OutputTensor]) -> Result<Self, StorageError> {
         let mut files = HashMap::new();
         for (_, _, r) in refs(tensors) {
-            if !storage::is_url(&r.location) && !files.contains_key(&r.location) {
-                files.insert(r.location.clone(), Mapped::open(&r.location)?);
+            if !files.contains_key(&r.location) {
+                // Local files, and Hub files the HF cache holds.
+                if let Some(path) = storage::local_file(&r.location) {
+                    files.insert(r.location.clone(), Mapped::open(&path)?);
+                }
             }
         }
         Ok(Maps { files })
@@ -241,8 +244,7 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::TensorParams;
-    use crate::plan::TensorOp;
+    use crate::unit::{TensorOp, TensorParams};
 
     fn tensor(name: &str, inputs: &[(&str, u64, u64)]) -> OutputTensor {
         OutputTensor {

@@ -2,14 +2,14 @@
 //! segment of rows at a time (local files: mapped ahead of use and unmapped after
 //! it; remote objects: one range request per input per segment) and its output
 //! goes to the writer a segment at a time, so memory holds one segment, however
-//! large the tensor. The kernels' helpers drive it (see
-//! [`Segments`](crate::methods::kernel::Segments)): a method that needs
-//! whole-tensor statistics reads the tensor once per pass.
+//! large the tensor. The methods' chunked helpers drive it (see
+//! [`Segments`]): a method that needs whole-tensor statistics reads the tensor
+//! once per pass.
 
 use super::read::Maps;
-use crate::methods::kernel::{self, Segments};
-use crate::plan::{OutputTensor, TensorRef};
+use crate::methods::{chunked, Segments};
 use crate::storage::StorageError;
+use crate::unit::{OutputTensor, TensorRef};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -25,8 +25,8 @@ pub fn segment_elements(t: &OutputTensor, window_bytes: u64) -> usize {
 pub fn max_segment_elements(t: &OutputTensor, elements: usize) -> usize {
     let row = t.shape.last().copied().unwrap_or(1).max(1) as usize;
     elements
-        .max(kernel::CHUNK)
-        .max(kernel::row_chunk(row))
+        .max(chunked::CHUNK)
+        .max(chunked::row_chunk(row))
         .min(t.numel() as usize)
 }
 
@@ -185,7 +185,7 @@ impl Segments for Stream<'_> {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::plan::{OutputTensor, TensorOp};
+    use crate::unit::{OutputTensor, TensorOp};
 
     fn tensor(location: &str, numel: u64) -> OutputTensor {
         OutputTensor {

@@ -5,8 +5,8 @@
 //! through two pinned staging buffers in turn, the host filling one while the
 //! other is on its way.
 
-use super::{Arg, Backend, GpuError, Kernel, KERNELS, STAGING};
-use crate::methods::{MergeJob, OutputView};
+use super::{Arg, Backend, GpuError, Kernel, OpenError, KERNELS, STAGING};
+use crate::methods::{MergeJob, MergeMethod, OutputView};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
     PinnedHostSlice, PushKernelArg,
@@ -18,13 +18,13 @@ impl From<cudarc::driver::DriverError> for GpuError {
         if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
             GpuError::OutOfMemory
         } else {
-            GpuError::Driver(e.to_string())
+            GpuError::Driver(e)
         }
     }
 }
 
 /// Compiles the kernels to PTX (NVRTC only: no GPU needed).
-pub fn compile() -> Result<cudarc::nvrtc::Ptx, String> {
+pub fn compile() -> Result<cudarc::nvrtc::Ptx, OpenError> {
     cudarc::nvrtc::compile_ptx_with_opts(
         KERNELS,
         cudarc::nvrtc::CompileOptions {
@@ -37,7 +37,7 @@ pub fn compile() -> Result<cudarc::nvrtc::Ptx, String> {
             ..Default::default()
         },
     )
-    .map_err(|e| format!("compiling the kernels with NVRTC: {e}"))
+    .map_err(OpenError::Compile)
 }
 
 /// Whether libnvrtc can be loaded (cudarc panics on use otherwise).
@@ -67,9 +67,9 @@ impl std::fmt::Debug for Gpu {
 impl Gpu {
     /// Opens GPU `ordinal` (`device` names it in errors) and compiles the kernels.
     pub fn open(device: &str, ordinal: usize) -> Result<Gpu, GpuError> {
-        let open_err = |message: String| GpuError::Open {
+        let open_err = |reason: OpenError| GpuError::Open {
             device: device.to_string(),
-            message,
+            reason,
         };
         // SAFETY: only probes for the library.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -82,21 +82,23 @@ impl Gpu {
                 device: device.into(),
             });
         }
-        let count = CudaContext::device_count().map_err(|e| open_err(e.to_string()))?;
+        let driver = |e| open_err(OpenError::Driver(e));
+        let count = CudaContext::device_count().map_err(driver)?;
         if ordinal >= count.max(0) as usize {
-            return Err(open_err(format!(
-                "there is no GPU {ordinal}: this machine has {count}"
-            )));
+            return Err(open_err(OpenError::NoSuchGpu { ordinal, count }));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| open_err(e.to_string()))?;
+        let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let ptx = compile().map_err(open_err)?;
-        let module = ctx.load_module(ptx).map_err(|e| open_err(e.to_string()))?;
+        let module = ctx.load_module(ptx).map_err(driver)?;
         let functions = Kernel::ALL
             .iter()
             .map(|k| {
-                module
-                    .load_function(k.name())
-                    .map_err(|e| open_err(format!("kernel {}: {e}", k.name())))
+                module.load_function(k.name()).map_err(|error| {
+                    open_err(OpenError::Kernel {
+                        kernel: k.name(),
+                        error,
+                    })
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let name = format!(
@@ -128,14 +130,15 @@ impl Gpu {
     }
 
     /// Computes `method` on `job` into `out` on this GPU; `None` when the GPU
-    /// path does not take it ([`super::supports`]) or the device is full.
+    /// path does not take it ([`super::accept`]) or the device is full.
     pub fn merge(
         &self,
-        method: &str,
+        method: &dyn MergeMethod,
         job: &MergeJob,
         out: &mut OutputView,
     ) -> Option<Result<(), GpuError>> {
-        if !super::supports(method, job, out) || !self.fits(job) {
+        let op = super::accept(method, job, out)?;
+        if !self.fits(job) {
             return None;
         }
         let result = (|| {
@@ -145,7 +148,7 @@ impl Gpu {
                 staging: Mutex::new(Some(self.take_staging()?)),
                 turn: Mutex::new(0),
             };
-            super::merge(&run, method, job, out)
+            super::run(&run, &op, job, out)
         })();
         match result {
             // Other merges in flight took the memory `fits` saw: the output is
@@ -200,16 +203,10 @@ impl Backend for Run<'_> {
     }
 
     fn upload(&self, dst: &mut CudaSlice<u8>, data: &[u8]) -> Result<(), GpuError> {
-        let mut staging = self
-            .staging
-            .lock()
-            .map_err(|_| GpuError::Driver("staging buffers lost".into()))?;
-        let mut turn = self
-            .turn
-            .lock()
-            .map_err(|_| GpuError::Driver("staging buffers lost".into()))?;
+        let mut staging = self.staging.lock().map_err(|_| GpuError::StagingLost)?;
+        let mut turn = self.turn.lock().map_err(|_| GpuError::StagingLost)?;
         let Some(bufs) = staging.as_mut() else {
-            return Err(GpuError::Driver("staging buffers lost".into()));
+            return Err(GpuError::StagingLost);
         };
         let mut done = 0;
         while done < data.len() {
@@ -257,7 +254,7 @@ impl Backend for Run<'_> {
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the orchestration (gpu/mod.rs) passes each kernel the
+        // SAFETY: the orchestration (gpu/*.rs) passes each kernel the
         // arguments of its signature in kernels.cu, with buffers of the sizes
         // it indexes; the emulator tests run the same calls.
         unsafe { b.launch(cfg) }?;

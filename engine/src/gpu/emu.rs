@@ -2,8 +2,8 @@
 //! compiled as C++ (g++) behind a small shim that maps CUDA's built-ins to
 //! host code, and the kernels launched block by block with every thread of a
 //! block as a coroutine (ucontext) that runs until its next `__syncthreads()`,
-//! which is a barrier. Buffers are host memory. It runs the orchestration of
-//! gpu/mod.rs unchanged, so the tests check the kernels' arithmetic and the
+//! which is a barrier. Buffers are host memory. It runs the GPU path's host
+//! code (gpu/*.rs) unchanged, so the tests check the kernels' arithmetic and the
 //! host logic against the CPU path, byte for byte; what it cannot check is
 //! CUDA itself (the driver API calls, memory coalescing, real concurrency).
 
@@ -118,14 +118,27 @@ extern "C" void emu_launch(int kernel, unsigned grid, unsigned block, const u64 
 
 type Launch = unsafe extern "C" fn(i32, u32, u32, *const u64);
 
+/// Why the emulator is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum EmuError {
+    #[error("writing the emulator's source: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("running g++ (scripts/test.sh installs it): {0}")]
+    NoCompiler(#[source] std::io::Error),
+    #[error("compiling kernels.cu for the emulator:\n{stderr}")]
+    Compile { stderr: String },
+    #[error("loading the emulator: {0}")]
+    Load(#[source] libloading::Error),
+}
+
 /// The compiled emulator (compiled once per test process).
-fn library() -> &'static Result<(libloading::Library, tempfile::TempDir), String> {
-    static LIB: OnceLock<Result<(libloading::Library, tempfile::TempDir), String>> =
+fn library() -> &'static Result<(libloading::Library, tempfile::TempDir), EmuError> {
+    static LIB: OnceLock<Result<(libloading::Library, tempfile::TempDir), EmuError>> =
         OnceLock::new();
     LIB.get_or_init(|| {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = tempfile::tempdir().map_err(EmuError::Write)?;
         let src = dir.path().join("emu.cpp");
-        std::fs::write(&src, format!("{SHIM}\n{KERNELS}\n{ENTRY}")).map_err(|e| e.to_string())?;
+        std::fs::write(&src, format!("{SHIM}\n{KERNELS}\n{ENTRY}")).map_err(EmuError::Write)?;
         let lib = dir.path().join("libemu.so");
         let out = std::process::Command::new(std::env::var("CXX").unwrap_or("g++".into()))
             .args([
@@ -139,15 +152,14 @@ fn library() -> &'static Result<(libloading::Library, tempfile::TempDir), String
             .arg(&lib)
             .arg(&src)
             .output()
-            .map_err(|e| format!("running g++ (scripts/test.sh installs it): {e}"))?;
+            .map_err(EmuError::NoCompiler)?;
         if !out.status.success() {
-            return Err(format!(
-                "compiling kernels.cu for the emulator:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(EmuError::Compile {
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
         }
         // SAFETY: our own library, with no initialisers beyond the C++ runtime's.
-        let lib = unsafe { libloading::Library::new(&lib) }.map_err(|e| e.to_string())?;
+        let lib = unsafe { libloading::Library::new(&lib) }.map_err(EmuError::Load)?;
         Ok((lib, dir))
     })
 }
@@ -156,14 +168,18 @@ fn library() -> &'static Result<(libloading::Library, tempfile::TempDir), String
 static LAUNCH: Mutex<()> = Mutex::new(());
 
 /// The emulated device.
-pub struct Emu;
+pub struct Emu {
+    lib: &'static libloading::Library,
+}
 
 impl Emu {
+    /// The emulator, compiled on first use; panics (failing the test) with
+    /// the reason when it cannot be built.
     pub fn new() -> Emu {
-        if let Err(e) = library() {
-            panic!("{e}");
+        match library() {
+            Ok((lib, _)) => Emu { lib },
+            Err(e) => panic!("{e}"),
         }
-        Emu
     }
 }
 
@@ -212,9 +228,6 @@ impl Backend for Emu {
         block: u32,
         args: &[Arg<'_, HostBuf>],
     ) -> Result<(), GpuError> {
-        let (lib, _) = library()
-            .as_ref()
-            .map_err(|e| GpuError::Driver(e.clone()))?;
         let slots: Vec<u64> = args
             .iter()
             .map(|a| match a {
@@ -231,9 +244,10 @@ impl Backend for Emu {
         // orchestration passes every kernel its arguments, with buffers of the
         // sizes it indexes (the same calls the CUDA backend makes).
         unsafe {
-            let f: libloading::Symbol<Launch> = lib
+            let f: libloading::Symbol<Launch> = self
+                .lib
                 .get(b"emu_launch")
-                .map_err(|e| GpuError::Driver(e.to_string()))?;
+                .map_err(|e| GpuError::Emulator(EmuError::Load(e)))?;
             f(index, grid.max(1), block, slots.as_ptr());
         }
         Ok(())

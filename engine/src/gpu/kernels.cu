@@ -298,7 +298,8 @@ __global__ void l1_parts(const float *xs, int xi, int bi, u64 n, u32 chunk, u32 
     after[c] = af;
 }
 
-// The task-arithmetic family's merge (methods/gta.rs), one block per chunk.
+// The task-arithmetic family's merge (methods/gta; host code gpu/task_vectors.rs),
+// one block per chunk.
 // The block walks its chunk a row of blockDim elements at a time, thread t
 // taking element t of the row (coalesced loads). Per stream s (task vector):
 // input index idx[s], mode/threshold/p/rng as in `survives`, quota[(s * chunks

@@ -12,8 +12,9 @@
 //! reproducible whatever the schedule, thread count or worker. Smaller tensors use
 //! every element, exactly like mergekit.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{BasePolicy, MergeMethod, MethodError, MethodSpec};
+use super::{MergeJob, OutputView};
 use std::cmp::Ordering;
 
 pub struct ArceeFusion;
@@ -132,7 +133,7 @@ impl MergeMethod for ArceeFusion {
         }
         let row = job.row_len();
         // Pass 1: KL of every row.
-        let kl: Vec<f32> = kernel::reduce_sized(job, kernel::row_chunk(row), |c, x| {
+        let kl: Vec<f32> = chunked::reduce_sized(job, chunked::row_chunk(row), |c, x| {
             let (mut ex, mut ea) = (Vec::new(), Vec::new());
             (0..c.len)
                 .step_by(row)
@@ -149,7 +150,7 @@ impl MergeMethod for ArceeFusion {
 
         // Pass 2: the importances of the sample (every element up to 10^6).
         let picks = (n > SAMPLE).then(|| sample::indices(job.seed, job.name, n, SAMPLE));
-        let mut values: Vec<f32> = kernel::reduce(job, |c, x| -> Vec<f32> {
+        let mut values: Vec<f32> = chunked::reduce(job, |c, x| -> Vec<f32> {
             match &picks {
                 None => (0..c.len).map(|e| importance(x, c.start, e)).collect(),
                 Some(p) => {
@@ -167,7 +168,7 @@ impl MergeMethod for ArceeFusion {
         drop(values);
 
         // Pass 3: keep the outliers.
-        kernel::map(job, out, |c, x, y| {
+        chunked::map(job, out, |c, x, y| {
             for (e, o) in y.iter_mut().enumerate() {
                 let (a, b) = (x[base][e], x[other][e]);
                 let mask = if importance(x, c.start, e) >= tau {
@@ -185,7 +186,7 @@ impl MergeMethod for ArceeFusion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn fusion(shape: &[u64], base: Vec<f32>, other: Vec<f32>) -> Vec<f32> {
         let p = params(&[], &[&[], &[]]);

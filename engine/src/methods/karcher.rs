@@ -14,11 +14,12 @@
 //! `Σ c_i·x_i`. (mergekit materialises the mean in f32; the iteration here runs in
 //! f64, which agrees with it to f32 rounding.)
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, ParamValue, Scope, TensorParams,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Karcher;
 
@@ -47,13 +48,18 @@ static SPEC: MethodSpec = MethodSpec {
     max_non_base: None,
 };
 
+/// A `max_iter` that is no whole number of at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("max_iter must be a whole number of iterations, at least 1 (got {got})")]
+struct BadMaxIter {
+    got: f64,
+}
+
 /// `max_iter` as mergekit's `int` parameter accepts it: a whole number.
-fn max_iter(params: &TensorParams) -> Result<usize, String> {
+fn max_iter(params: &TensorParams) -> Result<usize, BadMaxIter> {
     let v = params.shared_f64("max_iter").unwrap_or(10.0);
     if v.is_nan() || v < 1.0 || v.fract() != 0.0 {
-        return Err(format!(
-            "max_iter must be a whole number of iterations, at least 1 (got {v})"
-        ));
+        return Err(BadMaxIter { got: v });
     }
     Ok(v.min(1e9) as usize)
 }
@@ -143,26 +149,24 @@ impl MergeMethod for Karcher {
     }
 
     fn validate(&self, params: &TensorParams, _base: Option<usize>) -> Result<(), ParamProblem> {
-        max_iter(params)
-            .map(|_| ())
-            .map_err(|message| ParamProblem {
-                params: vec!["max_iter"],
-                input: None,
-                message,
-            })
+        max_iter(params).map(|_| ()).map_err(|e| ParamProblem {
+            params: vec!["max_iter"],
+            input: None,
+            message: e.to_string(),
+        })
     }
 
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let n = job.inputs.len();
         if n == 1 {
-            kernel::map(job, out, |_, x, y| y.copy_from_slice(x[0]));
+            chunked::map(job, out, |_, x, y| y.copy_from_slice(x[0]));
             return Ok(());
         }
-        let iters = max_iter(job.params).map_err(|m| job.invalid("karcher", m))?;
+        let iters = max_iter(job.params).map_err(|e| job.invalid("karcher", e.to_string()))?;
         let tol = job.params.shared_f64("tol").unwrap_or(1e-5);
         // One pass: the upper triangle of the Gram matrix.
         let pairs: Vec<(usize, usize)> = (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).collect();
-        let parts = kernel::reduce(job, |c, x| {
+        let parts = chunked::reduce(job, |c, x| {
             pairs
                 .iter()
                 .map(|&(i, j)| {
@@ -184,7 +188,7 @@ impl MergeMethod for Karcher {
             gram[j][i] = gram[i][j];
         }
         let c: Vec<f32> = solve(&gram, iters, tol).iter().map(|&v| v as f32).collect();
-        kernel::map(job, out, |_, x, y| {
+        chunked::map(job, out, |_, x, y| {
             y.fill(0.0);
             for (xi, &ci) in x.iter().zip(&c) {
                 for (o, &v) in y.iter_mut().zip(xi.iter()) {
@@ -199,7 +203,7 @@ impl MergeMethod for Karcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn karcher(inputs: &[Vec<f32>], shared: &[(&str, ParamValue)]) -> Vec<f32> {
         let p = params(shared, &vec![&[][..]; inputs.len()]);

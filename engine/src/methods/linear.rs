@@ -1,11 +1,13 @@
 //! `linear`: the weighted average `Σ w_i·x_i / Σ w_i` (mergekit 0.1.5 accumulates
 //! `acc = fma(x_i, w_i, acc)` in f32 and divides once; so do we, bit for bit).
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
+use super::device::{DeviceOp, WeightedSumOp};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, Scope, TensorParams,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Linear;
 
@@ -30,7 +32,7 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Weights as f32 and their f32 sum, as torch computes them.
-pub(crate) fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
+fn weights(params: &TensorParams, n: usize) -> (Vec<f32>, f32) {
     let w: Vec<f32> = (0..n)
         .map(|i| params.input_f64(i, "weight").unwrap_or(0.0) as f32)
         .collect();
@@ -60,7 +62,7 @@ impl MergeMethod for Linear {
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError> {
         let (w, sum) = weights(job.params, job.inputs.len());
         let normalize = job.params.shared_bool("normalize").unwrap_or(true);
-        kernel::map(job, out, |_, xs, y| {
+        chunked::map(job, out, |_, xs, y| {
             weighted_sum(xs, &w, y);
             if normalize {
                 for v in y.iter_mut() {
@@ -69,6 +71,15 @@ impl MergeMethod for Linear {
             }
         });
         Ok(())
+    }
+
+    fn device_op(&self, job: &MergeJob) -> Option<DeviceOp> {
+        let (weights, sum) = weights(job.params, job.inputs.len());
+        Some(DeviceOp::WeightedSum(WeightedSumOp {
+            weights,
+            normalize: job.params.shared_bool("normalize").unwrap_or(true),
+            sum,
+        }))
     }
 }
 
@@ -106,7 +117,7 @@ fn weighted_sum_portable(xs: &[&[f32]], w: &[f32], y: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     #[test]
     fn weighted_average_by_hand() {
@@ -146,7 +157,7 @@ mod tests {
         let out = run_dtype(
             &Linear,
             &[50, 100],
-            &[xb.clone()],
+            std::slice::from_ref(&xb),
             None,
             &p,
             DType::BF16,

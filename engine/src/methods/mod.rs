@@ -1,12 +1,16 @@
 //! Merge methods. Each method is one file: a unit struct implementing
-//! [`MergeMethod`] (its parameter spec and its kernel) plus one line in
-//! [`registry`]. Kernels read inputs as f32 chunks through [`kernel`], never as
-//! whole f32 copies, so memory stays bounded by a few chunks per thread.
+//! [`MergeMethod`] (its parameter spec and its CPU merge) plus one line in
+//! [`registry`]. A method is handed a [`MergeJob`] (see `job.rs`: the input
+//! tensors' bytes, parameters, seed) and reads its inputs as f32 chunks through
+//! the helpers of [`chunked`], never as whole f32 copies, so memory stays
+//! bounded by a few chunks per thread.
 
 mod arcee_fusion;
-pub(crate) mod gta;
+pub mod chunked;
+pub mod device;
+mod gta;
+mod job;
 mod karcher;
-pub mod kernel;
 mod linear;
 mod model_stock;
 mod multislerp;
@@ -16,40 +20,17 @@ mod passthrough;
 mod ram;
 mod rng;
 mod sce;
-pub(crate) mod select;
+mod select;
 mod slerp;
+#[cfg(test)]
+pub(crate) mod testing;
 mod torch_sort;
+mod torch_topk;
 
 use crate::dtype::DType;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use crate::unit::{ParamValue, TensorParams};
 
-pub use kernel::{Chunk, MergeJob, OutputView, Segments, TensorView};
-#[cfg(any(feature = "cuda", test))]
-pub(crate) use linear::weights as linear_weights;
-
-/// A resolved parameter value.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ParamValue {
-    Bool(bool),
-    Number(f64),
-}
-
-impl ParamValue {
-    pub fn as_f64(self) -> f64 {
-        match self {
-            ParamValue::Number(x) => x,
-            ParamValue::Bool(b) => b as u8 as f64,
-        }
-    }
-    pub fn as_bool(self) -> bool {
-        match self {
-            ParamValue::Bool(b) => b,
-            ParamValue::Number(x) => x != 0.0,
-        }
-    }
-}
+pub use job::{BlockScale, Chunk, MergeJob, OutputView, Segments, TensorView};
 
 /// The type of a parameter, with the range a number must lie in.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,26 +122,6 @@ impl MethodSpec {
     }
 }
 
-/// Fully resolved parameters of one output tensor: shared values, and one map
-/// per input (in input order; empty for the base where the scope excludes it).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct TensorParams {
-    pub shared: BTreeMap<String, ParamValue>,
-    pub per_input: Vec<BTreeMap<String, ParamValue>>,
-}
-
-impl TensorParams {
-    pub fn shared_f64(&self, name: &str) -> Option<f64> {
-        self.shared.get(name).map(|v| v.as_f64())
-    }
-    pub fn shared_bool(&self, name: &str) -> Option<bool> {
-        self.shared.get(name).map(|v| v.as_bool())
-    }
-    pub fn input_f64(&self, input: usize, name: &str) -> Option<f64> {
-        self.per_input.get(input)?.get(name).map(|v| v.as_f64())
-    }
-}
-
 /// A parameter value that is well-typed but unusable, found before any work starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamProblem {
@@ -181,7 +142,8 @@ pub enum MethodError {
     },
 }
 
-/// A merge method: its spec, its checks, its kernel.
+/// A merge method: its spec, its checks, its CPU merge, and what a compute
+/// device can compute of it.
 pub trait MergeMethod: Send + Sync {
     fn spec(&self) -> &MethodSpec;
 
@@ -193,6 +155,13 @@ pub trait MergeMethod: Send + Sync {
 
     /// Computes the output tensor. `out` has the output dtype and shape of `job`.
     fn merge(&self, job: &MergeJob, out: &mut OutputView) -> Result<(), MethodError>;
+
+    /// How a compute device computes `job` with the bytes of
+    /// [`merge`](MergeMethod::merge), when it can; `None` (the default): only
+    /// the CPU does. See [`device`].
+    fn device_op(&self, _job: &MergeJob) -> Option<device::DeviceOp> {
+        None
+    }
 
     /// Bytes one [`merge`](MergeMethod::merge) of a tensor of `numel` elements
     /// from `inputs` inputs may hold beyond the per-thread chunk scratch (e.g.

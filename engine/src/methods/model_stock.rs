@@ -5,8 +5,9 @@
 //! guard), `out = t·mean(w_i) + (1 − t)·w0`. Over the whole flattened tensor, or
 //! per row (last axis) with `filter_wise`; a 1-D tensor is one row.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{BasePolicy, MergeMethod, MethodError, MethodSpec, ParamSpec};
+use super::{MergeJob, OutputView};
 
 pub struct ModelStock;
 
@@ -106,7 +107,7 @@ impl MergeMethod for ModelStock {
         let stats = k + k * (k - 1) / 2;
         if job.params.shared_bool("filter_wise").unwrap_or(false) {
             let row = job.row_len();
-            kernel::map_sized(job, out, kernel::row_chunk(row), |_, x, y| {
+            chunked::map_sized(job, out, chunked::row_chunk(row), |_, x, y| {
                 let mut o = vec![0.0f32; k];
                 let mut s = vec![0.0f64; stats];
                 for r in (0..y.len()).step_by(row) {
@@ -117,7 +118,7 @@ impl MergeMethod for ModelStock {
                 }
             });
         } else {
-            let parts = kernel::reduce(job, |c, x| {
+            let parts = chunked::reduce(job, |c, x| {
                 let mut o = vec![0.0f32; k];
                 let mut s = vec![0.0f64; stats];
                 accumulate(x, base, &others, 0..c.len, &mut o, &mut s);
@@ -130,7 +131,7 @@ impl MergeMethod for ModelStock {
                 }
             }
             let t = factor(&s, k);
-            kernel::map(job, out, |_, x, y| {
+            chunked::map(job, out, |_, x, y| {
                 combine(x, base, &others, t, 0..y.len(), y);
             });
         }
@@ -141,7 +142,7 @@ impl MergeMethod for ModelStock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn stock(shape: &[u64], inputs: &[Vec<f32>], filter_wise: bool) -> Vec<f32> {
         let p = params(

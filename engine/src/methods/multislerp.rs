@@ -11,11 +11,12 @@
 //! statistics (`|‖m‖ − Σ w_i⟨u_i, m̂⟩|`) rather than from a third pass; `τ` itself
 //! is still formed per element as mergekit forms it (it only carries rounding).
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, ParamValue, Scope, TensorParams,
 };
+use super::{MergeJob, OutputView};
 
 pub struct MultiSlerp;
 
@@ -83,7 +84,7 @@ impl MergeMethod for MultiSlerp {
         }
         if k == 1 {
             let only = others[0];
-            kernel::map(job, out, |_, x, y| y.copy_from_slice(x[only]));
+            chunked::map(job, out, |_, x, y| y.copy_from_slice(x[only]));
             return Ok(());
         }
         let base = job.base;
@@ -100,7 +101,7 @@ impl MergeMethod for MultiSlerp {
         };
 
         // Pass 1: the norms n_i.
-        let parts = kernel::reduce(job, |c, x| {
+        let parts = chunked::reduce(job, |c, x| {
             let mut s = vec![0.0f64; k];
             for (s, &i) in s.iter_mut().zip(&others) {
                 for e in 0..c.len {
@@ -129,7 +130,7 @@ impl MergeMethod for MultiSlerp {
         };
 
         // Pass 2: ‖m‖² and ⟨u_i, m⟩.
-        let parts = kernel::reduce(job, |c, x| {
+        let parts = chunked::reduce(job, |c, x| {
             let mut s = vec![0.0f64; k + 1];
             let mut u = vec![0.0f32; k];
             for e in 0..c.len {
@@ -156,7 +157,7 @@ impl MergeMethod for MultiSlerp {
                      weights balance out); use different weights",
                 ));
             }
-            kernel::map(job, out, |_, x, y| {
+            chunked::map(job, out, |_, x, y| {
                 for (e, o) in y.iter_mut().enumerate() {
                     let r = delta(x, others[0], e) * w[0] + delta(x, others[1], e) * w[1];
                     *o = match base {
@@ -183,7 +184,7 @@ impl MergeMethod for MultiSlerp {
         let mean_norm = mean_norm as f32;
 
         // Map: the exponential map of τ at m̂, scaled by the mean norm.
-        kernel::map(job, out, |_, x, y| {
+        chunked::map(job, out, |_, x, y| {
             let mut u = vec![0.0f32; k];
             for (e, o) in y.iter_mut().enumerate() {
                 let m = mean_at(x, e, &mut u) / mean_norm;
@@ -205,7 +206,7 @@ impl MergeMethod for MultiSlerp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn multislerp(
         shape: &[u64],

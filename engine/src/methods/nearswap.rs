@@ -2,10 +2,11 @@
 //! value where it lies within `t` of the base and stay near the base elsewhere:
 //! `ω = clamp(t / max(|b − x|, 1e-6), 0, 1)`, `out = ω·x + (1 − ω)·b`.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct NearSwap;
 
@@ -53,7 +54,7 @@ impl MergeMethod for NearSwap {
             .shared_f64("t")
             .ok_or_else(|| job.invalid("nearswap", "parameter t is not set"))?
             as f32;
-        kernel::map(job, out, |_, x, y| {
+        chunked::map(job, out, |_, x, y| {
             for ((o, &a), &b) in y.iter_mut().zip(x[base]).zip(x[other]) {
                 *o = swap(t, a, b);
             }
@@ -65,7 +66,7 @@ impl MergeMethod for NearSwap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn nearswap(t: f64, a: Vec<f32>, b: Vec<f32>, base: usize) -> Vec<f32> {
         let p = params(&[("t", num(t))], &[&[], &[]]);

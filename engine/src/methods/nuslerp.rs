@@ -8,11 +8,12 @@
 //! max(‖v₁‖, 1e-7))` clamped to [−1, 1]; colinear (`1 − cos² ≤ 1e-16`) → lerp,
 //! else `(sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ` on the un-normalised vectors.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamProblem,
     ParamSpec, Scope, TensorParams,
 };
+use super::{MergeJob, OutputView};
 
 pub struct NuSlerp;
 
@@ -151,17 +152,17 @@ impl MergeMethod for NuSlerp {
         };
         match layout {
             Layout::Flat => {
-                let parts = kernel::reduce(job, |c, x| stats(x, 0..c.len));
-                let [aa, bb, ab] = kernel::sum_partials(&parts);
+                let parts = chunked::reduce(job, |c, x| stats(x, 0..c.len));
+                let [aa, bb, ab] = chunked::sum_partials(&parts);
                 let c = coefficients(t, aa, bb, ab);
-                kernel::map(job, out, |_, x, y| {
+                chunked::map(job, out, |_, x, y| {
                     for (e, o) in y.iter_mut().enumerate() {
                         *o = write(x, e, c);
                     }
                 });
             }
             Layout::Rows(row) => {
-                kernel::map_sized(job, out, kernel::row_chunk(row), |_, x, y| {
+                chunked::map_sized(job, out, chunked::row_chunk(row), |_, x, y| {
                     for r in (0..y.len()).step_by(row) {
                         let [aa, bb, ab] = stats(x, r..r + row);
                         let c = coefficients(t, aa, bb, ab);
@@ -174,10 +175,10 @@ impl MergeMethod for NuSlerp {
             Layout::Columns(cols) => {
                 let cols = cols.max(1);
                 let rows = job.numel() / cols;
-                let per_part = (kernel::CHUNK / cols)
+                let per_part = (chunked::CHUNK / cols)
                     .max(rows.div_ceil(MAX_COLUMN_PARTS))
                     .max(1);
-                let parts = kernel::reduce_sized(job, per_part * cols, |c, x| {
+                let parts = chunked::reduce_sized(job, per_part * cols, |c, x| {
                     let mut s = vec![0.0f64; 3 * cols];
                     for e in 0..c.len {
                         let (p, q) = pair(x, e);
@@ -199,7 +200,7 @@ impl MergeMethod for NuSlerp {
                     .chunks_exact(3)
                     .map(|s| coefficients(t, s[0], s[1], s[2]))
                     .collect();
-                kernel::map(job, out, |c, x, y| {
+                chunked::map(job, out, |c, x, y| {
                     for (e, o) in y.iter_mut().enumerate() {
                         *o = write(x, e, coef[(c.start + e) % cols]);
                     }
@@ -213,8 +214,8 @@ impl MergeMethod for NuSlerp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
-    use crate::methods::ParamValue;
+    use crate::methods::testing::*;
+    use crate::unit::ParamValue;
 
     fn nuslerp(
         shape: &[u64],

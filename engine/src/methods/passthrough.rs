@@ -2,10 +2,11 @@
 //! (frankenmerges built from `slices`). Without a scale and with an unchanged
 //! dtype it copies the bytes, so the output is the input bit for bit.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Passthrough;
 
@@ -40,10 +41,10 @@ impl MergeMethod for Passthrough {
         };
         let scale = job.params.input_f64(0, "scale");
         match scale {
-            None if input.dtype == out.dtype && input.scale.is_none() => kernel::copy(job, 0, out),
+            None if input.dtype == out.dtype && input.scale.is_none() => chunked::copy(job, 0, out),
             _ => {
                 let s = scale.unwrap_or(1.0) as f32;
-                kernel::map(job, out, |_, xs, y| {
+                chunked::map(job, out, |_, xs, y| {
                     for (o, &x) in y.iter_mut().zip(xs[0]) {
                         *o = if scale.is_some() { x * s } else { x };
                     }
@@ -58,8 +59,8 @@ impl MergeMethod for Passthrough {
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::testing::*;
-    use crate::methods::TensorParams;
+    use crate::methods::testing::*;
+    use crate::unit::TensorParams;
 
     #[test]
     fn copies_and_scales() {
@@ -68,10 +69,13 @@ mod tests {
             ..Default::default()
         };
         let x = vec![1.5f32, -2.0, f32::MIN_POSITIVE];
-        assert_eq!(run(&Passthrough, &[3], &[x.clone()], None, &p).unwrap(), x);
+        assert_eq!(
+            run(&Passthrough, &[3], std::slice::from_ref(&x), None, &p).unwrap(),
+            x
+        );
         let p = params(&[], &[&[("scale", num(0.5))]]);
         assert_eq!(
-            run(&Passthrough, &[3], &[x.clone()], None, &p).unwrap(),
+            run(&Passthrough, &[3], std::slice::from_ref(&x), None, &p).unwrap(),
             vec![0.75, -1.0, f32::MIN_POSITIVE * 0.5]
         );
     }

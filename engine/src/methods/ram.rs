@@ -4,11 +4,12 @@
 //! boosts each model's unique changes by `1 + r·clamp(shared/unique, 0, alpha)`,
 //! counted over the tensor.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
     ParamValue, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Ram {
     spec: MethodSpec,
@@ -82,7 +83,7 @@ impl MergeMethod for Ram {
         // ramplus_tl: per model, how many of its active elements are shared / unique.
         let mut boost = vec![1.0f32; k];
         if self.plus && k > 0 {
-            let (shared, unique) = kernel::fold_exact(
+            let (shared, unique) = chunked::fold_exact(
                 job,
                 || (vec![0u64; k], vec![0u64; k]),
                 |(sh, un), c, x| {
@@ -110,7 +111,7 @@ impl MergeMethod for Ram {
                 boost[s] = 1.0 + r * rho.clamp(0.0, alpha);
             }
         }
-        kernel::map(job, out, |_, x, y| {
+        chunked::map(job, out, |_, x, y| {
             for (e, o) in y.iter_mut().enumerate() {
                 let b = x[base][e];
                 let count = (0..k).filter(|&s| active(x, e, s)).count();
@@ -133,7 +134,7 @@ impl MergeMethod for Ram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     #[test]
     fn ram_by_hand() {

@@ -35,7 +35,6 @@ impl Stream {
 
     /// The stream's key: `uniform(i)` is a function of it and `i` alone (for
     /// device kernels that draw the same numbers).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn key(&self) -> u64 {
         self.key
     }

@@ -2,13 +2,17 @@
 //! whose task vectors vary most across models (`select_topk` of the non-zero
 //! variances), weight each model by the mean square of its (selected) task
 //! vector, erase disagreeing signs like TIES, and take the weighted mean.
+//! The variances, their count and, on tensors up to `select::EXACT_LIMIT`
+//! elements, the choice among equal variances ([`super::torch_topk`]) are
+//! torch's, so small tensors keep exactly mergekit's elements.
 
-use super::kernel::{self, MergeJob, OutputView};
-use super::select::{self, TopK};
+use super::chunked;
+use super::select::{self, TopK, TorchOrder};
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec,
     ParamValue, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Sce;
 
@@ -33,11 +37,26 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Population variance across models of the task vectors at one element, as
-/// torch computes it in f32 (`var(dim=0, unbiased=False)`).
+/// torch's CPU `var(dim=0, unbiased=False)` computes it for f32: Welford's
+/// update in f64 (`WelfordOps<float, double>`), rounded to f32 once. Its last
+/// bit decides which variances tie at the top-k threshold, so it must be
+/// torch's, not merely close.
 fn variance(d: &[f32]) -> f32 {
-    let n = d.len() as f32;
-    let mean = d.iter().sum::<f32>() / n;
-    d.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n
+    let (mut mean, mut m2) = (0.0f64, 0.0f64);
+    for (i, &v) in d.iter().enumerate() {
+        let v = v as f64;
+        let delta = v - mean;
+        mean += delta / (i + 1) as f64;
+        m2 += delta * (v - mean);
+    }
+    (m2 / d.len() as f64) as f32
+}
+
+/// How many variances SCE keeps: mergekit's `int(count_nonzero(var) *
+/// select_topk)` multiplies an int64 tensor by a Python float, which torch does
+/// in f32: 90 · 0.7 keeps 63 (in f64, 62.99… would keep 62).
+fn keep_count(nonzero: u64, select_topk: f64) -> u64 {
+    (nonzero as f32 * select_topk as f32) as u64
 }
 
 impl MergeMethod for Sce {
@@ -56,7 +75,7 @@ impl MergeMethod for Sce {
         let others = job.non_base();
         let k = others.len();
         if k == 0 {
-            kernel::map(job, out, |_, x, y| y.copy_from_slice(x[base]));
+            chunked::map(job, out, |_, x, y| y.copy_from_slice(x[base]));
             return Ok(());
         }
         let topk = job.params.shared_f64("select_topk").unwrap_or(1.0);
@@ -65,7 +84,8 @@ impl MergeMethod for Sce {
                 d[s] = x[i][e] - x[base][e];
             }
         };
-        // Select: the top `trunc(nonzero · select_topk)` variances.
+        // Select: the top `trunc(nonzero · select_topk)` variances, as torch.topk
+        // picks them among equals.
         let selection = if topk >= 1.0 {
             TopK::All
         } else if topk <= 0.0 {
@@ -78,7 +98,7 @@ impl MergeMethod for Sce {
                     *o = select::magnitude_key(variance(&d));
                 }
             };
-            let nonzero: u64 = kernel::fold_exact(
+            let nonzero: u64 = chunked::fold_exact(
                 job,
                 || 0u64,
                 |acc, c, x| {
@@ -88,12 +108,12 @@ impl MergeMethod for Sce {
                 },
                 |a, b| a + b,
             );
-            let want = (nonzero as f64 * topk) as u64;
-            select::top_k(job, &[want], |_, x, out| var_keys(x, out))
+            let want = keep_count(nonzero, topk);
+            select::top_k_as(job, &[want], TorchOrder::Topk, |_, x, out| var_keys(x, out))
                 .pop()
                 .unwrap_or(TopK::Nothing)
         };
-        let selected = |c: kernel::Chunk, x: &[&[f32]]| -> Vec<bool> {
+        let selected = |c: super::Chunk, x: &[&[f32]]| -> Vec<bool> {
             let mut quota = selection.chunk_quota(c);
             let mut d = vec![0.0f32; k];
             (0..c.len)
@@ -104,7 +124,7 @@ impl MergeMethod for Sce {
                 .collect()
         };
         // Calculate: weights from the mean square of each selected task vector.
-        let parts = kernel::reduce(job, |c, x| {
+        let parts = chunked::reduce(job, |c, x| {
             let mask = selected(c, x);
             let mut sq = vec![0.0f64; k];
             let mut d = vec![0.0f32; k];
@@ -129,7 +149,7 @@ impl MergeMethod for Sce {
             weights.iter_mut().for_each(|w| *w /= sum);
         }
         // Erase and merge.
-        kernel::map(job, out, |c, x, y| {
+        chunked::map(job, out, |c, x, y| {
             let mask = selected(c, x);
             let mut d = vec![0.0f32; k];
             for (e, o) in y.iter_mut().enumerate() {
@@ -157,7 +177,7 @@ impl MergeMethod for Sce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     #[test]
     fn sce_by_hand() {
@@ -182,6 +202,68 @@ mod tests {
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-6, "{out:?}");
         }
+    }
+
+    #[test]
+    fn norm_weight_with_tied_variances_merges_as_mergekit() {
+        // sce_fixture.txt (scripts/torch_topk_fixtures.py): a 64-element bf16
+        // norm weight of three fine-tunes, merged by mergekit 0.1.5 with torch.
+        let lines: Vec<&str> = include_str!("sce_fixture.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        let bf16 = |line: &str| -> Vec<f32> {
+            line.split_whitespace()
+                .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap() << 16))
+                .collect()
+        };
+        let base = bf16(lines[0]);
+        let models: Vec<Vec<f32>> = lines[1..4].iter().map(|l| bf16(l)).collect();
+        let want: Vec<u32> = lines[4]
+            .split_whitespace()
+            .map(|h| u32::from_str_radix(h, 16).unwrap())
+            .collect();
+        // The case is one where ties decide: more variances equal the k-th
+        // largest than the selection keeps of them.
+        let vars: Vec<f32> = (0..64)
+            .map(|e| variance(&[0, 1, 2].map(|m| models[m][e] - base[e])))
+            .collect();
+        let nonzero = vars.iter().filter(|&&v| v != 0.0).count() as u64;
+        let k = keep_count(nonzero, 0.5) as usize;
+        let mut sorted = vars.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let (threshold, above) = (
+            sorted[k - 1],
+            sorted.iter().filter(|&&v| v > sorted[k - 1]).count(),
+        );
+        let tied = vars.iter().filter(|&&v| v == threshold).count();
+        assert!(tied > k - above, "{tied} tied, {} of them kept", k - above);
+
+        let mut inputs = models.clone();
+        inputs.push(base);
+        let p = params(&[("select_topk", num(0.5))], &[&[], &[], &[], &[]]);
+        let out = run(&Sce, &[64], &inputs, Some(3), &p).unwrap();
+        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn keep_count_multiplies_in_f32_as_torch() {
+        // int(torch.tensor(90) * 0.7) == 63, int(180 * 0.35) == 63 in torch.
+        assert_eq!(keep_count(90, 0.7), 63);
+        assert_eq!(keep_count(180, 0.35), 63);
+        assert_eq!(keep_count(64, 0.5), 32);
+    }
+
+    #[test]
+    fn variance_is_torchs_f64_welford() {
+        // torch.var(torch.tensor([[a], [b], [c]]), dim=0, unbiased=False) is
+        // 0x3a30e38e for these bf16-valued deltas; a plain f32 two-pass is not.
+        let d = [0.02734375f32, -0.0234375, -0.03125];
+        assert_eq!(variance(&d).to_bits(), 0x3a30_e38e);
+        let mean = d.iter().sum::<f32>() / 3.0;
+        let plain = d.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 3.0;
+        assert_ne!(plain.to_bits(), 0x3a30_e38e);
     }
 
     #[test]

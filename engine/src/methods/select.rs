@@ -3,14 +3,16 @@
 //! their bit patterns, so the k-th largest is found digit by digit with a
 //! histogram pass over the top 12 bits and a pass that collects the keys of
 //! the one bucket holding the k-th largest. Which of several elements equal to the
-//! threshold mergekit keeps depends on how torch's sort leaves equal keys: for
-//! tensors of up to [`EXACT_LIMIT`] elements we replay that sort
-//! ([`super::torch_sort`]) and keep exactly mergekit's elements; above it, ties
-//! are kept from the highest index down (deterministic, and a handful of equal
-//! magnitudes out of millions).
+//! threshold mergekit keeps depends on the torch call that selects them
+//! ([`TorchOrder`]: `argsort` for TIES' magnitudes, `topk` for SCE's
+//! variances): for tensors of up to [`EXACT_LIMIT`] elements we replay that call
+//! ([`super::torch_sort`], [`super::torch_topk`]) and keep exactly mergekit's
+//! elements; above it, ties are kept from the highest index down
+//! (deterministic, and a handful of equal magnitudes out of millions).
 
-use super::kernel::{self, Chunk, MergeJob};
-use super::torch_sort;
+use super::chunked;
+use super::{torch_sort, torch_topk};
+use super::{Chunk, MergeJob};
 
 /// Largest tensor whose top-k replays torch's sort (cost: one sort per task vector).
 pub const EXACT_LIMIT: usize = 1 << 16;
@@ -96,25 +98,49 @@ pub fn magnitude_key(x: f32) -> u32 {
 /// threshold and each chunk's share of the ties follow. When that bucket is too
 /// crowded to collect (e.g. a task vector that is mostly exact zeros), the
 /// remaining bits are resolved by further histogram passes instead.
+///
+/// Ties at the threshold of tensors up to [`EXACT_LIMIT`] elements are kept as
+/// torch's `argsort(descending=True)[:k]` keeps them.
 pub fn top_k(
     job: &MergeJob,
     ks: &[u64],
     keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
 ) -> Vec<TopK> {
-    top_k_limited(job, ks, keys, candidate_limit(job.numel() as u64))
+    top_k_as(job, ks, TorchOrder::Argsort, keys)
 }
 
-/// [`top_k`], collecting a bucket of at most `limit` keys.
+/// The torch call whose choice among threshold-equal keys a top-k reproduces
+/// on tensors of up to [`EXACT_LIMIT`] elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchOrder {
+    /// `argsort(descending=True)[:k]` (mergekit's magnitude sparsification).
+    Argsort,
+    /// `topk(k, largest=True)` (mergekit's SCE selection).
+    Topk,
+}
+
+/// [`top_k`], keeping small tensors' ties as `order` says.
+pub fn top_k_as(
+    job: &MergeJob,
+    ks: &[u64],
+    order: TorchOrder,
+    keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
+) -> Vec<TopK> {
+    top_k_limited(job, ks, order, keys, candidate_limit(job.numel() as u64))
+}
+
+/// [`top_k_as`], collecting a bucket of at most `limit` keys.
 fn top_k_limited(
     job: &MergeJob,
     ks: &[u64],
+    order: TorchOrder,
     keys: impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send,
     limit: u64,
 ) -> Vec<TopK> {
     let n = job.numel() as u64;
     let streams = ks.len();
     if job.numel() <= EXACT_LIMIT {
-        return top_k_exact(job, ks, &keys);
+        return top_k_exact(job, ks, order, &keys);
     }
     let mut state = initial_state(ks, n);
     if state.iter().all(Option::is_none) {
@@ -134,7 +160,7 @@ fn top_k_limited(
             .map(|s| s.map(|(key, _, left)| (key, left)))
             .collect();
         // Ties: count keys equal to the threshold per chunk.
-        per_chunk = kernel::reduce(job, |c, x| {
+        per_chunk = chunked::reduce(job, |c, x| {
             let mut eq = vec![0u32; streams];
             with_keys(c.len, |buf| {
                 for (s, t) in thresholds.iter().enumerate() {
@@ -148,7 +174,7 @@ fn top_k_limited(
         });
     } else {
         // Collect the keys of each stream's bucket, chunk by chunk.
-        let candidates: Vec<Vec<Vec<u32>>> = kernel::reduce(job, |c, x| {
+        let candidates: Vec<Vec<Vec<u32>>> = chunked::reduce(job, |c, x| {
             with_keys(c.len, |buf| {
                 state
                     .iter()
@@ -294,7 +320,7 @@ fn digit_pass(
     let streams = state.len();
     let buckets = 1usize << bits;
     let snapshot = state.to_vec();
-    let hist = kernel::fold_exact(
+    let hist = chunked::fold_exact(
         job,
         || vec![0u64; streams * buckets],
         |h, c, x| {
@@ -346,7 +372,7 @@ fn with_keys<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
 
 /// Bytes a [`top_k`] over `streams` streams of `n` keys may hold at most.
 pub fn working_memory(n: u64, streams: usize) -> u64 {
-    let chunks = n.div_ceil(kernel::CHUNK as u64);
+    let chunks = n.div_ceil(chunked::CHUNK as u64);
     if n as usize <= EXACT_LIMIT {
         // Every key, its sort order and a mask.
         return n * 9 * streams as u64;
@@ -355,10 +381,11 @@ pub fn working_memory(n: u64, streams: usize) -> u64 {
     streams as u64 * (candidate_limit(n) * 4 * 2 + chunks * 12 + (4 << 10) * 8)
 }
 
-/// Small tensors: the first k indices of torch's descending argsort.
+/// Small tensors: the k indices torch's descending argsort or topk returns.
 fn top_k_exact(
     job: &MergeJob,
     ks: &[u64],
+    order: TorchOrder,
     keys: &(impl Fn(usize, &[&[f32]], &mut [u32]) + Sync + Send),
 ) -> Vec<TopK> {
     let n = job.numel();
@@ -371,14 +398,18 @@ fn top_k_exact(
             if k >= n {
                 return TopK::All;
             }
-            let all: Vec<u32> = kernel::reduce(job, |c, x| {
+            let all: Vec<u32> = chunked::reduce(job, |c, x| {
                 let mut buf = vec![0u32; c.len];
                 keys(s, x, &mut buf);
                 buf
             })
             .concat();
+            let kept = match order {
+                TorchOrder::Argsort => torch_sort::argsort_descending(&all)[..k].to_vec(),
+                TorchOrder::Topk => torch_topk::topk_largest(&all, k),
+            };
             let mut mask = vec![false; n];
-            for &i in &torch_sort::argsort_descending(&all)[..k] {
+            for i in kept {
                 mask[i as usize] = true;
             }
             TopK::Mask(mask)
@@ -390,14 +421,14 @@ fn top_k_exact(
 mod tests {
     use super::*;
     use crate::dtype::DType;
-    use crate::methods::kernel::{testing::f32_bytes, TensorView, CHUNK};
-    use crate::methods::TensorParams;
+    use crate::methods::{chunked::CHUNK, testing::f32_bytes, TensorView};
+    use crate::unit::TensorParams;
 
     fn select(values: &[f32], k: u64) -> Vec<bool> {
-        select_limited(values, k, None)
+        select_limited(values, k, None, TorchOrder::Argsort)
     }
 
-    fn select_limited(values: &[f32], k: u64, limit: Option<u64>) -> Vec<bool> {
+    fn select_limited(values: &[f32], k: u64, limit: Option<u64>, order: TorchOrder) -> Vec<bool> {
         let bytes = f32_bytes(values);
         let params = TensorParams::default();
         let shape = [values.len() as u64];
@@ -420,8 +451,8 @@ mod tests {
             }
         };
         let tk = match limit {
-            Some(limit) => top_k_limited(&job, &[k], keys, limit),
-            None => top_k(&job, &[k], keys),
+            Some(limit) => top_k_limited(&job, &[k], order, keys, limit),
+            None => top_k_as(&job, &[k], order, keys),
         };
         let mut kept = Vec::new();
         for (ci, chunk) in values.chunks(CHUNK).enumerate() {
@@ -466,6 +497,10 @@ mod tests {
         let kept = select(&[1.0; 17], 2);
         assert!(kept[8] && kept[16]);
         assert_eq!(kept.iter().filter(|&&b| b).count(), 2);
+        // ... and torch.topk(torch.ones(17), 3) returns 10, 11, 12.
+        let kept = select_limited(&[-1.0; 17], 3, None, TorchOrder::Topk);
+        let kept: Vec<usize> = (0..17).filter(|&i| kept[i]).collect();
+        assert_eq!(kept, [10, 11, 12]);
     }
 
     #[test]
@@ -482,8 +517,8 @@ mod tests {
             })
             .collect();
         for k in [1u64, 1000, 60_000, 131_000] {
-            let collected = select_limited(&v, k, Some(u64::MAX));
-            let histogram = select_limited(&v, k, Some(0));
+            let collected = select_limited(&v, k, Some(u64::MAX), TorchOrder::Argsort);
+            let histogram = select_limited(&v, k, Some(0), TorchOrder::Argsort);
             assert_eq!(collected.iter().filter(|&&b| b).count() as u64, k);
             assert!(collected == histogram, "k = {k}");
         }

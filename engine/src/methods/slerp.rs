@@ -3,10 +3,11 @@
 //! `t = 1` the other model; nearly (anti-)parallel tensors fall back to a plain
 //! lerp; the coefficients apply to the un-normalised tensors.
 
-use super::kernel::{self, MergeJob, OutputView};
+use super::chunked;
 use super::{
     BasePolicy, MergeMethod, MethodError, MethodSpec, ParamDefault, ParamKind, ParamSpec, Scope,
 };
+use super::{MergeJob, OutputView};
 
 pub struct Slerp;
 
@@ -65,7 +66,7 @@ impl MergeMethod for Slerp {
             .params
             .shared_f64("t")
             .ok_or_else(|| job.invalid("slerp", "parameter t is not set"))?;
-        let parts = kernel::reduce(job, |_, x| {
+        let parts = chunked::reduce(job, |_, x| {
             let (a, b) = (x[base], x[other]);
             let mut s = [0.0f64; 3];
             for (&p, &q) in a.iter().zip(b) {
@@ -76,10 +77,10 @@ impl MergeMethod for Slerp {
             }
             s
         });
-        let [aa, bb, ab] = kernel::sum_partials(&parts);
+        let [aa, bb, ab] = chunked::sum_partials(&parts);
         let (ca, cb) = coefficients(t, aa, bb, ab);
         let (ca, cb) = (ca as f32, cb as f32);
-        kernel::map(job, out, |_, x, y| {
+        chunked::map(job, out, |_, x, y| {
             for ((o, &p), &q) in y.iter_mut().zip(x[base]).zip(x[other]) {
                 *o = ca * p + cb * q;
             }
@@ -91,7 +92,7 @@ impl MergeMethod for Slerp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::kernel::testing::*;
+    use crate::methods::testing::*;
 
     fn slerp(t: f64, a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
         let p = params(&[("t", num(t))], &[&[], &[]]);

@@ -70,7 +70,7 @@ fn introsort_loop<T: Copy>(
     }
 }
 
-fn move_median_to_first<T: Copy>(
+pub(super) fn move_median_to_first<T: Copy>(
     a: &mut [T],
     result: usize,
     x: usize,
@@ -96,7 +96,7 @@ fn move_median_to_first<T: Copy>(
     a.swap(result, pick);
 }
 
-fn unguarded_partition<T: Copy>(
+pub(super) fn unguarded_partition<T: Copy>(
     a: &mut [T],
     mut first: usize,
     mut last: usize,
@@ -119,7 +119,12 @@ fn unguarded_partition<T: Copy>(
     }
 }
 
-fn insertion_sort<T: Copy>(a: &mut [T], first: usize, last: usize, comp: &impl Fn(&T, &T) -> bool) {
+pub(super) fn insertion_sort<T: Copy>(
+    a: &mut [T],
+    first: usize,
+    last: usize,
+    comp: &impl Fn(&T, &T) -> bool,
+) {
     for i in first + 1..last {
         let v = a[i];
         if comp(&v, &a[first]) {
@@ -142,19 +147,8 @@ fn unguarded_linear_insert<T: Copy>(a: &mut [T], mut last: usize, comp: &impl Fn
 
 /// `std::partial_sort(first, last, last)`: make_heap, then sort_heap.
 fn heap_sort<T: Copy>(a: &mut [T], comp: &impl Fn(&T, &T) -> bool) {
-    let len = a.len();
-    if len >= 2 {
-        let mut parent = (len - 2) / 2;
-        loop {
-            let v = a[parent];
-            adjust_heap(a, parent, len, v, comp);
-            if parent == 0 {
-                break;
-            }
-            parent -= 1;
-        }
-    }
-    let mut last = len;
+    make_heap(a, comp);
+    let mut last = a.len();
     while last > 1 {
         last -= 1;
         let v = a[last];
@@ -163,7 +157,26 @@ fn heap_sort<T: Copy>(a: &mut [T], comp: &impl Fn(&T, &T) -> bool) {
     }
 }
 
-fn adjust_heap<T: Copy>(
+/// libstdc++'s `std::__make_heap`.
+pub(super) fn make_heap<T: Copy>(a: &mut [T], comp: &impl Fn(&T, &T) -> bool) {
+    let len = a.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let v = a[parent];
+        adjust_heap(a, parent, len, v, comp);
+        if parent == 0 {
+            return;
+        }
+        parent -= 1;
+    }
+}
+
+/// libstdc++'s `std::__adjust_heap` (sift the hole at `hole` down to a leaf,
+/// then push `v` up from there).
+pub(super) fn adjust_heap<T: Copy>(
     a: &mut [T],
     mut hole: usize,
     len: usize,

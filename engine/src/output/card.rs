@@ -29,7 +29,9 @@ pub fn model_card(input: &CardInput) -> String {
         input.name
     };
     let is_hf = |p: &str| is_hf(p, input.model_exists_locally);
+    // mergekit links `model.path`, without the `@revision`.
     let link = |p: &str| {
+        let p = without_revision(p);
         if is_hf(p) {
             format!("[{p}](https://huggingface.co/{p})")
         } else {
@@ -54,6 +56,7 @@ pub fn model_card(input: &CardInput) -> String {
             let (path, lora) = split_lora(m);
             std::iter::once(path).chain(lora)
         })
+        .map(without_revision)
         .filter(|p| is_hf(p))
         .collect();
 
@@ -121,7 +124,14 @@ pub fn provenance(p: &Provenance) -> String {
     ));
     s.push_str("Input models (the config's reference, and where it was read):\n\n");
     for (reference, location) in p.models {
-        if reference == location {
+        if let Ok(h) = crate::storage::hub::parse_location(location) {
+            s.push_str(&format!(
+                "* `{reference}`: Hugging Face Hub `{}` at commit [`{}`]({})\n",
+                h.repo,
+                h.commit,
+                crate::storage::hub::commit_url(&h.repo, &h.commit)
+            ));
+        } else if reference == location {
             s.push_str(&format!("* `{reference}`\n"));
         } else {
             s.push_str(&format!("* `{reference}`: `{location}`\n"));
@@ -137,6 +147,11 @@ pub fn provenance(p: &Provenance) -> String {
         s.push_str(&format!("| {file} | {size} | `{sha}` |\n"));
     }
     s
+}
+
+/// `path` of `path@revision` (mergekit's `ModelPath.path`).
+fn without_revision(p: &str) -> &str {
+    p.split_once('@').map_or(p, |(path, _)| path)
 }
 
 /// `path+lora` as mergekit's `ModelReference.parse` splits it.
@@ -511,6 +526,47 @@ out_dtype: bfloat16
         assert!(card.contains(
             "merge:\n* [org/a](https://huggingface.co/org/a)\n* local/exists\n* ~/x\n* a/b/c\n\n"
         ));
+    }
+
+    #[test]
+    fn hub_revisions_are_left_out_of_links_and_commits_recorded() {
+        let models = strings(&["org/base@v1", "org/a@main"]);
+        let card = model_card(&CardInput {
+            name: "m",
+            merge_method: "ties",
+            method_pretty: None,
+            method_url: None,
+            base_model: Some("org/base@v1"),
+            models: &models,
+            config_yaml: "",
+            model_exists_locally: &|_| false,
+        });
+        assert!(
+            card.starts_with("---\nbase_model:\n- org/base\n- org/a\n"),
+            "{card}"
+        );
+        assert!(card.contains("using [org/base](https://huggingface.co/org/base) as a base"));
+        assert!(
+            card.contains("* [org/a](https://huggingface.co/org/a)\n"),
+            "{card}"
+        );
+        let c = "0123456789abcdef0123456789abcdef01234567";
+        let p = provenance(&Provenance {
+            merge_method: "ties",
+            out_dtype: None,
+            parameters: 1,
+            total_size: 2,
+            models: &[("org/a@main".into(), format!("hf://org/a@{c}"))],
+            fingerprint: "f",
+            shards: &[],
+        });
+        assert!(
+            p.contains(&format!(
+                "* `org/a@main`: Hugging Face Hub `org/a` at commit [`{c}`]("
+            )),
+            "{p}"
+        );
+        assert!(p.contains(&format!("/org/a/tree/{c})")), "{p}");
     }
 
     #[test]

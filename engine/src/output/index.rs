@@ -4,6 +4,9 @@
 use super::model_config::pretty_ascii_json;
 use serde_json::{Map, Value};
 
+/// The index's file name: written last, it marks a sharded model complete.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
 /// `model.safetensors.index.json` (only written with two or more shards): 2-space
 /// indentation, no trailing newline, `weight_map` in the given (write) order.
 pub fn index_json(total_size: u64, weight_map: &[(String, String)]) -> String {

@@ -12,7 +12,7 @@ mod tokenizer;
 
 pub use card::{model_card, provenance, CardInput, Provenance};
 pub use chat_templates::{builtin_chat_template, resolve_chat_template};
-pub use index::{index_json, shard_file_names};
+pub use index::{index_json, shard_file_names, INDEX_FILE};
 pub use model_config::{output_config, to_pretty_json};
 pub use shard::ShardLayout;
 pub use tokenizer::copy_tokenizer;

@@ -1,11 +1,12 @@
 //! What `fleetmerge plan` reports before a merge: how the inputs compare
 //! (architectures, layers, vocabularies, tensor shapes, with the fix for each
 //! mismatch), and, for a merge that plans, what it will read, write and hold
-//! in memory.
+//! in memory. The memory figures come from the executor's estimate
+//! (`exec::memory::peak`), through [`PeakMemory`]: the plan does not look up
+//! into the executor.
 
-use super::build::ModelFacts;
+use super::models::ModelFacts;
 use super::Plan;
-use crate::exec::memory;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -159,12 +160,21 @@ pub struct UnitSize {
     pub write: u64,
 }
 
+/// The estimated peak memory of a plan's units, as a summary reports it
+/// (`exec::memory::Peak` is one).
+pub trait PeakMemory {
+    /// Bytes of one worker slot at the peak.
+    fn peak_bytes(&self) -> u64;
+    /// Tensors streamed in segments under the budget, over all units.
+    fn streamed_tensors(&self) -> usize;
+}
+
 /// Summarizes `plan`, whose peak memory per slot on `threads` compute threads
-/// is `peak` (see [`memory::peak`]).
+/// is `peak`.
 pub fn summarize(
     plan: &Plan,
     models: &[ModelFacts],
-    peak: &memory::Peak,
+    peak: &dyn PeakMemory,
     threads: usize,
 ) -> Summary {
     let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
@@ -197,7 +207,7 @@ pub fn summarize(
             "dtype conversion {conv} on {n} input tensors (computed in f32, rounded once)"
         ));
     }
-    let dequantized: Vec<&super::OutputTensor> = tensors()
+    let dequantized: Vec<&crate::unit::OutputTensor> = tensors()
         .filter(|t| !t.scales.is_empty() && t.requant.is_none())
         .collect();
     if let Some(t) = dequantized.first() {
@@ -269,9 +279,9 @@ pub fn summarize(
             read: u.input_bytes(),
             write: u.data_bytes(),
         }),
-        peak_memory_per_slot: peak.bytes,
+        peak_memory_per_slot: peak.peak_bytes(),
         threads,
-        streamed_tensors: peak.streamed,
+        streamed_tensors: peak.streamed_tensors(),
         warnings,
     }
 }

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::config::MergeConfig;
+use crate::unit::OutputTensor;
 use std::path::PathBuf;
 
 fn examples() -> PathBuf {

@@ -3,11 +3,13 @@
 //! object-store URL when a backend for it is registered. Plans and work units
 //! carry only location strings, never handles, so they travel between processes.
 
+pub mod hub;
 mod local;
 mod object;
 pub mod overrides;
 
 pub use local::{LocalStorage, Mapped};
+pub(crate) use object::{concurrency, install_crypto_provider, PART};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -127,10 +129,14 @@ pub trait ObjectWriter: Send {
     fn commit(self: Box<Self>) -> Result<(), StorageError>;
 }
 
-/// The storage for a location string: a local path (or `file://` URL), or an
-/// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`).
+/// The storage for a location string: a local path (or `file://` URL), an
+/// object-store URL (`s3://`, `gs://`, `az://`, `http(s)://`), or a Hugging
+/// Face Hub location (`hf://repo@commit/file`, see [`crate::storage::hub`]).
 pub fn for_location(location: &str) -> Arc<dyn Storage> {
-    if !object::is_url(location) {
+    if crate::storage::hub::is_hub_location(location) {
+        return Arc::new(crate::storage::hub::HubStorage);
+    }
+    if !is_object_url(location) {
         return Arc::new(LocalStorage);
     }
     match object::for_url(location) {
@@ -141,7 +147,26 @@ pub fn for_location(location: &str) -> Arc<dyn Storage> {
 
 /// Whether `location` is an object-store URL rather than a local path.
 pub fn is_url(location: &str) -> bool {
-    object::is_url(location)
+    is_object_url(location) || crate::storage::hub::is_hub_location(location)
+}
+
+/// Whether `location` is an object-store URL (S3, GCS, Azure, HTTP).
+fn is_object_url(location: &str) -> bool {
+    [
+        "s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://",
+    ]
+    .iter()
+    .any(|p| location.starts_with(p))
+}
+
+/// The local file to memory-map for `location`: itself when it is a local
+/// path, the cached file of a Hugging Face Hub location the cache holds,
+/// `None` when its bytes are remote.
+pub fn local_file(location: &str) -> Option<String> {
+    if !is_url(location) {
+        return Some(location.to_string());
+    }
+    crate::storage::hub::local_file(location)
 }
 
 /// Bytes a streamed write (`create`) to `location` buffers at most: for an

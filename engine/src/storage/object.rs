@@ -15,7 +15,7 @@
 //!   concurrently; the object appears when the upload completes, and an
 //!   abandoned upload is aborted.
 
-use super::{ObjectWriter, Storage, StorageError};
+use super::{overrides, ObjectWriter, Storage, StorageError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -65,15 +65,6 @@ fn block<T: Send + 'static>(
         .map_err(|_| StorageError::io(location, "the I/O task stopped"))?
 }
 
-/// Whether `location` names an object store rather than a local path.
-pub fn is_url(location: &str) -> bool {
-    [
-        "s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://",
-    ]
-    .iter()
-    .any(|p| location.starts_with(p))
-}
-
 /// One bucket (or container, or web origin).
 pub struct ObjectStorage {
     /// `scheme://bucket`, the prefix of every location it serves.
@@ -90,26 +81,20 @@ fn split(location: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Checks that `key` is an option of the object store for `prefix`'s scheme.
-pub fn check_option(prefix: &str, key: &str) -> Result<(), String> {
-    use std::str::FromStr;
-    let scheme = prefix.split("://").next().unwrap_or("");
-    let known = match scheme {
-        "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
-        "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
-        "az" | "abfs" | "abfss" => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
-        "http" | "https" => object_store::ClientConfigKey::from_str(key).is_ok(),
-        other => return Err(format!("unsupported scheme {other}://")),
-    };
-    if known {
-        Ok(())
-    } else {
-        Err(format!("unknown option '{key}' for {scheme}:// locations"))
-    }
+/// reqwest is built without a TLS crypto provider of its own (Cargo.toml: ring
+/// rather than the C library aws-lc); its clients use the process default,
+/// set here once, before the first client is built. A provider installed
+/// earlier by someone else is kept.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, String> {
     use std::str::FromStr;
+    install_crypto_provider();
     let url = url::Url::parse(root).map_err(|e| e.to_string())?;
     let bad = |k: &str| format!("unknown storage option '{k}'");
     let retry = object_store::RetryConfig {
@@ -196,7 +181,7 @@ pub fn for_url(location: &str) -> Result<Arc<ObjectStorage>, StorageError> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<ObjectStorage>>>> = OnceLock::new();
     let (root, _) =
         split(location).ok_or_else(|| StorageError::io(location, "not an object-store URL"))?;
-    let custom = super::overrides::for_location(location);
+    let custom = overrides::for_location(location);
     let key = custom.map(|o| o.prefix.as_str()).unwrap_or(root);
     let mut stores = STORES
         .get_or_init(Default::default)

@@ -20,7 +20,7 @@
 //! configuration keys for the scheme (`aws_*`, `google_*`, `azure_*`, and
 //! client options such as `allow_http` or `timeout`).
 
-use crate::config::{ConfigError, Node, NodeKind};
+use crate::yaml::{Node, NodeKind, Span, YamlError};
 use std::sync::OnceLock;
 
 /// Options for the locations under one prefix.
@@ -30,15 +30,38 @@ pub struct Override {
     pub options: Vec<(String, String)>,
 }
 
+/// A storage config that cannot be used, or a second installation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OverridesError {
+    /// Not YAML this reader takes.
+    #[error(transparent)]
+    Yaml(#[from] YamlError),
+    /// A prefix or option that is not one: the file, the `PREFIX[.OPTION]`
+    /// key and its position (shown as `FILE: KEY (line L, column C): MESSAGE`).
+    #[error(
+        "{file}{}{}: {message}",
+        if key.is_empty() { String::new() } else { format!(": {key}") },
+        format!(" ({span})")
+    )]
+    Entry {
+        file: String,
+        key: String,
+        span: Span,
+        message: String,
+    },
+    #[error("storage overrides were already installed")]
+    AlreadyInstalled,
+}
+
 static OVERRIDES: OnceLock<Vec<Override>> = OnceLock::new();
 
 /// Reads a storage config; every key is checked against the options of its
 /// prefix's scheme, so a typo is an error naming the key and its line.
-pub fn parse(file: &str, text: &str) -> Result<Vec<Override>, ConfigError> {
-    let err = |key: &str, node: &Node, message: String| ConfigError {
+pub fn parse(file: &str, text: &str) -> Result<Vec<Override>, OverridesError> {
+    let err = |key: &str, node: &Node, message: String| OverridesError::Entry {
         file: file.to_string(),
-        key_path: key.to_string(),
-        span: Some(node.span),
+        key: key.to_string(),
+        span: node.span,
         message,
     };
     let root = Node::parse(file, text)?;
@@ -107,8 +130,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Override>, ConfigError> {
                     ))
                 }
             };
-            super::object::check_option(&prefix, &key)
-                .map_err(|m| err(&format!("{prefix}.{key}"), ok, m))?;
+            check_option(&prefix, &key).map_err(|m| err(&format!("{prefix}.{key}"), ok, m))?;
             options.push((key, value));
         }
         out.push(Override { prefix, options });
@@ -116,11 +138,30 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Override>, ConfigError> {
     Ok(out)
 }
 
+/// Checks that `key` is an option of the object store for `prefix`'s scheme.
+fn check_option(prefix: &str, key: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    let scheme = prefix.split("://").next().unwrap_or("");
+    let known = match scheme {
+        "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
+        "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
+        "az" | "abfs" | "abfss" => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
+        "http" | "https" => object_store::ClientConfigKey::from_str(key).is_ok(),
+        "hf" => return crate::storage::hub::check_option(key),
+        other => return Err(format!("unsupported scheme {other}://")),
+    };
+    if known {
+        Ok(())
+    } else {
+        Err(format!("unknown option '{key}' for {scheme}:// locations"))
+    }
+}
+
 /// Installs the overrides for this process (once, before any storage is used).
-pub fn install(overrides: Vec<Override>) -> Result<(), String> {
+pub fn install(overrides: Vec<Override>) -> Result<(), OverridesError> {
     OVERRIDES
         .set(overrides)
-        .map_err(|_| "storage overrides were already installed".to_string())
+        .map_err(|_| OverridesError::AlreadyInstalled)
 }
 
 /// The override with the longest prefix that contains `location`.
@@ -158,5 +199,26 @@ mod tests {
         assert!(m.contains("aws_endpoitn") && m.contains("line 2"), "{m}");
         let e = parse("s.yaml", "/local/path:\n  a: b\n").unwrap_err();
         assert!(e.to_string().contains("URL prefix"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_file_key_and_line() {
+        let e = parse("s.yaml", "s3://a:\n  aws_endpoitn: http://x\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s.yaml: s3://a.aws_endpoitn (line 2, column 3): unknown option 'aws_endpoitn' for \
+             s3:// locations"
+        );
+        let e = parse("s.yaml", "- s3://a\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s.yaml (line 1, column 1): expected a mapping from URL prefixes to options, got a list"
+        );
+        let e = parse("s.yaml", "s3://a: {}\ns3://a: {}\n").unwrap_err();
+        assert!(matches!(e, OverridesError::Yaml(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "s.yaml (line 2, column 1): duplicate key 's3://a' (first on line 1, again on line 2)"
+        );
     }
 }

@@ -4,7 +4,8 @@
 
 use super::*;
 use crate::config::tokenizer::{parse, TokenizerConfig};
-use crate::config::{ConfigError, ModelRef, Node, Spanned};
+use crate::config::{ConfigError, ModelRef, Spanned};
+use crate::yaml::Node;
 use std::path::{Path, PathBuf};
 
 fn models_dir() -> PathBuf {

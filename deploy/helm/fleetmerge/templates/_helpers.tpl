@@ -68,6 +68,17 @@ token
 - name: FLEETMERGE_STORAGE_CONFIG
   value: /etc/fleetmerge/storage.yaml
 {{- end }}
+{{- if .Values.hf.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.hf.existingSecret }}
+      key: {{ .Values.hf.existingSecretKey }}
+{{- end }}
+{{- if .Values.hf.endpoint }}
+- name: HF_ENDPOINT
+  value: {{ .Values.hf.endpoint | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "fleetmerge.envFrom" -}}

@@ -1,19 +1,20 @@
-//! The state of a cluster merge: every unit is pending, leased (to a worker,
-//! until a deadline that heartbeats extend), done (its shard checked and its
-//! record journaled) or failed. Expired leases go back to the queue; a unit
-//! that failed `max_attempts` times, or failed in a way another attempt cannot
-//! fix, ends the merge with an error naming the unit, its tensors, the workers
-//! and their errors. Pure bookkeeping: no network, no clock of its own.
+//! The lease table of one merge: every unit is pending, leased (to a worker,
+//! until a deadline that heartbeats extend), being checked (a completion whose
+//! shard is checked and journaled outside the table's lock), done or failed.
+//! Expired leases go back to the queue; a unit that failed `max_attempts`
+//! times, or failed in a way another attempt cannot fix, ends the merge with an
+//! error naming the unit, its tensors, the workers and their errors. Pure
+//! bookkeeping: no storage, no network, no clock of its own, so that the lock
+//! around it (see [`crate::merge`]) is only ever held for a few microseconds.
 //!
 //! Leases belong to a *holder*: the session id of a registered remote worker
-//! (see [`Cluster::register`]), or the name of an in-process worker of
+//! (see [`LeaseTable::register`]), or the name of an in-process worker of
 //! `fleetmerge run`. Only the holder can extend, complete or fail its lease.
 
-use crate::journal::Journal;
-use fleetmerge_engine::exec::UnitOutput;
-use fleetmerge_engine::plan::WorkUnit;
-use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::unit::WorkUnit;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Display;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,23 +69,65 @@ pub enum LeaseReply {
     Done(String),
 }
 
-/// A completion whose shard may now be checked (see [`Cluster::begin_check`]).
+/// Who wrote the shard of a completion, which decides what a rejected one
+/// costs (see [`LeaseTable::finish_check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An in-process worker of `fleetmerge run`: its shard is this process's
+    /// own, so a completion that cannot be recorded (the output storage
+    /// failed) ends the merge, and one that comes after another unit ended
+    /// the merge is still recorded (a resumed run keeps it).
+    InProcess,
+    /// A remote worker: a rejected shard is a failed attempt (the unit goes
+    /// back to the queue), and nothing is accepted once the merge is over.
+    Remote,
+}
+
+/// A completion whose shard may now be checked (see [`LeaseTable::begin_check`]).
 #[derive(Debug, Clone)]
 pub struct Check {
     pub unit: Arc<WorkUnit>,
     pub lease: u64,
     /// The session's lease had expired (the unit was still pending).
     pub late: bool,
+    pub origin: Origin,
 }
 
-/// What a completion that is not checked gets.
-#[derive(Debug, Clone, PartialEq)]
+/// Why a completion is not checked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
     /// The unit was done already (a slow worker whose lease had expired:
     /// harmless, the first commit won).
-    AlreadyDone,
-    /// Not this session's to complete, or malformed: the message says why.
-    Refused(String),
+    #[error("unit {unit} is done already")]
+    AlreadyDone { unit: u64 },
+    #[error("lease {lease} was never given to this worker (unit {unit})")]
+    NeverGiven { lease: u64, unit: u64 },
+    #[error("lease {lease} belongs to another worker")]
+    NotYours { lease: u64 },
+    #[error("lease {lease} is for unit {leased}, not unit {unit}")]
+    OtherUnit {
+        lease: u64,
+        leased: usize,
+        unit: u64,
+    },
+    #[error("unit {unit} failed; the merge is over")]
+    UnitFailed { unit: u64 },
+    #[error("lease {lease} expired and unit {unit} went to another worker")]
+    Reassigned { lease: u64, unit: u64 },
+    /// The merge ended (`outcome`, as its debug form) before this completion.
+    #[error("the merge is over ({outcome})")]
+    MergeOver { outcome: String },
+}
+
+/// A new session refused: the table holds as many as it keeps.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "too many workers registered ({sessions}, the most this coordinator keeps); \
+     silent ones are forgotten after {idle_s} s"
+)]
+pub struct TooManySessions {
+    pub sessions: usize,
+    pub idle_s: u64,
 }
 
 /// What a failure report does.
@@ -117,7 +160,8 @@ pub enum Outcome {
     Failed(String),
 }
 
-pub struct Cluster {
+/// The lease table (see the module's comment).
+pub struct LeaseTable {
     units: Vec<Unit>,
     queue: VecDeque<usize>,
     by_lease: BTreeMap<u64, usize>,
@@ -140,7 +184,6 @@ pub struct Cluster {
     pub failures: u64,
     outputs: BTreeMap<usize, UnitOutput>,
     outcome: Option<Outcome>,
-    out_dir: String,
 }
 
 fn describe(unit: &WorkUnit) -> String {
@@ -152,12 +195,11 @@ fn describe(unit: &WorkUnit) -> String {
     }
 }
 
-impl Cluster {
+impl LeaseTable {
     /// Units in plan order; those in `done` were finished by an earlier run.
     pub fn new(
         units: Vec<WorkUnit>,
         done: BTreeMap<usize, UnitOutput>,
-        out_dir: &str,
         lease_ms: u64,
         max_attempts: u32,
         first_lease: u64,
@@ -185,7 +227,7 @@ impl Cluster {
             })
             .collect();
         let outcome = queue.is_empty().then_some(Outcome::AllDone);
-        Cluster {
+        LeaseTable {
             units,
             queue,
             by_lease: BTreeMap::new(),
@@ -201,7 +243,6 @@ impl Cluster {
             failures: 0,
             outputs: done,
             outcome,
-            out_dir: out_dir.to_string(),
         }
     }
 
@@ -222,15 +263,13 @@ impl Cluster {
     }
 
     /// A new session for a worker (`session` is the caller's fresh random id).
-    pub fn register(&mut self, session: &str, info: WorkerInfo) -> Result<(), String> {
+    pub fn register(&mut self, session: &str, info: WorkerInfo) -> Result<(), TooManySessions> {
         self.evict(info.last_seen_ms);
         if self.workers.len() >= self.max_sessions {
-            return Err(format!(
-                "too many workers registered ({}, the most this coordinator keeps); \
-                 silent ones are forgotten after {} s",
-                self.workers.len(),
-                self.idle_ms / 1000
-            ));
+            return Err(TooManySessions {
+                sessions: self.workers.len(),
+                idle_s: self.idle_ms / 1000,
+            });
         }
         self.workers.insert(session.to_string(), info);
         Ok(())
@@ -384,80 +423,36 @@ impl Cluster {
         revoked
     }
 
-    /// Records a finished unit after checking its shard. Returns false when the
-    /// unit was already done (a slow worker whose lease had expired: harmless,
-    /// the outputs are identical and the first commit won).
-    pub fn complete(
+    /// First half of a completion, under the lock: `holder` reports unit
+    /// `unit` done under `lease`. The lease must be one this holder was given
+    /// for that unit, and current; or expired, with the unit still pending
+    /// (nobody else took it). The unit is then held as being checked (it
+    /// neither expires nor goes to anyone else) until
+    /// [`LeaseTable::finish_check`]; the check itself (storage I/O) happens
+    /// without the lock.
+    pub fn begin_check(
         &mut self,
+        holder: &str,
         lease: u64,
-        output: UnitOutput,
-        journal: &Journal,
-    ) -> Result<bool, String> {
-        let Some(i) = self.units.iter().position(|u| u.unit.id == output.unit) else {
-            return Err(format!("unknown work unit {}", output.unit));
-        };
-        if self.units[i].state == State::Done {
-            return Ok(false);
-        }
-        if self.units[i].unit.file_name != output.file_name {
-            return Err(format!(
-                "unit {} writes {}, not {}",
-                output.unit, self.units[i].unit.file_name, output.file_name
-            ));
-        }
-        let store = storage::for_location(&self.out_dir);
-        let shard = store.join(&self.out_dir, &output.file_name);
-        match store.size(&shard) {
-            Ok(s) if s == output.size => {}
-            Ok(s) => {
-                return Err(format!(
-                    "{shard} has {s} bytes, the worker reported {}",
-                    output.size
-                ))
-            }
-            Err(e) => return Err(format!("the worker reported {shard} written, but: {e}")),
-        }
-        journal
-            .record(&output)
-            .map_err(|e| format!("recording unit {} in the journal: {e}", output.unit))?;
-        if let State::Leased { lease: current, .. } = self.units[i].state {
-            self.by_lease.remove(&current);
-        }
-        if !matches!(self.units[i].state, State::Leased { lease: l, .. } if l == lease) {
-            tracing::info!(unit = output.unit, lease, "a unit was completed under a lease that is no longer current; its shard is checked and kept");
-        }
-        self.units[i].state = State::Done;
-        self.outputs.insert(output.unit, output);
-        if self.units.iter().all(|u| u.state == State::Done) {
-            self.outcome = Some(Outcome::AllDone);
-        }
-        Ok(true)
-    }
-
-    /// First half of a remote completion, under the lock: `holder` reports
-    /// unit `unit` done under `lease`. The lease must be one this holder was
-    /// given for that unit, and current; or expired, with the unit still
-    /// pending (nobody else took it). The unit is then held as being checked
-    /// (it neither expires nor goes to anyone else) until [`Cluster::finish_check`].
-    pub fn begin_check(&mut self, holder: &str, lease: u64, unit: u64) -> Result<Check, Refusal> {
-        let refuse = |m: String| Err(Refusal::Refused(m));
+        unit: u64,
+        origin: Origin,
+    ) -> Result<Check, Refusal> {
         let Some((i, owner)) = self.issued.get(&lease).cloned() else {
-            return refuse(format!(
-                "lease {lease} was never given to this worker (unit {unit})"
-            ));
+            return Err(Refusal::NeverGiven { lease, unit });
         };
         if owner != holder {
-            return refuse(format!("lease {lease} belongs to another worker"));
+            return Err(Refusal::NotYours { lease });
         }
         if self.units[i].unit.id as u64 != unit {
-            return refuse(format!(
-                "lease {lease} is for unit {}, not unit {unit}",
-                self.units[i].unit.id
-            ));
+            return Err(Refusal::OtherUnit {
+                lease,
+                leased: self.units[i].unit.id,
+                unit,
+            });
         }
         let late = match &self.units[i].state {
-            State::Done => return Err(Refusal::AlreadyDone),
-            State::Failed => return refuse(format!("unit {unit} failed; the merge is over")),
+            State::Done => return Err(Refusal::AlreadyDone { unit }),
+            State::Failed => return Err(Refusal::UnitFailed { unit }),
             State::Leased {
                 lease: l,
                 worker: w,
@@ -465,13 +460,15 @@ impl Cluster {
             } if *l == lease && w == holder => false,
             State::Pending => true,
             State::Leased { .. } | State::Checking { .. } => {
-                return refuse(format!(
-                    "lease {lease} expired and unit {unit} went to another worker"
-                ))
+                return Err(Refusal::Reassigned { lease, unit })
             }
         };
         if let Some(o) = &self.outcome {
-            return refuse(format!("the merge is over ({o:?})"));
+            if origin == Origin::Remote {
+                return Err(Refusal::MergeOver {
+                    outcome: format!("{o:?}"),
+                });
+            }
         }
         self.by_lease.remove(&lease);
         self.units[i].state = State::Checking {
@@ -482,13 +479,20 @@ impl Cluster {
             unit: self.units[i].unit.clone(),
             lease,
             late,
+            origin,
         })
     }
 
-    /// Second half of a remote completion: the shard checked and journaled
-    /// (`Ok`), or rejected (`Err`, counted as a failed attempt: the unit goes
-    /// back to the queue, or the merge gives up after `max_attempts`).
-    pub fn finish_check(&mut self, check: &Check, result: Result<UnitOutput, String>) {
+    /// Second half of a completion, under the lock again: the shard checked
+    /// and journaled (`Ok`: the unit is done), or rejected (`Err`). A remote
+    /// worker's rejected shard is a failed attempt (the unit goes back to the
+    /// queue, or the merge gives up after `max_attempts`); an in-process one
+    /// ends the merge (see [`Origin`]).
+    pub fn finish_check<E: Display + ?Sized>(
+        &mut self,
+        check: &Check,
+        result: Result<UnitOutput, &E>,
+    ) {
         let Some(i) = self.units.iter().position(|u| u.unit.id == check.unit.id) else {
             return;
         };
@@ -516,7 +520,12 @@ impl Cluster {
                     deadline_ms: 0,
                 };
                 self.by_lease.insert(lease, i);
-                self.fail(lease, &worker, &format!("completion rejected: {e}"), true);
+                match check.origin {
+                    Origin::Remote => {
+                        self.fail(lease, &worker, &format!("completion rejected: {e}"), true)
+                    }
+                    Origin::InProcess => self.fail(lease, &worker, &e.to_string(), false),
+                };
             }
         }
     }
@@ -568,7 +577,6 @@ impl Cluster {
         c
     }
 
-    /// Leases a worker currently holds.
     /// Ids of the units that are done.
     pub fn done_units(&self) -> Vec<usize> {
         self.units
@@ -578,6 +586,7 @@ impl Cluster {
             .collect()
     }
 
+    /// Units a worker currently holds (leased, or being checked).
     pub fn leases_of(&self, worker: &str) -> Vec<usize> {
         self.units
             .iter()
@@ -596,7 +605,7 @@ mod tests {
     fn units(n: usize) -> Vec<WorkUnit> {
         (0..n)
             .map(|id| WorkUnit {
-                format: fleetmerge_engine::plan::PLAN_FORMAT,
+                format: fleetmerge_engine::unit::PLAN_FORMAT,
                 id,
                 file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
                 merge_method: "linear".into(),
@@ -606,11 +615,11 @@ mod tests {
             .collect()
     }
 
-    fn cluster(n: usize, max_attempts: u32) -> Cluster {
-        Cluster::new(units(n), BTreeMap::new(), "/out", 1000, max_attempts, 1)
+    fn cluster(n: usize, max_attempts: u32) -> LeaseTable {
+        LeaseTable::new(units(n), BTreeMap::new(), 1000, max_attempts, 1)
     }
 
-    fn lease(c: &mut Cluster, worker: &str, now: u64) -> (u64, usize) {
+    fn lease(c: &mut LeaseTable, worker: &str, now: u64) -> (u64, usize) {
         match c.lease(worker, now) {
             LeaseReply::Unit { lease, unit, .. } => (lease, unit.id),
             other => panic!("expected a unit, got {other:?}"),
@@ -721,7 +730,10 @@ mod tests {
         // Another session, a lease never given, another unit: refused.
         for (holder, lease, unit) in [("s2", l, id as u64), ("s1", 0, 0), ("s1", l, 1)] {
             assert!(
-                matches!(c.begin_check(holder, lease, unit), Err(Refusal::Refused(_))),
+                matches!(
+                    c.begin_check(holder, lease, unit, Origin::Remote),
+                    Err(r) if !matches!(r, Refusal::AlreadyDone { .. })
+                ),
                 "{holder} {lease} {unit}"
             );
         }
@@ -729,19 +741,22 @@ mod tests {
         assert!(c.outcome().is_none());
         // The holder's completion is checked; meanwhile it neither expires
         // nor goes to anyone else.
-        let check = c.begin_check("s1", l, id as u64).unwrap();
+        let check = c.begin_check("s1", l, id as u64, Origin::Remote).unwrap();
         c.expire(1_000_000);
         assert_eq!(c.counts().running, 1);
         assert_eq!(lease(&mut c, "s2", 1_000_000).1, 1);
-        c.finish_check(&check, Err("garbage data".into()));
+        c.finish_check(&check, Err("garbage data"));
         assert_eq!((c.counts().pending, c.failures), (1, 1));
         assert_eq!(c.fail(l, "s1", "late", true), FailReply::Stale);
         // The next attempt passes.
         let (l2, _) = lease(&mut c, "s3", 1_000_000);
-        let check = c.begin_check("s3", l2, 0).unwrap();
-        c.finish_check(&check, Ok(output(0)));
+        let check = c.begin_check("s3", l2, 0, Origin::Remote).unwrap();
+        c.finish_check::<str>(&check, Ok(output(0)));
         assert_eq!(c.counts().done, 1);
-        assert_eq!(c.begin_check("s1", l, 0).unwrap_err(), Refusal::AlreadyDone);
+        assert_eq!(
+            c.begin_check("s1", l, 0, Origin::Remote).unwrap_err(),
+            Refusal::AlreadyDone { unit: 0 }
+        );
     }
 
     #[test]
@@ -750,15 +765,43 @@ mod tests {
         let (l, _) = lease(&mut c, "s1", 0);
         c.expire(5000);
         // Expired, still pending: s1's shard is checked and kept.
-        let check = c.begin_check("s1", l, 0).unwrap();
+        let check = c.begin_check("s1", l, 0, Origin::Remote).unwrap();
         assert!(check.late);
-        c.finish_check(&check, Err("bad".into()));
+        c.finish_check(&check, Err("bad"));
         // Expired and handed to s2: s1's completion no longer counts.
         let (l2, _) = lease(&mut c, "s2", 5000);
         assert!(
-            matches!(c.begin_check("s1", l, 0), Err(Refusal::Refused(m)) if m.contains("another worker"))
+            matches!(c.begin_check("s1", l, 0, Origin::Remote), Err(r) if r.to_string().contains("another worker"))
         );
-        assert!(c.begin_check("s2", l2, 0).is_ok());
+        assert!(c.begin_check("s2", l2, 0, Origin::Remote).is_ok());
+    }
+
+    /// An in-process shard that cannot be recorded ends the merge (this
+    /// process's own storage failed); one finished after another unit ended
+    /// the merge is still recorded (a resumed run keeps it), where a remote
+    /// worker's is refused.
+    #[test]
+    fn in_process_completions_end_the_merge_when_rejected_and_count_after_a_failure() {
+        let mut c = cluster(3, 3);
+        let (l0, _) = lease(&mut c, "local-0", 0);
+        let (l1, _) = lease(&mut c, "local-1", 0);
+        let (l2, _) = lease(&mut c, "s1", 0);
+        let check = c.begin_check("local-0", l0, 0, Origin::InProcess).unwrap();
+        c.finish_check(&check, Err("recording unit 0 in the journal: disk gone"));
+        let Some(Outcome::Failed(e)) = c.outcome() else {
+            panic!("expected a failure, got {:?}", c.outcome());
+        };
+        assert!(
+            e.contains("cannot fix") && e.contains("local-0: recording unit 0 in the journal"),
+            "{e}"
+        );
+        let check = c.begin_check("local-1", l1, 1, Origin::InProcess).unwrap();
+        c.finish_check::<str>(&check, Ok(output(1)));
+        assert_eq!(c.done_units(), vec![1]);
+        assert!(matches!(
+            c.begin_check("s1", l2, 2, Origin::Remote),
+            Err(Refusal::MergeOver { .. })
+        ));
     }
 
     #[test]
@@ -772,7 +815,11 @@ mod tests {
         };
         c.register("a", info(0)).unwrap();
         c.register("b", info(0)).unwrap();
-        assert!(c.register("c", info(10)).unwrap_err().contains("too many"));
+        assert!(c
+            .register("c", info(10))
+            .unwrap_err()
+            .to_string()
+            .contains("too many"));
         lease(&mut c, "a", 10);
         // b was silent and holds nothing: forgotten; a holds a lease: kept.
         c.register("c", info(1500)).unwrap();
@@ -794,7 +841,7 @@ mod tests {
             },
         )]
         .into();
-        let mut c = Cluster::new(units(2), done, "/out", 1000, 3, 1);
+        let mut c = LeaseTable::new(units(2), done, 1000, 3, 1);
         assert_eq!(lease(&mut c, "a", 0).1, 1);
         assert_eq!(c.lease("a", 0), LeaseReply::Wait);
         assert_eq!(c.counts().done, 1);

@@ -10,9 +10,9 @@
 //! (an index into the plan's model list, which a unit does not carry and nothing
 //! downstream uses).
 
-use super::{OutputTensor, TensorOp, TensorRef, WorkUnit, PLAN_FORMAT};
+use super::{OutputTensor, ParamValue, TensorOp, TensorRef, WorkUnit, PLAN_FORMAT};
 use crate::dtype::DType;
-use crate::methods::{self, BasePolicy, ParamKind, ParamValue, Scope};
+use crate::methods::{self, BasePolicy, ParamKind, Scope};
 use std::collections::HashSet;
 
 /// Longest tensor name accepted (real ones are well under 200 bytes).
@@ -454,7 +454,7 @@ impl Checker<'_> {
 
 impl WorkUnit {
     /// Checks everything about the unit that can be checked without reading its
-    /// inputs (see the module documentation of `plan::validate`). Every worker
+    /// inputs (see the module documentation of `unit::validate`). Every worker
     /// runs this before it reads or writes anything.
     pub fn validate(&self) -> Result<(), UnitError> {
         let c = Checker { unit: self };
@@ -515,45 +515,15 @@ impl WorkUnit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MergeConfig;
-    use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
-    use std::path::PathBuf;
-
-    fn root() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-    }
-
-    fn plan_case(case: &str, shard: u64) -> crate::plan::Plan {
-        let path = root()
-            .join("tests/fixtures/cases")
-            .join(case)
-            .join("config.yaml");
-        let yaml = std::fs::read_to_string(&path).unwrap();
-        let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
-        plan(
-            &cfg,
-            &PlanOptions {
-                out_shard_size: shard,
-                seed: 7,
-                allow_crimes: false,
-                keep_fp8: false,
-                base_dir: root().join("examples"),
-            },
-        )
-        .unwrap()
-    }
+    use crate::plan::DEFAULT_SHARD_SIZE;
+    use crate::unit::tests::{plan_case, planned_cases};
 
     /// Every unit the planner writes for the conformance cases passes (one
     /// shard, and many small ones).
     #[test]
     fn planned_units_are_valid() {
-        let cases = std::fs::read_dir(root().join("tests/fixtures/cases")).unwrap();
         let mut checked = 0;
-        for case in cases {
-            let case = case.unwrap().file_name().to_string_lossy().into_owned();
-            if case.starts_with("err_") || case.ends_with(".json") {
-                continue;
-            }
+        for case in planned_cases() {
             for shard in [DEFAULT_SHARD_SIZE, 100_000] {
                 for u in plan_case(&case, shard).units {
                     u.validate().unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -632,24 +602,21 @@ mod tests {
                 u.tensors[0].params.per_input.pop();
             }),
             ("param name", "not a per-model parameter", |u| {
-                u.tensors[0].params.per_input[0]
-                    .insert("lambda".into(), crate::methods::ParamValue::Number(1.0));
+                u.tensors[0].params.per_input[0].insert("lambda".into(), ParamValue::Number(1.0));
             }),
             ("param value", "not a valid value", |u| {
-                u.tensors[0].params.per_input[0].insert(
-                    "density".into(),
-                    crate::methods::ParamValue::Number(f64::NAN),
-                );
+                u.tensors[0].params.per_input[0]
+                    .insert("density".into(), ParamValue::Number(f64::NAN));
             }),
             ("param kind", "not a valid value", |u| {
                 u.tensors[0]
                     .params
                     .shared
-                    .insert("normalize".into(), crate::methods::ParamValue::Number(1.0));
+                    .insert("normalize".into(), ParamValue::Number(1.0));
             }),
             ("scales", "scales", |u| u.tensors[0].scales = vec![None]),
             ("requant", "requant", |u| {
-                u.tensors[0].requant = Some(crate::plan::Requant {
+                u.tensors[0].requant = Some(crate::unit::Requant {
                     block: [128, 128],
                     weight: u.tensors[0].name.clone(),
                     weight_shape: u.tensors[0].shape.clone(),

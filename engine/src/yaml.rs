@@ -1,13 +1,46 @@
-//! The YAML reader: turns a config file into a tree of `Node`s that remember
-//! where they were written, resolving plain scalars the way PyYAML (YAML 1.1)
-//! does, because mergekit users wrote their files for PyYAML.
+//! The YAML reader: turns a file (a merge config, a storage config) into a
+//! tree of `Node`s that remember where they were written, resolving plain
+//! scalars the way PyYAML (YAML 1.1) does, because mergekit users wrote their
+//! files for PyYAML. It knows nothing of what the file means.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-use super::{ConfigError, Span};
+/// A position in the YAML source (1-based line and column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.col)
+    }
+}
+
+/// A file that is not the YAML this reader takes (syntax, duplicate keys,
+/// several documents, unsupported tags), with the key path the reader was at
+/// and the position.
+///
+/// Shown as `FILE: KEY_PATH (line L, column C): MESSAGE`, like a config error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{file}{}{}: {message}",
+    if key_path.is_empty() { String::new() } else { format!(": {key_path}") },
+    span.map(|s| format!(" ({s})")).unwrap_or_default()
+)]
+pub struct YamlError {
+    /// The file as the user named it.
+    pub file: String,
+    /// Dotted path of the key being read, e.g. `models[1].parameters`.
+    pub key_path: String,
+    pub span: Option<Span>,
+    pub message: String,
+}
 
 /// One YAML node with the position where it starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +63,7 @@ pub enum NodeKind {
 
 impl Node {
     /// Reads one YAML document. `file` is only used in error messages.
-    pub fn parse(file: &str, source: &str) -> Result<Node, ConfigError> {
+    pub fn parse(file: &str, source: &str) -> Result<Node, YamlError> {
         let mut builder = Builder::default();
         let mut parser = Parser::new_from_str(source);
         // `multi` so that a second document is seen (and rejected) instead of ignored.
@@ -92,8 +125,8 @@ impl Node {
     }
 }
 
-fn error(file: &str, key_path: String, span: Option<Span>, message: String) -> ConfigError {
-    ConfigError {
+fn error(file: &str, key_path: String, span: Option<Span>, message: String) -> YamlError {
+    YamlError {
         file: file.to_string(),
         key_path,
         span,

@@ -1,0 +1,173 @@
+//! One output tensor from its inputs' bytes: copied (a non-float tensor every
+//! model holds the same), or merged by the unit's method — on the device when
+//! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
+//! re-quantized FP8 weight, merged in f32 and quantized with fresh block
+//! scales ([`requantize`]).
+
+use super::{Device, ExecError};
+use crate::dtype::DType;
+use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
+use crate::unit::{OutputTensor, TensorOp, WorkUnit};
+use rayon::prelude::*;
+
+/// Computes `t` from its inputs' bytes (then its scales' bytes) into `out`;
+/// streamed (`stream`), the inputs' bytes are empty and come segment by
+/// segment from `stream`, and `out` holds one segment.
+pub(super) fn compute(
+    unit: &WorkUnit,
+    method: &dyn methods::MergeMethod,
+    t: &OutputTensor,
+    inputs: &[&[u8]],
+    out: &mut [u8],
+    stream: Option<&dyn Segments>,
+    device: &Device,
+) -> Result<(), ExecError> {
+    match t.op {
+        TensorOp::CopyIdentical => {
+            let differ = || ExecError::BuffersDiffer {
+                tensor: t.name.clone(),
+                models: t
+                    .inputs
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            if let Some(stream) = stream {
+                let mut same = true;
+                let numel = t.numel() as usize;
+                let seg = stream.elements().max(1);
+                for start in (0..numel).step_by(seg) {
+                    stream.with_inputs(start..(start + seg).min(numel), &mut |ins| {
+                        same &= ins.iter().all(|b| *b == ins[0]);
+                        if same {
+                            stream.emit(ins[0]);
+                        }
+                    });
+                    if !same {
+                        return Err(differ());
+                    }
+                }
+                return Ok(());
+            }
+            let inputs = &inputs[..t.inputs.len().min(inputs.len())];
+            if inputs.iter().any(|b| *b != inputs[0]) {
+                return Err(differ());
+            }
+            out.copy_from_slice(inputs[0]);
+            Ok(())
+        }
+        TensorOp::Merge => {
+            // `inputs` holds the inputs, then the scales of the block-scaled ones.
+            let n = t.inputs.len();
+            let mut scale_bytes = inputs[n.min(inputs.len())..].iter();
+            let block = t.block.unwrap_or([128, 128]);
+            let mut views = Vec::with_capacity(n);
+            for (i, (r, b)) in t.inputs.iter().zip(inputs).enumerate() {
+                let scale = match t.scales.get(i) {
+                    Some(Some(sr)) => Some(BlockScale {
+                        dtype: sr.dtype,
+                        bytes: scale_bytes.next().copied().unwrap_or_default(),
+                        cols: r.shape.get(1).copied().unwrap_or(1) as usize,
+                        block_rows: block[0].max(1) as usize,
+                        block_cols: block[1].max(1) as usize,
+                        scale_cols: sr.shape.get(1).copied().unwrap_or(1) as usize,
+                    }),
+                    _ => None,
+                };
+                views.push(TensorView {
+                    dtype: r.dtype,
+                    bytes: b,
+                    scale,
+                });
+            }
+            // A re-quantized FP8 output merges as its weight (name and shape
+            // key the method and its random streams).
+            let (name, shape) = match &t.requant {
+                Some(rq) => (rq.weight.as_str(), rq.weight_shape.as_slice()),
+                None => (t.name.as_str(), t.shape.as_slice()),
+            };
+            let job = MergeJob {
+                name,
+                shape,
+                inputs: views,
+                base: t.base,
+                params: &t.params,
+                seed: unit.seed,
+                stream,
+            };
+            let Some(rq) = &t.requant else {
+                let mut view = OutputView {
+                    dtype: t.dtype,
+                    bytes: out,
+                };
+                if let Some(done) = device.merge(method, &job, &mut view) {
+                    return Ok(done?);
+                }
+                method.merge(&job, &mut view)?;
+                return Ok(());
+            };
+            let numel = job.numel();
+            let mut merged = vec![0u8; numel * 4];
+            method.merge(
+                &job,
+                &mut OutputView {
+                    dtype: DType::F32,
+                    bytes: &mut merged,
+                },
+            )?;
+            let mut values = vec![0f32; numel];
+            crate::dtype::decode_f32(DType::F32, &merged, &mut values);
+            drop(merged);
+            requantize(&values, shape, rq, out);
+            Ok(())
+        }
+    }
+}
+
+/// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales
+/// `amax / 448`, or (`rq.scales`) those scales as F32: DeepSeek-V3's layout,
+/// where the weight is `fp8 · weight_scale_inv` per block.
+fn requantize(values: &[f32], shape: &[u64], rq: &crate::unit::Requant, out: &mut [u8]) {
+    let (rows, cols) = (
+        shape.first().copied().unwrap_or(1) as usize,
+        shape.get(1).copied().unwrap_or(1).max(1) as usize,
+    );
+    let (br, bc) = (rq.block[0].max(1) as usize, rq.block[1].max(1) as usize);
+    let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    // Block scales, one row of blocks at a time.
+    let scales: Vec<f32> = (0..sr)
+        .into_par_iter()
+        .flat_map_iter(|b| {
+            let mut amax = vec![0f32; sc];
+            for r in b * br..((b + 1) * br).min(rows) {
+                for (c, v) in values[r * cols..(r + 1) * cols].iter().enumerate() {
+                    let a = &mut amax[c / bc];
+                    *a = a.max(v.abs());
+                }
+            }
+            amax.into_iter().map(|a| {
+                if a > 0.0 && a.is_finite() {
+                    a / crate::dtype::F8_E4M3_MAX
+                } else {
+                    1.0
+                }
+            })
+        })
+        .collect();
+    if rq.scales {
+        for (o, s) in out.chunks_exact_mut(4).zip(&scales) {
+            o.copy_from_slice(&s.to_le_bytes());
+        }
+        return;
+    }
+    out.par_chunks_mut(cols)
+        .zip(values.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (o, v))| {
+            let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
+            for (c, (o, &x)) in o.iter_mut().zip(v).enumerate() {
+                *o = crate::dtype::f32_to_f8_e4m3(x / srow[c / bc]);
+            }
+        });
+}

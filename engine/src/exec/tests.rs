@@ -1,0 +1,302 @@
+//! The executor end to end: units on the emulated GPU, panics and hostile
+//! inputs as the unit's error, and a measurement of the checks' cost.
+
+use super::pipeline::run_unit;
+use super::*;
+use crate::config::MergeConfig;
+use crate::dtype::DType;
+use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
+use crate::unit::TensorOp;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+/// The conformance kit's cases for the methods the GPU path computes, run
+/// unit by unit on the CPU and on the emulated GPU (through the same
+/// executor: windows, tensors merged in parallel): the shards are equal.
+#[test]
+fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for case in [
+        "linear",
+        "dare_ties",
+        "task_arithmetic",
+        "mixtral_task_arithmetic",
+    ] {
+        let path = root
+            .join("tests/fixtures/cases")
+            .join(case)
+            .join("config.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
+        let p = plan(
+            &cfg,
+            &PlanOptions {
+                out_shard_size: DEFAULT_SHARD_SIZE / 4,
+                seed: 7,
+                allow_crimes: false,
+                keep_fp8: false,
+                base_dir: root.join("examples"),
+            },
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = |d: &str| {
+            let o = dir.path().join(d);
+            std::fs::create_dir_all(&o).unwrap();
+            o.to_string_lossy().into_owned()
+        };
+        let (cpu, gpu) = (out("cpu"), out("gpu"));
+        for unit in &p.units {
+            let limits = ExecLimits::default();
+            let a = execute_unit_on(unit, &cpu, &NoProgress, &limits, &Device::Cpu).unwrap();
+            let b = execute_unit_on(unit, &gpu, &NoProgress, &limits, &Device::Emulated).unwrap();
+            assert_eq!(a.sha256, b.sha256, "{case}: {} differs", unit.file_name);
+        }
+    }
+}
+
+fn ties_unit() -> WorkUnit {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let yaml = std::fs::read_to_string(root.join("tests/fixtures/cases/ties/config.yaml")).unwrap();
+    let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
+    let mut p = plan(
+        &cfg,
+        &PlanOptions {
+            out_shard_size: DEFAULT_SHARD_SIZE,
+            seed: 7,
+            allow_crimes: false,
+            keep_fp8: false,
+            base_dir: root.join("examples"),
+        },
+    )
+    .unwrap();
+    p.units.remove(0)
+}
+
+/// `f`'s result on a thread of its own, or a failed test after `limit`
+/// (a hang) or if the thread panicked (a panic that escaped).
+fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("the unit did not end within 60 s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the panic escaped"),
+    }
+}
+
+fn out_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    (dir, out)
+}
+
+fn assert_internal(e: &ExecError) {
+    let text = e.to_string();
+    assert!(matches!(e, ExecError::Internal(_)), "{text}");
+    assert!(
+        text.starts_with("internal error (a bug): panicked at ") && text.contains(".rs:"),
+        "{text}"
+    );
+}
+
+/// A kernel that panics (an integer merged output, which validation would
+/// refuse: the pipeline is called without it) fails the unit within
+/// bounded time, in the parallel compute of a window, in a window of one
+/// tensor, and in a streamed tensor; nothing is written.
+#[test]
+fn a_panicking_kernel_is_the_units_error_not_a_hang() {
+    let mut unit = ties_unit();
+    for t in &mut unit.tensors {
+        t.dtype = DType::I64;
+    }
+    assert!(unit.validate().is_err());
+    for limits in [
+        ExecLimits::default(),
+        ExecLimits {
+            window_bytes: 1,
+            read_ahead: false,
+            stream: false,
+        },
+        ExecLimits {
+            window_bytes: 4096,
+            read_ahead: true,
+            stream: true,
+        },
+    ] {
+        let (dir, out) = out_dir();
+        let u = unit.clone();
+        let r = bounded(move || run_unit(&u, &out, &NoProgress, &limits, &Device::Cpu));
+        let e = r.expect_err("a panic is an error");
+        assert_internal(&e);
+        assert!(e.to_string().contains("non-float dtype I64"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{limits:?}"
+        );
+        // Through the public entry, validation refuses the unit first.
+        let (_dir, out) = out_dir();
+        let e = execute_unit_with(&unit, &out, &NoProgress, &limits).unwrap_err();
+        assert!(matches!(e, ExecError::Invalid(_)), "{e}");
+    }
+}
+
+/// A panic on the writer thread (here in a progress callback) fails the
+/// unit too, with the panic's message and place.
+#[test]
+fn a_panic_on_the_writer_thread_is_the_units_error() {
+    struct Explodes;
+    impl Progress for Explodes {
+        fn written(&self, _: u64) {
+            panic!("progress callback exploded");
+        }
+    }
+    let unit = ties_unit();
+    let (dir, out) = out_dir();
+    let r = bounded(move || execute_unit(&unit, &out, &Explodes));
+    let e = r.expect_err("a panic is an error");
+    assert_internal(&e);
+    assert!(e.to_string().contains("progress callback exploded"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// Inputs are read only as tensors of their file's own header.
+#[test]
+fn inputs_must_be_tensors_of_their_files_header() {
+    let unit = ties_unit();
+    let (dir, out) = out_dir();
+    let run = |u: &WorkUnit| execute_unit(u, &out, &NoProgress).unwrap_err().to_string();
+    let name = unit.tensors[0].name.clone();
+
+    // Shifted by one element: same length, not the header's range.
+    let mut u = unit.clone();
+    u.tensors[0].inputs[1].offset += 2;
+    let e = run(&u);
+    let file = &unit.tensors[0].inputs[1].location;
+    assert!(e.contains(&name) && e.contains(file.as_str()), "{e}");
+    assert!(e.contains("but the file's header has"), "{e}");
+
+    // Another tensor's name at this tensor's range.
+    let mut u = unit.clone();
+    u.tensors[0].inputs[0].name = "model.norm.weight".into();
+    assert!(run(&u).contains("but the file's header has"));
+
+    // A name the file does not have.
+    let mut u = unit.clone();
+    u.tensors[0].inputs[0].name = "exfil".into();
+    assert!(run(&u).contains("exfil") && run(&u).contains("no such tensor"));
+
+    // A file that is not a safetensors file.
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, vec![b'x'; 200_000]).unwrap();
+    let mut u = unit.clone();
+    u.tensors[0].inputs[0].location = secret.to_string_lossy().into_owned();
+    let e = run(&u);
+    assert!(
+        e.contains("secret.txt") && e.contains("not a usable safetensors file"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("secret.txt")]);
+}
+
+/// What the checks cost on a unit of 12,000 tensors from four 12,000-tensor
+/// files (`cargo test --release -p fleetmerge-engine check_cost -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore = "a measurement"]
+fn check_cost() {
+    use crate::unit::TensorRef;
+    use crate::unit::{ParamValue, TensorParams};
+    use std::time::Instant;
+    const N: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..N)
+        .map(|i| {
+            format!(
+                "model.layers.{}.mlp.experts.{}.up_proj.weight",
+                i / 100,
+                i % 100
+            )
+        })
+        .collect();
+    let mut files = Vec::new();
+    for m in 0..4 {
+        let mut header = serde_json::Map::new();
+        for (i, n) in names.iter().enumerate() {
+            header.insert(
+                n.clone(),
+                serde_json::json!({"dtype": "BF16", "shape": [64], "data_offsets": [i * 128, (i + 1) * 128]}),
+            );
+        }
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        let start = bytes.len() as u64;
+        bytes.resize(bytes.len() + N * 128, 0x3f);
+        let path = dir.path().join(format!("m{m}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        files.push((path.to_string_lossy().into_owned(), start));
+    }
+    let mut params = TensorParams::default();
+    params
+        .shared
+        .insert("normalize".into(), ParamValue::Bool(true));
+    params.per_input = vec![[("weight".to_string(), ParamValue::Number(0.25))].into(); 4];
+    let unit = WorkUnit {
+        format: PLAN_FORMAT,
+        id: 0,
+        file_name: "model.safetensors".into(),
+        merge_method: "linear".into(),
+        seed: 0,
+        tensors: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| OutputTensor {
+                name: n.clone(),
+                dtype: DType::BF16,
+                shape: vec![64],
+                op: TensorOp::Merge,
+                inputs: files
+                    .iter()
+                    .enumerate()
+                    .map(|(m, (loc, start))| TensorRef {
+                        model: m,
+                        name: n.clone(),
+                        location: loc.clone(),
+                        offset: start + i as u64 * 128,
+                        len: 128,
+                        dtype: DType::BF16,
+                        shape: vec![64],
+                    })
+                    .collect(),
+                base: None,
+                params: params.clone(),
+                scales: Vec::new(),
+                block: None,
+                requant: None,
+            })
+            .collect(),
+    };
+    let t = Instant::now();
+    unit.validate().unwrap();
+    let validate = t.elapsed();
+    let t = Instant::now();
+    let maps = read::Maps::open(&unit.tensors).unwrap();
+    inputs::check(&unit, &maps).unwrap();
+    let check = t.elapsed();
+    let (_out, out) = out_dir();
+    let t = Instant::now();
+    execute_unit(&unit, &out, &NoProgress).unwrap();
+    let whole = t.elapsed();
+    println!(
+        "{N} tensors x 4 inputs: validate {validate:?}, header check (4 headers of {N}) \
+         {check:?}, whole unit (both included) {whole:?}"
+    );
+}

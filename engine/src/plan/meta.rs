@@ -1,0 +1,93 @@
+//! What the output needs besides tensors ([`OutputMeta`]): the model whose
+//! config.json is copied (the base model, else the first), the tokenizer's
+//! folder, the dtype and layer count written into config.json, and the text of
+//! the model card.
+
+use super::build::{cfg_err, PlanOptions, Planner};
+use super::models::locate;
+use super::slices::Slice;
+use super::{OutputMeta, PlanError};
+use crate::config::{ModelInputs, ModelRef, TokenizerSource};
+use crate::yaml::Span;
+
+impl Planner<'_> {
+    /// The output's side files and card, for `slices`.
+    pub(super) fn output_meta(
+        &self,
+        slices: &[Slice],
+        tokenizer_ref: Option<(ModelRef, Span)>,
+        opts: &PlanOptions,
+    ) -> Result<OutputMeta, PlanError> {
+        let cfg = self.cfg;
+        let config_donor = cfg
+            .base_model
+            .as_ref()
+            .map(|b| self.index_of(b))
+            .unwrap_or(0);
+        let tokenizer_dir = match cfg.tokenizer_source.as_ref().map(|t| (&t.value, t.span)) {
+            Some((TokenizerSource::Base, span)) => {
+                let base = cfg
+                    .base_model
+                    .as_ref()
+                    .map(|b| self.index_of(b))
+                    .ok_or_else(|| {
+                        cfg_err(
+                            cfg,
+                            "tokenizer_source",
+                            Some(span),
+                            "tokenizer_source: base needs a base_model".into(),
+                        )
+                    })?;
+                self.models[base].location.clone()
+            }
+            _ => match tokenizer_ref {
+                // A tokenizer source need not be one of the merged models.
+                Some((r, span)) => match self.models.iter().find(|m| m.reference == r) {
+                    Some(m) => m.location.clone(),
+                    None => locate(cfg, opts, &r, "tokenizer_source", span)?,
+                },
+                None => self.models[config_donor].location.clone(),
+            },
+        };
+        let layers = match &cfg.inputs {
+            ModelInputs::Slices(_) => {
+                let total: u64 = slices
+                    .iter()
+                    .map(|s| s.sources[0].range.1 - s.sources[0].range.0)
+                    .sum();
+                let key = self.models[config_donor]
+                    .checkpoint
+                    .num_layers()
+                    .map(|(k, _)| k)
+                    .unwrap_or_else(|| "num_hidden_layers".into());
+                Some((key, total))
+            }
+            ModelInputs::Models(_) => None,
+        };
+        let spec = self.method.spec();
+        Ok(OutputMeta {
+            config_dir: self.models[config_donor].location.clone(),
+            tokenizer_dir,
+            // FP8 checkpoints keep a float torch_dtype (the compute dtype) next
+            // to their quantization_config.
+            config_dtype: cfg
+                .out_dtype
+                .as_ref()
+                .filter(|d| !d.value.is_fp8())
+                .or(cfg.dtype.as_ref())
+                .map(|d| d.value),
+            layers,
+            dequantized: false,
+            chat_template: cfg.chat_template.as_ref().map(|c| c.value.clone()),
+            config_yaml: cfg.source.clone(),
+            method_pretty: spec.pretty_name.to_string(),
+            method_url: spec.reference_url.map(str::to_string),
+            base_reference: cfg.base_model.as_ref().map(|b| b.value.to_string()),
+            references: self
+                .models
+                .iter()
+                .map(|m| m.reference.to_string())
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,207 @@
+//! The work unit: the one contract between the planner and whoever runs a
+//! shard, in this process or on another machine. A [`WorkUnit`] is plain,
+//! serializable data (the output tensors of one shard, each with its input byte
+//! ranges and fully resolved parameters); a [`UnitOutput`] is what running it
+//! produced. The gRPC lease carries a unit as its JSON (`serde_json`) bytes.
+//!
+//! A unit that comes from elsewhere is checked with [`WorkUnit::validate`]
+//! (`validate`) before anything is read or written.
+
+mod validate;
+
+pub use validate::{is_shard_file_name, UnitError, MAX_NAME_LEN, MAX_RANK, MAX_UNIT_BYTES};
+
+use crate::dtype::DType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of the plan/work-unit format; peers refuse a different one.
+pub const PLAN_FORMAT: u32 = 1;
+
+/// Bytes of one input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorRef {
+    /// Index into the plan's model list (`Plan::models`).
+    pub model: usize,
+    /// The tensor's name in that checkpoint.
+    pub name: String,
+    /// The shard file holding it.
+    pub location: String,
+    /// Absolute byte offset of its data in the file, and its length.
+    pub offset: u64,
+    pub len: u64,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+/// What produces an output tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TensorOp {
+    /// Run the merge method on the inputs.
+    Merge,
+    /// A non-float buffer (e.g. integer position ids): copied when every input
+    /// holds the same bytes, an error otherwise (mergekit 0.1.5's rule).
+    CopyIdentical,
+}
+
+/// One tensor of the output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub op: TensorOp,
+    /// Inputs in source order.
+    pub inputs: Vec<TensorRef>,
+    /// Index of the base model within `inputs`.
+    pub base: Option<usize>,
+    pub params: TensorParams,
+    /// Block scales of FP8 inputs (their `*.weight_scale_inv`), parallel to
+    /// `inputs`; empty when no input is block-scaled. Such inputs are
+    /// dequantized on read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scales: Vec<Option<TensorRef>>,
+    /// Rows and columns of one scale block (`weight_block_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[u64; 2]>,
+    /// Re-quantize the merged tensor to FP8 with fresh block scales
+    /// (`--keep-fp8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requant: Option<Requant>,
+}
+
+/// How an FP8 output is produced: the merge of the weight `weight` (of
+/// `weight_shape`) is computed in f32, each block gets the scale
+/// `amax / 448`, and the tensor is either the weight in E4M3 or (`scales`) the
+/// F32 scales (`weight_scale_inv`). Both halves compute the same merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Requant {
+    pub block: [u64; 2],
+    pub weight: String,
+    pub weight_shape: Vec<u64>,
+    pub scales: bool,
+}
+
+impl OutputTensor {
+    /// Every byte range the tensor reads: the inputs, then their scales.
+    pub fn all_refs(&self) -> impl Iterator<Item = &TensorRef> {
+        self.inputs.iter().chain(self.scales.iter().flatten())
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+    /// Bytes of every input, the scales included.
+    pub fn input_bytes(&self) -> u64 {
+        self.all_refs().map(|r| r.len).sum()
+    }
+    pub fn byte_len(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
+    }
+}
+
+/// One output shard and everything needed to compute it. A unit that comes
+/// from elsewhere is checked with [`WorkUnit::validate`] before it is run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkUnit {
+    pub format: u32,
+    pub id: usize,
+    /// File name of the shard inside the output location.
+    pub file_name: String,
+    pub merge_method: String,
+    pub seed: u64,
+    pub tensors: Vec<OutputTensor>,
+}
+
+impl WorkUnit {
+    /// The byte layout of the unit's shard: its tensors in order, as the
+    /// executor writes it and the coordinator expects to find it.
+    pub fn layout(&self) -> crate::output::ShardLayout {
+        crate::output::ShardLayout::new(
+            &self
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Bytes of tensor data in the shard.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(OutputTensor::byte_len).sum()
+    }
+    /// Bytes read from inputs.
+    pub fn input_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.all_refs().map(|i| i.len))
+            .sum()
+    }
+}
+
+/// A resolved parameter value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Number(f64),
+}
+
+impl ParamValue {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            ParamValue::Number(x) => x,
+            ParamValue::Bool(b) => b as u8 as f64,
+        }
+    }
+    pub fn as_bool(self) -> bool {
+        match self {
+            ParamValue::Bool(b) => b,
+            ParamValue::Number(x) => x != 0.0,
+        }
+    }
+}
+
+/// Fully resolved parameters of one output tensor: shared values, and one map
+/// per input (in input order; empty for the base where the scope excludes it).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TensorParams {
+    pub shared: BTreeMap<String, ParamValue>,
+    pub per_input: Vec<BTreeMap<String, ParamValue>>,
+}
+
+impl TensorParams {
+    pub fn shared_f64(&self, name: &str) -> Option<f64> {
+        self.shared.get(name).map(|v| v.as_f64())
+    }
+    pub fn shared_bool(&self, name: &str) -> Option<bool> {
+        self.shared.get(name).map(|v| v.as_bool())
+    }
+    pub fn input_f64(&self, input: usize, name: &str) -> Option<f64> {
+        self.per_input.get(input)?.get(name).map(|v| v.as_f64())
+    }
+}
+
+/// What a finished unit produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitOutput {
+    pub unit: usize,
+    pub file_name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub tensors: Vec<String>,
+    /// Tensors written with NaN or infinite values (reported as warnings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_finite: Vec<NonFinite>,
+}
+
+/// Non-finite values of one output tensor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonFinite {
+    pub tensor: String,
+    pub nan: u64,
+    pub inf: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! `fleetmerge plan CONFIG`: a dry run. Compares the inputs and shows what a
+//! merge will read, write and hold in memory, from the checkpoints' headers
+//! only.
+
+use super::options::{self, PlanArgs};
+use anyhow::Result;
+use clap::Args;
+use fleetmerge_engine::exec::human_bytes as bytes;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct PlanCmdArgs {
+    /// The mergekit YAML config.
+    config: PathBuf,
+    /// Where the output would go (changes only the writer's buffers in the
+    /// memory estimate: object stores buffer upload parts).
+    /// Also checks that it is no input's folder, as `run` does.
+    #[arg(long)]
+    out: Option<String>,
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Compute threads the memory estimate assumes (default: every core here).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Memory per worker slot, as `run --max-memory` / `worker --max-memory`.
+    #[arg(long, value_parser = options::memory_size)]
+    max_memory: Option<u64>,
+    /// Print the plan as JSON (see the README for its fields).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn plan(args: PlanCmdArgs) -> Result<()> {
+    use fleetmerge_engine::config::MergeConfig;
+    use fleetmerge_engine::plan::{self, summary};
+    options::init_logging(true);
+    let config = MergeConfig::load(&args.config)?;
+    let opts = args.plan.options()?;
+    let models = plan::inspect_models(&config, &opts)?;
+    let mismatches = summary::compare(&models);
+    let planned = plan::plan(&config, &opts);
+    let threads = args
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
+    let peak = planned.as_ref().ok().map(|p| {
+        let out = args.out.as_deref().unwrap_or(".");
+        fleetmerge_engine::exec::memory::peak(&p.units, out, args.max_memory, threads)
+    });
+    let overlap = match (&planned, &args.out) {
+        (Ok(p), Some(out)) => {
+            let out = if fleetmerge_engine::storage::is_url(out) {
+                out.trim_end_matches('/').to_string()
+            } else {
+                fleetmerge_coordinator::outdir::resolve_local(std::path::Path::new(out))
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            fleetmerge_coordinator::outdir::check_disjoint(p, &out).err()
+        }
+        _ => None,
+    };
+    let summary = planned
+        .as_ref()
+        .ok()
+        .zip(peak.as_ref())
+        .map(|(p, peak)| summary::summarize(p, &models, peak, threads));
+    let error = match (&planned, peak.as_ref().and_then(|p| p.over_budget.as_ref())) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Some(e)) => Some(e.to_string()),
+        _ => overlap.map(|e| e.to_string()),
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "format": 1,
+            "config": args.config,
+            "models": models,
+            "mismatches": mismatches,
+            "plan": summary,
+            "hub": crate::hub::inputs_json(planned.as_ref().ok()),
+            "error": error,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_plan(&models, &mismatches, summary.as_ref(), args.max_memory);
+        crate::hub::print_inputs(planned.as_ref().ok());
+    }
+    match error {
+        Some(e) => anyhow::bail!(e),
+        None => Ok(()),
+    }
+}
+
+fn print_plan(
+    models: &[fleetmerge_engine::plan::ModelFacts],
+    mismatches: &[fleetmerge_engine::plan::summary::Mismatch],
+    summary: Option<&fleetmerge_engine::plan::summary::Summary>,
+    budget: Option<u64>,
+) {
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    println!("inputs ({} models):", models.len());
+    let width = models
+        .iter()
+        .map(|m| m.reference.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+        "model", "architecture", "layers", "vocab", "hidden", "tensors", "params", "bytes"
+    );
+    for m in models {
+        println!(
+            "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+            m.reference,
+            m.architectures.join(","),
+            m.layers,
+            opt(m.vocab_size),
+            opt(m.hidden_size),
+            m.tensors,
+            count(m.parameters),
+            bytes(m.bytes as f64)
+        );
+    }
+    if mismatches.is_empty() {
+        println!("compatibility: same architecture, layers, vocabulary and tensor shapes");
+    } else {
+        println!("compatibility: {} mismatch(es)", mismatches.len());
+        for m in mismatches {
+            println!("  - {}\n    fix: {}", m.what, m.fix);
+        }
+    }
+    let Some(s) = summary else { return };
+    println!(
+        "plan: {}, {} output tensors ({} parameters) in {} work unit{}",
+        s.merge_method,
+        s.output_tensors,
+        count(s.parameters),
+        s.work_units,
+        if s.work_units == 1 { "" } else { "s" }
+    );
+    let reads: Vec<String> = s
+        .read_per_model
+        .iter()
+        .map(|(m, b)| format!("{m} {}", bytes(*b as f64)))
+        .collect();
+    println!(
+        "read: {} (total {})",
+        reads.join(", "),
+        bytes(s.read_total as f64)
+    );
+    println!("write: {}", bytes(s.write_total as f64));
+    if let Some(u) = &s.largest_unit {
+        println!(
+            "largest unit: {} ({} tensors, reads {}, writes {})",
+            u.file,
+            u.tensors,
+            bytes(u.read as f64),
+            bytes(u.write as f64)
+        );
+    }
+    println!(
+        "peak memory per worker slot: about {} ({} threads{}; an upper bound)",
+        bytes(s.peak_memory_per_slot as f64),
+        s.threads,
+        budget.map_or(String::new(), |b| {
+            let fits = if s.peak_memory_per_slot <= b {
+                "within"
+            } else {
+                "MORE than"
+            };
+            format!(", {fits} --max-memory {}", bytes(b as f64))
+        })
+    );
+    if s.streamed_tensors > 0 {
+        println!(
+            "streamed: {} tensors larger than the budget allows whole are read a segment at a \
+             time (methods with whole-tensor statistics read them once per pass)",
+            s.streamed_tensors
+        );
+    }
+    if s.warnings.is_empty() {
+        println!("warnings: none");
+    } else {
+        println!("warnings:");
+        for w in &s.warnings {
+            println!("  - {w}");
+        }
+    }
+}
+
+/// `1.23 B`, `456.7 M`, `12.3 K` parameters.
+fn count(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
