@@ -19,8 +19,8 @@
 //! | `config`         | `yaml`, `dtype`                                                 |
 //! | `checkpoint`     | `storage`, `dtype`                                              |
 //! | `output`         | `storage`, `dtype`                                              |
-//! | `tokenizer`      | `config` (the tokenizer settings), `storage`, `output`, `yaml`  |
 //! | `unit`           | `output` (a shard's layout), `dtype`                            |
+//! | `tokenizer`      | `config` (the tokenizer settings), `storage`, `output`, `unit` (the row alignment), `yaml` |
 //! | `methods`        | `unit` (the parameter values), `dtype`                          |
 //! | `unit::validate` | `methods` (a unit's parameters are checked against its method's spec), `unit`, `dtype` |
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
@@ -61,8 +61,11 @@ mod layering {
         ("config", &["yaml", "dtype"]),
         ("checkpoint", &["storage", "dtype"]),
         ("output", &["storage", "dtype"]),
-        ("tokenizer", &["config", "storage", "output", "yaml"]),
         ("unit", &["output", "dtype"]),
+        (
+            "tokenizer",
+            &["config", "storage", "output", "unit", "yaml"],
+        ),
         ("methods", &["unit", "dtype"]),
         ("unit::validate", &["methods", "unit", "dtype"]),
         ("gpu", &["methods", "unit", "dtype"]),

@@ -330,6 +330,7 @@ mod tests {
                     scales: Vec::new(),
                     block: None,
                     requant: None,
+                    vocab: None,
                 })
                 .collect(),
         }

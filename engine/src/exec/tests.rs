@@ -281,6 +281,7 @@ fn check_cost() {
                 scales: Vec::new(),
                 block: None,
                 requant: None,
+                vocab: None,
             })
             .collect(),
     };

@@ -255,6 +255,7 @@ impl Planner<'_> {
                 .any(Option::is_some)
                 .then(|| self.block_size(s)),
             requant: None,
+            vocab: None,
             scales: if scales.iter().any(Option::is_some) {
                 scales
             } else {

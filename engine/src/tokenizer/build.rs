@@ -6,12 +6,12 @@
 //! tokens other models add to a union), ours is fixed: models in the order the
 //! caller lists them (the base first), each model's tokens by id.
 
-use super::align::{Fill, RowFill, RowRun, VocabAlignment};
 use super::load::{self, ModelTokenizer};
 use super::TokenizerError;
 use crate::config::tokenizer::{TokenEmbedding, TokenRef, TokenizerConfig, TokenizerSource};
 use crate::config::{ConfigError, ModelRef};
 use crate::output::to_pretty_json;
+use crate::unit::{Fill, RowFill, RowRun, VocabAlignment};
 use crate::yaml::Span;
 use rayon::prelude::*;
 use serde::Serialize;

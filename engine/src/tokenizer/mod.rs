@@ -11,16 +11,17 @@
 //!   once from the tokenizer files and `config.json` vocabulary sizes; the
 //!   per-tensor [`VocabAlignment`]s, what `plan` shows ([`VocabSummary`]), and
 //!   the output tokenizer files.
-//! - `align`: the re-indexing of one vocabulary tensor as plain data, its
-//!   validation, and the row fills over f32 rows.
+//!
+//! The re-indexing of one vocabulary tensor ([`VocabAlignment`]: plain data,
+//! its validation and the row fills over f32 rows) lives in [`crate::unit`],
+//! since it travels in a work unit; it is re-exported here.
 
-mod align;
 mod build;
 mod load;
 #[cfg(test)]
 mod tests;
 
-pub use align::{fill_row, padding_row, Fill, RowFill, RowMean, RowRun, VocabAlignment};
+pub use crate::unit::{fill_row, padding_row, Fill, RowFill, RowMean, RowRun, VocabAlignment};
 pub use build::{
     build_vocabulary, config_vocab_size, AddedEntry, Fallback, VocabModel, VocabRequest,
     VocabSummary, Vocabulary,
