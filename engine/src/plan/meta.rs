@@ -3,7 +3,7 @@
 //! folder, the dtype and layer count written into config.json, and the text of
 //! the model card.
 
-use super::build::{cfg_err, PlanOptions, Planner};
+use super::build::{PlanOptions, Planner};
 use super::models::locate;
 use super::slices::Slice;
 use super::{OutputMeta, PlanError};
@@ -25,21 +25,9 @@ impl Planner<'_> {
             .map(|b| self.index_of(b))
             .unwrap_or(0);
         let tokenizer_dir = match cfg.tokenizer_source.as_ref().map(|t| (&t.value, t.span)) {
-            Some((TokenizerSource::Base, span)) => {
-                let base = cfg
-                    .base_model
-                    .as_ref()
-                    .map(|b| self.index_of(b))
-                    .ok_or_else(|| {
-                        cfg_err(
-                            cfg,
-                            "tokenizer_source",
-                            Some(span),
-                            "tokenizer_source: base needs a base_model".into(),
-                        )
-                    })?;
-                self.models[base].location.clone()
-            }
+            // Without a base_model, the first model is the base of the
+            // vocabulary, as in mergekit's build_tokenizer.
+            Some((TokenizerSource::Base, _)) => self.models[config_donor].location.clone(),
             _ => match tokenizer_ref {
                 // A tokenizer source need not be one of the merged models.
                 Some((r, span)) => match self.models.iter().find(|m| m.reference == r) {

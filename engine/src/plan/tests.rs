@@ -201,6 +201,29 @@ base_model: models/llama-base
 }
 
 #[test]
+fn tokenizer_source_base_without_a_base_model_takes_the_first_model() {
+    for (first, second) in [("llama-ft-b", "llama-ft-a"), ("llama-ft-a", "llama-ft-b")] {
+        let yaml = format!(
+            "
+models:
+  - model: models/{first}
+    parameters: {{weight: 1}}
+  - model: models/{second}
+    parameters: {{weight: 1}}
+merge_method: linear
+tokenizer_source: base
+"
+        );
+        let p = plan_yaml(&yaml).unwrap();
+        assert!(
+            p.output.tokenizer_dir.ends_with(first),
+            "{}",
+            p.output.tokenizer_dir
+        );
+    }
+}
+
+#[test]
 fn linear_needs_a_weight_for_an_appended_base() {
     // mergekit 0.1.5: `weight` is resolved for every input of linear, base included.
     let yaml = "
