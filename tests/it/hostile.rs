@@ -3,9 +3,8 @@
 //! process on loopback (and real workers finish the merge afterwards), or a
 //! real `fleetmerge worker` meets a coordinator that sends too much.
 
-mod common;
-use common::procs::*;
-use common::*;
+use crate::common::procs::*;
+use crate::common::*;
 use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::*;
 use fleetmerge_worker::remote::{connect, Client};

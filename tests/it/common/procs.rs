@@ -7,6 +7,23 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The environment variables that point a process at a Hugging Face Hub, a
+/// cache or a token: removed from every started process, so a test sees only
+/// the Hub settings it passes (never the machine's own token or cache).
+pub const HUB_ENV: &[&str] = &[
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_HOME",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    "FLEETMERGE_STORAGE_CONFIG",
+];
+
 pub struct Proc {
     pub name: String,
     child: Child,
@@ -15,9 +32,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `fleetmerge ARGS` in `cwd` with extra environment variables.
+    /// Starts `fleetmerge ARGS` in `cwd` with extra environment variables
+    /// (and none of [`HUB_ENV`] but those given).
     pub fn start(name: &str, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetmerge"));
+        for k in HUB_ENV {
+            cmd.env_remove(k);
+        }
         cmd.current_dir(cwd)
             .args(args)
             .env_remove("FLEETMERGE_TOKEN")

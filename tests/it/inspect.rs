@@ -3,9 +3,7 @@
 //! and NaN values (with --scan) are each found and named; status reads a
 //! finished and an interrupted merge from the journal.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 /// A TIES merge of the example models into `dir/NAME`, in 4 shards.

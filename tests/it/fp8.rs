@@ -4,9 +4,7 @@
 //! itself into F32 ones; merging those must give exactly the same bytes, for
 //! linear, TIES and DARE. Block sizes that do not divide the shapes are covered.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -2,10 +2,9 @@
 //! loopback (moto's S3 server; fake-gcs-server for GCS reads), compared byte
 //! for byte with the same merges on local files.
 
-mod common;
-use common::procs::*;
-use common::servers::*;
-use common::*;
+use crate::common::procs::*;
+use crate::common::servers::*;
+use crate::common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;

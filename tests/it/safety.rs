@@ -4,8 +4,7 @@
 //! named like a shard, and configs that `plan` accepted but `run` could not
 //! carry out (or carried out wrongly).
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

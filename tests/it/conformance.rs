@@ -1,8 +1,7 @@
 //! Every conformance case copied into tests/fixtures, run through the real
 //! binary and judged against mergekit's output as the kit judges it.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn manifest() -> serde_json::Map<String, serde_json::Value> {
     let raw = std::fs::read(root().join("tests/fixtures/cases/MANIFEST.json")).unwrap();

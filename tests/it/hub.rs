@@ -10,11 +10,15 @@
 //! - `fleetmerge download` fills a cache that huggingface_hub reads offline;
 //! - 429s, 503s, an empty 206, a spurious 416 and expiring signed URLs are
 //!   recovered; gated, missing repo / revision and bad ids are clear errors
-//!   with nothing written; a resume after the branch moved keeps its commit.
+//!   with nothing written; a resume after the branch moved keeps its commit;
+//! - cluster mode: a coordinator and worker processes, each with its own token
+//!   and cache, merge Hub ids pinned to commits with the bytes of local paths
+//!   (a branch that moves after planning changes nothing); a worker without a
+//!   token for a gated model fails its units with an error naming the id, and
+//!   the merge ends unfinished.
 
-mod common;
-
-use common::{examples, fixture, root};
+use crate::common::procs::{field, Proc};
+use crate::common::{examples, fixture, root};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -23,6 +27,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "hf_fake_token_for_tests";
+/// Two more tokens the fake Hub accepts (for cluster workers: its request log
+/// tells the processes apart by their token).
+const TOKEN_W1: &str = "hf_fake_token_of_worker_one";
+const TOKEN_W2: &str = "hf_fake_token_of_worker_two";
 const REPOS: &[&str] = &[
     "llama-base",
     "llama-ft-a",
@@ -83,7 +91,8 @@ impl FakeHub {
         let config = dir.path().join("hub.json");
         std::fs::write(
             &config,
-            json!({"token": TOKEN, "page": 4, "repos": repos}).to_string(),
+            json!({"token": TOKEN, "tokens": [TOKEN_W1, TOKEN_W2], "page": 4, "repos": repos})
+                .to_string(),
         )
         .unwrap();
         let ports = dir.path().join("ports");
@@ -230,7 +239,7 @@ fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn local_run(case: &str, out: &Path, shard: &str) -> BTreeMap<String, Vec<u8>> {
-    common::run_case(case, out, shard);
+    crate::common::run_case(case, out, shard);
     outputs(out)
 }
 
@@ -421,7 +430,7 @@ fn a_cache_huggingface_hub_filled_merges_offline_with_no_request() {
     );
     hub.log(true);
     // A dead endpoint: any request would fail.
-    let dead = format!("http://127.0.0.1:{}", common::procs::free_port());
+    let dead = format!("http://127.0.0.1:{}", crate::common::procs::free_port());
     let env = [
         ("HF_ENDPOINT", dead.as_str()),
         ("HF_HUB_CACHE", cache.to_str().unwrap()),
@@ -741,4 +750,535 @@ fn hub_errors_name_the_id_and_what_to_do() {
         .iter()
         .filter(|r| r.origin == "cdn")
         .all(|r| r.auth.is_none()));
+}
+
+// ---------------------------------------------------------------------------
+// Cluster mode: `fleetmerge coordinator` and `fleetmerge worker` processes.
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The `ties` kit case with Hub ids, `fm/llama-ft-a` as the gated `fm/gated`
+/// (the same files).
+fn gated_ties_config(dir: &Path) -> PathBuf {
+    let p = hub_config("ties", dir);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("fm/llama-ft-a", "fm/gated");
+    let p = dir.join("ties-gated.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A coordinator for `config` into `out` (units of 100K: 8 of them), with
+/// `env`; returns it with its address once it listens (planning is done).
+fn hub_coordinator(cwd: &Path, config: &Path, out: &Path, env: &[(&str, &str)]) -> (Proc, String) {
+    let mut p = Proc::start(
+        "coordinator",
+        cwd,
+        &[
+            "coordinator",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--out-shard-size",
+            "100K",
+        ],
+        env,
+    );
+    let line = p.wait_for("coordinator listening", MINUTE, |l| {
+        l.contains("coordinator listening")
+    });
+    let addr = field(&line, "listen").expect("address").to_string();
+    (p, addr)
+}
+
+/// A one-thread worker `name` for the coordinator at `addr`, with `global`
+/// options before the subcommand (`--storage-config`), `args` after it, and
+/// `env`.
+fn hub_worker(
+    name: &str,
+    addr: &str,
+    global: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let url = format!("http://{addr}");
+    let mut all: Vec<&str> = global.to_vec();
+    all.extend([
+        "worker",
+        "--coordinator",
+        url.as_str(),
+        "--worker-id",
+        name,
+        "--threads",
+        "1",
+    ]);
+    all.extend_from_slice(args);
+    Proc::start(name, Path::new("."), &all, env)
+}
+
+/// How many units a worker says it computed.
+fn units_computed(w: &mut Proc) -> usize {
+    let line = w.wait_for("its summary", MINUTE, |l| l.contains("worker finished"));
+    line.split_whitespace()
+        .find_map(|t| t.parse::<usize>().ok())
+        .unwrap()
+}
+
+fn journal_units(out: &Path) -> usize {
+    std::fs::read_dir(out.join(".fleetmerge/units"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0)
+}
+
+/// Every `hf://` location in `text` (up to the closing quote).
+fn hub_locations(text: &str) -> Vec<&str> {
+    text.match_indices("hf://")
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            &rest[..rest.find('"').unwrap_or(rest.len())]
+        })
+        .collect()
+}
+
+fn bearer(token: &str) -> Option<String> {
+    Some(format!("Bearer {token}"))
+}
+
+#[test]
+fn a_cluster_merges_hub_models_each_process_with_its_own_token() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let endpoint = hub.endpoint();
+    let want = local_run("ties", &t.path().join("local"), "100K");
+    let config = gated_ties_config(t.path());
+    let home = |n: &str| {
+        let p = t.path().join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (coordinator_home, w1_home, w2_home) = (home("home-c"), home("home-1"), home("home-2"));
+    // Worker 2's own cache holds the models that are not gated (filled by
+    // huggingface_hub): it reads only the gated one from the Hub.
+    let w2_cache = t.path().join("cache-2");
+    snapshot_download(&hub, &w2_cache, &["llama-base", "llama-ft-b", "llama-ft-c"]);
+
+    // The coordinator plans with HF_TOKEN (it reads the shard headers, then
+    // config.json and the tokenizer); the workers have no HF_TOKEN, each its
+    // own token in a storage config: worker 1 for the whole `fm` org (from
+    // --storage-config), worker 2 for fm/gated only (from a token file named in
+    // FLEETMERGE_STORAGE_CONFIG).
+    hub.log(true);
+    let out = t.path().join("out");
+    let (mut coordinator, addr) = hub_coordinator(
+        t.path(),
+        &config,
+        &out,
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", &coordinator_home),
+            ("HF_TOKEN", TOKEN),
+        ],
+    );
+    let planning = hub.log(true);
+    assert!(
+        !planning.is_empty()
+            && planning
+                .iter()
+                .all(|r| r.origin == "cdn" || r.auth == bearer(TOKEN)),
+        "planning: {planning:?}"
+    );
+    let sc1 = t.path().join("storage-1.yaml");
+    std::fs::write(&sc1, format!("hf://fm:\n  hf_token: {TOKEN_W1}\n")).unwrap();
+    let tok2 = t.path().join("token-2");
+    std::fs::write(&tok2, format!("{TOKEN_W2}\n")).unwrap();
+    let sc2 = t.path().join("storage-2.yaml");
+    std::fs::write(
+        &sc2,
+        format!("hf://fm/gated:\n  hf_token_file: {}\n", tok2.display()),
+    )
+    .unwrap();
+    // Each worker reads only where --allow-path says: the org, or each
+    // repository (at whatever commit the plan pinned).
+    let out_text = out.to_str().unwrap();
+    let mut w1 = hub_worker(
+        "w1",
+        &addr,
+        &["--storage-config", sc1.to_str().unwrap()],
+        &["--allow-path", "hf://fm", "--allow-path", out_text],
+        &[("HF_ENDPOINT", &endpoint), ("HF_HOME", &w1_home)],
+    );
+    let mut w2 = hub_worker(
+        "w2",
+        &addr,
+        &[],
+        &[
+            "--allow-path",
+            "hf://fm/gated",
+            "--allow-path",
+            "hf://fm/llama-base",
+            "--allow-path",
+            "hf://fm/llama-ft-b",
+            "--allow-path",
+            "hf://fm/llama-ft-c",
+            "--allow-path",
+            out_text,
+        ],
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", &w2_home),
+            ("HF_HUB_CACHE", w2_cache.to_str().unwrap()),
+            ("FLEETMERGE_STORAGE_CONFIG", sc2.to_str().unwrap()),
+        ],
+    );
+    coordinator.succeeds(MINUTE * 2);
+    w1.succeeds(MINUTE);
+    w2.succeeds(MINUTE);
+    let (n1, n2) = (units_computed(&mut w1), units_computed(&mut w2));
+    eprintln!("units computed: w1 {n1}, w2 {n2}");
+    assert_eq!(journal_units(&out), 8, "{}", coordinator.log());
+    assert_eq!(n1 + n2, 8, "each unit computed once");
+    assert_eq!(
+        outputs(&out),
+        want,
+        "the cluster's Hub merge differs from the local one"
+    );
+    assert!(out.join(".fleetmerge/done").exists());
+    for f in ["tokenizer.json", "special_tokens_map.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(examples().join("models/llama-base").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // The plan pins every Hub location to the commit its branch had.
+    let plan = std::fs::read_to_string(out.join(".fleetmerge/plan.json")).unwrap();
+    let locations = hub_locations(&plan);
+    assert!(locations.len() > 8, "{plan}");
+    for l in &locations {
+        let (repo, rest) = l["hf://".len()..].split_once('@').expect("a commit");
+        let i = REPOS
+            .iter()
+            .position(|r| repo == format!("fm/{r}"))
+            .unwrap_or(99);
+        assert!(
+            rest.starts_with(&commit(i)),
+            "{l} is not pinned to {}",
+            commit(i)
+        );
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains(&format!(
+            "Hugging Face Hub `fm/gated` at commit [`{}`]",
+            commit(99)
+        )),
+        "{card}"
+    );
+
+    let reqs = hub.log(false);
+    let by = |token: &str| -> Vec<&Req> {
+        let auth = bearer(token);
+        reqs.iter()
+            .filter(|r| r.origin == "hub" && r.auth == auth)
+            .collect()
+    };
+    // No token to the CDN; no request to the Hub without a token (worker 2
+    // read the other models from its cache).
+    assert!(
+        reqs.iter()
+            .filter(|r| r.origin == "cdn")
+            .all(|r| r.auth.is_none()),
+        "a token reached the CDN"
+    );
+    assert!(
+        reqs.iter().all(|r| r.origin == "cdn" || r.auth.is_some()),
+        "requests without a token: {reqs:?}"
+    );
+    for (who, token) in [("coordinator", TOKEN), ("w1", TOKEN_W1), ("w2", TOKEN_W2)] {
+        let mine = by(token);
+        // At most one /resolve/ per file per process (none per tensor), and
+        // always at the pinned commit.
+        let mut per_file: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in mine.iter().filter(|r| r.path.contains("/resolve/")) {
+            *per_file.entry(r.path.as_str()).or_default() += 1;
+        }
+        assert!(
+            per_file.values().all(|&n| n == 1),
+            "{who}: more than one /resolve/ per file: {per_file:?}"
+        );
+        for p in per_file.keys() {
+            let (repo, _) = p.trim_start_matches('/').split_once("/resolve/").unwrap();
+            let i = REPOS
+                .iter()
+                .position(|r| repo == format!("fm/{r}"))
+                .unwrap_or(99);
+            assert!(
+                p.contains(&format!("/resolve/{}/", commit(i))),
+                "{who} read {p}, not at the pinned commit"
+            );
+        }
+        eprintln!(
+            "{who}: {} requests to the Hub, {} files resolved",
+            mine.len(),
+            per_file.len()
+        );
+        if who == "w2" {
+            assert!(
+                mine.iter().all(|r| r.path.contains("fm/gated")),
+                "w2 asked the Hub for a model in its cache: {mine:?}"
+            );
+        }
+        if who != "coordinator" {
+            // Workers read shards only, and nothing but at pinned commits.
+            assert!(
+                mine.iter()
+                    .filter(|r| r.path.contains("/resolve/"))
+                    .all(|r| r.path.ends_with(".safetensors")),
+                "{who}: {mine:?}"
+            );
+            assert!(
+                !mine
+                    .iter()
+                    .any(|r| r.path.contains("/revision/") || r.path.contains("/main")),
+                "{who} resolved a branch: {mine:?}"
+            );
+        }
+    }
+    // The workers read by range only from the CDN (and each read at most
+    // what the inputs hold).
+    let cdn: Vec<Req> = reqs.iter().filter(|r| r.origin == "cdn").cloned().collect();
+    let size = model_file_bytes(&["llama-base", "llama-ft-a", "llama-ft-b", "llama-ft-c"]);
+    assert!(range_bytes(&cdn) <= 2 * size);
+    for p in [&coordinator, &w1, &w2] {
+        for token in [TOKEN, TOKEN_W1, TOKEN_W2] {
+            assert!(!p.log().contains(token), "{} logged a token", p.name);
+        }
+    }
+}
+
+/// A copy of `models/NAME` whose shards hold other bytes (same names, sizes
+/// and headers): the files a branch moved to.
+fn altered_copy(name: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(examples().join("models").join(name)).unwrap() {
+        let e = e.unwrap();
+        let mut data = std::fs::read(e.path()).unwrap();
+        if e.file_name().to_string_lossy().ends_with(".safetensors") {
+            let header = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+            for b in &mut data[8 + header..] {
+                *b = b.wrapping_add(1);
+            }
+        }
+        std::fs::write(to.join(e.file_name()), data).unwrap();
+    }
+}
+
+#[test]
+fn cluster_workers_read_the_planned_commit_after_the_branch_moved() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let endpoint = hub.endpoint();
+    let want = local_run("ties", &t.path().join("local"), "100K");
+    let config = hub_config("ties", t.path());
+    let home = |n: &str| {
+        let p = t.path().join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (coordinator_home, w1_home, w2_home) = (home("home-c"), home("home-1"), home("home-2"));
+    // Worker 2's token is huggingface_hub's token file in its HF_HOME.
+    std::fs::write(Path::new(&w2_home).join("token"), TOKEN_W2).unwrap();
+    let out = t.path().join("out");
+    let (mut coordinator, addr) = hub_coordinator(
+        t.path(),
+        &config,
+        &out,
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", &coordinator_home),
+            ("HF_TOKEN", TOKEN),
+        ],
+    );
+    // Planned: `fm/llama-base@main` is commit(0). Now main moves to a commit
+    // whose shards have the same names and sizes but other bytes.
+    let moved = t.path().join("moved-base");
+    altered_copy("llama-base", &moved);
+    hub.http(
+        "POST",
+        "/_admin/ref",
+        &json!({"repo": "fm/llama-base", "ref": "main", "commit": commit(50), "dir": moved})
+            .to_string(),
+    );
+    hub.log(true);
+    let mut workers = [
+        hub_worker(
+            "w1",
+            &addr,
+            &[],
+            &[],
+            &[
+                ("HF_ENDPOINT", &endpoint),
+                ("HF_HOME", &w1_home),
+                ("HF_TOKEN", TOKEN_W1),
+            ],
+        ),
+        hub_worker(
+            "w2",
+            &addr,
+            &[],
+            &[],
+            &[("HF_ENDPOINT", &endpoint), ("HF_HOME", &w2_home)],
+        ),
+    ];
+    coordinator.succeeds(MINUTE * 2);
+    for w in &mut workers {
+        w.succeeds(MINUTE);
+    }
+    assert_eq!(
+        outputs(&out),
+        want,
+        "the workers did not read the planned commit"
+    );
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(examples().join("models/llama-base/tokenizer.json")).unwrap()
+    );
+    let reqs = hub.log(false);
+    assert!(
+        reqs.iter().any(|r| r.path.contains("/resolve/")),
+        "the workers read nothing from the Hub"
+    );
+    assert!(
+        !reqs.iter().any(|r| r.path.contains(&commit(50))
+            || r.path.contains("/main")
+            || r.path.contains("/revision/")),
+        "a branch was resolved again after planning: {reqs:?}"
+    );
+    assert!(reqs.iter().all(|r| r.origin == "cdn" || r.auth.is_some()));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains(&commit(0)) && !card.contains(&commit(50)),
+        "{card}"
+    );
+
+    // The moved branch does hold other bytes: a new merge gives another model.
+    let again = t.path().join("again");
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            again.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "100K",
+        ],
+        &[("HF_ENDPOINT", &endpoint), ("HF_HOME", &coordinator_home)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(outputs(&again), want, "the moved branch merges the same");
+}
+
+#[test]
+fn a_cluster_worker_without_a_token_for_a_gated_model_fails_its_units_clearly() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let endpoint = hub.endpoint();
+    let config = gated_ties_config(t.path());
+    let (coordinator_home, worker_home) = (t.path().join("home-c"), t.path().join("home-w"));
+    std::fs::create_dir_all(&coordinator_home).unwrap();
+    std::fs::create_dir_all(&worker_home).unwrap();
+    let out = t.path().join("out");
+    // Planning reads the gated model's headers: a coordinator without a token
+    // refuses to start, naming the model, and writes nothing.
+    let mut tokenless = Proc::start(
+        "tokenless-coordinator",
+        t.path(),
+        &[
+            "coordinator",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", coordinator_home.to_str().unwrap()),
+        ],
+    );
+    assert!(!tokenless.wait_exit(MINUTE).success());
+    let log = tokenless.log();
+    assert!(
+        log.contains("fm/gated is a gated model")
+            && log.contains("HF_TOKEN")
+            && !log.contains("coordinator listening"),
+        "{log}"
+    );
+    assert!(
+        !out.exists(),
+        "a coordinator that could not plan wrote {out:?}"
+    );
+    // With a token it plans; the worker has none.
+    let (mut coordinator, addr) = hub_coordinator(
+        t.path(),
+        &config,
+        &out,
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", coordinator_home.to_str().unwrap()),
+            ("HF_TOKEN", TOKEN),
+        ],
+    );
+    hub.log(true);
+    let mut w = hub_worker(
+        "tokenless",
+        &addr,
+        &[],
+        &["--give-up-after", "10"],
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", worker_home.to_str().unwrap()),
+        ],
+    );
+    let status = coordinator.wait_exit(MINUTE * 2);
+    w.wait_exit(MINUTE);
+    let log = coordinator.log();
+    assert!(!status.success(), "the merge finished:\n{log}");
+    // The worker's error reached the coordinator: the id, why, what to do.
+    for part in [
+        "tokenless",
+        "hf://fm/gated@",
+        "fm/gated is a gated model",
+        "licence",
+        "HF_TOKEN",
+        "cannot fix",
+    ] {
+        assert!(log.contains(part), "{part:?} missing from:\n{log}");
+    }
+    assert!(
+        w.log().contains("unit failed") && w.log().contains("fm/gated"),
+        "{}",
+        w.log()
+    );
+    // The worker asked without a token and was refused; no token anywhere.
+    let reqs = hub.log(false);
+    assert!(
+        reqs.iter()
+            .any(|r| r.path.contains("/fm/gated/") && r.auth.is_none()),
+        "{reqs:?}"
+    );
+    assert!(!log.contains(TOKEN) && !w.log().contains(TOKEN));
+    assert!(
+        !out.join("model.safetensors.index.json").exists()
+            && !out.join("README.md").exists()
+            && !out.join(".fleetmerge/done").exists(),
+        "a failed merge looks finished"
+    );
 }

@@ -2,8 +2,7 @@
 //! kept, the rest computed, and the result is bit-identical to an uninterrupted
 //! run. A changed config is refused instead of being mixed with the old shards.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

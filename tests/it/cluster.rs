@@ -2,9 +2,8 @@
 //! and `fleetmerge worker`s talking gRPC. Every output is compared bit for bit
 //! with what `fleetmerge run` writes for the same config.
 
-mod common;
-use common::procs::*;
-use common::*;
+use crate::common::procs::*;
+use crate::common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -7,9 +7,7 @@
 //! plans them from the headers alone; the time it takes is printed, not asserted
 //! (about 2.5 s on the project's 2-core machine).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -2,8 +2,7 @@
 //! one-paragraph error naming the file (and tensor), never a panic, and no model
 //! is written.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// Copies the example base and fine-tune into `dir` and returns a TIES config over them.

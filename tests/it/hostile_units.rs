@@ -5,8 +5,7 @@
 //! non-retryable failure that names the problem, with nothing written, or (the
 //! legitimate unit) a completed shard; the worker must then exit by itself.
 
-mod common;
-use common::procs::Proc;
+use crate::common::procs::Proc;
 use fleetmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use fleetmerge_proto::*;
 use std::path::{Path, PathBuf};
@@ -150,11 +149,11 @@ fn replay(leases: Vec<(Vec<u8>, String)>, cwd: &Path, args: &[&str]) -> (Vec<Eve
 /// A fixture unit with its input paths pointed at `examples/models` and the
 /// fuzzer's scratch folder (`/tmp/fuzz/work/c5b/`) at `scratch`.
 fn unit(name: &str, scratch: &Path) -> Vec<u8> {
-    let path = common::root()
+    let path = crate::common::root()
         .join("tests/fixtures/hostile_units")
         .join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap();
-    let models = common::examples().join("models");
+    let models = crate::common::examples().join("models");
     text.replace("/tmp/fuzz/work/c5/models", models.to_str().unwrap())
         .replace(
             "/tmp/fuzz/work/c5b/",
@@ -332,7 +331,7 @@ fn a_unit_cannot_read_a_file_that_is_not_its_checkpoint() {
 
     // A real checkpoint, but bytes its header does not declare as that tensor
     // (here: the header itself).
-    let model = common::examples().join("models/llama-ft-a/model.safetensors");
+    let model = crate::common::examples().join("models/llama-ft-a/model.safetensors");
     let text = String::from_utf8(unit("reads_any_local_file", &s.scratch))
         .unwrap()
         .replace(
@@ -390,7 +389,10 @@ fn output_folders_must_be_absolute_and_stay_the_same() {
 fn allow_path_limits_reads_and_writes() {
     let s = scene();
     let ok = unit("baseline_ok", &s.scratch);
-    let models = common::examples().join("models").canonicalize().unwrap();
+    let models = crate::common::examples()
+        .join("models")
+        .canonicalize()
+        .unwrap();
     let root = s.out.parent().unwrap().to_path_buf();
     let allowed = root.join("allowed");
     std::fs::create_dir_all(&allowed).unwrap();
