@@ -9,10 +9,8 @@ mod schema;
 pub mod tokenizer;
 
 pub use params::{Conditional, ParamSetting, Scalar, SettingError};
-pub use schema::{
-    InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params,
-    TokenizerSource,
-};
+pub use schema::{InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params};
+pub use tokenizer::{TokenizerConfig, TokenizerSource};
 
 use crate::yaml::{Span, YamlError};
 

@@ -9,7 +9,7 @@ use super::models::{check_architectures, model_references, open_models, Model};
 use super::resolve::check_parameter_names;
 use super::shards::shard;
 use super::{Plan, PlanError, PlannedModel};
-use crate::config::{ConfigError, MergeConfig};
+use crate::config::{ConfigError, MergeConfig, TokenizerSource};
 use crate::methods::{self, MergeMethod};
 use crate::unit::PLAN_FORMAT;
 use crate::yaml::Span;
@@ -40,6 +40,40 @@ pub(super) struct Planner<'a> {
 }
 
 /// A planning error at `key_path` of the config.
+/// The plan takes a tokenizer's files from one model (`base` or a model
+/// source) and does not re-index embedding rows yet: the settings that need
+/// that are refused at their key and line.
+fn check_tokenizer_supported(cfg: &MergeConfig) -> Result<(), PlanError> {
+    let Some(t) = &cfg.tokenizer else {
+        return Ok(());
+    };
+    if t.source.value == TokenizerSource::Union {
+        return Err(cfg_err(
+            cfg,
+            &t.source_key,
+            Some(t.source.span),
+            "union is not supported yet; use base or a model path".into(),
+        ));
+    }
+    if let Some(first) = t.tokens.first() {
+        return Err(cfg_err(
+            cfg,
+            "tokenizer.tokens",
+            Some(first.span),
+            "`tokenizer.tokens` is not supported yet".into(),
+        ));
+    }
+    if let Some(p) = &t.pad_to_multiple_of {
+        return Err(cfg_err(
+            cfg,
+            "tokenizer.pad_to_multiple_of",
+            Some(p.span),
+            "`tokenizer.pad_to_multiple_of` is not supported yet".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn cfg_err(
     cfg: &MergeConfig,
     key_path: &str,
@@ -75,6 +109,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         crate::output::resolve_chat_template(&t.value)
             .map_err(|e| cfg_err(cfg, "chat_template", Some(t.span), e.to_string()))?;
     }
+    check_tokenizer_supported(cfg)?;
     let (refs, tokenizer_ref) = model_references(cfg);
     let models = open_models(cfg, opts, &refs)?;
     check_architectures(&models, opts.allow_crimes)?;

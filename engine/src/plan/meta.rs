@@ -24,7 +24,11 @@ impl Planner<'_> {
             .as_ref()
             .map(|b| self.index_of(b))
             .unwrap_or(0);
-        let tokenizer_dir = match cfg.tokenizer_source.as_ref().map(|t| (&t.value, t.span)) {
+        let tokenizer_dir = match cfg
+            .tokenizer
+            .as_ref()
+            .map(|t| (&t.source.value, t.source.span))
+        {
             // Without a base_model, the first model is the base of the
             // vocabulary, as in mergekit's build_tokenizer.
             Some((TokenizerSource::Base, _)) => self.models[config_donor].location.clone(),
