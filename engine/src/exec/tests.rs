@@ -336,8 +336,10 @@ fn vocabulary_tensors_merge_their_aligned_rows() {
             shape: vec![n as u64, 2],
         });
     }
-    let mut params = TensorParams::default();
-    params.per_input = vec![[("weight".to_string(), ParamValue::Number(0.5))].into(); 2];
+    let params = TensorParams {
+        per_input: vec![[("weight".to_string(), ParamValue::Number(0.5))].into(); 2],
+        ..Default::default()
+    };
     let unit = WorkUnit {
         format: PLAN_FORMAT,
         id: 0,
