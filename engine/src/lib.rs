@@ -24,7 +24,7 @@
 //! | `methods`        | `unit` (the parameter values), `dtype`                          |
 //! | `unit::validate` | `methods` (a unit's parameters are checked against its method's spec), `unit`, `dtype` |
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
-//! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `methods`, `unit`, `yaml`, `size`, `dtype` |
+//! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `tokenizer` (the output vocabulary and each vocabulary tensor's alignment), `methods`, `unit`, `yaml`, `size`, `dtype` |
 //! | `exec`           | `plan` (only to report its memory estimate: `plan::summary::PeakMemory`), `gpu`, `methods`, `unit`, `checkpoint`, `storage`, `output`, `size`, `dtype` |
 //!
 //! `unit` is split in two on purpose: its types are below `methods` (a
@@ -76,6 +76,7 @@ mod layering {
                 "checkpoint",
                 "storage",
                 "output",
+                "tokenizer",
                 "methods",
                 "unit",
                 "yaml",

@@ -56,8 +56,25 @@ impl Planner<'_> {
             }
             ModelInputs::Models(_) => None,
         };
+        let (tokenizer_files, vocab_size) = match &self.vocab {
+            Some(v) => {
+                let template = cfg
+                    .chat_template
+                    .as_ref()
+                    .map(|t| crate::output::resolve_chat_template(&t.value))
+                    .transpose()
+                    .map_err(|e| PlanError::Inputs(format!("chat_template: {e}")))?;
+                let files = v
+                    .output_files(template.as_deref())
+                    .map_err(super::build::tokenizer_err)?;
+                (files, Some(v.rows()))
+            }
+            None => (Vec::new(), None),
+        };
         let spec = self.method.spec();
         Ok(OutputMeta {
+            tokenizer_files,
+            vocab_size,
             config_dir: self.models[config_donor].location.clone(),
             tokenizer_dir,
             // FP8 checkpoints keep a float torch_dtype (the compute dtype) next
