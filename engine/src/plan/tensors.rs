@@ -3,7 +3,9 @@
 //! after it. For each: the input tensor of every source (a tied output head
 //! falls back to the input embedding), the block scales of FP8 inputs, the
 //! shape and dtype checks, and what produces it (a merge, or the copy of a
-//! non-float buffer). With `--keep-fp8`, a block-scaled weight becomes two
+//! non-float buffer). With a tokenizer setting, a vocabulary tensor (input
+//! embedding, output head) has the output vocabulary's rows and the alignment
+//! of its inputs' rows. With `--keep-fp8`, a block-scaled weight becomes two
 //! outputs: the weight in E4M3 and, right after it, its fresh scales.
 
 use super::build::{tokenizer_err, Planner};
