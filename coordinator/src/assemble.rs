@@ -58,6 +58,9 @@ pub fn write_side_files(
         meta.config_dtype,
         meta.layers.as_ref().map(|(k, n)| (k.as_str(), *n)),
     );
+    if let Some(n) = meta.vocab_size {
+        set_vocab_size(&mut config, n);
+    }
     if meta.dequantized {
         // The weights are no longer FP8: loaders must not look for scales.
         config.remove("quantization_config");
@@ -67,7 +70,12 @@ pub fn write_side_files(
         output::to_pretty_json(&config).as_bytes(),
     )?;
 
-    if opts.copy_tokenizer {
+    if opts.copy_tokenizer && !meta.tokenizer_files.is_empty() {
+        // The merged vocabulary's files (built by the plan).
+        for (name, text) in &meta.tokenizer_files {
+            out.put(&out.join(out_dir, name), text.as_bytes())?;
+        }
+    } else if opts.copy_tokenizer {
         let tok = storage::for_location(&meta.tokenizer_dir);
         let copied = output::copy_tokenizer(
             tok.as_ref(),
@@ -91,6 +99,26 @@ pub fn write_side_files(
         )?;
     }
     Ok(())
+}
+
+/// Sets config.json's vocabulary size where the donor has it (top level, or
+/// `text_config` of a multimodal model), else at the top level.
+fn set_vocab_size(config: &mut serde_json::Map<String, serde_json::Value>, n: u64) {
+    let nested = !config.contains_key("vocab_size")
+        && config
+            .get("text_config")
+            .and_then(|t| t.get("vocab_size"))
+            .is_some();
+    if nested {
+        if let Some(t) = config
+            .get_mut("text_config")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            t.insert("vocab_size".into(), n.into());
+        }
+    } else {
+        config.insert("vocab_size".into(), n.into());
+    }
 }
 
 /// Writes the README.md model card once every shard exists: mergekit's card

@@ -2,8 +2,9 @@
 //! parameter resolution (`config`), checkpoint headers (`checkpoint`), where bytes
 //! live (`storage`), the work unit that planner and workers exchange (`unit`),
 //! the planner that turns a config into work units (`plan`), the merge methods
-//! (`methods`), the executor that runs one work unit (`exec`), and the output
-//! files around the tensors (`output`).
+//! (`methods`), the executor that runs one work unit (`exec`), the output
+//! files around the tensors (`output`), and tokenizer merging: the output
+//! vocabulary and each input's rows in it (`tokenizer`).
 //!
 //! # Layers
 //!
@@ -19,10 +20,11 @@
 //! | `checkpoint`     | `storage`, `dtype`                                              |
 //! | `output`         | `storage`, `dtype`                                              |
 //! | `unit`           | `output` (a shard's layout), `dtype`                            |
+//! | `tokenizer`      | `config` (the tokenizer settings), `storage`, `output`, `unit` (the row alignment), `yaml` |
 //! | `methods`        | `unit` (the parameter values), `dtype`                          |
 //! | `unit::validate` | `methods` (a unit's parameters are checked against its method's spec), `unit`, `dtype` |
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
-//! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `methods`, `unit`, `yaml`, `size`, `dtype` |
+//! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `tokenizer` (the output vocabulary and each vocabulary tensor's alignment), `methods`, `unit`, `yaml`, `size`, `dtype` |
 //! | `exec`           | `plan` (only to report its memory estimate: `plan::summary::PeakMemory`), `gpu`, `methods`, `unit`, `checkpoint`, `storage`, `output`, `size`, `dtype` |
 //!
 //! `unit` is split in two on purpose: its types are below `methods` (a
@@ -39,6 +41,7 @@ pub mod output;
 pub mod plan;
 pub mod size;
 pub mod storage;
+pub mod tokenizer;
 pub mod unit;
 pub mod yaml;
 
@@ -59,6 +62,10 @@ mod layering {
         ("checkpoint", &["storage", "dtype"]),
         ("output", &["storage", "dtype"]),
         ("unit", &["output", "dtype"]),
+        (
+            "tokenizer",
+            &["config", "storage", "output", "unit", "yaml"],
+        ),
         ("methods", &["unit", "dtype"]),
         ("unit::validate", &["methods", "unit", "dtype"]),
         ("gpu", &["methods", "unit", "dtype"]),
@@ -69,6 +76,7 @@ mod layering {
                 "checkpoint",
                 "storage",
                 "output",
+                "tokenizer",
                 "methods",
                 "unit",
                 "yaml",

@@ -200,6 +200,45 @@ fn three_workers_write_what_run_writes() {
 }
 
 #[test]
+fn a_tokenizer_merge_in_the_cluster_writes_what_run_writes() {
+    // Union vocabulary padded to 32 rows: workers re-index the embedding rows.
+    let dir = tempfile::tempdir().unwrap();
+    let case = "tok_slerp_union_pad";
+    let (config, cwd) = (fixture(case).join("config.yaml"), examples());
+    let reference = dir.path().join("reference");
+    run_case(case, &reference, "100K");
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &cwd,
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &["--out-shard-size", "100K"],
+    );
+    let mut workers: Vec<Proc> = (1..=2)
+        .map(|i| start_worker(&format!("w{i}"), &addr, &[], &[]))
+        .collect();
+    coordinator.succeeds(MINUTE);
+    for w in &mut workers {
+        w.succeeds(MINUTE);
+    }
+    assert_same_model(&out, &reference);
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(reference.join(f)).unwrap(),
+            "{f} differs from fleetmerge run's"
+        );
+    }
+}
+
+#[test]
 fn a_worker_killed_mid_unit_loses_only_its_unit() {
     let big = big();
     let dir = tempfile::tempdir().unwrap();

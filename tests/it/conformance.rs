@@ -68,6 +68,14 @@ fn run_case(name: &str, extra: &[&str]) {
     } else {
         fixture(name).join(expected)
     };
+    if case.get("tokenizer").and_then(|v| v.as_str()) == Some("ids") {
+        // Every token has mergekit's id, so rows compare by position too.
+        assert_eq!(
+            vocabulary(&out.join("tokenizer.json")),
+            vocabulary(&expected_dir.join("tokenizer.json")),
+            "{name}: tokenizer.json vocabulary"
+        );
+    }
     let problems = compare(&read_model(&out), &read_model(&expected_dir), mode);
     assert!(problems.is_empty(), "{name}: {problems:#?}");
     // config.json: the keys the kit checks.
@@ -101,6 +109,26 @@ fn run_case(name: &str, extra: &[&str]) {
             assert!(out.join(f).exists(), "{name}: {f} not copied");
         }
     }
+}
+
+/// A tokenizer.json as the kit judges it: every token (model vocabulary and
+/// added tokens) with its id, and each added token's `special` flag.
+fn vocabulary(path: &std::path::Path) -> std::collections::BTreeMap<String, (u64, Option<bool>)> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for (token, id) in json["model"]["vocab"].as_object().unwrap() {
+        out.insert(token.clone(), (id.as_u64().unwrap(), None));
+    }
+    for t in json["added_tokens"].as_array().unwrap() {
+        out.insert(
+            t["content"].as_str().unwrap().to_string(),
+            (t["id"].as_u64().unwrap(), t["special"].as_bool()),
+        );
+    }
+    out
 }
 
 macro_rules! cases {
@@ -142,6 +170,12 @@ cases!(
     err_missing_model,
     err_layer_range,
     err_della_epsilon,
+    err_vocab_mismatch,
+    tok_union_linear,
+    tok_source_base_ties,
+    tok_source_model,
+    tok_force_tokens,
+    tok_slerp_union_pad,
 );
 
 #[test]

@@ -1,16 +1,16 @@
 //! mergekit's YAML merge configuration: the schema (`schema`) read from the
-//! node tree of [`crate::yaml`] (which keeps the line of every key), and
-//! parameter settings with gradients and filters (`params`). Everything a user
-//! can get wrong here is reported with the key and its line.
+//! node tree of [`crate::yaml`] (which keeps the line of every key), parameter
+//! settings with gradients and filters (`params`), and the tokenizer settings
+//! (`tokenizer`: `tokenizer_source` / `tokenizer:`). Everything a user can get
+//! wrong here is reported with the key and its line.
 
 mod params;
 mod schema;
+pub mod tokenizer;
 
 pub use params::{Conditional, ParamSetting, Scalar, SettingError};
-pub use schema::{
-    InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params,
-    TokenizerSource,
-};
+pub use schema::{InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params};
+pub use tokenizer::{TokenizerConfig, TokenizerSource};
 
 use crate::yaml::{Span, YamlError};
 

@@ -7,7 +7,8 @@
 //! written), the output writer's blocks, per-thread chunk scratch, and what the
 //! method keeps per tensor (top-k candidates, samples) for every thread that may
 //! be merging a tensor of the window at once. A streamed tensor holds one
-//! segment of its inputs and two of its output instead of the whole tensor.
+//! segment of its inputs and two of its output instead of the whole tensor; a
+//! vocabulary tensor is never streamed, and holds its re-indexed inputs too.
 
 use super::{read, stream, ExecLimits};
 use crate::methods;
@@ -109,7 +110,9 @@ pub fn estimate(
                         .requant
                         .as_ref()
                         .map_or(0, |r| 8 * r.weight_shape.iter().product::<u64>());
-                    method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len())) + requant
+                    method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()))
+                        + requant
+                        + aligned_bytes(t)
                 })
                 .collect();
             m.sort_unstable_by(|a, b| b.cmp(a));
@@ -123,6 +126,23 @@ pub fn estimate(
         writer: crate::storage::write_buffer_bytes(out_dir),
         working: scratch + per_tensor,
     }
+}
+
+/// What re-indexing a vocabulary tensor's inputs holds at its peak: every
+/// input decoded to f32, its aligned f32 rows, and the aligned rows encoded in
+/// its dtype (none for other tensors).
+fn aligned_bytes(t: &crate::unit::OutputTensor) -> u64 {
+    if t.vocab.is_none() {
+        return 0;
+    }
+    let row_elements: u64 = t.shape.iter().skip(1).product();
+    t.inputs
+        .iter()
+        .map(|r| {
+            let elements = r.len / r.dtype.size() as u64;
+            4 * elements + (4 + r.dtype.size() as u64) * t.numel().max(row_elements)
+        })
+        .sum()
 }
 
 /// Why a unit cannot run within a budget.
@@ -268,6 +288,11 @@ pub fn limits_within(
                            whole (their block scales need the whole merged weight)"
                     .to_string();
                 (t.input_bytes() + working, t, why)
+            } else if t.vocab.is_some() && t.input_bytes() > least.window_bytes {
+                let why = "is read whole: a vocabulary tensor's rows are re-indexed whole (its \
+                           inputs aligned to the output vocabulary)"
+                    .to_string();
+                (t.input_bytes() + working + aligned_bytes(t), t, why)
             } else {
                 (t.input_bytes() + working, t, "is read whole".to_string())
             }
@@ -330,6 +355,7 @@ mod tests {
                     scales: Vec::new(),
                     block: None,
                     requant: None,
+                    vocab: None,
                 })
                 .collect(),
         }

@@ -149,9 +149,13 @@ impl Default for ExecLimits {
 
 impl ExecLimits {
     /// Whether `t` is streamed under these limits. A re-quantized FP8 output
-    /// needs its whole merged weight for the block scales, so it never is.
+    /// needs its whole merged weight for the block scales, and a vocabulary
+    /// tensor's rows are re-indexed whole, so neither ever is.
     pub fn streams(&self, t: &OutputTensor) -> bool {
-        self.stream && t.requant.is_none() && t.input_bytes() > self.window_bytes
+        self.stream
+            && t.requant.is_none()
+            && t.vocab.is_none()
+            && t.input_bytes() > self.window_bytes
     }
 
     /// The limits that keep `unit` within `budget` bytes (the defaults when

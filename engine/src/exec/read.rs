@@ -269,6 +269,7 @@ mod tests {
             scales: Vec::new(),
             block: None,
             requant: None,
+            vocab: None,
         }
     }
 

@@ -207,6 +207,7 @@ mod tests {
             scales: Vec::new(),
             block: None,
             requant: None,
+            vocab: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //! model holds the same), or merged by the unit's method — on the device when
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
-//! scales ([`requantize`]).
+//! scales ([`requantize`]). A vocabulary tensor's inputs are first re-indexed
+//! into the output vocabulary by the unit's alignment (`aligned_inputs`).
 
 use super::{Device, ExecError};
 use crate::dtype::DType;
@@ -60,6 +61,20 @@ pub(super) fn compute(
         TensorOp::Merge => {
             // `inputs` holds the inputs, then the scales of the block-scaled ones.
             let n = t.inputs.len();
+            // A vocabulary tensor merges its inputs re-indexed into the
+            // output rows (validated units carry no scales with it).
+            let aligned = t
+                .vocab
+                .as_ref()
+                .map(|v| aligned_inputs(t, v, &inputs[..n.min(inputs.len())]));
+            let aligned_refs: Vec<&[u8]>;
+            let inputs = match &aligned {
+                Some(a) => {
+                    aligned_refs = a.iter().map(Vec::as_slice).collect();
+                    &aligned_refs[..]
+                }
+                None => inputs,
+            };
             let mut scale_bytes = inputs[n.min(inputs.len())..].iter();
             let block = t.block.unwrap_or([128, 128]);
             let mut views = Vec::with_capacity(n);
@@ -123,6 +138,38 @@ pub(super) fn compute(
             Ok(())
         }
     }
+}
+
+/// The inputs of a vocabulary tensor re-indexed by its alignment: each input's
+/// rows decoded to f32, placed (copied, filled, padded) as `v` says, and
+/// encoded back in the input's dtype, as mergekit fills a tensor of the
+/// input's dtype before the merge. Each result has the output's shape.
+fn aligned_inputs(
+    t: &OutputTensor,
+    v: &crate::unit::VocabAlignment,
+    inputs: &[&[u8]],
+) -> Vec<Vec<u8>> {
+    let width = t.shape.iter().skip(1).product::<u64>() as usize;
+    let decoded: Vec<Vec<f32>> = t
+        .inputs
+        .iter()
+        .zip(inputs)
+        .map(|(r, b)| {
+            let mut d = vec![0f32; b.len() / r.dtype.size()];
+            crate::dtype::decode_f32(r.dtype, b, &mut d);
+            d
+        })
+        .collect();
+    let rows: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
+    v.align(&rows, width)
+        .into_iter()
+        .zip(&t.inputs)
+        .map(|(values, r)| {
+            let mut out = vec![0u8; values.len() * r.dtype.size()];
+            crate::dtype::encode_f32(r.dtype, &values, &mut out);
+            out
+        })
+        .collect()
 }
 
 /// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales

@@ -281,6 +281,7 @@ fn check_cost() {
                 scales: Vec::new(),
                 block: None,
                 requant: None,
+                vocab: None,
             })
             .collect(),
     };
@@ -299,4 +300,115 @@ fn check_cost() {
         "{N} tensors x 4 inputs: validate {validate:?}, header check (4 headers of {N}) \
          {check:?}, whole unit (both included) {whole:?}"
     );
+}
+
+/// A vocabulary tensor merges its inputs re-indexed into the output rows:
+/// copied runs, a row one input lacks filled from the other, and a padding
+/// row (each input's mean of its aligned token rows). The same bytes when
+/// streaming is allowed under a tiny window (such a tensor is read whole).
+#[test]
+fn vocabulary_tensors_merge_their_aligned_rows() {
+    use crate::unit::{Fill, ParamValue, RowFill, RowRun, TensorParams, TensorRef, VocabAlignment};
+    let dir = tempfile::tempdir().unwrap();
+    // Input 0: 3 rows of 2; input 1: 2 rows of 2 (it lacks token 2).
+    let rows: [&[f32]; 2] = [&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3.0, 4.0, 7.0, 8.0]];
+    let mut refs = Vec::new();
+    for (m, values) in rows.iter().enumerate() {
+        let n = values.len() / 2;
+        let header = serde_json::json!({"embed": {"dtype": "F32", "shape": [n, 2],
+            "data_offsets": [0, values.len() * 4]}});
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        let offset = bytes.len() as u64;
+        for v in *values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        let path = dir.path().join(format!("m{m}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        refs.push(TensorRef {
+            model: m,
+            name: "embed".into(),
+            location: path.to_string_lossy().into_owned(),
+            offset,
+            len: values.len() as u64 * 4,
+            dtype: DType::F32,
+            shape: vec![n as u64, 2],
+        });
+    }
+    let params = TensorParams {
+        per_input: vec![[("weight".to_string(), ParamValue::Number(0.5))].into(); 2],
+        ..Default::default()
+    };
+    let unit = WorkUnit {
+        format: PLAN_FORMAT,
+        id: 0,
+        file_name: "model.safetensors".into(),
+        merge_method: "linear".into(),
+        seed: 0,
+        tensors: vec![OutputTensor {
+            name: "embed".into(),
+            dtype: DType::F32,
+            shape: vec![4, 2],
+            op: TensorOp::Merge,
+            inputs: refs,
+            base: None,
+            params,
+            scales: Vec::new(),
+            block: None,
+            requant: None,
+            vocab: Some(VocabAlignment {
+                rows: 4,
+                tokens: 3,
+                runs: vec![
+                    vec![RowRun {
+                        out: 0,
+                        src: 0,
+                        len: 3,
+                    }],
+                    vec![RowRun {
+                        out: 0,
+                        src: 0,
+                        len: 2,
+                    }],
+                ],
+                fills: vec![RowFill {
+                    row: 2,
+                    fill: Fill::Row { input: 0, row: 2 },
+                }],
+            }),
+        }],
+    };
+    unit.validate().unwrap();
+    // Aligned: input 0 [1 2; 3 4; 5 6; pad 3 4], input 1 [3 4; 7 8; 5 6; pad 5 6].
+    let want: Vec<f32> = vec![2.0, 3.0, 5.0, 6.0, 5.0, 6.0, 4.0, 5.0];
+    let mut shas = Vec::new();
+    for limits in [
+        ExecLimits::default(),
+        ExecLimits {
+            window_bytes: 8,
+            read_ahead: false,
+            stream: true,
+        },
+    ] {
+        let (_keep, out) = out_dir();
+        let done = execute_unit_on(&unit, &out, &NoProgress, &limits, &Device::Cpu).unwrap();
+        let bytes = std::fs::read(PathBuf::from(&out).join("model.safetensors")).unwrap();
+        let data = &bytes[bytes.len() - 32..];
+        let got: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, want, "{limits:?}");
+        shas.push(done.sha256);
+    }
+    assert_eq!(shas[0], shas[1]);
+    // A unit whose alignment reads past an input is refused before any read.
+    let mut bad = unit.clone();
+    bad.tensors[0].vocab.as_mut().unwrap().runs[1][0].len = 3;
+    let (_keep, out) = out_dir();
+    let e = execute_unit(&bad, &out, &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vocab"), "{e}");
 }

@@ -201,7 +201,7 @@ mod tests {
         heap_select(&mut w, 20, &comp);
         w.swap(0, 19);
         let mut sorted = v.clone();
-        sorted.sort_by(|a, b| b.0.cmp(&a.0));
+        sorted.sort_by_key(|p| std::cmp::Reverse(p.0));
         let threshold = sorted[19].0;
         assert!(w[..20].iter().all(|p| p.0 >= threshold));
         assert!(w[20..].iter().all(|p| p.0 <= threshold));

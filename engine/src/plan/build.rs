@@ -5,12 +5,15 @@
 //! describes what the output needs besides tensors (`meta`). Only checkpoint
 //! headers are read.
 
-use super::models::{check_architectures, model_references, open_models, Model};
+use super::models::{check_architectures, locate, model_references, open_models, Model};
 use super::resolve::check_parameter_names;
 use super::shards::shard;
 use super::{Plan, PlanError, PlannedModel};
-use crate::config::{ConfigError, MergeConfig};
+use crate::config::{ConfigError, MergeConfig, ModelRef, TokenizerConfig};
 use crate::methods::{self, MergeMethod};
+use crate::tokenizer::{
+    build_vocabulary, config_vocab_size, TokenizerError, VocabModel, VocabRequest, Vocabulary,
+};
 use crate::unit::PLAN_FORMAT;
 use crate::yaml::Span;
 use std::path::PathBuf;
@@ -37,6 +40,54 @@ pub(super) struct Planner<'a> {
     pub(super) method: &'static dyn MergeMethod,
     pub(super) models: Vec<Model>,
     pub(super) keep_fp8: bool,
+    /// The output vocabulary (with a tokenizer setting): built once from the
+    /// models' tokenizer files; its models are `models`, in the same order.
+    pub(super) vocab: Option<Vocabulary>,
+}
+
+/// The output vocabulary of a merge with `tokenizer_source` / `tokenizer:`.
+fn plan_vocabulary(
+    cfg: &MergeConfig,
+    opts: &PlanOptions,
+    settings: &TokenizerConfig,
+    models: &[Model],
+    tokenizer_ref: Option<&(ModelRef, Span)>,
+) -> Result<Vocabulary, PlanError> {
+    let vocab_models: Vec<VocabModel> = models
+        .iter()
+        .map(|m| VocabModel {
+            reference: m.reference.clone(),
+            location: m.location.clone(),
+            vocab_size: config_vocab_size(&m.checkpoint.config),
+        })
+        .collect();
+    let base = cfg
+        .base_model
+        .as_ref()
+        .and_then(|b| models.iter().position(|m| m.reference == b.value));
+    let source_location = match tokenizer_ref {
+        Some((r, span)) => Some(match models.iter().find(|m| &m.reference == r) {
+            Some(m) => m.location.clone(),
+            None => locate(cfg, opts, r, &settings.source_key, *span)?,
+        }),
+        None => None,
+    };
+    build_vocabulary(&VocabRequest {
+        config_file: &cfg.file,
+        settings,
+        models: &vocab_models,
+        base,
+        source_location: source_location.as_deref(),
+    })
+    .map_err(tokenizer_err)
+}
+
+/// A tokenizer error as a plan error (config keys keep their line).
+pub(super) fn tokenizer_err(e: TokenizerError) -> PlanError {
+    match e {
+        TokenizerError::Config(c) => PlanError::Config(c),
+        other => PlanError::Inputs(other.to_string()),
+    }
 }
 
 /// A planning error at `key_path` of the config.
@@ -80,11 +131,22 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     check_architectures(&models, opts.allow_crimes)?;
     // `out_dtype: fp8` in the YAML is `--keep-fp8`.
     let fp8_out = cfg.out_dtype.as_ref().filter(|d| d.value.is_fp8());
+    let vocab = match &cfg.tokenizer {
+        Some(settings) => Some(plan_vocabulary(
+            cfg,
+            opts,
+            settings,
+            &models,
+            tokenizer_ref.as_ref(),
+        )?),
+        None => None,
+    };
     let planner = Planner {
         cfg,
         method,
         models,
         keep_fp8: opts.keep_fp8 || fp8_out.is_some(),
+        vocab,
     };
     let slices = planner.normalize()?;
     for s in &slices {

@@ -3,7 +3,7 @@
 //! folder, the dtype and layer count written into config.json, and the text of
 //! the model card.
 
-use super::build::{cfg_err, PlanOptions, Planner};
+use super::build::{PlanOptions, Planner};
 use super::models::locate;
 use super::slices::Slice;
 use super::{OutputMeta, PlanError};
@@ -24,22 +24,14 @@ impl Planner<'_> {
             .as_ref()
             .map(|b| self.index_of(b))
             .unwrap_or(0);
-        let tokenizer_dir = match cfg.tokenizer_source.as_ref().map(|t| (&t.value, t.span)) {
-            Some((TokenizerSource::Base, span)) => {
-                let base = cfg
-                    .base_model
-                    .as_ref()
-                    .map(|b| self.index_of(b))
-                    .ok_or_else(|| {
-                        cfg_err(
-                            cfg,
-                            "tokenizer_source",
-                            Some(span),
-                            "tokenizer_source: base needs a base_model".into(),
-                        )
-                    })?;
-                self.models[base].location.clone()
-            }
+        let tokenizer_dir = match cfg
+            .tokenizer
+            .as_ref()
+            .map(|t| (&t.source.value, t.source.span))
+        {
+            // Without a base_model, the first model is the base of the
+            // vocabulary, as in mergekit's build_tokenizer.
+            Some((TokenizerSource::Base, _)) => self.models[config_donor].location.clone(),
             _ => match tokenizer_ref {
                 // A tokenizer source need not be one of the merged models.
                 Some((r, span)) => match self.models.iter().find(|m| m.reference == r) {
@@ -64,8 +56,25 @@ impl Planner<'_> {
             }
             ModelInputs::Models(_) => None,
         };
+        let (tokenizer_files, vocab_size) = match &self.vocab {
+            Some(v) => {
+                let template = cfg
+                    .chat_template
+                    .as_ref()
+                    .map(|t| crate::output::resolve_chat_template(&t.value))
+                    .transpose()
+                    .map_err(|e| PlanError::Inputs(format!("chat_template: {e}")))?;
+                let files = v
+                    .output_files(template.as_deref())
+                    .map_err(super::build::tokenizer_err)?;
+                (files, Some(v.rows()))
+            }
+            None => (Vec::new(), None),
+        };
         let spec = self.method.spec();
         Ok(OutputMeta {
+            tokenizer_files,
+            vocab_size,
             config_dir: self.models[config_donor].location.clone(),
             tokenizer_dir,
             // FP8 checkpoints keep a float torch_dtype (the compute dtype) next

@@ -49,6 +49,15 @@ pub struct OutputMeta {
     /// Layer-count key and value to write (slices configs).
     pub layers: Option<(String, u64)>,
     pub chat_template: Option<String>,
+    /// With a tokenizer setting: the output tokenizer files (name, text) from
+    /// [`crate::tokenizer::Vocabulary::output_files`], written instead of
+    /// copying `tokenizer_dir`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokenizer_files: Vec<(String, String)>,
+    /// With a tokenizer setting: config.json's vocabulary size (the embedding
+    /// rows, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<u64>,
     /// FP8 inputs were dequantized: config.json loses its `quantization_config`.
     #[serde(default)]
     pub dequantized: bool,

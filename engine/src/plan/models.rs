@@ -70,7 +70,11 @@ pub(super) fn model_references(cfg: &MergeConfig) -> (Vec<Mention>, Option<(Mode
     for (span, r, key) in entries {
         add(&r, key, span);
     }
-    let tokenizer = match cfg.tokenizer_source.as_ref().map(|t| (&t.value, t.span)) {
+    let tokenizer = match cfg
+        .tokenizer
+        .as_ref()
+        .map(|t| (&t.source.value, t.source.span))
+    {
         Some((TokenizerSource::Model(r), span)) => Some((r.clone(), span)),
         _ => None,
     };

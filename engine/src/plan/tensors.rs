@@ -3,15 +3,18 @@
 //! after it. For each: the input tensor of every source (a tied output head
 //! falls back to the input embedding), the block scales of FP8 inputs, the
 //! shape and dtype checks, and what produces it (a merge, or the copy of a
-//! non-float buffer). With `--keep-fp8`, a block-scaled weight becomes two
+//! non-float buffer). With a tokenizer setting, a vocabulary tensor (input
+//! embedding, output head) has the output vocabulary's rows and the alignment
+//! of its inputs' rows. With `--keep-fp8`, a block-scaled weight becomes two
 //! outputs: the weight in E4M3 and, right after it, its fresh scales.
 
-use super::build::Planner;
+use super::build::{tokenizer_err, Planner};
 use super::layout::TIED_HEADS;
 use super::slices::Slice;
 use super::PlanError;
 use crate::dtype::DType;
-use crate::unit::{OutputTensor, Requant, TensorOp, TensorParams, TensorRef};
+use crate::tokenizer::Vocabulary;
+use crate::unit::{OutputTensor, Requant, TensorOp, TensorParams, TensorRef, VocabAlignment};
 use std::collections::{BTreeSet, HashSet};
 
 impl Planner<'_> {
@@ -185,7 +188,18 @@ impl Planner<'_> {
         }
         let scales = self.block_scales(s, name, &refs)?;
         let first = &refs[0];
-        if let Some(bad) = refs.iter().find(|r| r.shape != first.shape) {
+        let vocab = match &self.vocab {
+            Some(v) if self.is_vocab_tensor(s, name, inputs) => {
+                Some(self.vocab_alignment(v, name, &refs)?)
+            }
+            _ => None,
+        };
+        let same_shape = |a: &[u64], b: &[u64]| match &vocab {
+            // Rows follow each input's vocabulary; the rest must agree.
+            Some(_) => a.len() == b.len() && a.get(1..) == b.get(1..),
+            None => a == b,
+        };
+        if let Some(bad) = refs.iter().find(|r| !same_shape(&r.shape, &first.shape)) {
             let hint = if name.contains("embed") || TIED_HEADS.contains(&name) {
                 " (the vocabularies differ: merge models that share a tokenizer, or crop them \
                  to a common vocabulary first)"
@@ -242,10 +256,14 @@ impl Planner<'_> {
         } else {
             TensorParams::default()
         };
+        let mut shape = first.shape.clone();
+        if let Some(a) = &vocab {
+            shape[0] = a.rows;
+        }
         Ok(OutputTensor {
             name: name.to_string(),
             dtype,
-            shape: first.shape.clone(),
+            shape,
             op,
             inputs: refs,
             base,
@@ -255,12 +273,47 @@ impl Planner<'_> {
                 .any(Option::is_some)
                 .then(|| self.block_size(s)),
             requant: None,
+            vocab,
             scales: if scales.iter().any(Option::is_some) {
                 scales
             } else {
                 Vec::new()
             },
         })
+    }
+
+    /// Whether output tensor `name` (from `inputs[j]` of source j) has the
+    /// vocabulary on its rows: an input embedding, or an output head (a tied
+    /// head reads the embedding).
+    fn is_vocab_tensor(&self, s: &Slice, name: &str, inputs: &[String]) -> bool {
+        TIED_HEADS.contains(&name)
+            || s.sources.iter().zip(inputs).any(|(src, input)| {
+                self.models[src.model].layout.tied_embedding() == Some(input.as_str())
+            })
+    }
+
+    /// The re-indexing of a vocabulary tensor's inputs into the output vocabulary.
+    fn vocab_alignment(
+        &self,
+        v: &Vocabulary,
+        name: &str,
+        refs: &[TensorRef],
+    ) -> Result<VocabAlignment, PlanError> {
+        if let Some(r) = refs.iter().find(|r| r.shape.is_empty()) {
+            return Err(PlanError::Inputs(format!(
+                "{name}: {} in {} is a scalar, not a vocabulary tensor",
+                r.name, self.models[r.model].reference
+            )));
+        }
+        let models: Vec<usize> = refs.iter().map(|r| r.model).collect();
+        let rows: Vec<u64> = refs.iter().map(|r| r.shape[0]).collect();
+        let base = self
+            .cfg
+            .base_model
+            .as_ref()
+            .and_then(|b| self.models.iter().position(|m| m.reference == b.value));
+        v.alignment(&models, base, &rows)
+            .map_err(|e| PlanError::Inputs(format!("{name}: {}", tokenizer_err(e))))
     }
 
     /// `quantization_config.weight_block_size` of the slice's first model

@@ -201,6 +201,106 @@ base_model: models/llama-base
 }
 
 #[test]
+fn tokenizer_source_base_without_a_base_model_takes_the_first_model() {
+    for (first, second) in [("tok-chatml", "tok-base"), ("tok-base", "tok-chatml")] {
+        let yaml = format!(
+            "
+models:
+  - model: models/{first}
+    parameters: {{weight: 1}}
+  - model: models/{second}
+    parameters: {{weight: 1}}
+merge_method: linear
+tokenizer_source: base
+"
+        );
+        let p = plan_yaml(&yaml).unwrap();
+        assert!(
+            p.output.tokenizer_dir.ends_with(first),
+            "{}",
+            p.output.tokenizer_dir
+        );
+    }
+    // As in mergekit, the vocabulary starts from the base's tokenizer: a base
+    // without one is an error naming the file.
+    let yaml = "
+models:
+  - model: models/llama-ft-b
+    parameters: {weight: 1}
+  - model: models/llama-ft-a
+    parameters: {weight: 1}
+merge_method: linear
+tokenizer_source: base
+";
+    let err = plan_yaml(yaml).unwrap_err().to_string();
+    assert!(err.contains("llama-ft-b/tokenizer.json"), "{err}");
+}
+
+#[test]
+fn a_tokenizer_setting_aligns_the_vocabulary_tensors() {
+    let yaml = |tok: &str| {
+        format!(
+            "
+models:
+  - model: models/tok-base
+    parameters: {{weight: 1}}
+  - model: models/tok-chatml
+    parameters: {{weight: 1}}
+merge_method: linear
+base_model: models/tok-base
+{tok}"
+        )
+    };
+    // Without one, the row counts 64 and 66 are an error about the vocabularies.
+    let err = plan_yaml(&yaml("")).unwrap_err().to_string();
+    assert!(err.contains("vocabularies differ"), "{err}");
+    let p = plan_yaml(&yaml("tokenizer_source: union\n")).unwrap();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let t = tensor(&p, name);
+        let a = t
+            .vocab
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name} has no alignment"));
+        assert_eq!(t.shape, vec![a.rows, 64], "{name}");
+        assert_eq!(
+            a.rows, 66,
+            "{name}: the base's 64 tokens and the 2 chat tokens"
+        );
+        assert_eq!(a.runs.len(), 2);
+    }
+    assert!(tensor(&p, "model.norm.weight").vocab.is_none());
+    assert_eq!(p.output.vocab_size, Some(66));
+    let names: Vec<&str> = p
+        .output
+        .tokenizer_files
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(names.contains(&"tokenizer.json"), "{names:?}");
+    // Padded to a multiple of 32: the rows grow, the tokens do not.
+    let p = plan_yaml(&yaml(
+        "tokenizer:\n  source: union\n  pad_to_multiple_of: 32\n",
+    ))
+    .unwrap();
+    let a = tensor(&p, "model.embed_tokens.weight")
+        .vocab
+        .clone()
+        .unwrap();
+    assert_eq!((a.tokens, a.rows), (66, 96));
+    assert_eq!(p.output.vocab_size, Some(96));
+    // An override naming a model outside the merge: its key and line.
+    let err = plan_yaml(&yaml(
+        "tokenizer:\n  tokens:\n    x: {source: models/llama-base}\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tokenizer.tokens.x.source") && err.contains("not one of the models"),
+        "{err}"
+    );
+}
+
+#[test]
 fn linear_needs_a_weight_for_an_appended_base() {
     // mergekit 0.1.5: `weight` is resolved for every input of linear, base included.
     let yaml = "

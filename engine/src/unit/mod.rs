@@ -5,11 +5,15 @@
 //! produced. The gRPC lease carries a unit as its JSON (`serde_json`) bytes.
 //!
 //! A unit that comes from elsewhere is checked with [`WorkUnit::validate`]
-//! (`validate`) before anything is read or written.
+//! (`validate`) before anything is read or written. A vocabulary tensor of a
+//! merge with tokenizer settings carries its [`VocabAlignment`] (`vocab`): how
+//! each input's rows are re-indexed into the output vocabulary.
 
 mod validate;
+mod vocab;
 
 pub use validate::{is_shard_file_name, UnitError, MAX_NAME_LEN, MAX_RANK, MAX_UNIT_BYTES};
+pub use vocab::{fill_row, padding_row, Fill, RowFill, RowMean, RowRun, VocabAlignment};
 
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
@@ -68,6 +72,12 @@ pub struct OutputTensor {
     /// (`--keep-fp8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requant: Option<Requant>,
+    /// A vocabulary tensor of a merge with tokenizer settings: how each
+    /// input's rows (axis 0) are re-indexed into the output vocabulary before
+    /// the method runs. The inputs keep their own row counts; every other
+    /// dimension is the output's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<VocabAlignment>,
 }
 
 /// How an FP8 output is produced: the merge of the weight `weight` (of

@@ -360,6 +360,7 @@ fn tensor(
                             scales: if has_scales { scales } else { Vec::new() },
                             block: has_scales.then_some(block),
                             requant: requant.clone(),
+                            vocab: None,
                         }
                     })
                 },

@@ -10,7 +10,7 @@
 //! (an index into the plan's model list, which a unit does not carry and nothing
 //! downstream uses).
 
-use super::{OutputTensor, ParamValue, TensorOp, TensorRef, WorkUnit, PLAN_FORMAT};
+use super::{OutputTensor, ParamValue, TensorOp, TensorRef, VocabAlignment, WorkUnit, PLAN_FORMAT};
 use crate::dtype::DType;
 use crate::methods::{self, BasePolicy, ParamKind, Scope};
 use std::collections::HashSet;
@@ -213,6 +213,13 @@ impl Checker<'_> {
         let per_input = t.params.per_input.len();
         match t.op {
             TensorOp::CopyIdentical => {
+                if t.vocab.is_some() {
+                    return Err(self.err(
+                        Some(name),
+                        "vocab",
+                        "a copied tensor is not re-indexed (vocabulary tensors are merged)".into(),
+                    ));
+                }
                 for (i, r) in t.inputs.iter().enumerate() {
                     if r.dtype != t.dtype || r.shape != t.shape {
                         return Err(self.err(
@@ -244,6 +251,33 @@ impl Checker<'_> {
             TensorOp::Merge => self.merge(method, t)?,
         }
         Ok(out_bytes)
+    }
+
+    /// A vocabulary tensor's alignment: a merged, unquantized tensor whose
+    /// rows are the alignment's, with runs and fills inside every input.
+    fn vocab(&self, t: &OutputTensor, v: &VocabAlignment) -> Result<(), UnitError> {
+        let name = t.name.as_str();
+        if t.requant.is_some() || !t.scales.is_empty() {
+            return Err(self.err(
+                Some(name),
+                "vocab",
+                "a re-indexed vocabulary tensor is neither re-quantized nor block-scaled".into(),
+            ));
+        }
+        if t.shape.first() != Some(&v.rows) {
+            return Err(self.err(
+                Some(name),
+                "vocab.rows",
+                format!("{} rows, but the tensor's shape is {:?}", v.rows, t.shape),
+            ));
+        }
+        let rows: Vec<u64> = t
+            .inputs
+            .iter()
+            .map(|r| r.shape.first().copied().unwrap_or(0))
+            .collect();
+        v.validate(&rows)
+            .map_err(|m| self.err(Some(name), "vocab", m))
     }
 
     fn merge(&self, method: &dyn methods::MergeMethod, t: &OutputTensor) -> Result<(), UnitError> {
@@ -308,6 +342,9 @@ impl Checker<'_> {
                 &rq.weight_shape
             }
         };
+        if let Some(v) = &t.vocab {
+            self.vocab(t, v)?;
+        }
         for (i, r) in t.inputs.iter().enumerate() {
             if !(r.dtype.is_float() || r.dtype.is_fp8()) {
                 return Err(self.err(
@@ -316,7 +353,20 @@ impl Checker<'_> {
                     format!("{}: merged inputs are floating-point", r.dtype),
                 ));
             }
-            if r.shape != merged_shape {
+            if t.vocab.is_some() {
+                // Rows checked with the alignment; the rest is the output's.
+                if r.shape.len() != merged_shape.len() || r.shape[1..] != merged_shape[1..] {
+                    return Err(self.err(
+                        Some(name),
+                        &format!("inputs[{i}].shape"),
+                        format!(
+                            "{:?}, but the re-indexed rows of the tensor are {:?}",
+                            r.shape,
+                            &merged_shape[1..]
+                        ),
+                    ));
+                }
+            } else if r.shape != merged_shape {
                 return Err(self.err(
                     Some(name),
                     &format!("inputs[{i}].shape"),
@@ -644,6 +694,91 @@ mod tests {
             if !matches!(what, "format" | "file_name" | "method") {
                 assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
             }
+        }
+    }
+
+    /// A vocabulary tensor's alignment is checked against the tensor and its
+    /// inputs: inputs keep their own row counts, every other rule still holds.
+    #[test]
+    fn vocab_alignments_are_checked() {
+        use crate::unit::{Fill, RowFill, RowRun, VocabAlignment};
+        let mut base = ties_unit();
+        let i = base
+            .tensors
+            .iter()
+            .position(|t| t.shape.len() == 2)
+            .expect("a 2-D tensor");
+        base.tensors.swap(0, i);
+        let t = &mut base.tensors[0];
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let width = t.inputs[0].len / rows;
+        // Input 0 loses its last row (filled from input 1); output has one
+        // padding row more.
+        t.inputs[0].shape = vec![rows - 1, cols];
+        t.inputs[0].len -= width;
+        t.shape = vec![rows + 1, cols];
+        let n = t.inputs.len();
+        let mut runs = vec![
+            vec![RowRun {
+                out: 0,
+                src: 0,
+                len: rows
+            }];
+            n
+        ];
+        runs[0] = vec![RowRun {
+            out: 0,
+            src: 0,
+            len: rows - 1,
+        }];
+        t.vocab = Some(VocabAlignment {
+            rows: rows + 1,
+            tokens: rows,
+            runs,
+            fills: vec![RowFill {
+                row: rows - 1,
+                fill: Fill::Row {
+                    input: 1,
+                    row: rows - 1,
+                },
+            }],
+        });
+        base.validate().unwrap();
+        type Mutation = fn(&mut WorkUnit);
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            ("rows", "vocab.rows", |u| {
+                u.tensors[0].vocab.as_mut().unwrap().rows += 1
+            }),
+            ("run past input", "vocab", |u| {
+                u.tensors[0].vocab.as_mut().unwrap().runs[0][0].len += 1
+            }),
+            ("hole", "neither copied nor filled", |u| {
+                u.tensors[0].vocab.as_mut().unwrap().fills.clear()
+            }),
+            ("fill source", "which has", |u| {
+                u.tensors[0].vocab.as_mut().unwrap().fills[0].fill = Fill::Row {
+                    input: 0,
+                    row: 1 << 40,
+                }
+            }),
+            ("row maps", "row maps", |u| {
+                u.tensors[0].vocab.as_mut().unwrap().runs.pop();
+            }),
+            ("columns", "inputs[1].shape", |u| {
+                let r = &mut u.tensors[0].inputs[1];
+                r.shape[1] /= 2;
+                r.shape[0] *= 2;
+            }),
+            ("copy", "re-indexed", |u| {
+                u.tensors[0].op = TensorOp::CopyIdentical;
+            }),
+        ];
+        for (what, expect, mutate) in cases {
+            let mut u = base.clone();
+            mutate(&mut u);
+            let e = u.validate().expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
         }
     }
 

@@ -17,6 +17,7 @@ use std::fmt;
 use std::path::Path;
 
 use super::params::ParamSetting;
+use super::tokenizer::TokenizerConfig;
 use super::{ConfigError, Spanned};
 use crate::dtype::DType;
 use crate::yaml::{Node, Span};
@@ -36,7 +37,8 @@ pub struct MergeConfig {
     pub parameters: Params,
     pub dtype: Option<Spanned<DType>>,
     pub out_dtype: Option<Spanned<DType>>,
-    pub tokenizer_source: Option<Spanned<TokenizerSource>>,
+    /// `tokenizer_source:` or `tokenizer:` (see [`crate::config::tokenizer`]).
+    pub tokenizer: Option<TokenizerConfig>,
     pub chat_template: Option<Spanned<String>>,
 }
 
@@ -113,13 +115,6 @@ impl fmt::Display for ModelRef {
             _ => f.write_str(&self.path),
         }
     }
-}
-
-/// Where the output tokenizer comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenizerSource {
-    Base,
-    Model(ModelRef),
 }
 
 impl MergeConfig {

@@ -150,17 +150,19 @@ impl Reader<'_> {
             Some(n) => self.string(n, "merge_method")?,
             None => return Err(self.missing(&top, "merge_method", "e.g. `merge_method: linear`")),
         };
-        let tokenizer_source = self.tokenizer_settings(&top)?;
+        let base_model = self.optional_model(&top, "base_model")?;
+        let inputs = self.inputs(&top)?;
+        let tokenizer = self.tokenizer_settings(&top, base_model.as_ref(), &inputs)?;
         Ok(MergeConfig {
             file: self.file.to_string(),
             source: source.to_string(),
             merge_method,
-            base_model: self.optional_model(&top, "base_model")?,
-            inputs: self.inputs(&top)?,
+            base_model,
+            inputs,
             parameters: self.params(top.get("parameters"), "parameters")?,
             dtype: self.dtype(&top, "dtype")?,
             out_dtype: self.dtype(&top, "out_dtype")?,
-            tokenizer_source,
+            tokenizer,
             chat_template: top
                 .get("chat_template")
                 .map(|n| self.string(n, "chat_template"))

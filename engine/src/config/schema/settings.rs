@@ -1,15 +1,15 @@
 //! The settings around the models: `parameters:` mappings (their names are
 //! checked by the planner, which knows the method), `dtype` and `out_dtype`
 //! (mergekit's names), and the tokenizer (`tokenizer_source:` or
-//! `tokenizer: {source}`).
+//! `tokenizer:`, read by [`crate::config::tokenizer`]).
 
 use super::reader::{join, Fields, Reader};
-use super::{Params, TokenizerSource};
+use super::{ModelInputs, ModelRef, Params};
+use crate::config::tokenizer::{self, TokenizerConfig};
 use crate::config::{ConfigError, ParamSetting, Spanned};
 use crate::dtype::DType;
-use crate::yaml::{key_text, Node, NodeKind};
+use crate::yaml::{key_text, Node};
 
-const TOKENIZER_KEYS: &[&str] = &["source", "tokens", "pad_to_multiple_of"];
 /// mergekit's `dtype_from_name` vocabulary (after stripping `torch.`).
 const MERGEKIT_DTYPES: &[&str] = &["bfloat16", "float16", "float32", "float64", "int64"];
 
@@ -96,87 +96,45 @@ impl Reader<'_> {
         }
     }
 
-    /// `tokenizer_source:` or the `tokenizer:` mapping (mutually exclusive).
+    /// `tokenizer_source:` or the `tokenizer:` mapping (mutually exclusive),
+    /// read by [`crate::config::tokenizer::parse`]; the models its token
+    /// overrides take rows from must be merged ones.
     pub(super) fn tokenizer_settings(
         &self,
         top: &Fields,
-    ) -> Result<Option<Spanned<TokenizerSource>>, ConfigError> {
-        let legacy = top.get("tokenizer_source");
-        let modern = top.get("tokenizer");
-        if let (Some(_), Some(t)) = (legacy, modern) {
-            let span = top.entry("tokenizer").map_or(t.span, |(k, _)| k.span);
-            return Err(self.err(
-                "tokenizer",
-                span,
-                "Cannot specify both tokenizer_source and tokenizer",
-            ));
-        }
-        if let Some(n) = legacy {
-            return self.tokenizer_source(n, "tokenizer_source").map(Some);
-        }
-        modern.map(|n| self.tokenizer_mapping(n)).transpose()
-    }
-
-    /// `base`, `union` (not supported) or a model reference.
-    fn tokenizer_source(
-        &self,
-        node: &Node,
-        key_path: &str,
-    ) -> Result<Spanned<TokenizerSource>, ConfigError> {
-        let source = match node.as_str() {
-            Some("base") => TokenizerSource::Base,
-            Some("union") => {
-                return Err(self.err(
-                    key_path,
-                    node.span,
-                    "union is not supported yet; use base or a model path",
-                ))
-            }
-            _ => match &node.kind {
-                NodeKind::Str(_) | NodeKind::Map(_) => {
-                    TokenizerSource::Model(self.model_ref(node, key_path)?.value)
-                }
-                _ => return Err(self.expected(key_path, node, "`base` or a model path")),
-            },
+        base_model: Option<&Spanned<ModelRef>>,
+        inputs: &ModelInputs,
+    ) -> Result<Option<TokenizerConfig>, ConfigError> {
+        let model_ref = |node: &Node, key_path: &str| self.model_ref(node, key_path);
+        let Some(t) = tokenizer::parse(
+            self.file,
+            top.entry("tokenizer_source"),
+            top.entry("tokenizer"),
+            &model_ref,
+        )?
+        else {
+            return Ok(None);
         };
-        Ok(Spanned::new(source, node.span))
-    }
-
-    /// `tokenizer: {source: base|MODEL}`; the rest of mergekit's tokenizer
-    /// building is not implemented.
-    fn tokenizer_mapping(&self, node: &Node) -> Result<Spanned<TokenizerSource>, ConfigError> {
-        let f = self.fields(
-            node,
-            "tokenizer",
-            TOKENIZER_KEYS,
-            "a mapping with `source:`",
-        )?;
-        for unsupported in ["tokens", "pad_to_multiple_of"] {
-            if let Some(n) = f.get(unsupported) {
-                return Err(self.err(
-                    &f.path(unsupported),
-                    n.span,
-                    format!("`tokenizer.{unsupported}` is not supported yet"),
-                ));
+        let mut merged: Vec<&ModelRef> = base_model.map(|b| &b.value).into_iter().collect();
+        match inputs {
+            ModelInputs::Models(models) => merged.extend(models.iter().map(|m| &m.model.value)),
+            ModelInputs::Slices(slices) => {
+                for s in slices {
+                    merged.extend(s.base_model.as_ref().map(|b| &b.value));
+                    merged.extend(s.sources.iter().map(|src| &src.model.value));
+                }
             }
         }
-        match f.get("source") {
-            Some(n) => self.tokenizer_source(n, &f.path("source")),
-            // mergekit's default source is `union`.
-            None => Err(self.err(
-                "tokenizer.source",
-                f.span,
-                "without `source`, mergekit builds a union tokenizer, which is not supported \
-                 yet; set `source: base` or a model path",
-            )),
-        }
+        t.check_models(self.file, &merged)?;
+        Ok(Some(t))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{fails, mref, parse};
-    use super::super::{MergeConfig, TokenizerSource};
+    use super::super::MergeConfig;
+    use crate::config::TokenizerSource;
     use crate::dtype::DType;
 
     #[test]
@@ -224,64 +182,62 @@ mod tests {
 
     #[test]
     fn tokenizer_settings() {
-        let base = "merge_method: linear\nmodels:\n  - model: a\n";
-        let c = parse(&format!("{base}tokenizer_source: base\n"));
+        let base = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n";
+        let source = |yaml: &str| {
+            parse(yaml)
+                .tokenizer
+                .map(|t| (t.source.value, t.source_key))
+        };
         assert_eq!(
-            c.tokenizer_source.map(|t| t.value),
-            Some(TokenizerSource::Base)
+            source(&format!("{base}tokenizer_source: base\n")),
+            Some((TokenizerSource::Base, "tokenizer_source".to_string()))
         );
-        let c = parse(&format!("{base}tokenizer_source: org/tok\n"));
         assert_eq!(
-            c.tokenizer_source.map(|t| t.value),
+            source(&format!("{base}tokenizer_source: union\n")),
+            Some((TokenizerSource::Union, "tokenizer_source".to_string()))
+        );
+        assert_eq!(
+            source(&format!("{base}tokenizer_source: org/tok\n")).map(|s| s.0),
             Some(TokenizerSource::Model(mref("org/tok", None)))
         );
-        let c = parse(&format!("{base}tokenizer:\n  source: base\n"));
-        let t = c.tokenizer_source.expect("tokenizer source set");
-        assert_eq!(t.value, TokenizerSource::Base);
-        assert_eq!(t.span.line, 5);
-        let c = parse(&format!("{base}tokenizer: {{source: ./m}}\n"));
-        assert_eq!(
-            c.tokenizer_source.map(|t| t.value),
-            Some(TokenizerSource::Model(mref("./m", None)))
-        );
+        let c = parse(&format!(
+            "{base}tokenizer:\n  source: base\n  pad_to_multiple_of: 8\n  tokens:\n    x: {{source: b}}\n"
+        ));
+        let t = c.tokenizer.expect("tokenizer settings");
+        assert_eq!(t.source.value, TokenizerSource::Base);
+        assert_eq!(t.source.span.line, 6);
+        assert_eq!(t.pad_to_multiple_of.map(|p| p.value), Some(8));
+        assert_eq!(t.tokens.len(), 1);
+        assert!(parse(&format!("{base}tokenizer_source:\n"))
+            .tokenizer
+            .is_none());
+        // An override's model must be merged (a slice source counts).
         let m = fails(
-            &format!("{base}tokenizer_source: union\n"),
-            "tokenizer_source",
-            4,
-        );
-        assert_eq!(m, "union is not supported yet; use base or a model path");
-        let m = fails(
-            &format!("{base}tokenizer: {{source: union}}\n"),
-            "tokenizer.source",
-            4,
-        );
-        assert!(m.contains("union is not supported yet"), "{m}");
-        let m = fails(
-            &format!("{base}tokenizer:\n  pad_to_multiple_of: 64\n  source: base\n"),
-            "tokenizer.pad_to_multiple_of",
-            5,
-        );
-        assert!(m.contains("not supported yet"), "{m}");
-        let m = fails(
-            &format!("{base}tokenizer:\n  source: base\n  tokens:\n    x: {{source: a}}\n"),
-            "tokenizer.tokens",
+            &format!("{base}tokenizer:\n  tokens:\n    x: {{source: c}}\n"),
+            "tokenizer.tokens.x.source",
             7,
         );
-        assert!(m.contains("not supported yet"), "{m}");
-        let m = fails(&format!("{base}tokenizer: {{}}\n"), "tokenizer.source", 4);
-        assert!(m.contains("union"), "{m}");
+        assert!(
+            m.contains("'c' is not one of the models of this merge"),
+            "{m}"
+        );
+        let slices = "merge_method: passthrough\nslices:\n  - sources:\n      - model: s\n        layer_range: [0, 2]\n";
+        assert!(parse(&format!(
+            "{slices}tokenizer:\n  tokens:\n    x: {{source: s}}\n"
+        ))
+        .tokenizer
+        .is_some());
         let m = fails(
             &format!("{base}tokenizer_source: base\ntokenizer:\n  source: base\n"),
             "tokenizer",
-            5,
+            6,
         );
         assert_eq!(m, "Cannot specify both tokenizer_source and tokenizer");
-        let m = fails(
+        fails(
             &format!("{base}tokenizer_source: [a]\n"),
             "tokenizer_source",
-            4,
+            5,
         );
-        assert!(m.contains("expected `base` or a model path"), "{m}");
     }
 
     #[test]
