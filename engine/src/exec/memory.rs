@@ -9,6 +9,9 @@
 //! be merging a tensor of the window at once. A streamed tensor holds one
 //! segment of its inputs and two of its output instead of the whole tensor; a
 //! vocabulary tensor is never streamed, and holds its re-indexed inputs too.
+//! An adapted input's LoRA factors count as inputs (read whole, also when its
+//! tensor is streamed), decoded to f32 as working memory, and each thread
+//! holds the delta of a chunk.
 
 use super::{read, stream, ExecLimits};
 use crate::methods;
@@ -61,8 +64,9 @@ pub fn estimate(
     let input_bytes = |w: &std::ops::Range<usize>| -> u64 {
         if let Some((t, elements)) = segment(w) {
             let per_element: u64 = t.inputs.iter().map(|r| r.dtype.size() as u64).sum();
-            let scales: u64 = t.scales.iter().flatten().map(|r| r.len).sum();
-            return elements * per_element + scales;
+            // Block scales and LoRA factors are read whole.
+            let side: u64 = t.side_refs().map(|r| r.len).sum();
+            return elements * per_element + side;
         }
         unit.tensors[w.clone()]
             .iter()
@@ -95,8 +99,16 @@ pub fn estimate(
         .map(|t| t.inputs.len())
         .max()
         .unwrap_or(0) as u64;
-    // Chunk scratch: every input, the output and a few method buffers per input.
-    let scratch = threads * (2 * max_inputs + 4) * methods::chunked::CHUNK as u64 * 4;
+    // Chunk scratch: every input, the output and a few method buffers per
+    // input; with a LoRA adapter, the delta's product (and a second one for
+    // ranks summed in blocks).
+    let adapted = unit
+        .tensors
+        .iter()
+        .any(|t| t.inputs.iter().any(|r| r.lora.is_some()));
+    let lora_scratch = if adapted { 2 } else { 0 };
+    let scratch =
+        threads * (2 * max_inputs + 4 + lora_scratch) * methods::chunked::CHUNK as u64 * 4;
     // Per-tensor working memory: the largest `threads` tensors of a window may
     // be merged at once.
     let per_tensor = windows
@@ -113,6 +125,7 @@ pub fn estimate(
                     method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()))
                         + requant
                         + aligned_bytes(t)
+                        + lora_bytes(t)
                 })
                 .collect();
             m.sort_unstable_by(|a, b| b.cmp(a));
@@ -130,7 +143,7 @@ pub fn estimate(
 
 /// What re-indexing a vocabulary tensor's inputs holds at its peak: every
 /// input decoded to f32, its aligned f32 rows, and the aligned rows encoded in
-/// its dtype (none for other tensors).
+/// its dtype (f32 for an adapted input; none for other tensors).
 fn aligned_bytes(t: &crate::unit::OutputTensor) -> u64 {
     if t.vocab.is_none() {
         return 0;
@@ -140,7 +153,23 @@ fn aligned_bytes(t: &crate::unit::OutputTensor) -> u64 {
         .iter()
         .map(|r| {
             let elements = r.len / r.dtype.size() as u64;
-            4 * elements + (4 + r.dtype.size() as u64) * t.numel().max(row_elements)
+            let encoded = if r.lora.is_some() { 4 } else { r.dtype.size() as u64 };
+            4 * elements + (4 + encoded) * t.numel().max(row_elements)
+        })
+        .sum()
+}
+
+/// The LoRA factors of a tensor's adapted inputs, decoded to f32 while it is
+/// merged.
+fn lora_bytes(t: &crate::unit::OutputTensor) -> u64 {
+    t.inputs
+        .iter()
+        .filter_map(|r| r.lora.as_deref())
+        .map(|l| {
+            methods::lora::LoraFactors::decoded_bytes(
+                l.a.shape.iter().product(),
+                l.b.shape.iter().product(),
+            )
         })
         .sum()
 }
@@ -346,6 +375,7 @@ mod tests {
                             name: name.into(),
                             dtype: DType::BF16,
                             shape: vec![numel],
+                            lora: None,
                             offset: 0,
                             len: numel * 2,
                         })

@@ -262,6 +262,7 @@ mod tests {
                     len,
                     dtype: DType::BF16,
                     shape: vec![len / 2],
+                    lora: None,
                 })
                 .collect(),
             base: None,

@@ -201,6 +201,7 @@ mod tests {
                 len: numel * 2,
                 dtype: DType::BF16,
                 shape: vec![numel],
+                lora: None,
             }],
             base: None,
             params: Default::default(),

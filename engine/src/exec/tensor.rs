@@ -2,11 +2,14 @@
 //! model holds the same), or merged by the unit's method — on the device when
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
-//! scales ([`requantize`]). A vocabulary tensor's inputs are first re-indexed
-//! into the output vocabulary by the unit's alignment (`aligned_inputs`).
+//! scales ([`requantize`]). An adapted input's LoRA factors are decoded once
+//! per tensor (`lora_factors`) and its delta added to each decoded chunk. A
+//! vocabulary tensor's inputs are first re-indexed into the output vocabulary
+//! by the unit's alignment (`aligned_inputs`), adapted before.
 
 use super::{Device, ExecError};
 use crate::dtype::DType;
+use crate::methods::lora::{Factor, LoraFactors};
 use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
 use crate::unit::{OutputTensor, TensorOp, WorkUnit};
 use rayon::prelude::*;
@@ -59,26 +62,34 @@ pub(super) fn compute(
             Ok(())
         }
         TensorOp::Merge => {
-            // `inputs` holds the inputs, then the scales of the block-scaled ones.
+            // `inputs` holds the inputs, then the scales of the block-scaled
+            // ones, then the LoRA factors (A, B) of the adapted ones.
             let n = t.inputs.len();
+            let (own, side) = inputs.split_at(n.min(inputs.len()));
+            let n_scales = t.scales.iter().flatten().count();
+            let (scale_bytes, lora_bytes) = side.split_at(n_scales.min(side.len()));
+            let factors = lora_factors(t, lora_bytes);
             // A vocabulary tensor merges its inputs re-indexed into the
-            // output rows (validated units carry no scales with it).
+            // output rows (validated units carry no scales with it), adapted
+            // first.
             let aligned = t
                 .vocab
                 .as_ref()
-                .map(|v| aligned_inputs(t, v, &inputs[..n.min(inputs.len())]));
-            let aligned_refs: Vec<&[u8]>;
-            let inputs = match &aligned {
-                Some(a) => {
-                    aligned_refs = a.iter().map(Vec::as_slice).collect();
-                    &aligned_refs[..]
-                }
-                None => inputs,
-            };
-            let mut scale_bytes = inputs[n.min(inputs.len())..].iter();
+                .map(|v| aligned_inputs(t, v, own, &factors));
+            let mut scale_bytes = scale_bytes.iter();
             let block = t.block.unwrap_or([128, 128]);
             let mut views = Vec::with_capacity(n);
-            for (i, (r, b)) in t.inputs.iter().zip(inputs).enumerate() {
+            for (i, r) in t.inputs.iter().enumerate() {
+                if let Some(a) = &aligned {
+                    let (bytes, dtype) = &a[i];
+                    views.push(TensorView {
+                        dtype: *dtype,
+                        bytes,
+                        scale: None,
+                        lora: None,
+                    });
+                    continue;
+                }
                 let scale = match t.scales.get(i) {
                     Some(Some(sr)) => Some(BlockScale {
                         dtype: sr.dtype,
@@ -92,8 +103,9 @@ pub(super) fn compute(
                 };
                 views.push(TensorView {
                     dtype: r.dtype,
-                    bytes: b,
+                    bytes: own.get(i).copied().unwrap_or_default(),
                     scale,
+                    lora: factors[i].as_ref().map(LoraFactors::delta),
                 });
             }
             // A re-quantized FP8 output merges as its weight (name and shape
@@ -140,23 +152,57 @@ pub(super) fn compute(
     }
 }
 
+/// The LoRA factors of each input of `t` (`None` for an input without an
+/// adapter), decoded from `bytes` (A then B of each adapted input, in input
+/// order).
+fn lora_factors(t: &OutputTensor, bytes: &[&[u8]]) -> Vec<Option<LoraFactors>> {
+    let mut bytes = bytes.iter();
+    t.inputs
+        .iter()
+        .map(|r| {
+            let l = r.lora.as_deref()?;
+            let mut factor = |f: &crate::unit::TensorRef| Factor {
+                dtype: f.dtype,
+                bytes: bytes.next().copied().unwrap_or_default(),
+                shape: [
+                    f.shape.first().copied().unwrap_or(0) as usize,
+                    f.shape.get(1).copied().unwrap_or(0) as usize,
+                ],
+            };
+            let (a, b) = (factor(&l.a), factor(&l.b));
+            Some(LoraFactors::decode(&a, &b, l.scale, l.transposed))
+        })
+        .collect()
+}
+
 /// The inputs of a vocabulary tensor re-indexed by its alignment: each input's
-/// rows decoded to f32, placed (copied, filled, padded) as `v` says, and
-/// encoded back in the input's dtype, as mergekit fills a tensor of the
-/// input's dtype before the merge. Each result has the output's shape.
+/// rows decoded to f32 (an adapted input's delta added), placed (copied,
+/// filled, padded) as `v` says, and encoded back in the input's dtype, as
+/// mergekit fills a tensor of the input's dtype before the merge; an adapted
+/// input stays f32 (the adapter is folded in f32, never rounded before the
+/// merge). Each result has the output's shape.
 fn aligned_inputs(
     t: &OutputTensor,
     v: &crate::unit::VocabAlignment,
     inputs: &[&[u8]],
-) -> Vec<Vec<u8>> {
+    factors: &[Option<LoraFactors>],
+) -> Vec<(Vec<u8>, DType)> {
     let width = t.shape.iter().skip(1).product::<u64>() as usize;
     let decoded: Vec<Vec<f32>> = t
         .inputs
         .iter()
         .zip(inputs)
-        .map(|(r, b)| {
+        .zip(factors)
+        .map(|((r, b), f)| {
             let mut d = vec![0f32; b.len() / r.dtype.size()];
             crate::dtype::decode_f32(r.dtype, b, &mut d);
+            if let Some(f) = f {
+                let delta = f.delta();
+                let chunk = crate::methods::chunked::CHUNK;
+                d.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(i, c)| delta.apply(i * chunk, c));
+            }
             d
         })
         .collect();
@@ -164,10 +210,12 @@ fn aligned_inputs(
     v.align(&rows, width)
         .into_iter()
         .zip(&t.inputs)
-        .map(|(values, r)| {
-            let mut out = vec![0u8; values.len() * r.dtype.size()];
-            crate::dtype::encode_f32(r.dtype, &values, &mut out);
-            out
+        .zip(factors)
+        .map(|((values, r), f)| {
+            let dtype = if f.is_some() { DType::F32 } else { r.dtype };
+            let mut out = vec![0u8; values.len() * dtype.size()];
+            crate::dtype::encode_f32(dtype, &values, &mut out);
+            (out, dtype)
         })
         .collect()
 }

@@ -6,7 +6,7 @@ use super::*;
 use crate::config::MergeConfig;
 use crate::dtype::DType;
 use crate::plan::{plan, PlanOptions, DEFAULT_SHARD_SIZE};
-use crate::unit::TensorOp;
+use crate::unit::{TensorOp, TensorRef};
 use std::path::PathBuf;
 use std::sync::mpsc;
 
@@ -274,6 +274,7 @@ fn check_cost() {
                         len: 128,
                         dtype: DType::BF16,
                         shape: vec![64],
+                        lora: None,
                     })
                     .collect(),
                 base: None,
@@ -308,7 +309,7 @@ fn check_cost() {
 /// streaming is allowed under a tiny window (such a tensor is read whole).
 #[test]
 fn vocabulary_tensors_merge_their_aligned_rows() {
-    use crate::unit::{Fill, ParamValue, RowFill, RowRun, TensorParams, TensorRef, VocabAlignment};
+    use crate::unit::{Fill, ParamValue, RowFill, RowRun, TensorParams, VocabAlignment};
     let dir = tempfile::tempdir().unwrap();
     // Input 0: 3 rows of 2; input 1: 2 rows of 2 (it lacks token 2).
     let rows: [&[f32]; 2] = [&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3.0, 4.0, 7.0, 8.0]];
@@ -334,6 +335,7 @@ fn vocabulary_tensors_merge_their_aligned_rows() {
             len: values.len() as u64 * 4,
             dtype: DType::F32,
             shape: vec![n as u64, 2],
+            lora: None,
         });
     }
     let params = TensorParams {
@@ -411,4 +413,237 @@ fn vocabulary_tensors_merge_their_aligned_rows() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("vocab"), "{e}");
+}
+
+/// Writes a safetensors file of F32 tensors (name, shape, values) and returns
+/// a reference to each, in order.
+fn f32_file(path: &std::path::Path, tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<TensorRef> {
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (name, shape, values) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape,
+                "data_offsets": [at, at + values.len() * 4]}),
+        );
+        at += values.len() * 4;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    let data_start = bytes.len() as u64;
+    let mut refs = Vec::new();
+    let mut offset = data_start;
+    for (name, shape, values) in tensors {
+        for v in values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        refs.push(TensorRef {
+            model: 0,
+            name: name.to_string(),
+            location: path.to_string_lossy().into_owned(),
+            offset,
+            len: values.len() as u64 * 4,
+            dtype: DType::F32,
+            shape: shape.clone(),
+            lora: None,
+        });
+        offset += values.len() as u64 * 4;
+    }
+    std::fs::write(path, bytes).unwrap();
+    refs
+}
+
+/// The F32 values of the last `n` elements of the unit's shard.
+fn shard_tail(out: &str, n: usize) -> Vec<f32> {
+    let bytes = std::fs::read(PathBuf::from(out).join("model.safetensors")).unwrap();
+    bytes[bytes.len() - 4 * n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// An adapted input reads as `W + scale · B·A` (an embedding's, transposed,
+/// also when its rows are re-indexed into an output vocabulary): the same
+/// bits whole, streamed in segments of a few rows, and computed alone (the
+/// coordinator's spot check). Values are exact in f32, so the expected
+/// output is exact too.
+#[test]
+fn adapted_inputs_read_as_their_folded_weights() {
+    use crate::unit::{LoraRef, ParamValue, RowRun, TensorParams, VocabAlignment};
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols, rank) = (40usize, 3usize, 2usize);
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 / 8.0).collect();
+    let other: Vec<f32> = (0..rows * cols).map(|i| (i % 5) as f32).collect();
+    let a: Vec<f32> = (0..rank * cols).map(|i| i as f32 - 2.0).collect();
+    let b: Vec<f32> = (0..rows * rank).map(|i| (i % 7) as f32 * 0.5).collect();
+    // An embedding's factors: A [r, rows], B [cols, r], delta (B·A)ᵀ.
+    let ea: Vec<f32> = (0..rank * rows).map(|i| (i % 3) as f32).collect();
+    let eb: Vec<f32> = (0..cols * rank).map(|i| i as f32 * 0.25).collect();
+    let base = f32_file(
+        &dir.path().join("base.safetensors"),
+        &[
+            ("w", vec![rows as u64, cols as u64], w.clone()),
+            ("embed", vec![rows as u64, cols as u64], w.clone()),
+        ],
+    );
+    let second = f32_file(
+        &dir.path().join("other.safetensors"),
+        &[("w", vec![rows as u64, cols as u64], other.clone())],
+    );
+    let adapter = f32_file(
+        &dir.path().join("adapter_model.safetensors"),
+        &[
+            ("w.lora_A.weight", vec![rank as u64, cols as u64], a.clone()),
+            ("w.lora_B.weight", vec![rows as u64, rank as u64], b.clone()),
+            ("embed.lora_embedding_A", vec![rank as u64, rows as u64], ea.clone()),
+            ("embed.lora_embedding_B", vec![cols as u64, rank as u64], eb.clone()),
+        ],
+    );
+    let scale = 0.5f64;
+    let mut adapted = base[0].clone();
+    adapted.lora = Some(Box::new(LoraRef {
+        a: adapter[0].clone(),
+        b: adapter[1].clone(),
+        scale,
+        transposed: false,
+    }));
+    let mut embed = base[1].clone();
+    embed.lora = Some(Box::new(LoraRef {
+        a: adapter[2].clone(),
+        b: adapter[3].clone(),
+        scale,
+        transposed: true,
+    }));
+    let mut other_ref = second[0].clone();
+    other_ref.model = 1;
+    let params = TensorParams {
+        per_input: vec![[("weight".to_string(), ParamValue::Number(1.0))].into(); 2],
+        ..Default::default()
+    };
+    let tensor = |name: &str, inputs: Vec<TensorRef>, vocab: Option<VocabAlignment>| {
+        let shape = vec![
+            vocab.as_ref().map_or(rows as u64, |v| v.rows),
+            cols as u64,
+        ];
+        OutputTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            op: TensorOp::Merge,
+            inputs,
+            base: None,
+            params: params.clone(),
+            scales: Vec::new(),
+            block: None,
+            requant: None,
+            vocab,
+        }
+    };
+    // The embedding keeps its rows but for a last padding-free row copied
+    // from row 0: re-indexed after the adapter is folded.
+    let vocab = VocabAlignment {
+        rows: rows as u64 + 1,
+        tokens: rows as u64 + 1,
+        runs: vec![
+            vec![
+                RowRun {
+                    out: 0,
+                    src: 0,
+                    len: rows as u64,
+                },
+                RowRun {
+                    out: rows as u64,
+                    src: 0,
+                    len: 1,
+                },
+            ],
+            vec![
+                RowRun {
+                    out: 0,
+                    src: 0,
+                    len: rows as u64,
+                },
+                RowRun {
+                    out: rows as u64,
+                    src: 0,
+                    len: 1,
+                },
+            ],
+        ],
+        fills: Vec::new(),
+    };
+    let mut other_embed = second[0].clone();
+    other_embed.model = 1;
+    let unit = WorkUnit {
+        format: PLAN_FORMAT,
+        id: 0,
+        file_name: "model.safetensors".into(),
+        merge_method: "linear".into(),
+        seed: 0,
+        tensors: vec![
+            tensor("embed", vec![embed, other_embed], Some(vocab)),
+            tensor("w", vec![adapted, other_ref], None),
+        ],
+    };
+    unit.validate().unwrap();
+    // Linear, weights 1 and 1 (normalized): the mean of folded W and `other`.
+    let mut want_w = Vec::new();
+    for i in 0..rows {
+        for j in 0..cols {
+            let p: f32 = (0..rank).map(|k| b[i * rank + k] * a[k * cols + j]).sum();
+            let folded = w[i * cols + j] + p * scale as f32;
+            want_w.push((folded + other[i * cols + j]) / 2.0);
+        }
+    }
+    let mut want_e = Vec::new();
+    for i in (0..rows).chain([0]) {
+        for j in 0..cols {
+            let p: f32 = (0..rank).map(|k| eb[j * rank + k] * ea[k * rows + i]).sum();
+            let folded = w[i * cols + j] + p * scale as f32;
+            want_e.push((folded + other[i * cols + j]) / 2.0);
+        }
+    }
+    let mut shas = Vec::new();
+    for limits in [
+        ExecLimits::default(),
+        // `w` streamed in segments of a few rows (its factors read whole).
+        ExecLimits {
+            window_bytes: 64,
+            read_ahead: false,
+            stream: true,
+        },
+    ] {
+        assert_eq!(limits.streams(&unit.tensors[1]), limits.stream);
+        let (_keep, out) = out_dir();
+        let done = execute_unit_on(&unit, &out, &NoProgress, &limits, &Device::Cpu).unwrap();
+        let got = shard_tail(&out, rows * cols + (rows + 1) * cols);
+        assert_eq!(got[..(rows + 1) * cols], want_e[..], "{limits:?}: embed");
+        assert_eq!(got[(rows + 1) * cols..], want_w[..], "{limits:?}: w");
+        shas.push(done.sha256);
+    }
+    assert_eq!(shas[0], shas[1]);
+    let alone = compute_tensor(&unit, 1).unwrap();
+    let alone: Vec<f32> = alone
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(alone, want_w);
+    // The estimate counts the factors: read, and decoded to f32.
+    let mut plain = unit.clone();
+    for t in &mut plain.tensors {
+        for r in &mut t.inputs {
+            r.lora = None;
+        }
+    }
+    let est = |u: &WorkUnit| memory::estimate(u, "/tmp", &ExecLimits::default(), 1);
+    let factors: u64 = adapter.iter().map(|r| r.len).sum();
+    assert!(est(&unit).inputs >= est(&plain).inputs + factors);
+    assert!(est(&unit).working >= est(&plain).working + factors);
+    // A factor whose reference does not match its file's header is refused.
+    let mut bad = unit.clone();
+    bad.tensors[1].inputs[0].lora.as_mut().unwrap().a.name = "w.lora_B.weight".into();
+    let (_keep, out) = out_dir();
+    let e = execute_unit(&bad, &out, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("w.lora_B.weight"), "{e}");
 }

@@ -52,6 +52,7 @@ fn both(
                 dtype: in_dtype,
                 bytes: b,
                 scale: None,
+                lora: None,
             })
             .collect(),
         base,
@@ -207,6 +208,7 @@ fn emulated_conversions_match_the_cpu_bit_for_bit() {
                 dtype: from,
                 bytes,
                 scale: None,
+                lora: None,
             }],
             base: None,
             params: &p,
@@ -340,6 +342,7 @@ fn emulated_fp8_inputs_match_the_cpu() {
                         block_cols: 128,
                         scale_cols: sc,
                     }),
+                    lora: None,
                 })
                 .collect(),
             base,
@@ -407,6 +410,7 @@ fn the_gpu_path_declines_what_it_does_not_compute() {
         dtype,
         bytes: &v,
         scale: None,
+        lora: None,
     };
     let job = |dtype, base| MergeJob {
         name: "t",

@@ -1,5 +1,6 @@
 //! Chunked execution of merge methods. A tensor is cut into fixed-size chunks of
-//! elements; each chunk of every input is decoded to f32 in per-thread scratch,
+//! elements; each chunk of every input is decoded to f32 in per-thread scratch
+//! (an FP8 weight's block scales and a LoRA adapter's delta applied there),
 //! handed to the method's closure, and the f32 result is encoded straight into the
 //! output bytes. Chunk boundaries depend only on the tensor's size (never on the
 //! thread count), and reductions combine per-chunk partials in chunk order, so
@@ -89,6 +90,9 @@ impl Scratch {
             );
             if let Some(scale) = &view.scale {
                 scale.apply(c.start, &mut buf[..c.len]);
+            }
+            if let Some(lora) = &view.lora {
+                lora.apply(c.start, &mut buf[..c.len]);
             }
         }
     }
@@ -312,6 +316,7 @@ mod tests {
                 dtype: DType::F32,
                 bytes: &bytes,
                 scale: None,
+                lora: None,
             }],
             base: None,
             params: &params,

@@ -215,6 +215,7 @@ mod tests {
                     dtype: DType::F32,
                     bytes: b,
                     scale: None,
+                    lora: None,
                 })
                 .collect(),
             base: None,

@@ -1,6 +1,7 @@
 //! What a method is given to compute one output tensor: the [`MergeJob`]
 //! (name, shape, parameters, seed, and a [`TensorView`] of each input's raw
-//! bytes, with the [`BlockScale`]s of an FP8 weight), the [`OutputView`] it
+//! bytes, with the [`BlockScale`]s of an FP8 weight and the LoRA delta of an
+//! adapted one), the [`OutputView`] it
 //! writes, and, for a tensor too large to hold, the [`Segments`] source it is
 //! streamed through. A [`Chunk`] is what the helpers of [`super::chunked`] hand
 //! a method's closures.
@@ -15,6 +16,9 @@ pub struct TensorView<'a> {
     pub bytes: &'a [u8],
     /// Block scales of an FP8 weight: it is dequantized on read.
     pub scale: Option<BlockScale<'a>>,
+    /// A LoRA adapter: its delta is added to each decoded chunk (after the
+    /// block scales).
+    pub lora: Option<super::lora::LoraDelta<'a>>,
 }
 
 /// The block scales of a 2-D FP8 weight (DeepSeek-V3's `weight_scale_inv`):

@@ -12,6 +12,7 @@ mod gta;
 mod job;
 mod karcher;
 mod linear;
+pub mod lora;
 mod model_stock;
 mod multislerp;
 mod nearswap;

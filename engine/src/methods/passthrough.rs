@@ -41,7 +41,9 @@ impl MergeMethod for Passthrough {
         };
         let scale = job.params.input_f64(0, "scale");
         match scale {
-            None if input.dtype == out.dtype && input.scale.is_none() => chunked::copy(job, 0, out),
+            None if input.dtype == out.dtype && input.scale.is_none() && input.lora.is_none() => {
+                chunked::copy(job, 0, out)
+            }
             _ => {
                 let s = scale.unwrap_or(1.0) as f32;
                 chunked::map(job, out, |_, xs, y| {

@@ -439,6 +439,7 @@ mod tests {
                 dtype: DType::F32,
                 bytes: &bytes,
                 scale: None,
+                lora: None,
             }],
             base: None,
             params: &params,

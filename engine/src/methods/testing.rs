@@ -142,6 +142,7 @@ pub fn run_bytes(
                 dtype: in_dtype,
                 bytes: if segment.is_some() { &[] } else { b },
                 scale: None,
+                lora: None,
             })
             .collect(),
         base,

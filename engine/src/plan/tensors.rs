@@ -184,6 +184,7 @@ impl Planner<'_> {
                 len: loc.info.len,
                 dtype: loc.info.dtype,
                 shape: loc.info.shape.clone(),
+                lora: None,
             });
         }
         let scales = self.block_scales(s, name, &refs)?;
@@ -380,6 +381,7 @@ impl Planner<'_> {
                     len: loc.info.len,
                     dtype: loc.info.dtype,
                     shape: loc.info.shape.clone(),
+                    lora: None,
                 }))
             })
             .collect()

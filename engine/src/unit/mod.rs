@@ -7,7 +7,9 @@
 //! A unit that comes from elsewhere is checked with [`WorkUnit::validate`]
 //! (`validate`) before anything is read or written. A vocabulary tensor of a
 //! merge with tokenizer settings carries its [`VocabAlignment`] (`vocab`): how
-//! each input's rows are re-indexed into the output vocabulary.
+//! each input's rows are re-indexed into the output vocabulary. An input of a
+//! `model+adapter` reference carries its LoRA factors ([`LoraRef`]), added to
+//! its weight on read.
 
 mod validate;
 mod vocab;
@@ -36,6 +38,28 @@ pub struct TensorRef {
     pub len: u64,
     pub dtype: DType,
     pub shape: Vec<u64>,
+    /// A LoRA adapter folded into this (2-D) input on read, in f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Box<LoraRef>>,
+}
+
+/// The LoRA factors of one adapted input, in the adapter's file: the input `W`
+/// is read as `W + scale · B·A` (`transposed`: `W + scale · (B·A)ᵀ`), PEFT's
+/// `get_delta_weight`. `a` is `[r, in]`, `b` is `[out, r]` for a weight
+/// `[out, in]`; transposed (an embedding's `lora_embedding_A/B`, or a
+/// `fan_in_fan_out` layer), `a` is `[r, rows]` and `b` is `[cols, r]` for a
+/// weight `[rows, cols]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraRef {
+    /// `lora_A` (or `lora_embedding_A`).
+    pub a: TensorRef,
+    /// `lora_B` (or `lora_embedding_B`).
+    pub b: TensorRef,
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    /// The delta is `(B·A)ᵀ`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transposed: bool,
 }
 
 /// What produces an output tensor.
@@ -93,9 +117,36 @@ pub struct Requant {
 }
 
 impl OutputTensor {
-    /// Every byte range the tensor reads: the inputs, then their scales.
+    /// Every byte range the tensor reads: the inputs, then [`Self::side_refs`].
     pub fn all_refs(&self) -> impl Iterator<Item = &TensorRef> {
-        self.inputs.iter().chain(self.scales.iter().flatten())
+        self.inputs.iter().chain(self.side_refs())
+    }
+
+    /// What the inputs need besides their own bytes, always read whole: their
+    /// block scales, then each adapted input's LoRA factors (A, B).
+    pub fn side_refs(&self) -> impl Iterator<Item = &TensorRef> {
+        self.scales.iter().flatten().chain(
+            self.inputs
+                .iter()
+                .filter_map(|r| r.lora.as_deref())
+                .flat_map(|l| [&l.a, &l.b]),
+        )
+    }
+
+    /// Calls `f` on every reference of [`Self::all_refs`] (in another order)
+    /// until it fails: a worker rewrites their locations this way.
+    pub fn try_for_each_ref_mut<E>(
+        &mut self,
+        mut f: impl FnMut(&mut TensorRef) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for r in self.inputs.iter_mut().chain(self.scales.iter_mut().flatten()) {
+            f(r)?;
+            if let Some(l) = r.lora.as_deref_mut() {
+                f(&mut l.a)?;
+                f(&mut l.b)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn numel(&self) -> u64 {

@@ -132,6 +132,7 @@ fn tensor_ref(dtype: DType, shape: Vec<u64>) -> impl Strategy<Value = TensorRef>
             len,
             dtype,
             shape: shape.clone(),
+            lora: None,
         }
     })
 }
@@ -223,6 +224,32 @@ enum Kind {
         scales: bool,
     },
     Copy,
+    /// Some inputs LoRA-adapted (`model+adapter` references).
+    Adapted,
+}
+
+/// The LoRA factors of a 2-D input of `shape`: any rank and dtype, straight
+/// or transposed, any finite scale.
+fn lora_ref(shape: Vec<u64>) -> impl Strategy<Value = LoraRef> {
+    let (rows, cols) = (shape[0], shape[1]);
+    (
+        1u64..5,
+        any::<bool>(),
+        prop::sample::select(FLOATS.to_vec()),
+        prop::sample::select(FLOATS.to_vec()),
+        -1e3..1e3f64,
+    )
+        .prop_flat_map(move |(rank, transposed, da, db, scale)| {
+            let (y, x) = if transposed { (cols, rows) } else { (rows, cols) };
+            (tensor_ref(da, vec![rank, x]), tensor_ref(db, vec![y, rank])).prop_map(
+                move |(a, b)| LoraRef {
+                    a,
+                    b,
+                    scale,
+                    transposed,
+                },
+            )
+        })
 }
 
 fn tensor(
@@ -234,6 +261,7 @@ fn tensor(
         1 => Just(Kind::Dequantized),
         1 => any::<bool>().prop_map(|scales| Kind::Requantized { scales }),
         1 => Just(Kind::Copy),
+        1 => Just(Kind::Adapted),
     ];
     (
         kind,
@@ -256,7 +284,7 @@ fn tensor(
                     nd,
                     None,
                 ),
-                Kind::Dequantized => (
+                Kind::Dequantized | Kind::Adapted => (
                     prop::sample::select(FLOATS.to_vec()).boxed(),
                     mat.clone(),
                     mat,
@@ -296,11 +324,33 @@ fn tensor(
                         Kind::Requantized { .. } => fp8.clone(),
                         _ => vec![false; n],
                     };
+                    // Which inputs are adapted (at least the first of an
+                    // adapted tensor's).
+                    let adapted: Vec<bool> = match kind {
+                        Kind::Adapted => {
+                            let mut a = fp8.clone();
+                            a[0] = true;
+                            a
+                        }
+                        _ => vec![false; n],
+                    };
                     let inputs: Vec<BoxedStrategy<(TensorRef, Option<TensorRef>)>> = fp8
                         .iter()
-                        .map(|&f| {
+                        .zip(&adapted)
+                        .map(|(&f, &adapt)| {
                             let s = in_shape.clone();
-                            if matches!(kind, Kind::Copy) {
+                            if adapt {
+                                prop::sample::select(FLOATS.to_vec())
+                                    .prop_flat_map({
+                                        let s = s.clone();
+                                        move |d| (tensor_ref(d, s.clone()), lora_ref(s.clone()))
+                                    })
+                                    .prop_map(|(mut r, l)| {
+                                        r.lora = Some(Box::new(l));
+                                        (r, None)
+                                    })
+                                    .boxed()
+                            } else if matches!(kind, Kind::Copy) {
                                 tensor_ref(out_dtype, s).prop_map(|r| (r, None)).boxed()
                             } else if f {
                                 let scales = prop::sample::select(FLOATS.to_vec()).prop_flat_map({

@@ -9,8 +9,14 @@
 //! input reference against its file's own header), and `TensorRef::model`
 //! (an index into the plan's model list, which a unit does not carry and nothing
 //! downstream uses).
+//!
+//! An adapted input's LoRA factors are checked like inputs, and their shapes
+//! against the input's: `A [r, in]` and `B [out, r]` for a weight `[out, in]`
+//! (transposed: `A [r, out]`, `B [in, r]`).
 
-use super::{OutputTensor, ParamValue, TensorOp, TensorRef, VocabAlignment, WorkUnit, PLAN_FORMAT};
+use super::{
+    LoraRef, OutputTensor, ParamValue, TensorOp, TensorRef, VocabAlignment, WorkUnit, PLAN_FORMAT,
+};
 use crate::dtype::DType;
 use crate::methods::{self, BasePolicy, ParamKind, Scope};
 use std::collections::HashSet;
@@ -188,6 +194,73 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// The LoRA factors of input `i` (`r`): float 2-D tensors whose shapes fit
+    /// the input's, a finite scale, no adapter of their own.
+    fn lora(&self, t: &str, i: usize, r: &TensorRef, l: &LoraRef) -> Result<(), UnitError> {
+        let field = |sub: &str| format!("inputs[{i}].lora.{sub}");
+        for (sub, f) in [("a", &l.a), ("b", &l.b)] {
+            self.input(t, || field(sub), f)?;
+            if f.lora.is_some() {
+                return Err(self.err(
+                    Some(t),
+                    &field(sub),
+                    "a LoRA factor has no adapter of its own".into(),
+                ));
+            }
+            if !f.dtype.is_float() || f.shape.len() != 2 {
+                return Err(self.err(
+                    Some(t),
+                    &field(sub),
+                    format!(
+                        "{} {:?}: LoRA factors are 2-D BF16, F16, F32 or F64",
+                        f.dtype, f.shape
+                    ),
+                ));
+            }
+        }
+        let [rows, cols] = r.shape[..] else {
+            return Err(self.err(
+                Some(t),
+                &field("a"),
+                format!(
+                    "the input is {:?}: only 2-D weights are LoRA-adapted",
+                    r.shape
+                ),
+            ));
+        };
+        // A [r, x], B [y, r]: (y, x) is the weight's (rows, cols), or
+        // (cols, rows) when the delta is transposed.
+        let (rank, x, y) = (l.a.shape[0], l.a.shape[1], l.b.shape[0]);
+        let want = if l.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        if rank == 0 || l.b.shape[1] != rank || (y, x) != want {
+            return Err(self.err(
+                Some(t),
+                &field("b"),
+                format!(
+                    "A {:?} and B {:?} do not fit a {:?} weight{}: A is [r, {}] and B [{}, r]",
+                    l.a.shape,
+                    l.b.shape,
+                    r.shape,
+                    if l.transposed { " (transposed)" } else { "" },
+                    want.1,
+                    want.0
+                ),
+            ));
+        }
+        if !l.scale.is_finite() {
+            return Err(self.err(
+                Some(t),
+                &field("scale"),
+                format!("{} is not a finite number", l.scale),
+            ));
+        }
+        Ok(())
+    }
+
     fn tensor(
         &self,
         method: &dyn methods::MergeMethod,
@@ -238,6 +311,14 @@ impl Checker<'_> {
                         Some(name),
                         "op",
                         "a copied tensor has no block scales and is not re-quantized".into(),
+                    ));
+                }
+                if let Some(i) = t.inputs.iter().position(|r| r.lora.is_some()) {
+                    return Err(self.err(
+                        Some(name),
+                        &format!("inputs[{i}].lora"),
+                        "a copied tensor is not adapted (LoRA factors apply to merged weights)"
+                            .into(),
                     ));
                 }
                 if per_input != 0 && per_input != t.inputs.len() {
@@ -372,6 +453,11 @@ impl Checker<'_> {
                     &format!("inputs[{i}].shape"),
                     format!("{:?}, but the tensor merges {merged_shape:?}", r.shape),
                 ));
+            }
+        }
+        for (i, r) in t.inputs.iter().enumerate() {
+            if let Some(l) = &r.lora {
+                self.lora(name, i, r, l)?;
             }
         }
         if !t.scales.is_empty() {
@@ -771,6 +857,111 @@ mod tests {
             }),
             ("copy", "re-indexed", |u| {
                 u.tensors[0].op = TensorOp::CopyIdentical;
+            }),
+        ];
+        for (what, expect, mutate) in cases {
+            let mut u = base.clone();
+            mutate(&mut u);
+            let e = u.validate().expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
+        }
+    }
+
+    /// An adapted input's LoRA factors are checked like inputs, and their
+    /// shapes against the input's.
+    #[test]
+    fn lora_factors_are_checked() {
+        use crate::unit::LoraRef;
+        let mut base = ties_unit();
+        let i = base
+            .tensors
+            .iter()
+            .position(|t| t.shape.len() == 2 && t.shape[0] != t.shape[1])
+            .expect("a 2-D tensor that is not square");
+        base.tensors.swap(0, i);
+        let t = &mut base.tensors[0];
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let factor = |name: &str, shape: Vec<u64>| TensorRef {
+            model: 0,
+            name: name.into(),
+            location: "/adapters/a/adapter_model.safetensors".into(),
+            offset: 8,
+            len: shape.iter().product::<u64>() * 4,
+            dtype: DType::F32,
+            shape,
+            lora: None,
+        };
+        t.inputs[1].lora = Some(Box::new(LoraRef {
+            a: factor("a", vec![4, cols]),
+            b: factor("b", vec![rows, 4]),
+            scale: 2.0,
+            transposed: false,
+        }));
+        base.validate().unwrap();
+        // Transposed, the factors swap their roles.
+        let mut turned = base.clone();
+        let l = turned.tensors[0].inputs[1].lora.as_mut().unwrap();
+        l.transposed = true;
+        l.a = factor("a", vec![4, rows]);
+        l.b = factor("b", vec![cols, 4]);
+        turned.validate().unwrap();
+        type Mutation = fn(&mut WorkUnit);
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            ("rank", "inputs[1].lora.b", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.b.shape[1] = 5;
+                l.b.len = l.b.shape.iter().product::<u64>() * 4;
+            }),
+            ("columns", "do not fit", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.a.shape[1] += 1;
+                l.a.len += 16;
+            }),
+            ("transposed", "(transposed)", |u| {
+                u.tensors[0].inputs[1].lora.as_mut().unwrap().transposed = true;
+            }),
+            ("rank 0", "do not fit", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.a.shape[0] = 0;
+                l.a.len = 0;
+                l.b.shape[1] = 0;
+                l.b.len = 0;
+            }),
+            ("len", "inputs[1].lora.a.len", |u| {
+                u.tensors[0].inputs[1].lora.as_mut().unwrap().a.len += 4;
+            }),
+            ("dtype", "LoRA factors are 2-D", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.a.dtype = DType::I32;
+            }),
+            ("rank 3", "LoRA factors are 2-D", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.a.shape.push(1);
+            }),
+            ("scale", "not a finite number", |u| {
+                u.tensors[0].inputs[1].lora.as_mut().unwrap().scale = f64::INFINITY;
+            }),
+            ("nested", "no adapter of its own", |u| {
+                let l = u.tensors[0].inputs[1].lora.as_mut().unwrap();
+                l.a.lora = Some(l.clone());
+            }),
+            ("location", "inputs[1].lora.b.location", |u| {
+                u.tensors[0].inputs[1].lora.as_mut().unwrap().b.location.clear();
+            }),
+            ("1-D input", "only 2-D weights", |u| {
+                let t = &mut u.tensors[0];
+                t.shape = vec![t.numel()];
+                for r in &mut t.inputs {
+                    r.shape = vec![r.shape.iter().product()];
+                }
+            }),
+            ("copy", "not adapted", |u| {
+                let t = &mut u.tensors[0];
+                t.op = TensorOp::CopyIdentical;
+                t.dtype = t.inputs[0].dtype;
+                t.base = None;
+                t.params = Default::default();
             }),
         ];
         for (what, expect, mutate) in cases {

@@ -83,11 +83,9 @@ impl Compute<'_> {
             limits,
             ..
         } = *self;
-        // Block scales are small: read whole.
+        // Block scales and LoRA factors are small: read whole.
         let scales: Vec<std::borrow::Cow<[u8]>> = t
-            .scales
-            .iter()
-            .flatten()
+            .side_refs()
             .map(|r| match maps.get(r) {
                 Some(m) => m
                     .bytes(r.offset..r.offset + r.len)
