@@ -1,9 +1,14 @@
-//! Input checkpoints: validated safetensors headers (`safetensors`) and model
-//! directories with their shards, index and `config.json` (`model`).
+//! Input checkpoints: validated safetensors headers (`safetensors`), model
+//! directories with their shards, index and `config.json` (`model`), and PEFT
+//! LoRA adapter folders mapped onto a base model's tensors (`adapter`).
 
+mod adapter;
 mod model;
 mod safetensors;
 
+pub use adapter::{
+    adapter_weights, Adapted, Adapter, LoraConfig, ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS,
+};
 pub use model::{read_index, Checkpoint, Index, TensorLocation};
 pub(crate) use safetensors::check_header_len;
 pub use safetensors::{parse_header, read_header, SafetensorsHeader, TensorInfo, MAX_HEADER_LEN};
@@ -135,6 +140,10 @@ pub enum CheckpointError {
         first: String,
         second: String,
     },
+    /// A LoRA adapter folder that cannot be applied (its config, its kind,
+    /// a tensor that fits no base tensor).
+    #[error("{file}: {message}")]
+    Adapter { file: String, message: String },
     #[error("{location}: config.json not found")]
     ConfigMissing { location: String },
     #[error("{location}: config.json is invalid: {message}")]

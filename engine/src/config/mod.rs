@@ -9,7 +9,9 @@ mod schema;
 pub mod tokenizer;
 
 pub use params::{Conditional, ParamSetting, Scalar, SettingError};
-pub use schema::{InputModel, InputSlice, MergeConfig, ModelInputs, ModelRef, OutputSlice, Params};
+pub use schema::{
+    InputModel, InputSlice, MergeConfig, ModelInputs, ModelPath, ModelRef, OutputSlice, Params,
+};
 pub use tokenizer::{TokenizerConfig, TokenizerSource};
 
 use crate::yaml::{Span, YamlError};

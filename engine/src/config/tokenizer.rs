@@ -450,10 +450,10 @@ mod tests {
             Some(s) => {
                 let mut parts = s.splitn(2, '@');
                 Ok(Spanned::new(
-                    ModelRef {
-                        path: parts.next().unwrap_or_default().to_string(),
-                        revision: parts.next().map(str::to_string),
-                    },
+                    ModelRef::new(
+                        parts.next().unwrap_or_default(),
+                        parts.next().map(str::to_string),
+                    ),
                     node.span,
                 ))
             }
@@ -496,10 +496,7 @@ mod tests {
     }
 
     fn mref(path: &str) -> ModelRef {
-        ModelRef {
-            path: path.into(),
-            revision: None,
-        }
+        ModelRef::new(path, None)
     }
 
     #[test]
@@ -516,10 +513,7 @@ mod tests {
         );
         assert_eq!(
             ok("tokenizer_source: org/tok@v2\n").source.value,
-            TokenizerSource::Model(ModelRef {
-                path: "org/tok".into(),
-                revision: Some("v2".into())
-            })
+            TokenizerSource::Model(ModelRef::new("org/tok", Some("v2".into())))
         );
         let c = ok("tokenizer:\n  source: ./m\n  pad_to_multiple_of: 64\n");
         assert_eq!(c.source.value, TokenizerSource::Model(mref("./m")));

@@ -153,7 +153,11 @@ fn aligned_bytes(t: &crate::unit::OutputTensor) -> u64 {
         .iter()
         .map(|r| {
             let elements = r.len / r.dtype.size() as u64;
-            let encoded = if r.lora.is_some() { 4 } else { r.dtype.size() as u64 };
+            let encoded = if r.lora.is_some() {
+                4
+            } else {
+                r.dtype.size() as u64
+            };
             4 * elements + (4 + encoded) * t.numel().max(row_elements)
         })
         .sum()

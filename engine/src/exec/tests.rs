@@ -496,8 +496,16 @@ fn adapted_inputs_read_as_their_folded_weights() {
         &[
             ("w.lora_A.weight", vec![rank as u64, cols as u64], a.clone()),
             ("w.lora_B.weight", vec![rows as u64, rank as u64], b.clone()),
-            ("embed.lora_embedding_A", vec![rank as u64, rows as u64], ea.clone()),
-            ("embed.lora_embedding_B", vec![cols as u64, rank as u64], eb.clone()),
+            (
+                "embed.lora_embedding_A",
+                vec![rank as u64, rows as u64],
+                ea.clone(),
+            ),
+            (
+                "embed.lora_embedding_B",
+                vec![cols as u64, rank as u64],
+                eb.clone(),
+            ),
         ],
     );
     let scale = 0.5f64;
@@ -522,10 +530,7 @@ fn adapted_inputs_read_as_their_folded_weights() {
         ..Default::default()
     };
     let tensor = |name: &str, inputs: Vec<TensorRef>, vocab: Option<VocabAlignment>| {
-        let shape = vec![
-            vocab.as_ref().map_or(rows as u64, |v| v.rows),
-            cols as u64,
-        ];
+        let shape = vec![vocab.as_ref().map_or(rows as u64, |v| v.rows), cols as u64];
         OutputTensor {
             name: name.into(),
             dtype: DType::F32,
@@ -644,6 +649,8 @@ fn adapted_inputs_read_as_their_folded_weights() {
     let mut bad = unit.clone();
     bad.tensors[1].inputs[0].lora.as_mut().unwrap().a.name = "w.lora_B.weight".into();
     let (_keep, out) = out_dir();
-    let e = execute_unit(&bad, &out, &NoProgress).unwrap_err().to_string();
+    let e = execute_unit(&bad, &out, &NoProgress)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("w.lora_B.weight"), "{e}");
 }

@@ -171,7 +171,16 @@ impl LoraDelta<'_> {
     /// `out` = rows `row..row + m` of `left` times columns `col..col + n` of
     /// `right`, over ranks `k0..k0 + kb` only.
     #[allow(clippy::too_many_arguments)]
-    fn block(&self, row: usize, col: usize, m: usize, n: usize, k0: usize, kb: usize, out: &mut [f32]) {
+    fn block(
+        &self,
+        row: usize,
+        col: usize,
+        m: usize,
+        n: usize,
+        k0: usize,
+        kb: usize,
+        out: &mut [f32],
+    ) {
         let (k, cols) = (self.rank, self.cols);
         assert!(out.len() == m * n && col + n <= cols && k0 + kb <= k);
         assert!(self.left.len() >= (row + m) * k && self.right.len() >= k * cols);
@@ -248,7 +257,15 @@ mod tests {
     fn chunks_anywhere_get_the_delta_of_their_own_elements() {
         // Rows of 37 columns, chunks that start mid-row, span rows and end
         // mid-row, and a chunk inside one row.
-        for (rows, cols, rank) in [(50, 37, 4), (9, 1000, 16), (3, 5, 1), (64, 64, 128), (70, 300, 256), (8, 40, 1024), (5, 33, 300)] {
+        for (rows, cols, rank) in [
+            (50, 37, 4),
+            (9, 1000, 16),
+            (3, 5, 1),
+            (64, 64, 128),
+            (70, 300, 256),
+            (8, 40, 1024),
+            (5, 33, 300),
+        ] {
             let (a, ash) = factor(&values(rank * cols, 1), rank, cols);
             let (b, bsh) = factor(&values(rows * rank, 2), rows, rank);
             let scale = 1.5;
@@ -275,7 +292,11 @@ mod tests {
             };
             for (i, w) in whole.iter().enumerate() {
                 let p = reference(&f.left, &f.right, rank, cols, i / cols, i % cols);
-                assert_eq!(w.to_bits(), (0.25f32 + p * 1.5).to_bits(), "{rows}x{cols} r{rank} {i}");
+                assert_eq!(
+                    w.to_bits(),
+                    (0.25f32 + p * 1.5).to_bits(),
+                    "{rows}x{cols} r{rank} {i}"
+                );
             }
             for piece in [1, 7, cols - 1, cols + 3, 3 * cols + 5, n] {
                 let mut parts = vec![0.25f32; n];

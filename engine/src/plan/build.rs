@@ -184,6 +184,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             .map(|m| PlannedModel {
                 reference: m.reference.to_string(),
                 location: m.location.clone(),
+                adapter: m.adapter.as_ref().map(|a| a.location.clone()),
             })
             .collect(),
         units,

@@ -15,7 +15,7 @@ pub mod summary;
 mod tensors;
 
 pub use build::{plan, PlanOptions};
-pub use models::{inspect_models, ModelFacts};
+pub use models::{inspect_models, AdapterFacts, ModelFacts};
 
 use crate::checkpoint::CheckpointError;
 use crate::config::ConfigError;
@@ -33,6 +33,9 @@ pub struct PlannedModel {
     pub reference: String,
     /// Where it was found (absolute path or URL).
     pub location: String,
+    /// Where its LoRA adapter was found, for a `model+adapter` reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// What the output needs besides tensors.

@@ -1,7 +1,9 @@
 //! The output tensors, in output order: the tensors before the layer stack,
 //! those of each output layer of each slice (renumbered from 0), and those
 //! after it. For each: the input tensor of every source (a tied output head
-//! falls back to the input embedding), the block scales of FP8 inputs, the
+//! falls back to the input embedding; an input of a `model+adapter` reference
+//! carries its LoRA factors, or is the adapter's own tensor where the adapter
+//! replaces it), the block scales of FP8 inputs, the
 //! shape and dtype checks, and what produces it (a merge, or the copy of a
 //! non-float buffer). With a tokenizer setting, a vocabulary tensor (input
 //! embedding, output head) has the output vocabulary's rows and the alignment
@@ -12,9 +14,12 @@ use super::build::{tokenizer_err, Planner};
 use super::layout::TIED_HEADS;
 use super::slices::Slice;
 use super::PlanError;
+use crate::checkpoint::Adapted;
 use crate::dtype::DType;
 use crate::tokenizer::Vocabulary;
-use crate::unit::{OutputTensor, Requant, TensorOp, TensorParams, TensorRef, VocabAlignment};
+use crate::unit::{
+    LoraRef, OutputTensor, Requant, TensorOp, TensorParams, TensorRef, VocabAlignment,
+};
 use std::collections::{BTreeSet, HashSet};
 
 impl Planner<'_> {
@@ -167,6 +172,9 @@ impl Planner<'_> {
         t: f64,
     ) -> Result<OutputTensor, PlanError> {
         let mut refs = Vec::with_capacity(inputs.len());
+        // Each input's dtype in its model: an adapter's replacement tensor is
+        // folded into a model of the base's dtype.
+        let mut stored = Vec::with_capacity(inputs.len());
         for (src, input) in s.sources.iter().zip(inputs) {
             let m = &self.models[src.model];
             let loc = m.checkpoint.tensors.get(input).ok_or_else(|| {
@@ -176,15 +184,43 @@ impl Planner<'_> {
                     m.reference, m.location, s.key_path
                 ))
             })?;
-            refs.push(TensorRef {
-                model: src.model,
-                name: input.clone(),
-                location: loc.file.clone(),
-                offset: loc.info.offset,
-                len: loc.info.len,
-                dtype: loc.info.dtype,
-                shape: loc.info.shape.clone(),
-                lora: None,
+            stored.push(loc.info.dtype);
+            let at =
+                |model: usize, name: &str, loc: &crate::checkpoint::TensorLocation| TensorRef {
+                    model,
+                    name: name.to_string(),
+                    location: loc.file.clone(),
+                    offset: loc.info.offset,
+                    len: loc.info.len,
+                    dtype: loc.info.dtype,
+                    shape: loc.info.shape.clone(),
+                    lora: None,
+                };
+            let adapted = m
+                .adapter
+                .as_ref()
+                .and_then(|a| Some((a, a.map.get(input)?)));
+            refs.push(match adapted {
+                None => at(src.model, input, loc),
+                Some((a, Adapted::Replaced { key })) => at(src.model, key, &a.adapter.tensors[key]),
+                Some((
+                    a,
+                    Adapted::Lora {
+                        a: ka,
+                        b: kb,
+                        scale,
+                        transposed,
+                        ..
+                    },
+                )) => TensorRef {
+                    lora: Some(Box::new(LoraRef {
+                        a: at(src.model, ka, &a.adapter.tensors[ka]),
+                        b: at(src.model, kb, &a.adapter.tensors[kb]),
+                        scale: *scale,
+                        transposed: *transposed,
+                    })),
+                    ..at(src.model, input, loc)
+                },
             });
         }
         let scales = self.block_scales(s, name, &refs)?;
@@ -218,7 +254,7 @@ impl Planner<'_> {
         // Block-scaled FP8 inputs are dequantized on read and count as bf16.
         let effective = |i: usize| match scales.get(i) {
             Some(Some(_)) => DType::BF16,
-            _ => refs[i].dtype,
+            _ => stored[i],
         };
         let all_float = (0..refs.len()).all(|i| effective(i).is_float());
         let (op, dtype) = if all_float {

@@ -463,3 +463,76 @@ fn plan_refuses_the_chat_template_run_would_refuse() {
     assert!(shown.contains("Invalid chat template"), "{shown}");
     assert!(plan_yaml(&format!("{base}chat_template: chatml\n")).is_ok());
 }
+
+/// A `model+adapter` reference is a model of its own: the base's tensors,
+/// the adapted ones carrying the adapter's factors; the plain base stays a
+/// model without them. The adapter folder is recorded for the journal.
+#[test]
+fn adapted_models_carry_their_factors() {
+    let p = plan_yaml(
+        "merge_method: linear\nmodels:\n  - model: models/llama-base+models/lora-qv\n    \
+         parameters: {weight: 1}\n  - model: models/llama-base\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    assert_eq!(p.models.len(), 2);
+    assert_eq!(p.models[0].reference, "models/llama-base+models/lora-qv");
+    assert!(p.models[0]
+        .adapter
+        .as_deref()
+        .is_some_and(|a| a.ends_with("examples/models/lora-qv")));
+    assert_eq!(p.models[0].location, p.models[1].location);
+    assert_eq!(p.models[1].adapter, None);
+    let q = tensor(&p, "model.layers.2.self_attn.q_proj.weight");
+    let l = q.inputs[0].lora.as_deref().expect("adapted");
+    assert_eq!(
+        l.a.name,
+        "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
+    );
+    assert!(l.a.location.ends_with("lora-qv/adapter_model.safetensors"));
+    assert_eq!(
+        (l.a.shape.clone(), l.b.shape.clone()),
+        (vec![4, 64], vec![64, 4])
+    );
+    assert_eq!((l.scale, l.transposed), (2.0, false));
+    assert!(q.inputs[1].lora.is_none());
+    // Tensors the adapter does not touch are read as they are.
+    assert!(
+        tensor(&p, "model.layers.2.self_attn.k_proj.weight").inputs[0]
+            .lora
+            .is_none()
+    );
+    // The bytes read count the factors, for the adapted model.
+    assert!(p.units[0]
+        .tensors
+        .iter()
+        .any(|t| t.side_refs().count() == 2));
+}
+
+#[test]
+fn adapter_errors_name_the_key_or_the_file() {
+    let e =
+        plan_yaml("merge_method: linear\nmodels:\n  - model: models/llama-base+./models/nope\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("models[0].model") && e.contains("adapter './models/nope' not found"),
+        "{e}"
+    );
+    // A model folder is no adapter.
+    let e = plan_yaml(
+        "merge_method: linear\nmodels:\n  - model: models/llama-base+models/llama-ft-a\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("llama-ft-a/adapter_config.json: not found"),
+        "{e}"
+    );
+    // An adapter of another model (tok-base has 2 layers, the adapter 6): the
+    // file is named with the first key that fits nothing.
+    let e =
+        plan_yaml("merge_method: linear\nmodels:\n  - model: models/tok-base+models/lora-wide\n")
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("lora-wide/adapter_model.safetensors"), "{e}");
+}

@@ -14,13 +14,7 @@ fn models_dir() -> PathBuf {
 
 fn model_ref(node: &Node, key_path: &str) -> Result<Spanned<ModelRef>, ConfigError> {
     match node.as_str() {
-        Some(s) => Ok(Spanned::new(
-            ModelRef {
-                path: s.to_string(),
-                revision: None,
-            },
-            node.span,
-        )),
+        Some(s) => Ok(Spanned::new(ModelRef::new(s, None), node.span)),
         None => Err(ConfigError {
             file: "t.yaml".into(),
             key_path: key_path.into(),
@@ -53,10 +47,7 @@ fn model_at(name: &str, dir: &Path) -> VocabModel {
     let config: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     VocabModel {
-        reference: ModelRef {
-            path: name.to_string(),
-            revision: None,
-        },
+        reference: ModelRef::new(name, None),
         location: dir.to_string_lossy().into_owned(),
         vocab_size: config_vocab_size(&config),
     }

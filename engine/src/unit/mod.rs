@@ -139,7 +139,11 @@ impl OutputTensor {
         &mut self,
         mut f: impl FnMut(&mut TensorRef) -> Result<(), E>,
     ) -> Result<(), E> {
-        for r in self.inputs.iter_mut().chain(self.scales.iter_mut().flatten()) {
+        for r in self
+            .inputs
+            .iter_mut()
+            .chain(self.scales.iter_mut().flatten())
+        {
             f(r)?;
             if let Some(l) = r.lora.as_deref_mut() {
                 f(&mut l.a)?;

@@ -240,7 +240,11 @@ fn lora_ref(shape: Vec<u64>) -> impl Strategy<Value = LoraRef> {
         -1e3..1e3f64,
     )
         .prop_flat_map(move |(rank, transposed, da, db, scale)| {
-            let (y, x) = if transposed { (cols, rows) } else { (rows, cols) };
+            let (y, x) = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
             (tensor_ref(da, vec![rank, x]), tensor_ref(db, vec![y, rank])).prop_map(
                 move |(a, b)| LoraRef {
                     a,

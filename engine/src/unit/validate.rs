@@ -947,7 +947,13 @@ mod tests {
                 l.a.lora = Some(l.clone());
             }),
             ("location", "inputs[1].lora.b.location", |u| {
-                u.tensors[0].inputs[1].lora.as_mut().unwrap().b.location.clear();
+                u.tensors[0].inputs[1]
+                    .lora
+                    .as_mut()
+                    .unwrap()
+                    .b
+                    .location
+                    .clear();
             }),
             ("1-D input", "only 2-D weights", |u| {
                 let t = &mut u.tensors[0];

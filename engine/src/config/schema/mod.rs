@@ -100,19 +100,60 @@ impl Params {
     }
 }
 
-/// `path[@revision]`; equality by value like mergekit's ModelReference; Display gives back the string as written.
+/// `path[@revision]`, optionally with a LoRA adapter (`path[@revision]+lora[@revision]`);
+/// equality by value like mergekit's ModelReference; Display gives back the string
+/// as written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelRef {
     pub path: String,
     pub revision: Option<String>,
+    /// A PEFT LoRA adapter applied to the model's weights on read.
+    pub lora: Option<ModelPath>,
+}
+
+/// `path[@revision]` of a LoRA adapter (mergekit's `ModelPath`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelPath {
+    pub path: String,
+    pub revision: Option<String>,
+}
+
+impl ModelRef {
+    /// A plain model reference, without an adapter.
+    pub fn new(path: impl Into<String>, revision: Option<String>) -> Self {
+        ModelRef {
+            path: path.into(),
+            revision,
+            lora: None,
+        }
+    }
+
+    /// The model without its adapter (where its checkpoint is read).
+    pub fn base(&self) -> ModelRef {
+        ModelRef::new(self.path.clone(), self.revision.clone())
+    }
+}
+
+/// Like mergekit's ModelPath.__str__: an empty revision is not shown.
+fn path_with_revision(f: &mut fmt::Formatter<'_>, path: &str, rev: Option<&str>) -> fmt::Result {
+    match rev {
+        Some(rev) if !rev.is_empty() => write!(f, "{path}@{rev}"),
+        _ => f.write_str(path),
+    }
+}
+
+impl fmt::Display for ModelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        path_with_revision(f, &self.path, self.revision.as_deref())
+    }
 }
 
 impl fmt::Display for ModelRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Like mergekit's ModelPath.__str__: an empty revision is not shown.
-        match self.revision.as_deref() {
-            Some(rev) if !rev.is_empty() => write!(f, "{}@{rev}", self.path),
-            _ => f.write_str(&self.path),
+        path_with_revision(f, &self.path, self.revision.as_deref())?;
+        match &self.lora {
+            Some(lora) => write!(f, "+{lora}"),
+            None => Ok(()),
         }
     }
 }

@@ -1,9 +1,9 @@
-//! Model references: mergekit's string form `PATH[@REVISION]` (a `+LORA`
-//! suffix is refused) and its mapping forms `{model: PATH}` and
-//! `{model: {path, revision}}`.
+//! Model references: mergekit's string form `PATH[@REVISION][+LORA[@REVISION]]`
+//! and its mapping forms `{model: PATH, lora: LORA}` (each a string
+//! `PATH[@REVISION]` or `{path, revision}`). `override_architecture` is refused.
 
 use super::reader::{Fields, Reader};
-use super::ModelRef;
+use super::{ModelPath, ModelRef};
 use crate::config::{ConfigError, Spanned};
 use crate::yaml::{Node, NodeKind};
 
@@ -44,13 +44,26 @@ impl Reader<'_> {
         node: &Node,
         key_path: &str,
     ) -> Result<ModelRef, ConfigError> {
-        match s.split('+').count() {
-            1 => self.model_path(s, node, key_path),
-            2 => Err(self.err(
-                key_path,
-                node.span,
-                format!("'{s}': LoRA references (model+lora) are not supported yet"),
-            )),
+        let parts: Vec<&str> = s.split('+').collect();
+        match parts.as_slice() {
+            [model] => self.model_path(model, node, key_path),
+            [model, lora] => {
+                if model.is_empty() || lora.is_empty() {
+                    return Err(self.err(
+                        key_path,
+                        node.span,
+                        format!("'{s}': write MODEL+ADAPTER, both non-empty"),
+                    ));
+                }
+                let lora = self.model_path(lora, node, key_path)?;
+                Ok(ModelRef {
+                    lora: Some(ModelPath {
+                        path: lora.path,
+                        revision: lora.revision,
+                    }),
+                    ..self.model_path(model, node, key_path)?
+                })
+            }
             _ => Err(self.err(
                 key_path,
                 node.span,
@@ -63,14 +76,8 @@ impl Reader<'_> {
     fn model_path(&self, s: &str, node: &Node, key_path: &str) -> Result<ModelRef, ConfigError> {
         let mut parts = s.split('@');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(path), None, _) => Ok(ModelRef {
-                path: path.to_string(),
-                revision: None,
-            }),
-            (Some(path), Some(rev), None) => Ok(ModelRef {
-                path: path.to_string(),
-                revision: Some(rev.to_string()),
-            }),
+            (Some(path), None, _) => Ok(ModelRef::new(path, None)),
+            (Some(path), Some(rev), None) => Ok(ModelRef::new(path, Some(rev.to_string()))),
             _ => Err(self.err(
                 key_path,
                 node.span,
@@ -83,24 +90,37 @@ impl Reader<'_> {
 
     fn model_ref_mapping(&self, node: &Node, key_path: &str) -> Result<ModelRef, ConfigError> {
         let f = self.fields(node, key_path, MODEL_REF_KEYS, "a model reference")?;
-        for unsupported in ["lora", "override_architecture"] {
-            if let Some(n) = f.get(unsupported) {
-                return Err(self.err(
-                    &f.path(unsupported),
-                    n.span,
-                    format!("`{unsupported}` in a model reference is not supported yet"),
-                ));
-            }
+        if let Some(n) = f.get("override_architecture") {
+            return Err(self.err(
+                &f.path("override_architecture"),
+                n.span,
+                "`override_architecture` in a model reference is not supported yet",
+            ));
         }
         let Some(model) = f.get("model") else {
             return Err(self.missing(&f, "model", "the model path"));
         };
-        let path = f.path("model");
-        match &model.kind {
-            // The mapping form never splits on '+' (mergekit's ModelPath only splits '@').
-            NodeKind::Str(s) => self.model_path(s, model, &path),
-            NodeKind::Map(_) => self.model_path_mapping(model, &path),
-            _ => Err(self.expected(&path, model, "a model path (a string)")),
+        let mut reference = self.path_field(model, &f.path("model"))?;
+        if let Some(node) = f.get("lora").filter(|n| !matches!(n.kind, NodeKind::Null)) {
+            let lora = self.path_field(node, &f.path("lora"))?;
+            if lora.path.is_empty() {
+                return Err(self.err(&f.path("lora"), node.span, "empty adapter path"));
+            }
+            reference.lora = Some(ModelPath {
+                path: lora.path,
+                revision: lora.revision,
+            });
+        }
+        Ok(reference)
+    }
+
+    /// The `model:` or `lora:` of the mapping form: `path[@revision]` or
+    /// `{path, revision}` (mergekit's ModelPath; never split on '+').
+    fn path_field(&self, node: &Node, key_path: &str) -> Result<ModelRef, ConfigError> {
+        match &node.kind {
+            NodeKind::Str(s) => self.model_path(s, node, key_path),
+            NodeKind::Map(_) => self.model_path_mapping(node, key_path),
+            _ => Err(self.expected(key_path, node, "a model path (a string)")),
         }
     }
 
@@ -116,14 +136,14 @@ impl Reader<'_> {
             .map(|n| self.string(n, &f.path("revision")))
             .transpose()?
             .map(|r| r.value);
-        Ok(ModelRef { path, revision })
+        Ok(ModelRef::new(path, revision))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{fails, mref, parse};
-    use super::super::ModelInputs;
+    use super::super::{ModelInputs, ModelPath, ModelRef};
 
     #[test]
     fn model_reference_forms() {
@@ -139,6 +159,39 @@ mod tests {
         assert_eq!(models[1].model.value, mref("org/n", None));
         assert_eq!(models[1].model.span.line, 4);
         assert_eq!(models[2].model.value, mref("./p", Some("main")));
+        // mergekit's MODEL+LORA grammar, and the mapping form with `lora:`
+        let c = parse(
+            "merge_method: linear\nmodels:\n  - model: org/m@v1+org/l@r2\n  - model: ./m+./l\n  \
+             - model: {model: org/m@v1, lora: org/l@r2}\n  \
+             - model: {model: {path: ./m}, lora: {path: ./l, revision: x}}\n  \
+             - model: {model: ./m, lora: null}\n",
+        );
+        let ModelInputs::Models(models) = &c.inputs else {
+            panic!("models expected")
+        };
+        let with = |m: ModelRef, path: &str, rev: Option<&str>| ModelRef {
+            lora: Some(ModelPath {
+                path: path.into(),
+                revision: rev.map(Into::into),
+            }),
+            ..m
+        };
+        assert_eq!(
+            models[0].model.value,
+            with(mref("org/m", Some("v1")), "org/l", Some("r2"))
+        );
+        assert_eq!(models[0].model.to_string(), "org/m@v1+org/l@r2");
+        assert_eq!(models[1].model.value, with(mref("./m", None), "./l", None));
+        assert_eq!(models[1].model.value.base(), mref("./m", None));
+        // The two forms of one reference are one model.
+        assert_eq!(models[2].model.value, models[0].model.value);
+        assert_eq!(
+            models[3].model.value,
+            with(mref("./m", None), "./l", Some("x"))
+        );
+        assert_eq!(models[3].model.to_string(), "./m+./l@x");
+        assert_eq!(models[4].model.value, mref("./m", None));
+        assert_eq!(c.referenced_models().len(), 4);
         // equality by value: the same string names the same model
         let c = parse("merge_method: linear\nbase_model: x@r\nmodels:\n  - model: x@r\n  - model: {model: x@r}\n");
         assert_eq!(c.referenced_models().len(), 1);
@@ -147,14 +200,17 @@ mod tests {
     #[test]
     fn model_reference_errors() {
         let m = fails(
-            "merge_method: linear\nmodels:\n  - model: a+lora\n",
+            "merge_method: linear\nmodels:\n  - model: a+\n",
             "models[0].model",
             3,
         );
-        assert!(
-            m.contains("LoRA references (model+lora) are not supported yet"),
-            "{m}"
+        assert!(m.contains("both non-empty"), "{m}");
+        let m = fails(
+            "merge_method: linear\nmodels:\n  - model: a+l@1@2\n",
+            "models[0].model",
+            3,
         );
+        assert!(m.contains("more than one '@'"), "{m}");
         let m = fails(
             "merge_method: linear\nmodels:\n  - model: a@b@c\n",
             "models[0].model",
@@ -168,11 +224,17 @@ mod tests {
         );
         assert!(m.contains("cannot parse"), "{m}");
         let m = fails(
-            "merge_method: linear\nmodels:\n  - model:\n      model: a\n      lora: l\n",
+            "merge_method: linear\nmodels:\n  - model:\n      model: a\n      lora: 3\n",
             "models[0].model.lora",
             5,
         );
-        assert!(m.contains("not supported yet"), "{m}");
+        assert!(m.contains("expected a model path"), "{m}");
+        let m = fails(
+            "merge_method: linear\nmodels:\n  - model:\n      model: a\n      lora: ''\n",
+            "models[0].model.lora",
+            5,
+        );
+        assert!(m.contains("empty adapter path"), "{m}");
         let m = fails(
             "merge_method: linear\nmodels:\n  - model: {model: a, override_architecture: X}\n",
             "models[0].model.override_architecture",

@@ -29,10 +29,7 @@ pub(super) fn fails(yaml: &str, key_path: &str, line: usize) -> String {
 }
 
 pub(super) fn mref(path: &str, revision: Option<&str>) -> ModelRef {
-    ModelRef {
-        path: path.into(),
-        revision: revision.map(Into::into),
-    }
+    ModelRef::new(path, revision.map(Into::into))
 }
 
 // Verbatim copies of /work/shared/conformance/cases/*/config.yaml (tests do
