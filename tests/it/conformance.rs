@@ -176,6 +176,9 @@ cases!(
     tok_source_model,
     tok_force_tokens,
     tok_slerp_union_pad,
+    lora_linear,
+    lora_ties,
+    lora_base_model,
 );
 
 #[test]
