@@ -224,21 +224,22 @@ impl PathPolicy {
         }
         let mut resolved: HashMap<String, String> = HashMap::new();
         for t in &mut unit.tensors {
-            let refs = t.inputs.iter_mut().chain(t.scales.iter_mut().flatten());
-            for r in refs {
+            let tensor = t.name.clone();
+            // Inputs, block scales and LoRA factors alike.
+            t.try_for_each_ref_mut(|r| {
                 if let Some(real) = resolved.get(&r.location) {
                     r.location = real.clone();
-                    continue;
+                    return Ok(());
                 }
                 let place = resolve(&r.location).map_err(|source| PathError::Input {
                     input: r.name.clone(),
-                    tensor: t.name.clone(),
+                    tensor: tensor.clone(),
                     source,
                 })?;
                 if !self.allow.is_empty() && !self.allowed(&place) {
                     return Err(PathError::InputNotAllowed {
                         input: r.name.clone(),
-                        tensor: t.name.clone(),
+                        tensor: tensor.clone(),
                         location: place.to_location(),
                         allowed: self.allowed_list(),
                     });
@@ -246,7 +247,8 @@ impl PathPolicy {
                 let real = place.to_location();
                 resolved.insert(r.location.clone(), real.clone());
                 r.location = real;
-            }
+                Ok(())
+            })?;
         }
         Ok(out.to_location())
     }
@@ -296,5 +298,75 @@ mod tests {
         ] {
             assert!(!file.is_under(&resolve(&p).unwrap()), "{p}");
         }
+    }
+
+    /// A LoRA factor is an input like any other: resolved, and refused
+    /// outside `--allow-path` (it would otherwise read any file's bytes).
+    #[test]
+    fn lora_factors_are_admitted_like_inputs() {
+        use fleetmerge_engine::dtype::DType;
+        use fleetmerge_engine::unit::{LoraRef, OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        for d in ["models", "adapters", "elsewhere", "out"] {
+            std::fs::create_dir_all(real.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(real.join("adapters"), real.join("models/link")).unwrap();
+        let at = |p: &str| TensorRef {
+            model: 0,
+            name: "w".into(),
+            location: real.join(p).to_string_lossy().into_owned(),
+            offset: 0,
+            len: 4,
+            dtype: DType::F32,
+            shape: vec![1, 1],
+            lora: None,
+        };
+        let unit = |factor: &str| WorkUnit {
+            format: PLAN_FORMAT,
+            id: 0,
+            file_name: "model.safetensors".into(),
+            merge_method: "linear".into(),
+            seed: 0,
+            tensors: vec![OutputTensor {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape: vec![1, 1],
+                op: TensorOp::Merge,
+                inputs: vec![TensorRef {
+                    lora: Some(Box::new(LoraRef {
+                        a: at(factor),
+                        b: at(factor),
+                        scale: 1.0,
+                        transposed: false,
+                    })),
+                    ..at("models/m.safetensors")
+                }],
+                base: None,
+                params: Default::default(),
+                scales: Vec::new(),
+                block: None,
+                requant: None,
+                vocab: None,
+            }],
+        };
+        let s = |p: &str| real.join(p).to_string_lossy().into_owned();
+        let policy = PathPolicy::new(&[s("models"), s("out")]).unwrap();
+        let mut ok = unit("models/link/adapter_model.safetensors");
+        policy.admit(&mut ok, &s("out")).unwrap_err();
+        let policy = PathPolicy::new(&[s("models"), s("adapters"), s("out")]).unwrap();
+        policy.admit(&mut ok, &s("out")).unwrap();
+        let l = ok.tensors[0].inputs[0].lora.as_ref().unwrap();
+        assert_eq!(
+            l.a.location,
+            s("adapters/adapter_model.safetensors"),
+            "resolved"
+        );
+        let mut bad = unit("elsewhere/secret");
+        let e = policy.admit(&mut bad, &s("out")).unwrap_err().to_string();
+        assert!(
+            e.contains("elsewhere/secret") && e.contains("--allow-path"),
+            "{e}"
+        );
     }
 }
