@@ -41,13 +41,13 @@ pub fn pin_from_journal(out: &Path, restart: bool) {
     if records.finished {
         return;
     }
-    for m in &records.plan.models {
-        let Ok(h) = hub::parse_location(&m.location) else {
+    for (reference, location) in folders(&records.plan) {
+        let Ok(h) = hub::parse_location(&location) else {
             continue;
         };
-        let (repo, rev) = match m.reference.split_once('@') {
+        let (repo, rev) = match reference.split_once('@') {
             Some((repo, rev)) => (repo, rev),
-            None => (m.reference.as_str(), hub::DEFAULT_REVISION),
+            None => (reference.as_str(), hub::DEFAULT_REVISION),
         };
         if repo == h.repo {
             hub::pin(repo, rev, &h.commit);
@@ -55,28 +55,55 @@ pub fn pin_from_journal(out: &Path, restart: bool) {
     }
 }
 
-/// The shard files the plan reads, per model index.
-fn files_per_model(plan: &Plan) -> BTreeMap<usize, BTreeSet<String>> {
-    let mut out: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+/// The folders a plan reads, each with the reference that names it
+/// (`path[@revision]`): every model's, and for a `model+adapter` reference
+/// the model's and the adapter's, each under its own part of the reference.
+fn folders(plan: &Plan) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for m in &plan.models {
+        match (m.reference.split_once('+'), &m.adapter) {
+            (Some((model, lora)), Some(adapter)) => {
+                out.push((model.to_string(), m.location.clone()));
+                out.push((lora.to_string(), adapter.clone()));
+            }
+            _ => out.push((m.reference.clone(), m.location.clone())),
+        }
+    }
+    out
+}
+
+/// The files the plan reads (shards, adapters), by the Hub folder
+/// (`hf://repo@commit`) that holds them.
+fn files_per_folder(plan: &Plan) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in plan
         .units
         .iter()
         .flat_map(|u| u.tensors.iter().flat_map(|t| t.all_refs()))
     {
-        out.entry(r.model).or_default().insert(r.location.clone());
+        if let Ok(h) = hub::parse_location(&r.location) {
+            out.entry(hub::model_location(&h.repo, &h.commit))
+                .or_default()
+                .insert(r.location.clone());
+        }
     }
     out
 }
 
-/// Where each Hub input of `plan` comes from: (reference, source).
+/// Where each Hub input of `plan` comes from: (reference, source); an
+/// adapter is an input of its own, under its part of the reference.
 pub fn inputs(plan: &Plan) -> Vec<(String, hub::InputSource)> {
-    let files = files_per_model(plan);
-    plan.models
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            let f: Vec<String> = files.get(&i).into_iter().flatten().cloned().collect();
-            hub::describe(&m.location, &f).map(|s| (m.reference.clone(), s))
+    let files = files_per_folder(plan);
+    folders(plan)
+        .into_iter()
+        .filter_map(|(reference, location)| {
+            let f: Vec<String> = files
+                .get(&location)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            hub::describe(&location, &f).map(|s| (reference, s))
         })
         .collect()
 }
@@ -161,15 +188,21 @@ pub struct DownloadArgs {
 }
 
 /// Files besides the shards that a merge, transformers or mergekit read: the
-/// model's config and index, and the tokenizer files a merge copies.
+/// model's config and index, the tokenizer files a merge copies, and an
+/// adapter's config.
 fn side_files() -> impl Iterator<Item = &'static str> {
-    ["config.json", fleetmerge_engine::output::INDEX_FILE]
-        .into_iter()
-        .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
+    [
+        "config.json",
+        fleetmerge_engine::output::INDEX_FILE,
+        fleetmerge_engine::checkpoint::ADAPTER_CONFIG,
+    ]
+    .into_iter()
+    .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
 }
 
 /// Fills the HF cache with what the merge of `CONFIG` reads from the Hub: the
-/// shards its plan reads, config.json, the index and the tokenizer files, as
+/// shards its plan reads, config.json, the index and the tokenizer files, the
+/// adapters' config and weights, as
 /// huggingface_hub lays them out (blobs written under `.incomplete` and
 /// renamed when whole and checked, relative symlinks in `snapshots/`, then
 /// `refs/`). Files already cached are kept. No `trees/` listing is written,
@@ -182,11 +215,7 @@ pub fn download(args: DownloadArgs) -> Result<()> {
     }
     let plan = args.plan.plan(&args.config)?;
     let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut dirs: Vec<(String, String)> = plan
-        .models
-        .iter()
-        .map(|m| (m.reference.clone(), m.location.clone()))
-        .collect();
+    let mut dirs: Vec<(String, String)> = folders(&plan);
     dirs.push((String::new(), plan.output.tokenizer_dir.clone()));
     let st = hub::HubStorage;
     for (_, dir) in &dirs {
@@ -201,11 +230,8 @@ pub fn download(args: DownloadArgs) -> Result<()> {
             }
         }
     }
-    for (i, files) in files_per_model(&plan) {
-        let dir = &plan.models[i].location;
-        if hub::is_hub_location(dir) {
-            wanted.entry(dir.clone()).or_default().extend(files);
-        }
+    for (dir, files) in files_per_folder(&plan) {
+        wanted.entry(dir).or_default().extend(files);
     }
     if wanted.is_empty() {
         eprintln!("nothing to download: the config names no Hugging Face Hub model");

@@ -146,10 +146,18 @@ fn write_card(
         .map(|o| (o.file_name.clone(), o.size, o.sha256.clone()))
         .collect();
     shards.sort();
+    // A model+adapter reference: the model's folder, then the adapter's (as
+    // its own reference).
     let models: Vec<(String, String)> = plan
         .models
         .iter()
-        .map(|m| (m.reference.clone(), m.location.clone()))
+        .flat_map(|m| {
+            let adapter = m.adapter.as_ref().map(|a| {
+                let lora = m.reference.split_once('+').map_or("", |(_, l)| l);
+                (lora.to_string(), a.clone())
+            });
+            std::iter::once((m.reference.clone(), m.location.clone())).chain(adapter)
+        })
         .collect();
     card.push_str(&output::provenance(&Provenance {
         merge_method: &plan.merge_method,

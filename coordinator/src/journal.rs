@@ -147,7 +147,8 @@ pub struct Journal {
 
 /// The fingerprint of a plan: a hash of everything that decides the output
 /// bytes (config, resolved parameters, every input tensor's location, offset,
-/// dtype and shape, shard layout, seed) plus the size of every input file.
+/// dtype and shape, LoRA factors and scales, shard layout, seed) plus the size
+/// of every file read (inputs, block scales, adapters).
 pub fn fingerprint(plan: &Plan) -> Result<String, StorageError> {
     let mut h = Sha256::new();
     let json = serde_json::to_vec(plan).map_err(|e| StorageError::io("plan", e))?;
@@ -158,7 +159,7 @@ pub fn fingerprint(plan: &Plan) -> Result<String, StorageError> {
         .flat_map(|u| {
             u.tensors
                 .iter()
-                .flat_map(|t| t.inputs.iter().map(|i| i.location.as_str()))
+                .flat_map(|t| t.all_refs().map(|i| i.location.as_str()))
         })
         .collect();
     files.sort_unstable();

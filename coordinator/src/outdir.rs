@@ -120,11 +120,15 @@ fn drop_lock_dir(out_dir: &str) {
     let _ = std::fs::remove_dir(&dir);
 }
 
-/// Every location a merge reads from: the models' folders (and the files the
-/// units read, in case a reference points elsewhere), the config donor and the
-/// tokenizer source.
+/// Every location a merge reads from: the models' folders and their adapters'
+/// (and the files the units read, in case a reference points elsewhere), the
+/// config donor and the tokenizer source.
 fn input_locations(plan: &Plan) -> Vec<String> {
-    let mut all: Vec<String> = plan.models.iter().map(|m| m.location.clone()).collect();
+    let mut all: Vec<String> = plan
+        .models
+        .iter()
+        .flat_map(|m| std::iter::once(m.location.clone()).chain(m.adapter.clone()))
+        .collect();
     all.push(plan.output.config_dir.clone());
     all.push(plan.output.tokenizer_dir.clone());
     for u in &plan.units {

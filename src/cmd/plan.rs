@@ -1,6 +1,6 @@
-//! `fleetmerge plan CONFIG`: a dry run. Compares the inputs and shows what a
-//! merge will read, write and hold in memory, from the checkpoints' headers
-//! only.
+//! `fleetmerge plan CONFIG`: a dry run. Compares the inputs (and shows the
+//! LoRA adapter of each `model+adapter` input) and what a merge will read,
+//! write and hold in memory, from the checkpoints' headers only.
 
 use super::options::{self, PlanArgs};
 use anyhow::Result;
@@ -121,6 +121,23 @@ fn print_plan(
             count(m.parameters),
             bytes(m.bytes as f64)
         );
+        if let Some(a) = &m.adapter {
+            println!(
+                "  {:width$}  + LoRA {} ({}): r {}, alpha {} (scale {}{}), {} tensors adapted \
+                 ({}), {} replaced, {}",
+                "",
+                a.reference,
+                a.location,
+                a.rank,
+                a.alpha,
+                a.scale,
+                if a.rslora { ", rsLoRA" } else { "" },
+                a.adapted,
+                a.modules.join(", "),
+                a.replaced,
+                bytes(a.bytes as f64)
+            );
+        }
     }
     if mismatches.is_empty() {
         println!("compatibility: same architecture, layers, vocabulary and tensor shapes");

@@ -137,7 +137,8 @@ pub struct Summary {
     pub output_tensors: usize,
     pub parameters: u64,
     pub work_units: usize,
-    /// Bytes read from each input model, in model order (reference, bytes).
+    /// Bytes read from each input model (its adapter's included), in model
+    /// order (reference, bytes).
     pub read_per_model: Vec<(String, u64)>,
     pub read_total: u64,
     /// Tensor bytes written (the index's total_size).
@@ -180,7 +181,8 @@ pub fn summarize(
     let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
     let mut per_model = vec![0u64; plan.models.len()];
     for t in tensors() {
-        for r in &t.inputs {
+        // Block scales and LoRA factors count for their model.
+        for r in t.all_refs() {
             if let Some(b) = per_model.get_mut(r.model) {
                 *b += r.len;
             }
