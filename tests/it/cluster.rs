@@ -716,3 +716,42 @@ fn the_coordinator_serves_prometheus_metrics() {
     coordinator.succeeds(MINUTE * 2);
     worker.succeeds(MINUTE);
 }
+
+/// A merge with LoRA-adapted inputs (lora_ties: an adapted model beside a
+/// fine-tune and the base; lora_base_model: an adapted base): the units carry
+/// the adapters' factors, the workers fold them on read, and the output is
+/// what `fleetmerge run` writes, bit for bit (the coordinator spot-checks the
+/// workers' shards by recomputing a tensor, adapted ones included).
+#[test]
+fn adapted_inputs_in_the_cluster_write_what_run_writes() {
+    for case in ["lora_ties", "lora_base_model"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, cwd) = (fixture(case).join("config.yaml"), examples());
+        let reference = dir.path().join("reference");
+        run_case(case, &reference, "100K");
+        let out = dir.path().join("out");
+        let (mut coordinator, addr) = start_coordinator(
+            "coordinator",
+            &cwd,
+            &config,
+            &out,
+            "127.0.0.1:0",
+            &["--out-shard-size", "100K"],
+        );
+        let mut workers: Vec<Proc> = (1..=2)
+            .map(|i| start_worker(&format!("w{i}"), &addr, &[], &[]))
+            .collect();
+        coordinator.succeeds(MINUTE);
+        for w in &mut workers {
+            w.succeeds(MINUTE);
+        }
+        assert!(journal_units(&out).len() > 3, "{case}: several units");
+        assert_same_model(&out, &reference);
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.contains("./models/llama-base + ./models/lora-")
+                && card.contains("examples/models/lora-"),
+            "{case}: the card names the adapter and where it was read: {card}"
+        );
+    }
+}

@@ -39,6 +39,8 @@ const REPOS: &[&str] = &[
     "mixtral-base",
     "mixtral-ft-a",
     "mixtral-ft-b",
+    "lora-qv",
+    "lora-wide",
 ];
 
 /// The test venv's python (scripts/test.sh installs huggingface_hub there).
@@ -395,6 +397,106 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
         let plan = std::fs::read_to_string(out.join(".fleetmerge/plan.json")).unwrap();
         assert!(plan.contains(&format!("hf://fm/{}@", inputs[0])));
     }
+}
+
+/// LoRA references with both sides on the Hub (`fm/llama-base+fm/lora-wide`)
+/// merge by range with the bytes of local paths; `plan` lists the adapter's
+/// repository as an input of its own and the card records its commit;
+/// `download` puts the adapter's files in the cache beside the model's, and an
+/// offline merge from that cache gives the same bytes.
+#[test]
+fn adapters_on_the_hub_merge_like_local_ones() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("hf-cache");
+    let endpoint = hub.endpoint();
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ("HF_TOKEN", TOKEN),
+    ];
+    let case = "lora_ties";
+    let want = local_run(case, &t.path().join("local"), "5B");
+    let config = hub_config(case, t.path());
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("model: fm/llama-base+fm/lora-wide"));
+    let out = t.path().join("hub");
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        outputs(&out),
+        want,
+        "the Hub merge differs from the local one"
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("Hugging Face Hub `fm/lora-wide` at commit")
+            && card.contains("[fm/lora-wide](https://huggingface.co/fm/lora-wide)"),
+        "{card}"
+    );
+    let o = run_env(
+        t.path(),
+        &["plan", config.to_str().unwrap(), "--json"],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lora = plan["hub"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["repo"] == "fm/lora-wide")
+        .unwrap_or_else(|| panic!("no hub line for the adapter: {plan}"));
+    assert_eq!(lora["reference"], "fm/lora-wide");
+    assert_eq!(lora["files"], 1, "{lora}");
+    // download, then offline.
+    let config = hub_config("lora_base_model", t.path());
+    let o = run_env(
+        t.path(),
+        &["download", config.to_str().unwrap()],
+        &[
+            ("HF_ENDPOINT", endpoint.as_str()),
+            ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snapshot = cache
+        .join("models--fm--lora-qv/snapshots")
+        .join(commit(REPOS.iter().position(|r| *r == "lora-qv").unwrap()));
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(snapshot.join(f)).unwrap(),
+            std::fs::read(examples().join("models/lora-qv").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let want = local_run("lora_base_model", &t.path().join("local-base"), "5B");
+    let out = t.path().join("offline");
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[
+            ("HF_HUB_CACHE", cache.to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(outputs(&out), want);
 }
 
 /// Fills `cache` with huggingface_hub's snapshot_download from the fake hub.

@@ -18,6 +18,7 @@ mod hostile;
 mod hostile_units;
 mod hub;
 mod inspect;
+mod lora;
 mod object_storage;
 mod resume;
 mod safety;

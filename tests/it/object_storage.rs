@@ -132,6 +132,65 @@ fn kit_cases_from_bucket_to_bucket_match_local_runs() {
     }
 }
 
+/// LoRA references with either side in S3: base and adapter in the bucket
+/// (merged into the bucket), and a local base with its adapter in the bucket
+/// (merged locally): the bytes of the local merges.
+#[test]
+fn adapters_in_s3_match_local_runs() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    create_bucket(endpoint, "out-lora");
+    for case in ["lora_ties", "lora_linear"] {
+        let want = local(case, dir.path(), "100K");
+        let cfg = config_at(case, "s3://models/models/", dir.path());
+        assert!(std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("s3://models/models/llama-base+s3://models/models/lora-"));
+        let out = format!("s3://out-lora/{case}");
+        let o = fleetmerge_env(
+            dir.path(),
+            &[
+                "run",
+                cfg.to_str().unwrap(),
+                &out,
+                "--quiet",
+                "--out-shard-size",
+                "100K",
+            ],
+            &s3_env(endpoint),
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let got = dir.path().join(format!("got-{case}"));
+        download_dir(endpoint, "out-lora", case, &got);
+        assert_same_files(&got, &want);
+        let card = std::fs::read_to_string(got.join("README.md")).unwrap();
+        assert!(card.contains("s3://models/models/lora-"), "{card}");
+    }
+    // The base local, the adapter in the bucket.
+    let case = "lora_base_model";
+    let want = local(case, dir.path(), "5B");
+    let text = std::fs::read_to_string(fixture(case).join("config.yaml")).unwrap();
+    let cfg = dir.path().join("mixed.yaml");
+    std::fs::write(
+        &cfg,
+        text.replace("+./models/lora-", "+s3://models/models/lora-"),
+    )
+    .unwrap();
+    let out = dir.path().join("mixed-out");
+    let o = fleetmerge_env(
+        &examples(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_files(&out, &want);
+}
+
 #[test]
 fn transient_failures_are_retried_and_change_nothing() {
     let endpoint = s3();
