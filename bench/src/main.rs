@@ -1,8 +1,10 @@
 //! fleetmerge's benchmark: generates four model sets deterministically (dense
-//! Llama and Mixtral-style MoE, bf16, base + three fine-tunes), runs a linear
-//! and a TIES merge of each with the fleetmerge binary, and prints wall time,
-//! input throughput, peak RSS, and the ratio to a plain sequential read of the
-//! same input files measured in the same run.
+//! Llama and Mixtral-style MoE, bf16, base + three fine-tunes) and a LoRA
+//! adapter of the dense base, runs a linear and a TIES merge of each set with
+//! the fleetmerge binary (and of the dense set with `base+lora` in place of
+//! the first fine-tune), and prints wall time, input throughput, peak RSS, and
+//! the ratio to a plain sequential read of the same input files measured in the
+//! same run.
 //!
 //!     cargo build --release && cargo run --release -p fleetmerge-bench -- [--dir D] [--runs N]
 
@@ -24,7 +26,8 @@ struct Args {
     /// The fleetmerge binary.
     #[arg(long, default_value = "target/release/fleetmerge")]
     bin: PathBuf,
-    /// Only these merges (dense-linear, dense-ties, moe-linear, moe-ties).
+    /// Only these merges (dense-linear, dense-ties, dense-linear-lora,
+    /// dense-ties-lora, moe-linear, moe-ties).
     #[arg(long)]
     only: Vec<String>,
     /// Compute device passed to `fleetmerge run` (cuda:0 needs a binary built
@@ -269,6 +272,65 @@ fn generate(
     Ok(())
 }
 
+/// Rank and alpha of the generated adapter.
+const LORA_RANK: usize = 16;
+const LORA_ALPHA: usize = 32;
+
+/// Writes a PEFT LoRA adapter (bf16, r 16, alpha 32) of every 2-D weight of
+/// the layers (attention and MLP projections): `lora_A` ~ N(0, 0.02²),
+/// `lora_B` ~ N(0, 0.001²) (a trained adapter's B is no longer zero).
+fn generate_lora(dir: &Path, specs: &[Spec]) -> Result<()> {
+    let marker = dir.join(".complete-v1");
+    if marker.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (ti, s) in specs.iter().enumerate() {
+        let (Some(module), &[out, inp]) = (s.name.strip_suffix(".weight"), &s.shape[..]) else {
+            continue;
+        };
+        if !module.contains(".layers.") {
+            continue;
+        }
+        modules.insert(module.rsplit('.').next().unwrap_or(module).to_string());
+        for (f, shape, scale) in [
+            ("lora_A", [LORA_RANK, inp], 0.02),
+            ("lora_B", [out, LORA_RANK], 0.001),
+        ] {
+            let start = data.len();
+            for j in 0..shape[0] * shape[1] {
+                let key = ((ti as u64) << 40) ^ j as u64 ^ if f == "lora_A" { 1 << 62 } else { 0 };
+                data.extend_from_slice(&bf16((scale * normal(key)) as f32).to_le_bytes());
+            }
+            header.insert(
+                format!("base_model.model.{module}.{f}.weight"),
+                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    while (h.len() + 8) % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut f = std::fs::File::create(dir.join("adapter_model.safetensors"))?;
+    f.write_all(&(h.len() as u64).to_le_bytes())?;
+    f.write_all(&h)?;
+    f.write_all(&data)?;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "peft_type": "LORA", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
+            "target_modules": modules, "fan_in_fan_out": false, "use_rslora": false,
+            "use_dora": false, "bias": "none", "task_type": "CAUSAL_LM"
+        }))?,
+    )?;
+    std::fs::write(&marker, b"")?;
+    Ok(())
+}
+
 /// Runs `bin args`, returning (wall seconds, peak RSS bytes).
 fn timed(bin: &Path, args: &[&str], cwd: &Path) -> Result<(f64, u64)> {
     let t = Instant::now();
@@ -327,6 +389,7 @@ fn main() -> Result<()> {
         serde_json::json!({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 4096,
             "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 32000}),
     )?;
+    generate_lora(&dir.join("dense").join("lora"), &dense_specs())?;
     generate(
         &dir,
         "moe",
@@ -336,30 +399,35 @@ fn main() -> Result<()> {
             "num_hidden_layers": 4, "num_attention_heads": 16, "num_local_experts": 64,
             "num_experts_per_tok": 2, "vocab_size": 32000}),
     )?;
-    // (name, set, method, mergekit 0.1.5's time from the issue, reads the base)
+    // (name, set, method, mergekit 0.1.5's time from the issue (none for the
+    // LoRA merges: mergekit first writes the folded model to its cache), reads
+    // the base, its first model is `base+lora`)
     let merges = [
-        ("dense-linear", "dense", "linear", 11.7, false),
-        ("dense-ties", "dense", "ties", 109.0, true),
-        ("moe-linear", "moe", "linear", 16.4, false),
-        ("moe-ties", "moe", "ties", 87.6, true),
+        ("dense-linear", "dense", "linear", Some(11.7), false, false),
+        ("dense-ties", "dense", "ties", Some(109.0), true, false),
+        ("dense-linear-lora", "dense", "linear", None, false, true),
+        ("dense-ties-lora", "dense", "ties", None, true, true),
+        ("moe-linear", "moe", "linear", Some(16.4), false, false),
+        ("moe-ties", "moe", "ties", Some(87.6), true, false),
     ];
     println!(
         "| merge | input | fleetmerge (median of {}) | input GB/s | peak RSS | plain read | merge / read | mergekit | speed-up |",
         args.runs
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (name, set, method, mergekit, with_base) in merges {
+    for (name, set, method, mergekit, with_base, lora) in merges {
         if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
             continue;
         }
         let sdir = dir.join(set);
+        let first = if lora { "base" } else { "ft-a" };
         let models: Vec<&str> = if with_base {
-            vec!["ft-a", "ft-b", "ft-c", "base"]
+            vec![first, "ft-b", "ft-c", "base"]
         } else {
-            vec!["ft-a", "ft-b", "ft-c"]
+            vec![first, "ft-b", "ft-c"]
         };
         let mut yaml = String::from("models:\n");
-        for m in ["ft-a", "ft-b", "ft-c"] {
+        for m in [if lora { "base+lora" } else { "ft-a" }, "ft-b", "ft-c"] {
             yaml += &format!("  - model: {m}\n    parameters: {{weight: 1.0");
             if method == "ties" {
                 yaml += ", density: 0.5";
@@ -372,10 +440,13 @@ fn main() -> Result<()> {
         }
         let cfg = sdir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml)?;
-        let files: Vec<PathBuf> = models
+        let mut files: Vec<PathBuf> = models
             .iter()
             .map(|m| sdir.join(m).join("model-00001-of-00001.safetensors"))
             .collect();
+        if lora {
+            files.push(sdir.join("lora").join("adapter_model.safetensors"));
+        }
         plain_read(&files)?; // into the page cache
         let out = dir.join(format!("out-{name}"));
         let mut walls = Vec::new();
@@ -444,14 +515,17 @@ fn main() -> Result<()> {
         let wall = median(walls);
         let read_bps = median(reads);
         let read_secs = input as f64 / read_bps;
+        let (mergekit, speedup) = match mergekit {
+            Some(m) => (format!("{m} s"), format!("{:.1}x", m / wall)),
+            None => ("-".to_string(), "-".to_string()),
+        };
         println!(
-            "| {name} | {:.2} GB | {wall:.2} s | {:.2} | {:.2} GB | {read_secs:.2} s ({:.1} GB/s) | {:.1}x | {mergekit} s | {:.1}x |",
+            "| {name} | {:.2} GB | {wall:.2} s | {:.2} | {:.2} GB | {read_secs:.2} s ({:.1} GB/s) | {:.1}x | {mergekit} | {speedup} |",
             input as f64 / 1e9,
             input as f64 / 1e9 / wall,
             rss as f64 / 1e9,
             read_bps / 1e9,
             wall / read_secs,
-            mergekit / wall,
         );
         let _ = std::fs::remove_dir_all(&out);
     }
