@@ -234,7 +234,12 @@ impl Adapter {
                 (false, true) => true,
                 _ => false,
             };
-            if !(straight || turned) || (embedding && !turned) {
+            let fits = if embedding {
+                turned
+            } else {
+                straight || turned
+            };
+            if !fits {
                 return Err(shape_err(if embedding {
                     "an embedding [vocab, dim] takes A [r, vocab] and B [dim, r]"
                 } else {
