@@ -812,7 +812,11 @@ fn hub_errors_name_the_id_and_what_to_do() {
         ),
         (
             "fm/llama-ft-a+fm/lora",
-            &["LoRA", "not supported yet", "line 4"][..],
+            &["adapter 'fm/lora'", "not found", "line 4"][..],
+        ),
+        (
+            "fm/llama-ft-a+fm/llama-ft-b",
+            &["fm/llama-ft-b", "adapter_config.json: not found"][..],
         ),
     ] {
         let (o, out) = run(model, &env);
