@@ -654,3 +654,94 @@ fn adapted_inputs_read_as_their_folded_weights() {
         .to_string();
     assert!(e.contains("w.lora_B.weight"), "{e}");
 }
+
+/// An adapted FP8 weight is dequantized with its block scales first, then
+/// gets the delta: `fp8 · scale + s · B·A`.
+#[test]
+fn an_adapted_fp8_weight_is_dequantized_then_adapted() {
+    use crate::unit::{LoraRef, ParamValue, TensorParams};
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols) = (4u64, 3u64);
+    // E4M3 codes 0x38 (1.0) and 0x30 (0.5), alternating; one block, scale 2.
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|i| if i % 2 == 0 { 0x38 } else { 0x30 })
+        .collect();
+    let header = serde_json::json!({
+        "w": {"dtype": "F8_E4M3", "shape": [rows, cols], "data_offsets": [0, codes.len()]},
+        "w_scale_inv": {"dtype": "F32", "shape": [1, 1], "data_offsets": [codes.len(), codes.len() + 4]},
+    });
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    let start = bytes.len() as u64;
+    bytes.extend_from_slice(&codes);
+    bytes.extend_from_slice(&2f32.to_le_bytes());
+    let path = dir.path().join("fp8.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let location = path.to_string_lossy().into_owned();
+    let r = |name: &str, dtype: DType, shape: Vec<u64>, offset: u64, len: u64| TensorRef {
+        model: 0,
+        name: name.into(),
+        location: location.clone(),
+        offset,
+        len,
+        dtype,
+        shape,
+        lora: None,
+    };
+    let a: Vec<f32> = vec![1.0, 0.0, -1.0];
+    let b: Vec<f32> = vec![0.5, 1.0, 0.0, 2.0];
+    let factors = f32_file(
+        &dir.path().join("adapter_model.safetensors"),
+        &[
+            ("a", vec![1, cols], a.clone()),
+            ("b", vec![rows, 1], b.clone()),
+        ],
+    );
+    let mut input = r("w", DType::F8_E4M3, vec![rows, cols], start, rows * cols);
+    input.lora = Some(Box::new(LoraRef {
+        a: factors[0].clone(),
+        b: factors[1].clone(),
+        scale: 0.5,
+        transposed: false,
+    }));
+    let unit = WorkUnit {
+        format: PLAN_FORMAT,
+        id: 0,
+        file_name: "model.safetensors".into(),
+        merge_method: "linear".into(),
+        seed: 0,
+        tensors: vec![OutputTensor {
+            name: "w".into(),
+            dtype: DType::F32,
+            shape: vec![rows, cols],
+            op: TensorOp::Merge,
+            inputs: vec![input],
+            base: None,
+            params: TensorParams {
+                per_input: vec![[("weight".to_string(), ParamValue::Number(1.0))].into()],
+                ..Default::default()
+            },
+            scales: vec![Some(r(
+                "w_scale_inv",
+                DType::F32,
+                vec![1, 1],
+                start + rows * cols,
+                4,
+            ))],
+            block: Some([128, 128]),
+            requant: None,
+            vocab: None,
+        }],
+    };
+    unit.validate().unwrap();
+    let (_keep, out) = out_dir();
+    execute_unit(&unit, &out, &NoProgress).unwrap();
+    let want: Vec<f32> = (0..(rows * cols) as usize)
+        .map(|i| {
+            let w = if i % 2 == 0 { 2.0 } else { 1.0 };
+            w + 0.5 * b[i / cols as usize] * a[i % cols as usize]
+        })
+        .collect();
+    assert_eq!(shard_tail(&out, want.len()), want);
+}
