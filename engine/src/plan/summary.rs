@@ -17,8 +17,10 @@ pub struct Mismatch {
     pub fix: String,
 }
 
-/// Compares the input models with the first one.
-pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
+/// Compares the input models with the first one. With `aligned` (the config
+/// has `tokenizer_source` / `tokenizer:`), different vocabularies are what the
+/// plan aligns: neither their sizes nor embedding shapes are a mismatch.
+pub fn compare(models: &[ModelFacts], aligned: bool) -> Vec<Mismatch> {
     let mut out = Vec::new();
     let Some(first) = models.first() else {
         return out;
@@ -48,7 +50,7 @@ pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
             fix: "use `slices:` with a `layer_range` per source to pair layers explicitly".into(),
         });
     }
-    if models.iter().any(|m| m.vocab_size != first.vocab_size) {
+    if !aligned && models.iter().any(|m| m.vocab_size != first.vocab_size) {
         out.push(Mismatch {
             what: format!(
                 "vocabulary sizes differ: {}",
@@ -96,10 +98,10 @@ pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
         }
         s
     };
-    if !shape_diffs.is_empty() {
-        let embeddings_only = shape_diffs
-            .iter()
-            .all(|d| d.contains("embed") || d.contains("lm_head") || d.contains("wte"));
+    let embeddings_only = shape_diffs
+        .iter()
+        .all(|d| d.contains("embed") || d.contains("lm_head") || d.contains("wte"));
+    if !shape_diffs.is_empty() && !(aligned && embeddings_only) {
         out.push(Mismatch {
             what: format!(
                 "{} tensors differ in shape: {}",
@@ -150,6 +152,10 @@ pub struct Summary {
     /// Tensors too large for the memory budget whole, streamed in segments.
     pub streamed_tensors: usize,
     pub warnings: Vec<String>,
+    /// With a tokenizer setting: the output vocabulary (its warnings are also
+    /// in `warnings`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<crate::tokenizer::VocabSummary>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -260,6 +266,9 @@ pub fn summarize(
             tied.join(", ")
         ));
     }
+    if let Some(v) = &plan.vocabulary {
+        warnings.extend(v.warnings.iter().cloned());
+    }
     Summary {
         merge_method: plan.merge_method.clone(),
         output_tensors: plan.tensor_count(),
@@ -283,5 +292,6 @@ pub fn summarize(
         threads,
         streamed_tensors: peak.streamed_tensors(),
         warnings,
+        vocabulary: plan.vocabulary.clone(),
     }
 }
