@@ -18,7 +18,7 @@
 //!   the merge ends unfinished.
 
 use crate::common::procs::{field, Proc};
-use crate::common::{examples, fixture, root};
+use crate::common::{examples, fixture, root, venv_python};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -40,19 +40,6 @@ const REPOS: &[&str] = &[
     "mixtral-ft-a",
     "mixtral-ft-b",
 ];
-
-/// The test venv's python (scripts/test.sh installs huggingface_hub there).
-fn python() -> PathBuf {
-    let venv = std::env::var("FLEETMERGE_VENV").unwrap_or_else(|_| "/tmp/fleetmerge-venv".into());
-    let p = PathBuf::from(venv).join("bin/python");
-    assert!(
-        p.exists(),
-        "{} not found: run `bash scripts/test.sh` (it creates the test venv with huggingface_hub) \
-         or set FLEETMERGE_VENV",
-        p.display()
-    );
-    p
-}
 
 /// The commit of repo number `i` (40 hex digits).
 fn commit(i: usize) -> String {
@@ -96,7 +83,7 @@ impl FakeHub {
         )
         .unwrap();
         let ports = dir.path().join("ports");
-        let child = Command::new(python())
+        let child = Command::new(venv_python())
             .arg(root().join("tests/fixtures/fake_hub.py"))
             .arg(&config)
             .arg(&ports)
@@ -402,7 +389,7 @@ fn snapshot_download(hub: &FakeHub, cache: &Path, repos: &[&str]) {
     let script = format!(
         "import huggingface_hub as h\nfor r in {repos:?}:\n    h.snapshot_download('fm/' + r)\n"
     );
-    let o = Command::new(python())
+    let o = Command::new(venv_python())
         .args(["-c", &script])
         .env("HF_ENDPOINT", hub.endpoint())
         .env("HF_HUB_CACHE", cache)
@@ -521,7 +508,7 @@ fn download_fills_a_cache_that_huggingface_hub_reads_offline() {
         \x20   out[r] = {n: open(os.path.join(d, n), 'rb').read().hex() for n in os.listdir(d)}\n\
         \x20   h.hf_hub_download('fm/' + r, 'config.json')\n\
         print(json.dumps(out))\n";
-    let o = Command::new(python())
+    let o = Command::new(venv_python())
         .args(["-c", script])
         .env("HF_HUB_CACHE", &cache)
         .env("HF_HUB_OFFLINE", "1")

@@ -21,3 +21,4 @@ mod inspect;
 mod object_storage;
 mod resume;
 mod safety;
+mod transformers;

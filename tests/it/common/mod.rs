@@ -25,6 +25,20 @@ pub fn fixture(case: &str) -> PathBuf {
 }
 
 /// Runs `fleetmerge ARGS` in `cwd`.
+/// The test venv's python: scripts/test.sh installs huggingface_hub (the real
+/// client, tests/it/hub.rs) and transformers (tests/it/transformers.rs) there.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var("FLEETMERGE_VENV").unwrap_or_else(|_| "/tmp/fleetmerge-venv".into());
+    let p = PathBuf::from(venv).join("bin/python");
+    assert!(
+        p.exists(),
+        "{} not found: run `bash scripts/test.sh` (it creates the test venv with huggingface_hub \
+         and transformers) or set FLEETMERGE_VENV",
+        p.display()
+    );
+    p
+}
+
 pub fn fleetmerge(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
         .current_dir(cwd)
