@@ -5,6 +5,7 @@
 
 pub mod procs;
 pub mod servers;
+pub mod torch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
