@@ -161,10 +161,12 @@ pub struct DownloadArgs {
 }
 
 /// Files besides the shards that a merge, transformers or mergekit read: the
-/// model's config and index, and the tokenizer files a merge copies.
+/// model's config and index (safetensors' or pytorch_model.bin's), and the
+/// tokenizer files a merge copies.
 fn side_files() -> impl Iterator<Item = &'static str> {
-    ["config.json", fleetmerge_engine::output::INDEX_FILE]
+    ["config.json"]
         .into_iter()
+        .chain(fleetmerge_engine::checkpoint::INDEX_FILES)
         .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
 }
 

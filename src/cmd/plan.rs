@@ -105,14 +105,29 @@ fn print_plan(
         .max()
         .unwrap_or(5)
         .max(5);
+    let fw = models
+        .iter()
+        .map(|m| m.format.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     println!(
-        "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
-        "model", "architecture", "layers", "vocab", "hidden", "tensors", "params", "bytes"
+        "  {:width$}  {:fw$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+        "model",
+        "format",
+        "architecture",
+        "layers",
+        "vocab",
+        "hidden",
+        "tensors",
+        "params",
+        "bytes"
     );
     for m in models {
         println!(
-            "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+            "  {:width$}  {:fw$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
             m.reference,
+            m.format,
             m.architectures.join(","),
             m.layers,
             opt(m.vocab_size),

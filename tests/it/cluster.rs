@@ -239,6 +239,43 @@ fn a_tokenizer_merge_in_the_cluster_writes_what_run_writes() {
 }
 
 #[test]
+fn bin_inputs_in_the_cluster_write_what_run_writes() {
+    // Two torch .bin models (one file; two shards with an index) and two
+    // safetensors ones: workers read the .bin tensors by the byte ranges the
+    // coordinator's plan found in their pickles, and check them against it.
+    let dir = tempfile::tempdir().unwrap();
+    let case = "bin_mixed_ties";
+    let (config, cwd) = (fixture(case).join("config.yaml"), examples());
+    let reference = dir.path().join("reference");
+    run_case(case, &reference, "100K");
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &cwd,
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &["--out-shard-size", "100K"],
+    );
+    let mut workers: Vec<Proc> = (1..=2)
+        .map(|i| start_worker(&format!("w{i}"), &addr, &[], &[]))
+        .collect();
+    coordinator.succeeds(MINUTE);
+    for w in &mut workers {
+        w.succeeds(MINUTE);
+    }
+    assert!(journal_units(&out).len() > 1, "{}", coordinator.log());
+    assert_same_model(&out, &reference);
+    // And that is mergekit's output.
+    let problems = compare(
+        &read_model(&out),
+        &read_model(&fixture(case).join("expected")),
+        Mode::Close,
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
 fn a_worker_killed_mid_unit_loses_only_its_unit() {
     let big = big();
     let dir = tempfile::tempdir().unwrap();

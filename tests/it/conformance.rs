@@ -176,6 +176,9 @@ cases!(
     tok_source_model,
     tok_force_tokens,
     tok_slerp_union_pad,
+    bin_linear,
+    bin_mixed_ties,
+    err_bin_unsafe_pickle,
 );
 
 #[test]

@@ -39,6 +39,9 @@ const REPOS: &[&str] = &[
     "mixtral-base",
     "mixtral-ft-a",
     "mixtral-ft-b",
+    "llama-bin-a",
+    "llama-bin-b",
+    "llama-bin-evil",
 ];
 
 /// The commit of repo number `i` (40 hex digits).
@@ -382,6 +385,92 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
         let plan = std::fs::read_to_string(out.join(".fleetmerge/plan.json")).unwrap();
         assert!(plan.contains(&format!("hf://fm/{}@", inputs[0])));
     }
+}
+
+#[test]
+fn bin_checkpoints_merge_from_the_hub_by_range_and_unsafe_ones_are_refused() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("empty-cache");
+    let endpoint = hub.endpoint();
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ("HF_TOKEN", TOKEN),
+    ];
+    // fm/llama-bin-a (pytorch_model.bin), fm/llama-bin-b (two .bin shards and
+    // pytorch_model.bin.index.json) with two safetensors models.
+    let case = "bin_mixed_ties";
+    let want = local_run(case, &t.path().join("local"), "5B");
+    let config = hub_config(case, t.path());
+    hub.log(true);
+    let out = t.path().join("hub");
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        outputs(&out),
+        want,
+        "the Hub merge differs from the local one"
+    );
+    let reqs = hub.log(false);
+    let resolved: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.path.contains("/resolve/") && r.path.ends_with(".bin"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert!(
+        resolved
+            .iter()
+            .any(|p| p.ends_with("/pytorch_model-00002-of-00002.bin")),
+        "{resolved:?}"
+    );
+    // Every byte of a checkpoint comes by range from the CDN, none whole.
+    let blobs: Vec<&Req> = reqs
+        .iter()
+        .filter(|r| r.path.starts_with("/blob/"))
+        .collect();
+    assert!(!blobs.is_empty());
+    assert!(
+        blobs
+            .iter()
+            .all(|r| r.range.is_some() || r.method == "HEAD"),
+        "a blob fetched whole: {blobs:?}"
+    );
+
+    // The unsafe one, from the Hub: refused naming its hf:// file and the global.
+    let config = t.path().join("evil.yaml");
+    std::fs::write(
+        &config,
+        "models:\n  - model: fm/llama-bin-evil\n    parameters: {weight: 1}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            t.path().join("evil").to_str().unwrap(),
+            "--quiet",
+        ],
+        &env,
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("hf://fm/llama-bin-evil@")
+            && err.contains("pytorch_model.bin")
+            && err.contains("posix.system"),
+        "{err}"
+    );
 }
 
 /// Fills `cache` with huggingface_hub's snapshot_download from the fake hub.

@@ -191,6 +191,130 @@ fn moe_expert_tensors_are_fetched_in_few_range_requests() {
     assert_same_files(&got, &want);
 }
 
+/// `.bin` models in `s3://bins/models/{base,a,b}` (a: one `pytorch_model.bin`,
+/// b: two shards and an index), `BIN_LAYERS` layers of two 256 KiB tensors,
+/// and their local copies under `dir/models`.
+const BIN_LAYERS: u64 = 4;
+const BIN_TENSOR: u64 = 256 * 512 * 2;
+
+fn bin_models(endpoint: &str, dir: &Path) {
+    for (m, seed, shards) in [("base", 1u64, 1), ("a", 2, 1), ("b", 3, 2)] {
+        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = (0..BIN_LAYERS)
+            .flat_map(|l| {
+                ["mlp.up_proj.weight", "mlp.down_proj.weight"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(j, s)| {
+                        let values = noise(seed * 100 + l * 2 + j as u64, 256 * 512, 0.02);
+                        (format!("model.layers.{l}.{s}"), vec![256, 512], values)
+                    })
+            })
+            .collect();
+        torch::write_bin_model(&dir.join("models").join(m), BIN_LAYERS, &tensors, shards);
+    }
+    create_bucket(endpoint, "bins");
+    upload_dir(endpoint, "bins", "models", &dir.join("models"));
+}
+
+#[test]
+fn bin_inputs_in_s3_are_read_by_range_and_only_where_the_merge_needs() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    bin_models(endpoint, dir.path());
+    create_bucket(endpoint, "out-bins");
+
+    // A TIES merge of the three from S3 writes what the local merge writes.
+    let ties = ties_config(0.5);
+    std::fs::write(
+        dir.path().join("local.yaml"),
+        ties.replace("model: ", "model: models/"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("s3.yaml"),
+        ties.replace("model: ", "model: s3://bins/models/"),
+    )
+    .unwrap();
+    let want = dir.path().join("want");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            "local.yaml",
+            want.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "1M",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            "s3.yaml",
+            "s3://out-bins/ties",
+            "--quiet",
+            "--out-shard-size",
+            "1M",
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = dir.path().join("got");
+    download_dir(endpoint, "out-bins", "ties", &got);
+    assert_same_files(&got, &want);
+
+    // One layer of `a`: its two tensors are read, and of the rest of the file
+    // only what locates them.
+    let (proxy, stats) = flaky_proxy(endpoint, usize::MAX, usize::MAX);
+    std::fs::write(
+        dir.path().join("slice.yaml"),
+        "slices:\n  - sources:\n      - model: s3://bins/models/a\n        layer_range: [0, 1]\n\
+         merge_method: passthrough\n",
+    )
+    .unwrap();
+    let o = fleetmerge_env(
+        dir.path(),
+        &["run", "slice.yaml", "s3://out-bins/slice", "--quiet"],
+        &s3_env(&proxy),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = "/bins/models/a/pytorch_model.bin";
+    let size = std::fs::metadata(dir.path().join("models/a/pytorch_model.bin"))
+        .unwrap()
+        .len();
+    let (gets, bytes) = stats.ranges_of(file);
+    eprintln!("{gets} range requests, {bytes} of {size} bytes");
+    let needed = 2 * BIN_TENSOR;
+    // Beyond the two tensors, planning and the unit's check each read the
+    // file's last 64 KiB (its end record and central directory) and its
+    // pickle with the local headers near it: well under one more tensor.
+    assert!(
+        bytes >= needed && bytes < needed + BIN_TENSOR,
+        "{bytes} bytes read of {size} for {needed} bytes of tensors"
+    );
+    // Requests: planning reads the end, the pickle with the first storage's
+    // local header, and each other storage's local header (8 tensors); the
+    // unit's check the end, the pickle and the two storages' headers; the
+    // two adjacent tensors come in one request.
+    let tensors = 2 * BIN_LAYERS as usize;
+    assert!(
+        gets <= (1 + tensors) + 3 + 1,
+        "{gets} range requests for a file of {tensors} tensors"
+    );
+    let got = dir.path().join("got-slice");
+    download_dir(endpoint, "out-bins", "slice", &got);
+    let model = read_model(&got);
+    assert_eq!(
+        model.keys().collect::<Vec<_>>(),
+        [
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.weight"
+        ]
+    );
+}
+
 #[test]
 fn a_missing_model_or_wrong_credentials_fail_fast_and_clearly() {
     let endpoint = s3();

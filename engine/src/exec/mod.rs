@@ -59,12 +59,14 @@ pub enum ExecError {
     /// A panic in the pipeline: a bug, reported as the unit's error.
     #[error("internal error (a bug): {0}")]
     Internal(String),
-    /// An input file that is not a usable safetensors file (not one at all,
-    /// or truncated or changed since the merge was planned).
-    #[error("refusing to read {input} from {location}: not a usable safetensors file: {message}")]
-    NotSafetensors {
+    /// An input file that is not a usable checkpoint of its format (not one
+    /// at all, or truncated or changed since the merge was planned).
+    #[error("refusing to read {input} from {location}: not a usable {format} file: {message}")]
+    UnusableInput {
         location: String,
         input: String,
+        /// `safetensors` or `torch zip`.
+        format: &'static str,
         message: String,
     },
     /// An input reference that is not exactly a tensor of its file's header.

@@ -206,7 +206,20 @@ pub struct ProxyStats {
     pub requests: AtomicUsize,
     /// GETs with a Range header.
     pub range_gets: AtomicUsize,
+    /// Each ranged GET: (path, first byte, last byte).
+    pub ranges: Mutex<Vec<(String, u64, u64)>>,
     pub faults: AtomicUsize,
+}
+
+impl ProxyStats {
+    /// The ranged GETs of paths that end with `suffix`: (count, bytes).
+    pub fn ranges_of(&self, suffix: &str) -> (usize, u64) {
+        let ranges = self.ranges.lock().unwrap();
+        let mine = ranges.iter().filter(|(p, _, _)| p.ends_with(suffix));
+        mine.fold((0, 0), |(n, b), (_, first, last)| {
+            (n + 1, b + last + 1 - first)
+        })
+    }
 }
 
 /// An HTTP proxy in front of `upstream` that fails some requests: every
@@ -369,6 +382,18 @@ fn relay(
             .any(|l| l.to_ascii_lowercase().starts_with("range:"))
     {
         stats.range_gets.fetch_add(1, Ordering::SeqCst);
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let path = path.split('?').next().unwrap_or(path).to_string();
+        let range = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let (a, b) = k
+                .eq_ignore_ascii_case("range")
+                .then(|| v.trim().strip_prefix("bytes=")?.split_once('-'))??;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        });
+        if let Some((first, last)) = range {
+            stats.ranges.lock().unwrap().push((path, first, last));
+        }
     }
     if i % fail_every == 0 {
         stats.faults.fetch_add(1, Ordering::SeqCst);
