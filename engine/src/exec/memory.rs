@@ -282,8 +282,13 @@ pub fn limits_within(
                 + aligned_bytes(t, &least);
             if least.streams(t) {
                 let why = format!(
-                    "needs {} of working memory for its {} merge, even streamed",
+                    "needs {} of working memory for {}its {} merge, even streamed",
                     super::human_bytes(working as f64),
+                    if t.vocab.is_some() {
+                        "aligning its rows to the output vocabulary and "
+                    } else {
+                        ""
+                    },
                     unit.merge_method
                 );
                 (working, t, why)

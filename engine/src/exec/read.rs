@@ -233,10 +233,11 @@ impl Loaded {
         for (p, s) in &self.parts {
             let bytes = match s {
                 Source::Mapped => {
-                    let r = tensors[p.tensor]
+                    let t = &tensors[p.tensor];
+                    let r = t
                         .all_refs()
                         .nth(p.input)
-                        .ok_or_else(|| StorageError::io("", "a part of no input"))?;
+                        .ok_or_else(|| StorageError::io(&t.name, "a part of no input"))?;
                     maps.get(r)
                         .ok_or_else(|| StorageError::io(&r.location, "input file not mapped"))?
                         .bytes(p.bytes.clone())?
@@ -246,7 +247,10 @@ impl Loaded {
             match (&mut out[p.tensor], &p.rows) {
                 (Inputs::Rows(inputs), Some(rows)) => inputs[p.input].push((rows.clone(), bytes)),
                 (Inputs::Whole(inputs), None) => inputs.push(bytes),
-                _ => return Err(StorageError::io("", "rows of a tensor read whole")),
+                _ => {
+                    let name = &tensors[p.tensor].name;
+                    return Err(StorageError::io(name, "rows of a tensor read whole"));
+                }
             }
         }
         Ok(out)

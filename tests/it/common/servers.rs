@@ -206,6 +206,8 @@ pub struct ProxyStats {
     pub requests: AtomicUsize,
     /// GETs with a Range header.
     pub range_gets: AtomicUsize,
+    /// Bytes those GETs asked for (`Range: bytes=A-B`).
+    pub range_bytes: AtomicUsize,
     pub faults: AtomicUsize,
 }
 
@@ -363,12 +365,20 @@ fn relay(
         gate.pass(&head);
     }
     let i = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    if head.starts_with("GET ")
-        && head
-            .lines()
-            .any(|l| l.to_ascii_lowercase().starts_with("range:"))
-    {
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    if let (true, Some(range)) = (head.starts_with("GET "), range) {
         stats.range_gets.fetch_add(1, Ordering::SeqCst);
+        // `bytes=A-B` (inclusive); an open or suffix range counts as 0.
+        let bytes = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?))
+            .unwrap_or(0);
+        stats.range_bytes.fetch_add(bytes, Ordering::SeqCst);
     }
     if i % fail_every == 0 {
         stats.faults.fetch_add(1, Ordering::SeqCst);
