@@ -12,7 +12,9 @@ use std::sync::mpsc;
 
 /// The conformance kit's cases for the methods the GPU path computes, run
 /// unit by unit on the CPU and on the emulated GPU (through the same
-/// executor: windows, tensors merged in parallel): the shards are equal.
+/// executor: windows, tensors merged in parallel): the shards are equal. The
+/// tokenizer cases merge vocabulary tensors whose rows were read by range and
+/// aligned before the device takes them.
 #[test]
 fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -21,6 +23,8 @@ fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
         "dare_ties",
         "task_arithmetic",
         "mixtral_task_arithmetic",
+        "tok_union_linear",
+        "tok_source_base_ties",
     ] {
         let path = root
             .join("tests/fixtures/cases")
