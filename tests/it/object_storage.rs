@@ -872,3 +872,99 @@ fn the_coordinator_answers_while_a_completion_is_recorded() {
     download_dir(endpoint, "out-gated-cluster", "m", &got);
     assert_same_files(&got, reference);
 }
+
+/// A vocabulary tensor reads only the input rows its alignment uses: with
+/// `tokenizer_source: base`, a model with 300 tokens more than the base
+/// (39 MB of embedding and output-head rows the output drops) is fetched for
+/// its base rows only, read with its window or streamed under
+/// `--max-memory`; both merges have the bytes of the same merge from local
+/// files.
+#[test]
+fn vocabulary_rows_the_output_drops_are_not_fetched() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    let (width, extra) = (32768u64, 300u64);
+    write_wide_tok_models(dir.path(), width, extra);
+    for m in ["tok-base", "tok-wide"] {
+        upload_dir(
+            endpoint,
+            "models",
+            &format!("wide-tok/{m}"),
+            &dir.path().join("models").join(m),
+        );
+    }
+    let config = |prefix: &str| {
+        format!(
+            "models:\n  - model: {prefix}tok-base\n    parameters: {{weight: 0.5}}\n  \
+             - model: {prefix}tok-wide\n    parameters: {{weight: 0.5}}\n\
+             merge_method: linear\nbase_model: {prefix}tok-base\ntokenizer_source: base\n\
+             dtype: bfloat16\n"
+        )
+    };
+    std::fs::write(dir.path().join("local.yaml"), config("./models/")).unwrap();
+    std::fs::write(dir.path().join("s3.yaml"), config("s3://models/wide-tok/")).unwrap();
+    let want = dir.path().join("local");
+    let o = fleetmerge(
+        dir.path(),
+        &["run", "local.yaml", want.to_str().unwrap(), "--quiet"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 64 rows of 64 KiB of each vocabulary tensor of each model, two norms
+    // each; the headers besides.
+    let row = width * 2;
+    let needed = 2 * 2 * 64 * row + 2 * 2 * row;
+    let dropped = 2 * extra * row;
+    let budget = "100MiB";
+    for (name, extra_args) in [
+        ("window", vec![]),
+        ("streamed", vec!["--max-memory", budget]),
+    ] {
+        let (proxy, stats) = flaky_proxy(endpoint, usize::MAX, usize::MAX);
+        let env = s3_env(&proxy);
+        if name == "streamed" {
+            let o = fleetmerge_env(
+                dir.path(),
+                &[
+                    "plan",
+                    "s3.yaml",
+                    "--json",
+                    "--threads",
+                    "2",
+                    "--max-memory",
+                    budget,
+                ],
+                &env,
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(plan["plan"]["streamed_tensors"], 2, "{plan}");
+            // The plan counts only the rows read.
+            let read = plan["plan"]["read_total"].as_u64().unwrap();
+            assert_eq!(read, needed, "{plan}");
+        }
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "run",
+            "s3.yaml",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "2",
+        ];
+        args.extend(extra_args);
+        let before = stats.range_bytes.load(Ordering::SeqCst);
+        let o = fleetmerge_env(dir.path(), &args, &env);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let fetched = (stats.range_bytes.load(Ordering::SeqCst) - before) as u64;
+        eprintln!(
+            "{name}: {fetched} bytes fetched in {} range requests; {needed} needed, {dropped} \
+             dropped",
+            stats.range_gets.load(Ordering::SeqCst)
+        );
+        assert!(
+            fetched >= needed && fetched < needed + (512 << 10),
+            "{name}: {fetched} bytes fetched for {needed} needed"
+        );
+        assert!(same_output_files(&out, &want) >= 4, "{name}");
+    }
+}

@@ -4,12 +4,14 @@
 //! goes to the writer a segment at a time, so memory holds one segment, however
 //! large the tensor. The methods' chunked helpers drive it (see
 //! [`Segments`]): a method that needs whole-tensor statistics reads the tensor
-//! once per pass.
+//! once per pass. A vocabulary tensor's segments are its inputs' aligned rows,
+//! read and aligned for the segment (`vocab.rs`).
 
 use super::read::Maps;
+use super::vocab::VocabSource;
 use crate::methods::{chunked, Segments};
 use crate::storage::StorageError;
-use crate::unit::{OutputTensor, TensorRef};
+use crate::unit::{OutputTensor, TensorRef, VocabAlignment};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -38,6 +40,8 @@ pub struct Stream<'a> {
     emit: &'a (dyn Fn(&[u8]) -> Result<(), StorageError> + Sync),
     error: Mutex<Option<StorageError>>,
     emitted: Mutex<u64>,
+    /// A vocabulary tensor's inputs, aligned.
+    vocab: Option<VocabSource<'a>>,
 }
 
 impl<'a> Stream<'a> {
@@ -56,6 +60,22 @@ impl<'a> Stream<'a> {
             emit,
             error: Mutex::new(None),
             emitted: Mutex::new(0),
+            vocab: None,
+        }
+    }
+
+    /// Streams the vocabulary tensor `t`, its inputs re-indexed by `v`: each
+    /// segment is its inputs' aligned rows (see [`VocabSource`]).
+    pub fn vocab(
+        t: &'a OutputTensor,
+        v: &'a VocabAlignment,
+        maps: &'a Maps,
+        elements: usize,
+        emit: &'a (dyn Fn(&[u8]) -> Result<(), StorageError> + Sync),
+    ) -> Self {
+        Stream {
+            vocab: Some(VocabSource::new(t, v, maps, elements)),
+            ..Stream::new(&t.inputs, maps, elements, emit)
         }
     }
 
@@ -85,6 +105,10 @@ impl<'a> Stream<'a> {
     /// Reads elements `range` of every input: local ones mapped (and made
     /// resident), remote ones fetched at the same time.
     fn read(&self, range: &Range<usize>) -> Result<Vec<Input<'a>>, StorageError> {
+        if let Some(v) = &self.vocab {
+            let aligned = v.read(range.clone())?;
+            return Ok(aligned.into_iter().map(Input::Fetched).collect());
+        }
         let mut inputs = Vec::with_capacity(self.refs.len());
         for r in self.refs {
             let bytes = Self::bytes_of(r, range);
@@ -158,6 +182,9 @@ impl Segments for Stream<'_> {
                 let slices: Vec<&[u8]> = zeros.iter().map(Vec::as_slice).collect();
                 f(&slices)
             }
+        }
+        if self.vocab.is_some() {
+            return; // its rows were released once aligned
         }
         for r in self.refs {
             if let Some(m) = self.maps.get(r) {

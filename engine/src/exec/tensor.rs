@@ -2,18 +2,45 @@
 //! model holds the same), or merged by the unit's method — on the device when
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
-//! scales ([`requantize`]). A vocabulary tensor's inputs are first re-indexed
-//! into the output vocabulary by the unit's alignment (`aligned_inputs`).
+//! scales ([`requantize`]). A vocabulary tensor merges its inputs re-indexed
+//! into the output vocabulary: [`compute_loaded`] aligns the rows a window
+//! read (`vocab.rs`), a streamed one is aligned segment by segment.
 
-use super::{Device, ExecError};
+use super::read::Inputs;
+use super::{vocab, Device, ExecError};
 use crate::dtype::DType;
 use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
 use crate::unit::{OutputTensor, TensorOp, WorkUnit};
 use rayon::prelude::*;
 
+/// Computes `t` from the inputs a window loaded into `out`: a vocabulary
+/// tensor's rows are aligned first.
+pub(super) fn compute_loaded(
+    unit: &WorkUnit,
+    method: &dyn methods::MergeMethod,
+    t: &OutputTensor,
+    inputs: &Inputs,
+    out: &mut [u8],
+    device: &Device,
+) -> Result<(), ExecError> {
+    match (inputs, &t.vocab) {
+        (Inputs::Whole(bytes), _) => compute(unit, method, t, bytes, out, None, device),
+        (Inputs::Rows(rows), Some(v)) => {
+            let aligned = vocab::align_whole(t, v, rows);
+            let bytes: Vec<&[u8]> = aligned.iter().map(Vec::as_slice).collect();
+            compute(unit, method, t, &bytes, out, None, device)
+        }
+        (Inputs::Rows(_), None) => Err(ExecError::Internal(format!(
+            "{}: rows read for a tensor without a vocabulary alignment",
+            t.name
+        ))),
+    }
+}
+
 /// Computes `t` from its inputs' bytes (then its scales' bytes) into `out`;
-/// streamed (`stream`), the inputs' bytes are empty and come segment by
-/// segment from `stream`, and `out` holds one segment.
+/// a vocabulary tensor's inputs come aligned. Streamed (`stream`), the
+/// inputs' bytes are empty and come (aligned) segment by segment from
+/// `stream`, and `out` holds one segment.
 pub(super) fn compute(
     unit: &WorkUnit,
     method: &dyn methods::MergeMethod,
@@ -61,20 +88,6 @@ pub(super) fn compute(
         TensorOp::Merge => {
             // `inputs` holds the inputs, then the scales of the block-scaled ones.
             let n = t.inputs.len();
-            // A vocabulary tensor merges its inputs re-indexed into the
-            // output rows (validated units carry no scales with it).
-            let aligned = t
-                .vocab
-                .as_ref()
-                .map(|v| aligned_inputs(t, v, &inputs[..n.min(inputs.len())]));
-            let aligned_refs: Vec<&[u8]>;
-            let inputs = match &aligned {
-                Some(a) => {
-                    aligned_refs = a.iter().map(Vec::as_slice).collect();
-                    &aligned_refs[..]
-                }
-                None => inputs,
-            };
             let mut scale_bytes = inputs[n.min(inputs.len())..].iter();
             let block = t.block.unwrap_or([128, 128]);
             let mut views = Vec::with_capacity(n);
@@ -138,38 +151,6 @@ pub(super) fn compute(
             Ok(())
         }
     }
-}
-
-/// The inputs of a vocabulary tensor re-indexed by its alignment: each input's
-/// rows decoded to f32, placed (copied, filled, padded) as `v` says, and
-/// encoded back in the input's dtype, as mergekit fills a tensor of the
-/// input's dtype before the merge. Each result has the output's shape.
-fn aligned_inputs(
-    t: &OutputTensor,
-    v: &crate::unit::VocabAlignment,
-    inputs: &[&[u8]],
-) -> Vec<Vec<u8>> {
-    let width = t.shape.iter().skip(1).product::<u64>() as usize;
-    let decoded: Vec<Vec<f32>> = t
-        .inputs
-        .iter()
-        .zip(inputs)
-        .map(|(r, b)| {
-            let mut d = vec![0f32; b.len() / r.dtype.size()];
-            crate::dtype::decode_f32(r.dtype, b, &mut d);
-            d
-        })
-        .collect();
-    let rows: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-    v.align(&rows, width)
-        .into_iter()
-        .zip(&t.inputs)
-        .map(|(values, r)| {
-            let mut out = vec![0u8; values.len() * r.dtype.size()];
-            crate::dtype::encode_f32(r.dtype, &values, &mut out);
-            out
-        })
-        .collect()
 }
 
 /// Writes `values` (a merged 2-D weight) as E4M3 with per-block scales

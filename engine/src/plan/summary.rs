@@ -188,9 +188,10 @@ pub fn summarize(
     let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
     let mut per_model = vec![0u64; plan.models.len()];
     for t in tensors() {
-        for r in &t.inputs {
+        // A vocabulary tensor reads only the rows its alignment uses.
+        for (r, read) in t.inputs.iter().zip(t.input_read_bytes()) {
             if let Some(b) = per_model.get_mut(r.model) {
-                *b += r.len;
+                *b += read;
             }
         }
     }

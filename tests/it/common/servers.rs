@@ -208,6 +208,8 @@ pub struct ProxyStats {
     pub range_gets: AtomicUsize,
     /// Each ranged GET: (path, first byte, last byte).
     pub ranges: Mutex<Vec<(String, u64, u64)>>,
+    /// Bytes those GETs asked for (`Range: bytes=A-B`).
+    pub range_bytes: AtomicUsize,
     pub faults: AtomicUsize,
 }
 
@@ -376,22 +378,22 @@ fn relay(
         gate.pass(&head);
     }
     let i = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    if head.starts_with("GET ")
-        && head
-            .lines()
-            .any(|l| l.to_ascii_lowercase().starts_with("range:"))
-    {
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    if let (true, Some(range)) = (head.starts_with("GET "), range) {
         stats.range_gets.fetch_add(1, Ordering::SeqCst);
         let path = head.split(' ').nth(1).unwrap_or("");
         let path = path.split('?').next().unwrap_or(path).to_string();
-        let range = head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            let (a, b) = k
-                .eq_ignore_ascii_case("range")
-                .then(|| v.trim().strip_prefix("bytes=")?.split_once('-'))??;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        });
-        if let Some((first, last)) = range {
+        // `bytes=A-B` (inclusive); an open or suffix range counts as 0 bytes.
+        let bounds = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+        if let Some((first, last)) = bounds {
+            stats.range_bytes.fetch_add((last + 1 - first) as usize, Ordering::SeqCst);
             stats.ranges.lock().unwrap().push((path, first, last));
         }
     }
