@@ -393,7 +393,9 @@ fn relay(
             .and_then(|r| r.split_once('-'))
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
         if let Some((first, last)) = bounds {
-            stats.range_bytes.fetch_add((last + 1 - first) as usize, Ordering::SeqCst);
+            stats
+                .range_bytes
+                .fetch_add((last + 1 - first) as usize, Ordering::SeqCst);
             stats.ranges.lock().unwrap().push((path, first, last));
         }
     }
