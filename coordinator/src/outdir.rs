@@ -216,7 +216,7 @@ pub fn check_disjoint(plan: &Plan, out_dir: &str) -> Result<(), OutDirError> {
         let mut inp = segments(&input);
         // A file's folder is what the merge must not write into.
         let is_file = !storage::is_url(&input) && Path::new(&input).is_file();
-        if is_file || input.ends_with(".safetensors") {
+        if is_file || input.ends_with(".safetensors") || input.ends_with(".bin") {
             inp.pop();
         }
         let relation = if inp == out {

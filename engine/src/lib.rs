@@ -1,5 +1,6 @@
 //! fleetmerge-engine: everything both binaries share. The YAML config and its
-//! parameter resolution (`config`), checkpoint headers (`checkpoint`), where bytes
+//! parameter resolution (`config`), checkpoint headers (`checkpoint`: safetensors,
+//! and PyTorch `.bin` files read without running their pickle), where bytes
 //! live (`storage`), the work unit that planner and workers exchange (`unit`),
 //! the planner that turns a config into work units (`plan`), the merge methods
 //! (`methods`), the executor that runs one work unit (`exec`), the output

@@ -37,7 +37,7 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
     let config = MergeConfig::load(&args.config)?;
     let opts = args.plan.options()?;
     let models = plan::inspect_models(&config, &opts)?;
-    let mismatches = summary::compare(&models);
+    let mismatches = summary::compare(&models, config.tokenizer.is_some());
     let planned = plan::plan(&config, &opts);
     let threads = args
         .threads
@@ -105,14 +105,29 @@ fn print_plan(
         .max()
         .unwrap_or(5)
         .max(5);
+    let fw = models
+        .iter()
+        .map(|m| m.format.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     println!(
-        "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
-        "model", "architecture", "layers", "vocab", "hidden", "tensors", "params", "bytes"
+        "  {:width$}  {:fw$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+        "model",
+        "format",
+        "architecture",
+        "layers",
+        "vocab",
+        "hidden",
+        "tensors",
+        "params",
+        "bytes"
     );
     for m in models {
         println!(
-            "  {:width$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
+            "  {:width$}  {:fw$}  {:24}  {:>6}  {:>7}  {:>6}  {:>7}  {:>9}  {:>10}",
             m.reference,
+            m.format,
             m.architectures.join(","),
             m.layers,
             opt(m.vocab_size),
@@ -140,7 +155,12 @@ fn print_plan(
         }
     }
     if mismatches.is_empty() {
-        println!("compatibility: same architecture, layers, vocabulary and tensor shapes");
+        let vocabulary = if summary.is_some_and(|s| s.vocabulary.is_some()) {
+            "tensor shapes (vocabularies aligned to the output's, below)"
+        } else {
+            "vocabulary and tensor shapes"
+        };
+        println!("compatibility: same architecture, layers, {vocabulary}");
     } else {
         println!("compatibility: {} mismatch(es)", mismatches.len());
         for m in mismatches {
@@ -196,6 +216,9 @@ fn print_plan(
             s.streamed_tensors
         );
     }
+    if let Some(v) = &s.vocabulary {
+        print_vocabulary(v);
+    }
     if s.warnings.is_empty() {
         println!("warnings: none");
     } else {
@@ -203,6 +226,56 @@ fn print_plan(
         for w in &s.warnings {
             println!("  - {w}");
         }
+    }
+}
+
+/// The output vocabulary of a merge with a tokenizer setting: its size, the
+/// tokens added and from where, the rows that fall back to a default (the
+/// first 20 of each; `--json` has them all).
+fn print_vocabulary(v: &fleetmerge_engine::tokenizer::VocabSummary) {
+    const SHOWN: usize = 20;
+    let more = |n: usize| {
+        if n > SHOWN {
+            println!("    ... and {} more (--json lists them all)", n - SHOWN);
+        }
+    };
+    let padding = if v.rows > v.tokens {
+        format!(
+            ", {} embedding rows ({} padding rows)",
+            v.rows,
+            v.rows - v.tokens
+        )
+    } else {
+        String::new()
+    };
+    println!("vocabulary: {} tokens from {}{padding}", v.tokens, v.source);
+    if v.added.is_empty() {
+        println!("  tokens added: none");
+    } else {
+        println!("  tokens added ({}):", v.added.len());
+        for a in v.added.iter().take(SHOWN) {
+            let special = if a.special { ", special" } else { "" };
+            println!("    {:?} id {}{special}: from {}", a.token, a.id, a.from);
+        }
+        more(v.added.len());
+    }
+    if v.fallbacks.is_empty() {
+        println!("  rows from a default: none (every model has every token)");
+    } else {
+        println!(
+            "  rows from a default ({}: a model lacks the token or it is overridden):",
+            v.fallbacks.len()
+        );
+        for f in v.fallbacks.iter().take(SHOWN) {
+            println!(
+                "    {:?} id {} (for {}): {}",
+                f.token,
+                f.id,
+                f.lacking.join(", "),
+                f.rule
+            );
+        }
+        more(v.fallbacks.len());
     }
 }
 

@@ -281,3 +281,71 @@ fn unusable_devices_are_refused_up_front() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn an_unsafe_pickle_is_refused_naming_the_file_and_the_global() {
+    // The kit's llama-bin-evil: a valid pytorch_model.bin whose pickle also
+    // calls posix.system("echo unsafe-pickle-executed").
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("llama-bin-evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    for f in ["config.json", "pytorch_model.bin"] {
+        std::fs::copy(
+            examples().join("models/llama-bin-evil").join(f),
+            evil.join(f),
+        )
+        .unwrap();
+    }
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "models:\n  - model: llama-bin-evil\n    parameters: {weight: 1.0}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let err = run_expecting_error(dir.path(), &config);
+    assert!(
+        err.contains("llama-bin-evil/pytorch_model.bin") && err.contains("posix.system"),
+        "{err}"
+    );
+    assert!(!err.contains("unsafe-pickle-executed"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_corrupt_pytorch_model_bin_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("llama-bin-a");
+    std::fs::create_dir_all(&m).unwrap();
+    let src = examples().join("models/llama-bin-a");
+    std::fs::copy(src.join("config.json"), m.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("pytorch_model.bin")).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "models:\n  - model: llama-bin-a\n    parameters: {weight: 1.0}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    // Truncated (no central directory), a non-contiguous (transposed) view.
+    let mut transposed = bytes.clone();
+    let pkl = transposed
+        .windows(b"\x86q\x08K@K\x01\x86".len())
+        .position(|w| w == b"\x86q\x08K@K\x01\x86")
+        .expect("the embedding's stride (64, 1) in the pickle");
+    // (64, 1) -> (1, 64): a column-major view.
+    transposed[pkl + 4] = 1;
+    transposed[pkl + 6] = 64;
+    for (bytes, want) in [
+        (
+            bytes[..bytes.len() / 2].to_vec(),
+            "not a readable torch checkpoint",
+        ),
+        (transposed, "non-contiguous"),
+    ] {
+        std::fs::write(m.join("pytorch_model.bin"), bytes).unwrap();
+        let err = run_expecting_error(dir.path(), &config);
+        assert!(
+            err.contains("llama-bin-a/pytorch_model.bin") && err.contains(want),
+            "{err}"
+        );
+    }
+}

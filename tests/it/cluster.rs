@@ -238,6 +238,105 @@ fn a_tokenizer_merge_in_the_cluster_writes_what_run_writes() {
     }
 }
 
+/// The same tokenizer merge with vocabulary tensors too large for the
+/// worker's `--max-memory` whole (the kit's models widened, see
+/// `write_wide_tok_models`): the worker streams them, rows read and aligned
+/// a segment at a time, and writes what `fleetmerge run` writes without a
+/// budget.
+#[test]
+fn a_worker_within_max_memory_streams_the_vocabulary_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wide_tok_models(dir.path(), 16 << 10, 0);
+    let case = "tok_slerp_union_pad";
+    let config = fixture(case).join("config.yaml");
+    let budget = "95MiB";
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "plan",
+            config.to_str().unwrap(),
+            "--json",
+            "--threads",
+            "1",
+            "--max-memory",
+            budget,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        plan["plan"]["streamed_tensors"], 2,
+        "embed_tokens and lm_head"
+    );
+    let reference = dir.path().join("reference");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            reference.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "100K",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        dir.path(),
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &["--out-shard-size", "100K"],
+    );
+    let mut worker = start_worker("w1", &addr, &["--max-memory", budget], &[]);
+    coordinator.succeeds(MINUTE);
+    worker.succeeds(MINUTE);
+    assert_same_model(&out, &reference);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(reference.join("tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn bin_inputs_in_the_cluster_write_what_run_writes() {
+    // Two torch .bin models (one file; two shards with an index) and two
+    // safetensors ones: workers read the .bin tensors by the byte ranges the
+    // coordinator's plan found in their pickles, and check them against it.
+    let dir = tempfile::tempdir().unwrap();
+    let case = "bin_mixed_ties";
+    let (config, cwd) = (fixture(case).join("config.yaml"), examples());
+    let reference = dir.path().join("reference");
+    run_case(case, &reference, "100K");
+    let out = dir.path().join("out");
+    let (mut coordinator, addr) = start_coordinator(
+        "coordinator",
+        &cwd,
+        &config,
+        &out,
+        "127.0.0.1:0",
+        &["--out-shard-size", "100K"],
+    );
+    let mut workers: Vec<Proc> = (1..=2)
+        .map(|i| start_worker(&format!("w{i}"), &addr, &[], &[]))
+        .collect();
+    coordinator.succeeds(MINUTE);
+    for w in &mut workers {
+        w.succeeds(MINUTE);
+    }
+    assert!(journal_units(&out).len() > 1, "{}", coordinator.log());
+    assert_same_model(&out, &reference);
+    // And that is mergekit's output.
+    let problems = compare(
+        &read_model(&out),
+        &read_model(&fixture(case).join("expected")),
+        Mode::Close,
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 #[test]
 fn a_worker_killed_mid_unit_loses_only_its_unit() {
     let big = big();

@@ -179,6 +179,9 @@ cases!(
     lora_linear,
     lora_ties,
     lora_base_model,
+    bin_linear,
+    bin_mixed_ties,
+    err_bin_unsafe_pickle,
 );
 
 #[test]
@@ -340,4 +343,66 @@ fn merging_again_into_the_same_folder_leaves_one_model() {
     assert!(shards()
         .iter()
         .all(|n| n.starts_with("model-") || n == "model.safetensors.index.json"));
+}
+
+/// The kit's tokenizer cases on its tokenizer models widened to 16 Ki
+/// columns (`write_wide_tok_models`: the same vocabularies and alignments,
+/// embeddings of 1 to 2.6 MB per model): under a `--max-memory` that cannot
+/// hold an embedding's aligned inputs whole, both vocabulary tensors stream
+/// (rows read and aligned a segment at a time, padding rows included) and
+/// every output file has the bytes of the run without a budget.
+#[test]
+fn tokenizer_cases_streamed_under_max_memory_match_the_whole_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wide_tok_models(dir.path(), 16 << 10, 0);
+    let budget = "95MiB";
+    for case in [
+        "tok_union_linear",
+        "tok_source_base_ties",
+        "tok_source_model",
+        "tok_force_tokens",
+        "tok_slerp_union_pad",
+    ] {
+        let config = fixture(case).join("config.yaml");
+        let config = config.to_str().unwrap();
+        let (whole, limited) = (
+            dir.path().join(format!("{case}-whole")),
+            dir.path().join(case),
+        );
+        // The plan says the two vocabulary tensors stream within the budget.
+        let o = fleetmerge(
+            dir.path(),
+            &[
+                "plan",
+                config,
+                "--json",
+                "--threads",
+                "2",
+                "--max-memory",
+                budget,
+            ],
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            plan["plan"]["streamed_tensors"],
+            2,
+            "{case}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        for (out, extra) in [(&whole, vec![]), (&limited, vec!["--max-memory", budget])] {
+            let mut args = vec![
+                "run",
+                config,
+                out.to_str().unwrap(),
+                "--quiet",
+                "--threads",
+                "2",
+            ];
+            args.extend(extra);
+            let o = fleetmerge(dir.path(), &args);
+            assert!(o.status.success(), "{case}: {}", stderr(&o));
+        }
+        assert!(same_output_files(&limited, &whole) >= 4, "{case}");
+    }
 }

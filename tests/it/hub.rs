@@ -18,7 +18,7 @@
 //!   the merge ends unfinished.
 
 use crate::common::procs::{field, Proc};
-use crate::common::{examples, fixture, root};
+use crate::common::{examples, fixture, root, venv_python};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -41,20 +41,10 @@ const REPOS: &[&str] = &[
     "mixtral-ft-b",
     "lora-qv",
     "lora-wide",
+    "llama-bin-a",
+    "llama-bin-b",
+    "llama-bin-evil",
 ];
-
-/// The test venv's python (scripts/test.sh installs huggingface_hub there).
-fn python() -> PathBuf {
-    let venv = std::env::var("FLEETMERGE_VENV").unwrap_or_else(|_| "/tmp/fleetmerge-venv".into());
-    let p = PathBuf::from(venv).join("bin/python");
-    assert!(
-        p.exists(),
-        "{} not found: run `bash scripts/test.sh` (it creates the test venv with huggingface_hub) \
-         or set FLEETMERGE_VENV",
-        p.display()
-    );
-    p
-}
 
 /// The commit of repo number `i` (40 hex digits).
 fn commit(i: usize) -> String {
@@ -98,7 +88,7 @@ impl FakeHub {
         )
         .unwrap();
         let ports = dir.path().join("ports");
-        let child = Command::new(python())
+        let child = Command::new(venv_python())
             .arg(root().join("tests/fixtures/fake_hub.py"))
             .arg(&config)
             .arg(&ports)
@@ -499,12 +489,98 @@ fn adapters_on_the_hub_merge_like_local_ones() {
     assert_eq!(outputs(&out), want);
 }
 
+#[test]
+fn bin_checkpoints_merge_from_the_hub_by_range_and_unsafe_ones_are_refused() {
+    let hub = FakeHub::start();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("empty-cache");
+    let endpoint = hub.endpoint();
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ("HF_TOKEN", TOKEN),
+    ];
+    // fm/llama-bin-a (pytorch_model.bin), fm/llama-bin-b (two .bin shards and
+    // pytorch_model.bin.index.json) with two safetensors models.
+    let case = "bin_mixed_ties";
+    let want = local_run(case, &t.path().join("local"), "5B");
+    let config = hub_config(case, t.path());
+    hub.log(true);
+    let out = t.path().join("hub");
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        outputs(&out),
+        want,
+        "the Hub merge differs from the local one"
+    );
+    let reqs = hub.log(false);
+    let resolved: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.path.contains("/resolve/") && r.path.ends_with(".bin"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert!(
+        resolved
+            .iter()
+            .any(|p| p.ends_with("/pytorch_model-00002-of-00002.bin")),
+        "{resolved:?}"
+    );
+    // Every byte of a checkpoint comes by range from the CDN, none whole.
+    let blobs: Vec<&Req> = reqs
+        .iter()
+        .filter(|r| r.path.starts_with("/blob/"))
+        .collect();
+    assert!(!blobs.is_empty());
+    assert!(
+        blobs
+            .iter()
+            .all(|r| r.range.is_some() || r.method == "HEAD"),
+        "a blob fetched whole: {blobs:?}"
+    );
+
+    // The unsafe one, from the Hub: refused naming its hf:// file and the global.
+    let config = t.path().join("evil.yaml");
+    std::fs::write(
+        &config,
+        "models:\n  - model: fm/llama-bin-evil\n    parameters: {weight: 1}\nmerge_method: linear\n",
+    )
+    .unwrap();
+    let o = run_env(
+        t.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            t.path().join("evil").to_str().unwrap(),
+            "--quiet",
+        ],
+        &env,
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("hf://fm/llama-bin-evil@")
+            && err.contains("pytorch_model.bin")
+            && err.contains("posix.system"),
+        "{err}"
+    );
+}
+
 /// Fills `cache` with huggingface_hub's snapshot_download from the fake hub.
 fn snapshot_download(hub: &FakeHub, cache: &Path, repos: &[&str]) {
     let script = format!(
         "import huggingface_hub as h\nfor r in {repos:?}:\n    h.snapshot_download('fm/' + r)\n"
     );
-    let o = Command::new(python())
+    let o = Command::new(venv_python())
         .args(["-c", &script])
         .env("HF_ENDPOINT", hub.endpoint())
         .env("HF_HUB_CACHE", cache)
@@ -623,7 +699,7 @@ fn download_fills_a_cache_that_huggingface_hub_reads_offline() {
         \x20   out[r] = {n: open(os.path.join(d, n), 'rb').read().hex() for n in os.listdir(d)}\n\
         \x20   h.hf_hub_download('fm/' + r, 'config.json')\n\
         print(json.dumps(out))\n";
-    let o = Command::new(python())
+    let o = Command::new(venv_python())
         .args(["-c", script])
         .env("HF_HUB_CACHE", &cache)
         .env("HF_HUB_OFFLINE", "1")

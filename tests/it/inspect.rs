@@ -519,3 +519,61 @@ fn drop_layers_from(dir: &Path, from: u64) {
         }
     }
 }
+
+/// `plan` on a tokenizer merge shows the output vocabulary (size, padding,
+/// tokens added and from where, rows that fall back to a default), no longer
+/// calls the different vocabularies a mismatch, and `--json` carries it all.
+#[test]
+fn plan_shows_the_output_vocabulary_of_a_tokenizer_merge() {
+    let config = fixture("tok_force_tokens").join("config.yaml");
+    let o = fleetmerge(&examples(), &["plan", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", stderr(&o));
+    assert!(
+        text.contains("vocabularies aligned to the output's") && !text.contains("mismatch"),
+        "{text}"
+    );
+    assert!(text.contains("vocabulary: 67 tokens from union"), "{text}");
+    assert!(
+        text.contains("\"<|im_start|>\" id 64, special: from ./models/tok-chatml")
+            && text.contains("\"<|new|>\" id 66: from tokenizer.tokens"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\"<|im_end|>\" id 65 (for ./models/tok-base): the row of ./models/tok-chatml, \
+             the only model with it"
+        ) && text.contains(
+            "\"<|new|>\" id 66 (for ./models/tok-base, ./models/tok-chatml): row 65 of \
+             ./models/tok-chatml (tokenizer.tokens)"
+        ),
+        "{text}"
+    );
+
+    let config = fixture("tok_slerp_union_pad").join("config.yaml");
+    let o = fleetmerge(&examples(), &["plan", "--json", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vocab = &v["plan"]["vocabulary"];
+    assert_eq!(vocab["tokens"], 66, "{v}");
+    assert_eq!(vocab["rows"], 80, "{v}");
+    assert_eq!(vocab["added"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(vocab["fallbacks"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["mismatches"], serde_json::json!([]), "{v}");
+
+    // Without a tokenizer setting the same models are a mismatch whose fix
+    // names the setting, and the error says how to align them.
+    let config = fixture("err_vocab_mismatch").join("config.yaml");
+    let o = fleetmerge(&examples(), &["plan", config.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("vocabulary sizes differ") && text.contains("set `tokenizer_source`"),
+        "{text}"
+    );
+    assert!(
+        stderr(&o).contains("tokenizer_source: union"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -22,3 +22,4 @@ mod lora;
 mod object_storage;
 mod resume;
 mod safety;
+mod transformers;

@@ -250,6 +250,130 @@ fn moe_expert_tensors_are_fetched_in_few_range_requests() {
     assert_same_files(&got, &want);
 }
 
+/// `.bin` models in `s3://bins/models/{base,a,b}` (a: one `pytorch_model.bin`,
+/// b: two shards and an index), `BIN_LAYERS` layers of two 256 KiB tensors,
+/// and their local copies under `dir/models`.
+const BIN_LAYERS: u64 = 4;
+const BIN_TENSOR: u64 = 256 * 512 * 2;
+
+fn bin_models(endpoint: &str, dir: &Path) {
+    for (m, seed, shards) in [("base", 1u64, 1), ("a", 2, 1), ("b", 3, 2)] {
+        let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = (0..BIN_LAYERS)
+            .flat_map(|l| {
+                ["mlp.up_proj.weight", "mlp.down_proj.weight"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(j, s)| {
+                        let values = noise(seed * 100 + l * 2 + j as u64, 256 * 512, 0.02);
+                        (format!("model.layers.{l}.{s}"), vec![256, 512], values)
+                    })
+            })
+            .collect();
+        torch::write_bin_model(&dir.join("models").join(m), BIN_LAYERS, &tensors, shards);
+    }
+    create_bucket(endpoint, "bins");
+    upload_dir(endpoint, "bins", "models", &dir.join("models"));
+}
+
+#[test]
+fn bin_inputs_in_s3_are_read_by_range_and_only_where_the_merge_needs() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    bin_models(endpoint, dir.path());
+    create_bucket(endpoint, "out-bins");
+
+    // A TIES merge of the three from S3 writes what the local merge writes.
+    let ties = ties_config(0.5);
+    std::fs::write(
+        dir.path().join("local.yaml"),
+        ties.replace("model: ", "model: models/"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("s3.yaml"),
+        ties.replace("model: ", "model: s3://bins/models/"),
+    )
+    .unwrap();
+    let want = dir.path().join("want");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            "local.yaml",
+            want.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "1M",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = fleetmerge_env(
+        dir.path(),
+        &[
+            "run",
+            "s3.yaml",
+            "s3://out-bins/ties",
+            "--quiet",
+            "--out-shard-size",
+            "1M",
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = dir.path().join("got");
+    download_dir(endpoint, "out-bins", "ties", &got);
+    assert_same_files(&got, &want);
+
+    // One layer of `a`: its two tensors are read, and of the rest of the file
+    // only what locates them.
+    let (proxy, stats) = flaky_proxy(endpoint, usize::MAX, usize::MAX);
+    std::fs::write(
+        dir.path().join("slice.yaml"),
+        "slices:\n  - sources:\n      - model: s3://bins/models/a\n        layer_range: [0, 1]\n\
+         merge_method: passthrough\n",
+    )
+    .unwrap();
+    let o = fleetmerge_env(
+        dir.path(),
+        &["run", "slice.yaml", "s3://out-bins/slice", "--quiet"],
+        &s3_env(&proxy),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = "/bins/models/a/pytorch_model.bin";
+    let size = std::fs::metadata(dir.path().join("models/a/pytorch_model.bin"))
+        .unwrap()
+        .len();
+    let (gets, bytes) = stats.ranges_of(file);
+    eprintln!("{gets} range requests, {bytes} of {size} bytes");
+    let needed = 2 * BIN_TENSOR;
+    // Beyond the two tensors, planning and the unit's check each read the
+    // file's last 64 KiB (its end record and central directory) and its
+    // pickle with the local headers near it: well under one more tensor.
+    assert!(
+        bytes >= needed && bytes < needed + BIN_TENSOR,
+        "{bytes} bytes read of {size} for {needed} bytes of tensors"
+    );
+    // Requests: planning reads the end, the pickle with the first storage's
+    // local header, and each other storage's local header (8 tensors); the
+    // unit's check the end, the pickle and the two storages' headers; the
+    // two adjacent tensors come in one request.
+    let tensors = 2 * BIN_LAYERS as usize;
+    assert!(
+        gets <= (1 + tensors) + 3 + 1,
+        "{gets} range requests for a file of {tensors} tensors"
+    );
+    let got = dir.path().join("got-slice");
+    download_dir(endpoint, "out-bins", "slice", &got);
+    let model = read_model(&got);
+    assert_eq!(
+        model.keys().collect::<Vec<_>>(),
+        [
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.weight"
+        ]
+    );
+}
+
 #[test]
 fn a_missing_model_or_wrong_credentials_fail_fast_and_clearly() {
     let endpoint = s3();
@@ -806,4 +930,100 @@ fn the_coordinator_answers_while_a_completion_is_recorded() {
     let _ = std::fs::remove_dir_all(&got);
     download_dir(endpoint, "out-gated-cluster", "m", &got);
     assert_same_files(&got, reference);
+}
+
+/// A vocabulary tensor reads only the input rows its alignment uses: with
+/// `tokenizer_source: base`, a model with 300 tokens more than the base
+/// (39 MB of embedding and output-head rows the output drops) is fetched for
+/// its base rows only, read with its window or streamed under
+/// `--max-memory`; both merges have the bytes of the same merge from local
+/// files.
+#[test]
+fn vocabulary_rows_the_output_drops_are_not_fetched() {
+    let endpoint = s3();
+    let dir = tempfile::tempdir().unwrap();
+    let (width, extra) = (32768u64, 300u64);
+    write_wide_tok_models(dir.path(), width, extra);
+    for m in ["tok-base", "tok-wide"] {
+        upload_dir(
+            endpoint,
+            "models",
+            &format!("wide-tok/{m}"),
+            &dir.path().join("models").join(m),
+        );
+    }
+    let config = |prefix: &str| {
+        format!(
+            "models:\n  - model: {prefix}tok-base\n    parameters: {{weight: 0.5}}\n  \
+             - model: {prefix}tok-wide\n    parameters: {{weight: 0.5}}\n\
+             merge_method: linear\nbase_model: {prefix}tok-base\ntokenizer_source: base\n\
+             dtype: bfloat16\n"
+        )
+    };
+    std::fs::write(dir.path().join("local.yaml"), config("./models/")).unwrap();
+    std::fs::write(dir.path().join("s3.yaml"), config("s3://models/wide-tok/")).unwrap();
+    let want = dir.path().join("local");
+    let o = fleetmerge(
+        dir.path(),
+        &["run", "local.yaml", want.to_str().unwrap(), "--quiet"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 64 rows of 64 KiB of each vocabulary tensor of each model, two norms
+    // each; the headers besides.
+    let row = width * 2;
+    let needed = 2 * 2 * 64 * row + 2 * 2 * row;
+    let dropped = 2 * extra * row;
+    let budget = "100MiB";
+    for (name, extra_args) in [
+        ("window", vec![]),
+        ("streamed", vec!["--max-memory", budget]),
+    ] {
+        let (proxy, stats) = flaky_proxy(endpoint, usize::MAX, usize::MAX);
+        let env = s3_env(&proxy);
+        if name == "streamed" {
+            let o = fleetmerge_env(
+                dir.path(),
+                &[
+                    "plan",
+                    "s3.yaml",
+                    "--json",
+                    "--threads",
+                    "2",
+                    "--max-memory",
+                    budget,
+                ],
+                &env,
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(plan["plan"]["streamed_tensors"], 2, "{plan}");
+            // The plan counts only the rows read.
+            let read = plan["plan"]["read_total"].as_u64().unwrap();
+            assert_eq!(read, needed, "{plan}");
+        }
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "run",
+            "s3.yaml",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "2",
+        ];
+        args.extend(extra_args);
+        let before = stats.range_bytes.load(Ordering::SeqCst);
+        let o = fleetmerge_env(dir.path(), &args, &env);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let fetched = (stats.range_bytes.load(Ordering::SeqCst) - before) as u64;
+        eprintln!(
+            "{name}: {fetched} bytes fetched in {} range requests; {needed} needed, {dropped} \
+             dropped",
+            stats.range_gets.load(Ordering::SeqCst)
+        );
+        assert!(
+            fetched >= needed && fetched < needed + (512 << 10),
+            "{name}: {fetched} bytes fetched for {needed} needed"
+        );
+        assert!(same_output_files(&out, &want) >= 4, "{name}");
+    }
 }

@@ -16,7 +16,7 @@
 //! - Without it, the worker writes only into the first output folder the
 //!   coordinator gave it (a lease for another folder is refused) and reads any
 //!   input that passes the executor's header check (a tensor of a safetensors
-//!   file's own header).
+//!   file's own header, or of a torch `.bin` checkpoint's pickle).
 
 use fleetmerge_engine::storage;
 use fleetmerge_engine::unit::WorkUnit;

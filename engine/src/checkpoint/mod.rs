@@ -1,20 +1,62 @@
-//! Input checkpoints: validated safetensors headers (`safetensors`), model
+//! Input checkpoints: validated safetensors headers (`safetensors`), PyTorch
+//! `.bin` checkpoints read without running their pickle (`torch`), model
 //! directories with their shards, index and `config.json` (`model`), and PEFT
 //! LoRA adapter folders mapped onto a base model's tensors (`adapter`).
 
 mod adapter;
 mod model;
 mod safetensors;
+mod torch;
 
 pub use adapter::{
     adapter_weights, Adapted, Adapter, LoraConfig, ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS,
 };
-pub use model::{read_index, Checkpoint, Index, TensorLocation};
+pub use model::{read_index, Checkpoint, Index, TensorLocation, INDEX_FILES};
 pub(crate) use safetensors::check_header_len;
 pub use safetensors::{parse_header, read_header, SafetensorsHeader, TensorInfo, MAX_HEADER_LEN};
+pub use torch::{read_torch, read_torch_at, MAX_PICKLE_LEN};
 
 use crate::dtype::DType;
-use crate::storage::StorageError;
+use crate::storage::{Storage, StorageError};
+
+/// The format of a checkpoint file, from its name as mergekit decides it: a
+/// `.bin` file is a torch zip checkpoint, anything else safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Format {
+    Safetensors,
+    TorchZip,
+}
+
+impl Format {
+    /// The format of the file at `location`.
+    pub fn of(location: &str) -> Format {
+        if location.to_ascii_lowercase().ends_with(".bin") {
+            Format::TorchZip
+        } else {
+            Format::Safetensors
+        }
+    }
+
+    /// As `fleetmerge plan` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::TorchZip => "torch zip",
+        }
+    }
+}
+
+/// The tensors of a checkpoint file, in its format ([`Format::of`]), sorted by
+/// offset: a safetensors header's entries, or a torch zip checkpoint's tensors.
+pub fn read_tensors(
+    storage: &dyn Storage,
+    location: &str,
+) -> Result<Vec<(String, TensorInfo)>, CheckpointError> {
+    match Format::of(location) {
+        Format::Safetensors => Ok(read_header(storage, location)?.tensors),
+        Format::TorchZip => read_torch(storage, location),
+    }
+}
 
 /// Why a checkpoint or one of its files could not be used. Every variant names the
 /// file (and the tensor, where there is one) so a user can find the culprit.
@@ -118,11 +160,45 @@ pub enum CheckpointError {
         second: String,
     },
 
+    // --- PyTorch checkpoints (.bin) ---
+    #[error("{location}: not a readable torch checkpoint: {message}")]
+    TorchZip { location: String, message: String },
+    #[error(
+        "{location}: torch's legacy serialization format (before torch 1.6: a pickle without \
+         the zip container), which fleetmerge does not read; re-save it with torch 1.6 or later, \
+         or convert it to safetensors"
+    )]
+    TorchLegacy { location: String },
+    /// The pickle imports a global outside the allow-list: refused before
+    /// anything could call it.
+    #[error(
+        "{location}: refusing this checkpoint: its pickle {pickle} imports {global}, which is \
+         not one of the tensor, storage and dtype classes fleetmerge allows (nothing in the \
+         file is run; a checkpoint that calls other code may be unsafe)"
+    )]
+    UnsafePickle {
+        location: String,
+        pickle: String,
+        global: String,
+    },
+    #[error("{location}: cannot read the pickle {pickle}: {message}")]
+    TorchPickle {
+        location: String,
+        pickle: String,
+        message: String,
+    },
+    #[error("{location}: tensor {tensor}: {message}")]
+    TorchTensor {
+        location: String,
+        tensor: String,
+        message: String,
+    },
+
     // --- model directory ---
     #[error("{location}: model directory not found")]
     ModelNotFound { location: String },
-    #[error("{location}: no safetensors checkpoint: {found}")]
-    NoSafetensors { location: String, found: String },
+    #[error("{location}: no model.safetensors or pytorch_model.bin checkpoint: {found}")]
+    NoCheckpoint { location: String, found: String },
     #[error("{location}: invalid index: {message}")]
     BadIndex { location: String, message: String },
     #[error("{location}: weight_map names shard {shard:?}, which is not a plain file name")]

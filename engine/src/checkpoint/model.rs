@@ -1,8 +1,9 @@
 //! A model directory: where each tensor lives (through the index or the single
-//! `model.safetensors`), and its `config.json`.
+//! file: `model.safetensors`, else PyTorch's `pytorch_model.bin`, as mergekit
+//! and transformers prefer them), and its `config.json`.
 
-use super::safetensors::{read_header, short, Entries, SafetensorsHeader, TensorInfo};
-use super::CheckpointError;
+use super::safetensors::{short, Entries, TensorInfo};
+use super::{read_tensors, CheckpointError, Format};
 use crate::storage::{Storage, StorageError};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
@@ -10,6 +11,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
 const SINGLE_FILE: &str = "model.safetensors";
+const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+const BIN_SINGLE_FILE: &str = "pytorch_model.bin";
+/// The index files a model directory may have, in the order they are looked for.
+pub const INDEX_FILES: [&str; 2] = [INDEX_FILE, BIN_INDEX_FILE];
 const CONFIG_FILE: &str = "config.json";
 
 /// Where one tensor's bytes are.
@@ -34,24 +39,32 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a model directory: `model.safetensors.index.json` (+ shards) or
-    /// `model.safetensors`, plus `config.json`.
+    /// `model.safetensors`, else `pytorch_model.bin.index.json` (+ shards) or
+    /// `pytorch_model.bin` (mergekit's order: safetensors first, an index
+    /// before a single file), plus `config.json`. Each shard is read as its
+    /// name says ([`Format::of`]).
     pub fn open(storage: &dyn Storage, location: &str) -> Result<Checkpoint, CheckpointError> {
-        let index = storage.join(location, INDEX_FILE);
-        let single = storage.join(location, SINGLE_FILE);
-        let (tensors, files) = if storage.exists(&index)? {
-            open_sharded(storage, location, &index)?
-        } else if storage.exists(&single)? {
-            let header = read_header(storage, &single)?;
-            let tensors = header
-                .tensors
-                .into_iter()
-                .map(|(name, info)| {
-                    let file = single.clone();
-                    (name, TensorLocation { file, info })
-                })
-                .collect();
-            (tensors, vec![single])
-        } else {
+        let mut found = None;
+        for (index, single) in [(INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_SINGLE_FILE)] {
+            let index = storage.join(location, index);
+            if storage.exists(&index)? {
+                found = Some(open_sharded(storage, location, &index)?);
+                break;
+            }
+            let single = storage.join(location, single);
+            if storage.exists(&single)? {
+                let tensors = read_tensors(storage, &single)?
+                    .into_iter()
+                    .map(|(name, info)| {
+                        let file = single.clone();
+                        (name, TensorLocation { file, info })
+                    })
+                    .collect();
+                found = Some((tensors, vec![single]));
+                break;
+            }
+        }
+        let Some((tensors, files)) = found else {
             return Err(describe_missing(storage, location)?);
         };
         let config = read_config(storage, location)?;
@@ -61,6 +74,14 @@ impl Checkpoint {
             tensors,
             files,
         })
+    }
+
+    /// The formats of its files: `safetensors`, `torch zip`, or both
+    /// (`safetensors + torch zip`) when an index names shards of each.
+    pub fn format(&self) -> String {
+        let formats: BTreeSet<Format> = self.files.iter().map(|f| Format::of(f)).collect();
+        let names: Vec<&str> = formats.into_iter().map(Format::name).collect();
+        names.join(" + ")
     }
 
     /// Checks config.json's layer count against the tensors: a layer-count key
@@ -138,13 +159,13 @@ fn open_sharded(
 
     let headers = shard_files
         .par_iter()
-        .map(|file| read_header(storage, file))
-        .collect::<Result<Vec<SafetensorsHeader>, _>>()?;
+        .map(|file| read_tensors(storage, file))
+        .collect::<Result<Vec<_>, _>>()?;
 
     // Every tensor named by any shard header, to catch one stored twice.
     let mut found: HashMap<String, (usize, TensorInfo)> = HashMap::new();
-    for (i, header) in headers.into_iter().enumerate() {
-        for (name, info) in header.tensors {
+    for (i, tensors) in headers.into_iter().enumerate() {
+        for (name, info) in tensors {
             if let Some((j, _)) = found.get(&name) {
                 return Err(CheckpointError::DuplicateTensor {
                     location: location.to_string(),
@@ -192,7 +213,7 @@ fn open_sharded(
     Ok((tensors, shard_files))
 }
 
-/// The part of `model.safetensors.index.json` we use; the weight_map keeps its
+/// The part of `model.safetensors.index.json` (or `pytorch_model.bin.index.json`) we use; the weight_map keeps its
 /// entries in file order with duplicates, so a repeated tensor is reported.
 #[derive(serde::Deserialize)]
 struct IndexFile {
@@ -200,7 +221,7 @@ struct IndexFile {
     metadata: Option<Value>,
 }
 
-/// A parsed `model.safetensors.index.json`.
+/// A parsed `model.safetensors.index.json` or `pytorch_model.bin.index.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
     /// (tensor, shard file name) in file order; names are checked to be plain
@@ -278,8 +299,8 @@ fn read_config(
     }
 }
 
-/// The error for a directory without a safetensors checkpoint, saying what is
-/// there instead so the user knows what to do.
+/// The error for a directory without a checkpoint, saying what is there
+/// instead so the user knows what to do.
 fn describe_missing(
     storage: &dyn Storage,
     location: &str,
@@ -290,14 +311,14 @@ fn describe_missing(
             location: location.to_string(),
         });
     }
-    let has = |n: &str| names.iter().any(|x| x == n);
-    let found = if has("pytorch_model.bin") || has("pytorch_model.bin.index.json") {
-        "pytorch_model.bin is not supported; convert the checkpoint to safetensors".to_string()
-    } else if let Some(other) = names.iter().find(|n| n.ends_with(".safetensors")) {
+    let found = if let Some(other) = names.iter().find(|n| n.ends_with(".safetensors")) {
         format!("found {other} but neither {SINGLE_FILE} nor {INDEX_FILE}")
-    } else if let Some(other) = names.iter().find(|n| {
-        n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".gguf")
-    }) {
+    } else if let Some(other) = names.iter().find(|n| n.ends_with(".bin")) {
+        format!("found {other} but neither {BIN_SINGLE_FILE} nor {BIN_INDEX_FILE}")
+    } else if let Some(other) = names
+        .iter()
+        .find(|n| n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".gguf"))
+    {
         format!("{other} is not supported; convert the checkpoint to safetensors")
     } else if names.is_empty() {
         "the directory is empty".to_string()
@@ -308,7 +329,7 @@ fn describe_missing(
         }
         format!("found only {}", listed.join(", "))
     };
-    Ok(CheckpointError::NoSafetensors {
+    Ok(CheckpointError::NoCheckpoint {
         location: location.to_string(),
         found,
     })

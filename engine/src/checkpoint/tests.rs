@@ -1,5 +1,6 @@
 //! Tests of header validation and model directory opening, on files built here.
 
+use super::torch::tests as torch_tests;
 use super::*;
 use crate::output::ShardLayout;
 use crate::storage::{LocalStorage, Storage};
@@ -550,26 +551,17 @@ fn bad_index() {
 }
 
 #[test]
-fn no_safetensors() {
-    let (_d, m) = model_dir(&[
-        ("config.json", CONFIG.into()),
-        ("pytorch_model.bin", vec![0; 4]),
-    ]);
+fn no_checkpoint() {
+    let (_d, m) = model_dir(&[("config.json", CONFIG.into()), ("model.pt", vec![0; 4])]);
     let err = Checkpoint::open(&LocalStorage, &m).unwrap_err();
-    assert!(
-        matches!(err, CheckpointError::NoSafetensors { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, CheckpointError::NoCheckpoint { .. }), "{err}");
     assert!(err
         .to_string()
-        .contains("pytorch_model.bin is not supported; convert the checkpoint to safetensors"));
+        .contains("model.pt is not supported; convert the checkpoint to safetensors"));
 
     let (_d, m) = model_dir(&[("config.json", CONFIG.into())]);
     let err = Checkpoint::open(&LocalStorage, &m).unwrap_err();
-    assert!(
-        matches!(err, CheckpointError::NoSafetensors { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, CheckpointError::NoCheckpoint { .. }), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
 
     let (_d, m) = model_dir(&[("model-00001-of-00002.safetensors", vec![0; 4])]);
@@ -578,6 +570,132 @@ fn no_safetensors() {
         err.to_string().contains("model-00001-of-00002.safetensors"),
         "{err}"
     );
+
+    let (_d, m) = model_dir(&[("pytorch_model-00001-of-00002.bin", vec![0; 4])]);
+    let err = Checkpoint::open(&LocalStorage, &m).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "found pytorch_model-00001-of-00002.bin but neither pytorch_model.bin nor \
+             pytorch_model.bin.index.json"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_broken_pytorch_model_bin_is_an_error_naming_it() {
+    let (_d, m) = model_dir(&[
+        ("config.json", CONFIG.into()),
+        ("pytorch_model.bin", vec![0; 4]),
+    ]);
+    let err = Checkpoint::open(&LocalStorage, &m).unwrap_err();
+    assert!(matches!(err, CheckpointError::TorchZip { .. }), "{err}");
+    assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
+}
+
+/// A model directory of torch checkpoints: `files` as (name, tensors).
+fn torch_dir(
+    files: &[(&str, Vec<torch_tests::View>)],
+    extra: &[(&str, Vec<u8>)],
+) -> (tempfile::TempDir, String) {
+    let mut all: Vec<(&str, Vec<u8>)> = vec![("config.json", CONFIG.into())];
+    for (name, views) in files {
+        all.push((name, torch_tests::checkpoint(views, b"")));
+    }
+    all.extend(extra.iter().cloned());
+    model_dir(&all)
+}
+
+#[test]
+fn pytorch_model_bin_and_its_sharded_index_open() {
+    use torch_tests::View;
+    let w = |n: &str, k: &str| View::contiguous(n, k, "BFloat16Storage", &[4, 4]);
+    let (_d, m) = torch_dir(
+        &[("pytorch_model.bin", vec![w("a", "0"), w("b", "1")])],
+        &[],
+    );
+    let c = Checkpoint::open(&LocalStorage, &m).unwrap();
+    assert_eq!(c.tensors.len(), 2);
+    assert_eq!(c.format(), "torch zip");
+    assert!(c.tensors["a"].file.ends_with("pytorch_model.bin"));
+    assert_eq!(c.tensors["a"].info.dtype, DType::BF16);
+
+    let index = br#"{"metadata": {"total_size": 64}, "weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}"#;
+    let (_d, m) = torch_dir(
+        &[
+            ("pytorch_model-00001-of-00002.bin", vec![w("a", "0")]),
+            ("pytorch_model-00002-of-00002.bin", vec![w("b", "0")]),
+        ],
+        &[("pytorch_model.bin.index.json", index.to_vec())],
+    );
+    let c = Checkpoint::open(&LocalStorage, &m).unwrap();
+    assert_eq!(c.files.len(), 2);
+    assert!(c.tensors["b"]
+        .file
+        .ends_with("pytorch_model-00002-of-00002.bin"));
+
+    // A tensor the index puts in the wrong shard.
+    let wrong = br#"{"weight_map": {"a": "pytorch_model-00002-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}"#;
+    let (_d, m) = torch_dir(
+        &[
+            ("pytorch_model-00001-of-00002.bin", vec![w("a", "0")]),
+            ("pytorch_model-00002-of-00002.bin", vec![w("b", "0")]),
+        ],
+        &[("pytorch_model.bin.index.json", wrong.to_vec())],
+    );
+    let err = Checkpoint::open(&LocalStorage, &m).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::TensorNotInShard { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn safetensors_is_preferred_to_pytorch_model_bin() {
+    use torch_tests::View;
+    let (_d, m) = torch_dir(
+        &[(
+            "pytorch_model.bin",
+            vec![View::contiguous("t", "0", "FloatStorage", &[2])],
+        )],
+        &[("model.safetensors", layout_file(&[("s", DType::F32, &[2])]))],
+    );
+    let c = Checkpoint::open(&LocalStorage, &m).unwrap();
+    assert_eq!(c.tensors.keys().collect::<Vec<_>>(), ["s"]);
+    assert_eq!(c.format(), "safetensors");
+    // Even an unsafe pytorch_model.bin beside it is never opened.
+    let mut p = torch_tests::Pickler::default();
+    p.str("x")
+        .global("posix", "system")
+        .str("id")
+        .op(&[0x85])
+        .op(b"R");
+    let evil = torch_tests::checkpoint(&[View::contiguous("t", "0", "FloatStorage", &[2])], &p.out);
+    let (_d, m) = model_dir(&[
+        ("config.json", CONFIG.into()),
+        ("pytorch_model.bin", evil),
+        ("model.safetensors", layout_file(&[("s", DType::F32, &[2])])),
+    ]);
+    assert!(Checkpoint::open(&LocalStorage, &m).is_ok());
+    // The index of pytorch_model.bin comes before it, as mergekit looks.
+    let (_d, m) = torch_dir(
+        &[
+            (
+                "pytorch_model.bin",
+                vec![View::contiguous("t", "0", "FloatStorage", &[2])],
+            ),
+            (
+                "shard.bin",
+                vec![View::contiguous("u", "0", "FloatStorage", &[2])],
+            ),
+        ],
+        &[(
+            "pytorch_model.bin.index.json",
+            br#"{"weight_map": {"u": "shard.bin"}}"#.to_vec(),
+        )],
+    );
+    let c = Checkpoint::open(&LocalStorage, &m).unwrap();
+    assert_eq!(c.tensors.keys().collect::<Vec<_>>(), ["u"]);
 }
 
 #[test]

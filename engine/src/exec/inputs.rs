@@ -1,17 +1,20 @@
 //! Checks a unit's input references against the files they point into: every
 //! input (and block-scale) reference must be exactly a tensor entry of its
-//! file's own safetensors header (name, dtype, shape and byte range). A unit
-//! therefore reads only bytes that a checkpoint's header declares as that
-//! tensor: not the header, not another file's bytes (a text file is not a
-//! safetensors file), not bytes between tensors.
+//! file's own safetensors header, or a tensor of its torch zip checkpoint's
+//! pickle (name, dtype, shape and byte range). A unit therefore reads only
+//! bytes that a checkpoint declares as that tensor: not the header, not
+//! another file's bytes (a text file is not a checkpoint), not bytes between
+//! tensors.
 //!
-//! Each file's header is read once per unit: local files from their memory map
-//! (already open for the unit), objects of an object store with the usual
-//! header read (a HEAD and one range request, two for a header over 64 KiB).
+//! Each file's header is read once per unit: local safetensors files from
+//! their memory map (already open for the unit), objects of an object store
+//! with the usual header read (a HEAD and one range request, two for a header
+//! over 64 KiB); a `.bin` file as `checkpoint::read_torch_at` reads it (its
+//! end, its pickle and the local headers of the storages the unit reads).
 
 use super::read::Maps;
 use super::ExecError;
-use crate::checkpoint::{self, CheckpointError, TensorInfo};
+use crate::checkpoint::{self, CheckpointError, Format, TensorInfo};
 use crate::storage::{self, StorageError};
 use crate::unit::{TensorRef, WorkUnit};
 use rayon::prelude::*;
@@ -43,33 +46,47 @@ fn local_header(
     header
 }
 
-/// Reads the header of every file the unit reads, once each.
+/// Reads the header of every file the unit reads, once each: a safetensors
+/// header, or the tensors of a torch zip checkpoint whose storages hold the
+/// unit's offsets.
 fn headers(unit: &WorkUnit, maps: &Maps) -> Result<HashMap<String, Entries>, ExecError> {
     let mut files: Vec<&TensorRef> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut offsets: HashMap<&str, Vec<u64>> = HashMap::new();
     for r in unit.tensors.iter().flat_map(|t| t.all_refs()) {
-        if seen.insert(r.location.as_str()) {
+        let at = offsets.entry(r.location.as_str()).or_default();
+        if at.is_empty() {
             files.push(r);
         }
+        at.push(r.offset);
     }
     files
         .par_iter()
         .map(|r| {
             let location = r.location.as_str();
-            let header = match maps.get(r) {
-                Some(map) => local_header(location, map),
-                None => checkpoint::read_header(storage::for_location(location).as_ref(), location),
+            let format = Format::of(location);
+            let tensors = match (format, maps.get(r)) {
+                (Format::Safetensors, Some(map)) => local_header(location, map).map(|h| h.tensors),
+                (Format::Safetensors, None) => {
+                    checkpoint::read_header(storage::for_location(location).as_ref(), location)
+                        .map(|h| h.tensors)
+                }
+                (Format::TorchZip, _) => checkpoint::read_torch_at(
+                    storage::for_location(location).as_ref(),
+                    location,
+                    offsets.get(location).map_or(&[][..], Vec::as_slice),
+                ),
             };
-            let header = header.map_err(|e| match e {
+            let tensors = tensors.map_err(|e| match e {
                 // Storage errors keep their kind (an I/O error may pass).
                 CheckpointError::Storage(s) => ExecError::Storage(s),
-                other => ExecError::NotSafetensors {
+                other => ExecError::UnusableInput {
                     location: location.to_string(),
                     input: r.name.clone(),
+                    format: format.name(),
                     message: other.to_string(),
                 },
             })?;
-            Ok((location.to_string(), header.tensors.into_iter().collect()))
+            Ok((location.to_string(), tensors.into_iter().collect()))
         })
         .collect()
 }

@@ -7,13 +7,15 @@
 //! written), the output writer's blocks, per-thread chunk scratch, and what the
 //! method keeps per tensor (top-k candidates, samples) for every thread that may
 //! be merging a tensor of the window at once. A streamed tensor holds one
-//! segment of its inputs and two of its output instead of the whole tensor; a
-//! vocabulary tensor is never streamed, and holds its re-indexed inputs too.
-//! An adapted input's LoRA factors count as inputs (read whole, also when its
-//! tensor is streamed), decoded to f32 as working memory, and each thread
-//! holds the delta of a chunk.
+//! segment of its inputs and two of its output instead of the whole tensor.
+//! A vocabulary tensor's inputs are the rows its alignment reads; re-indexing
+//! them holds them decoded and the aligned inputs the method merges (read
+//! whole: the whole tensor's, streamed: one segment's; see `vocab.rs`; an
+//! adapted input's aligned rows are f32). An adapted input's LoRA factors
+//! count as inputs (read whole, also when its tensor is streamed), decoded to
+//! f32 as working memory, and each thread holds the delta of a chunk.
 
-use super::{read, stream, ExecLimits};
+use super::{read, stream, vocab, ExecLimits};
 use crate::methods;
 use crate::unit::WorkUnit;
 
@@ -70,7 +72,7 @@ pub fn estimate(
         }
         unit.tensors[w.clone()]
             .iter()
-            .flat_map(|t| t.all_refs().map(|r| r.len))
+            .map(|t| t.input_bytes())
             .sum()
     };
     let output_bytes = |w: &std::ops::Range<usize>| -> u64 {
@@ -124,7 +126,7 @@ pub fn estimate(
                         .map_or(0, |r| 8 * r.weight_shape.iter().product::<u64>());
                     method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()))
                         + requant
-                        + aligned_bytes(t)
+                        + aligned_bytes(t, limits)
                         + lora_bytes(t)
                 })
                 .collect();
@@ -141,26 +143,27 @@ pub fn estimate(
     }
 }
 
-/// What re-indexing a vocabulary tensor's inputs holds at its peak: every
-/// input decoded to f32, its aligned f32 rows, and the aligned rows encoded in
-/// its dtype (f32 for an adapted input; none for other tensors).
-fn aligned_bytes(t: &crate::unit::OutputTensor) -> u64 {
+/// What re-indexing a vocabulary tensor's inputs holds at its peak beyond
+/// the window's inputs (none for other tensors): read whole, the rows read,
+/// decoded, one aligned input in f32, and every aligned input in its aligned
+/// dtype (f32 for an adapted input); streamed (the aligned segment is the
+/// segment's inputs), a segment's rows read and decoded and its aligned f32
+/// rows.
+fn aligned_bytes(t: &crate::unit::OutputTensor, limits: &ExecLimits) -> u64 {
     if t.vocab.is_none() {
         return 0;
     }
-    let row_elements: u64 = t.shape.iter().skip(1).product();
-    t.inputs
+    if limits.streams(t) {
+        let elements =
+            stream::max_segment_elements(t, stream::segment_elements(t, limits.window_bytes));
+        return vocab::working_bytes(t, Some(elements));
+    }
+    let aligned: u64 = t
+        .inputs
         .iter()
-        .map(|r| {
-            let elements = r.len / r.dtype.size() as u64;
-            let encoded = if r.lora.is_some() {
-                4
-            } else {
-                r.dtype.size() as u64
-            };
-            4 * elements + (4 + encoded) * t.numel().max(row_elements)
-        })
-        .sum()
+        .map(|r| vocab::aligned_dtype(r).size() as u64)
+        .sum();
+    vocab::working_bytes(t, None) + aligned * t.numel()
 }
 
 /// The LoRA factors of a tensor's adapted inputs, decoded to f32 while it is
@@ -308,11 +311,17 @@ pub fn limits_within(
         .tensors
         .iter()
         .map(|t| {
-            let working = method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()));
+            let working = method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()))
+                + aligned_bytes(t, &least);
             if least.streams(t) {
                 let why = format!(
-                    "needs {} of working memory for its {} merge, even streamed",
+                    "needs {} of working memory for {}its {} merge, even streamed",
                     super::human_bytes(working as f64),
+                    if t.vocab.is_some() {
+                        "aligning its rows to the output vocabulary and "
+                    } else {
+                        ""
+                    },
                     unit.merge_method
                 );
                 (working, t, why)
@@ -321,11 +330,6 @@ pub fn limits_within(
                            whole (their block scales need the whole merged weight)"
                     .to_string();
                 (t.input_bytes() + working, t, why)
-            } else if t.vocab.is_some() && t.input_bytes() > least.window_bytes {
-                let why = "is read whole: a vocabulary tensor's rows are re-indexed whole (its \
-                           inputs aligned to the output vocabulary)"
-                    .to_string();
-                (t.input_bytes() + working + aligned_bytes(t), t, why)
             } else {
                 (t.input_bytes() + working, t, "is read whole".to_string())
             }
@@ -393,6 +397,72 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// A unit of one vocabulary tensor of `rows` rows of `width` bf16 values
+    /// from two inputs: the first has exactly those rows, the second
+    /// `extra` more that the output drops.
+    fn vocab_unit(rows: u64, width: u64, extra: u64) -> WorkUnit {
+        use crate::unit::{RowRun, VocabAlignment};
+        let mut u = unit("linear", &[("model.embed_tokens.weight", rows * width)]);
+        let t = &mut u.tensors[0];
+        t.shape = vec![rows, width];
+        t.inputs.truncate(2);
+        t.base = None;
+        for (r, n) in t.inputs.iter_mut().zip([rows, rows + extra]) {
+            r.shape = vec![n, width];
+            r.len = n * width * 2;
+        }
+        let all = vec![RowRun {
+            out: 0,
+            src: 0,
+            len: rows,
+        }];
+        t.vocab = Some(VocabAlignment {
+            rows,
+            tokens: rows,
+            runs: vec![all.clone(), all],
+            fills: Vec::new(),
+        });
+        u
+    }
+
+    #[test]
+    fn a_vocabulary_tensor_reads_and_holds_only_its_aligned_rows() {
+        // 32 Ki rows of 1024 bf16 (64 MiB per input); the second input has
+        // 224 Ki more rows (448 MiB) that the output drops.
+        let u = vocab_unit(32 << 10, 1024, 224 << 10);
+        let t = &u.tensors[0];
+        assert_eq!(t.input_bytes(), 2 * (64 << 20));
+        assert_eq!(t.input_read_bytes(), [64 << 20, 64 << 20]);
+        assert_eq!(u.input_bytes(), 2 * (64 << 20));
+        let whole = estimate(&u, "/out", &ExecLimits::default(), 2);
+        assert_eq!(
+            whole.inputs,
+            2 * (64 << 20),
+            "the dropped rows are not read"
+        );
+        // Aligning holds the rows decoded (2 x 128 MiB), one aligned input in
+        // f32 (128 MiB) and both aligned inputs in bf16 (128 MiB).
+        assert!(whole.working >= 512 << 20, "{whole:?}");
+        // Within 300 MiB it streams: a segment of rows at a time.
+        let budget = 300 << 20;
+        let limits = limits_within(&u, "/out", budget, 2).unwrap();
+        assert!(limits.streams(t), "{limits:?}");
+        let streamed = estimate(&u, "/out", &limits, 2);
+        assert!(PROCESS_BYTES + streamed.total() <= budget);
+        assert!(
+            streamed.inputs < 2 * limits.window_bytes + (1 << 20),
+            "{streamed:?}"
+        );
+        // The smallest window: a segment's rows, not the tensor.
+        let least = ExecLimits {
+            window_bytes: MIN_WINDOW,
+            read_ahead: false,
+            stream: true,
+        };
+        let e = estimate(&u, "/out", &least, 2);
+        assert!(e.inputs + e.outputs + e.working < 16 << 20, "{e:?}");
     }
 
     #[test]

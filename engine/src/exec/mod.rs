@@ -12,7 +12,9 @@
 //! and the channels between them are in `pipeline/`; one tensor's computation
 //! (copy, merge on the device or the CPU, FP8 re-quantization) in `tensor.rs`;
 //! reading inputs in [`read`], streaming a tensor too large to hold in
-//! [`stream`], the device in `device.rs`, the memory budget in [`memory`].
+//! [`stream`], a vocabulary tensor's rows (read by range, aligned whole or a
+//! segment at a time) in `vocab.rs`, the device in `device.rs`, the memory
+//! budget in [`memory`].
 
 mod device;
 mod finite;
@@ -25,6 +27,7 @@ pub mod stream;
 mod tensor;
 #[cfg(test)]
 mod tests;
+mod vocab;
 
 pub use device::{Device, DeviceError};
 
@@ -59,12 +62,14 @@ pub enum ExecError {
     /// A panic in the pipeline: a bug, reported as the unit's error.
     #[error("internal error (a bug): {0}")]
     Internal(String),
-    /// An input file that is not a usable safetensors file (not one at all,
-    /// or truncated or changed since the merge was planned).
-    #[error("refusing to read {input} from {location}: not a usable safetensors file: {message}")]
-    NotSafetensors {
+    /// An input file that is not a usable checkpoint of its format (not one
+    /// at all, or truncated or changed since the merge was planned).
+    #[error("refusing to read {input} from {location}: not a usable {format} file: {message}")]
+    UnusableInput {
         location: String,
         input: String,
+        /// `safetensors` or `torch zip`.
+        format: &'static str,
         message: String,
     },
     /// An input reference that is not exactly a tensor of its file's header.
@@ -148,14 +153,12 @@ impl Default for ExecLimits {
 }
 
 impl ExecLimits {
-    /// Whether `t` is streamed under these limits. A re-quantized FP8 output
-    /// needs its whole merged weight for the block scales, and a vocabulary
-    /// tensor's rows are re-indexed whole, so neither ever is.
+    /// Whether `t` is streamed under these limits: when its window bytes
+    /// ([`read::tensor_bytes`]: what it reads, or a vocabulary tensor's
+    /// aligned inputs) exceed the window. A re-quantized FP8 output needs its
+    /// whole merged weight for the block scales, so it never is.
     pub fn streams(&self, t: &OutputTensor) -> bool {
-        self.stream
-            && t.requant.is_none()
-            && t.vocab.is_none()
-            && t.input_bytes() > self.window_bytes
+        self.stream && t.requant.is_none() && read::tensor_bytes(t) > self.window_bytes
     }
 
     /// The limits that keep `unit` within `budget` bytes (the defaults when
@@ -240,15 +243,7 @@ pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecErro
     let loaded = read::load(tensors, &maps)?;
     let views = loaded.views(tensors, &maps)?;
     let mut out = vec![0u8; tensors[0].byte_len() as usize];
-    tensor::compute(
-        unit,
-        method,
-        &tensors[0],
-        &views[0],
-        &mut out,
-        None,
-        &Device::Cpu,
-    )?;
+    tensor::compute_loaded(unit, method, &tensors[0], &views[0], &mut out, &Device::Cpu)?;
     Ok(out)
 }
 

@@ -10,6 +10,10 @@
 //! request, the spans of different objects at the same time, and each tensor's
 //! bytes are cut out of its span. A window of hundreds of small expert tensors
 //! costs a handful of requests per input file instead of one per tensor.
+//!
+//! A vocabulary tensor is read by rows: of each input, only the row ranges
+//! its alignment uses (see [`super::vocab`]), each one byte range, mapped or
+//! fetched (and coalesced) like any other; its inputs' LoRA factors whole.
 
 use crate::storage::{self, Mapped, StorageError};
 use crate::unit::{OutputTensor, TensorRef};
@@ -21,14 +25,30 @@ pub const WINDOW_BYTES: u64 = 64 << 20;
 /// Unneeded bytes a span may carry between two needed ranges.
 pub const GAP_BYTES: u64 = 1 << 20;
 
+/// The input bytes `t` takes in a window: what it reads, or for a vocabulary
+/// tensor the aligned inputs it merges when they are more.
+pub fn tensor_bytes(t: &OutputTensor) -> u64 {
+    let read = t.input_bytes();
+    if t.vocab.is_none() {
+        return read;
+    }
+    let aligned: u64 = t
+        .inputs
+        .iter()
+        .map(|r| super::vocab::aligned_dtype(r).size() as u64)
+        .sum();
+    read.max(aligned * t.numel())
+}
+
 /// Consecutive tensors computed together: as many as fit in `limit` input
-/// bytes; a tensor whose inputs alone exceed it is a window by itself.
+/// bytes ([`tensor_bytes`]); a tensor whose inputs alone exceed it is a window
+/// by itself.
 pub fn windows(tensors: &[OutputTensor], limit: u64) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0u64;
     for (i, t) in tensors.iter().enumerate() {
-        let b: u64 = t.all_refs().map(|r| r.len).sum();
+        let b = tensor_bytes(t);
         if i > start && bytes + b > limit {
             out.push(start..i);
             start = i;
@@ -126,14 +146,73 @@ impl Maps {
     }
 }
 
+/// One byte range a window reads: all of an input (or scale) of one of its
+/// tensors, or rows of a vocabulary tensor's input.
+#[derive(Debug, Clone)]
+struct Part {
+    tensor: usize,
+    /// Index into the tensor's [`OutputTensor::all_refs`].
+    input: usize,
+    /// The rows, for a vocabulary tensor.
+    rows: Option<Range<u64>>,
+    bytes: Range<u64>,
+}
+
+/// Every part a window reads, in tensor, input and row order, with its ref.
+fn parts(tensors: &[OutputTensor]) -> Vec<(Part, &TensorRef)> {
+    let mut out = Vec::new();
+    for (ti, t) in tensors.iter().enumerate() {
+        if t.vocab.is_some() {
+            for (ii, (r, rows)) in t.inputs.iter().zip(super::vocab::whole_rows(t)).enumerate() {
+                for rows in rows {
+                    let bytes = super::vocab::byte_range(r, &rows);
+                    let rows = Some(rows);
+                    out.push((
+                        Part {
+                            tensor: ti,
+                            input: ii,
+                            rows,
+                            bytes,
+                        },
+                        r,
+                    ));
+                }
+            }
+            // Its inputs' LoRA factors, whole (after its inputs in
+            // `all_refs`, as validated units carry no scales with it).
+            let n = t.inputs.len();
+            for (j, r) in t.side_refs().enumerate() {
+                let part = Part {
+                    tensor: ti,
+                    input: n + j,
+                    rows: None,
+                    bytes: r.offset..r.offset + r.len,
+                };
+                out.push((part, r));
+            }
+            continue;
+        }
+        for (ii, r) in t.all_refs().enumerate() {
+            let part = Part {
+                tensor: ti,
+                input: ii,
+                rows: None,
+                bytes: r.offset..r.offset + r.len,
+            };
+            out.push((part, r));
+        }
+    }
+    out
+}
+
 /// A window's inputs, ready for compute: remote spans fetched, local ranges
 /// checked and mapped.
 pub struct Loaded {
     /// Fetched spans of remote objects.
     spans: Vec<Vec<u8>>,
-    /// Per tensor, per input: where its bytes are.
-    sources: Vec<Vec<Source>>,
-    /// Input bytes of the window.
+    /// Every part read, in order, and where its bytes are.
+    parts: Vec<(Part, Source)>,
+    /// Input bytes of the window (what it reads: [`OutputTensor::input_bytes`]).
     pub bytes: u64,
 }
 
@@ -145,29 +224,62 @@ enum Source {
     Span { span: usize, range: Range<usize> },
 }
 
+/// One tensor's loaded inputs.
+pub enum Inputs<'a> {
+    /// Each input's bytes, in input order, then its inputs' scales.
+    Whole(Vec<&'a [u8]>),
+    /// A vocabulary tensor: per input, the row ranges read and their bytes;
+    /// then its inputs' LoRA factors (A, B of each adapted input), whole.
+    Rows {
+        rows: Vec<Vec<(Range<u64>, &'a [u8])>>,
+        side: Vec<&'a [u8]>,
+    },
+}
+
 impl Loaded {
-    /// Every tensor's input bytes, in input order, then its inputs' scales.
+    /// Every tensor's inputs.
     pub fn views<'a>(
         &'a self,
         tensors: &'a [OutputTensor],
         maps: &'a Maps,
-    ) -> Result<Vec<Vec<&'a [u8]>>, StorageError> {
-        tensors
+    ) -> Result<Vec<Inputs<'a>>, StorageError> {
+        let mut out: Vec<Inputs> = tensors
             .iter()
-            .zip(&self.sources)
-            .map(|(t, sources)| {
-                t.all_refs()
-                    .zip(sources)
-                    .map(|(r, s)| match s {
-                        Source::Mapped => maps
-                            .get(r)
-                            .ok_or_else(|| StorageError::io(&r.location, "input file not mapped"))?
-                            .bytes(r.offset..r.offset + r.len),
-                        Source::Span { span, range } => Ok(&self.spans[*span][range.clone()]),
-                    })
-                    .collect()
+            .map(|t| match t.vocab {
+                Some(_) => Inputs::Rows {
+                    rows: vec![Vec::new(); t.inputs.len()],
+                    side: Vec::new(),
+                },
+                None => Inputs::Whole(Vec::with_capacity(t.all_refs().count())),
             })
-            .collect()
+            .collect();
+        for (p, s) in &self.parts {
+            let bytes = match s {
+                Source::Mapped => {
+                    let t = &tensors[p.tensor];
+                    let r = t
+                        .all_refs()
+                        .nth(p.input)
+                        .ok_or_else(|| StorageError::io(&t.name, "a part of no input"))?;
+                    maps.get(r)
+                        .ok_or_else(|| StorageError::io(&r.location, "input file not mapped"))?
+                        .bytes(p.bytes.clone())?
+                }
+                Source::Span { span, range } => &self.spans[*span][range.clone()],
+            };
+            match (&mut out[p.tensor], &p.rows) {
+                (Inputs::Rows { rows: inputs, .. }, Some(rows)) => {
+                    inputs[p.input].push((rows.clone(), bytes))
+                }
+                (Inputs::Rows { side, .. }, None) => side.push(bytes),
+                (Inputs::Whole(inputs), None) => inputs.push(bytes),
+                _ => {
+                    let name = &tensors[p.tensor].name;
+                    return Err(StorageError::io(name, "rows of a tensor read whole"));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -192,50 +304,60 @@ pub fn fetch_all(ranges: &[(&str, Range<u64>)]) -> Vec<Result<Vec<u8>, StorageEr
 }
 
 /// Loads a window: fetches its remote inputs (coalesced, concurrently) and maps
-/// its local ones ahead of use.
+/// its local ones ahead of use; of a vocabulary tensor, only the rows its
+/// alignment uses.
 pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageError> {
-    let mut sources: Vec<Vec<Source>> = tensors
-        .iter()
-        .map(|t| vec![Source::Mapped; t.all_refs().count()])
-        .collect();
+    let parts = parts(tensors);
     let mut bytes = 0;
-    for (_, _, r) in refs(tensors) {
-        bytes += r.len;
+    for (p, r) in &parts {
+        bytes += p.bytes.end - p.bytes.start;
         if let Some(m) = maps.get(r) {
             // Check the range before anyone touches it, then map it.
-            m.bytes(r.offset..r.offset + r.len)?;
-            m.prefetch(r.offset..r.offset + r.len);
+            m.bytes(p.bytes.clone())?;
+            m.prefetch(p.bytes.clone());
         }
     }
-    let remote: Vec<_> = refs(tensors)
-        .filter(|(_, _, r)| maps.get(r).is_none())
-        .collect();
-    if remote.is_empty() {
-        return Ok(Loaded {
-            spans: Vec::new(),
-            sources,
-            bytes,
-        });
-    }
-    let spans = spans(remote, GAP_BYTES, WINDOW_BYTES);
-    let ranges: Vec<(&str, Range<u64>)> = spans
+    let mut sources = vec![Source::Mapped; parts.len()];
+    // The remote parts, as refs of their own byte ranges.
+    let remote: Vec<(usize, TensorRef)> = parts
         .iter()
-        .map(|sp| (sp.location.as_str(), sp.range.clone()))
-        .collect();
-    let fetched = fetch_all(&ranges);
-    let mut buffers = Vec::with_capacity(spans.len());
-    for (i, (sp, data)) in spans.iter().zip(fetched).enumerate() {
-        buffers.push(data?);
-        for &(ti, ii, at, len) in &sp.parts {
-            sources[ti][ii] = Source::Span {
-                span: i,
-                range: at as usize..(at + len) as usize,
+        .enumerate()
+        .filter(|(_, (_, r))| maps.get(r).is_none())
+        .map(|(k, (p, r))| {
+            let part = TensorRef {
+                offset: p.bytes.start,
+                len: p.bytes.end - p.bytes.start,
+                ..(*r).clone()
             };
+            (k, part)
+        })
+        .collect();
+    let mut buffers = Vec::new();
+    if !remote.is_empty() {
+        let spans = spans(
+            remote.iter().map(|(k, r)| (*k, 0, r)),
+            GAP_BYTES,
+            WINDOW_BYTES,
+        );
+        let ranges: Vec<(&str, Range<u64>)> = spans
+            .iter()
+            .map(|sp| (sp.location.as_str(), sp.range.clone()))
+            .collect();
+        let fetched = fetch_all(&ranges);
+        buffers.reserve(spans.len());
+        for (i, (sp, data)) in spans.iter().zip(fetched).enumerate() {
+            buffers.push(data?);
+            for &(k, _, at, len) in &sp.parts {
+                sources[k] = Source::Span {
+                    span: i,
+                    range: at as usize..(at + len) as usize,
+                };
+            }
         }
     }
     Ok(Loaded {
         spans: buffers,
-        sources,
+        parts: parts.into_iter().map(|(p, _)| p).zip(sources).collect(),
         bytes,
     })
 }

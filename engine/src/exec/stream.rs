@@ -4,19 +4,27 @@
 //! goes to the writer a segment at a time, so memory holds one segment, however
 //! large the tensor. The methods' chunked helpers drive it (see
 //! [`Segments`]): a method that needs whole-tensor statistics reads the tensor
-//! once per pass.
+//! once per pass. A vocabulary tensor's segments are its inputs' aligned rows,
+//! read and aligned for the segment (`vocab.rs`).
 
 use super::read::Maps;
+use super::vocab::{self, VocabSource};
+use crate::methods::lora::LoraFactors;
 use crate::methods::{chunked, Segments};
 use crate::storage::StorageError;
-use crate::unit::{OutputTensor, TensorRef};
+use crate::unit::{OutputTensor, TensorRef, VocabAlignment};
 use std::ops::Range;
 use std::sync::Mutex;
 
 /// Input elements per segment so that one segment's inputs take about
 /// `window_bytes`.
 pub fn segment_elements(t: &OutputTensor, window_bytes: u64) -> usize {
-    let per_element: u64 = t.inputs.iter().map(|r| r.dtype.size() as u64).sum();
+    // A vocabulary tensor's segments are aligned inputs, in their aligned dtype.
+    let dtype = |r: &TensorRef| match t.vocab {
+        Some(_) => vocab::aligned_dtype(r),
+        None => r.dtype,
+    };
+    let per_element: u64 = t.inputs.iter().map(|r| dtype(r).size() as u64).sum();
     (window_bytes / per_element.max(1)).max(1) as usize
 }
 
@@ -38,6 +46,8 @@ pub struct Stream<'a> {
     emit: &'a (dyn Fn(&[u8]) -> Result<(), StorageError> + Sync),
     error: Mutex<Option<StorageError>>,
     emitted: Mutex<u64>,
+    /// A vocabulary tensor's inputs, aligned.
+    vocab: Option<VocabSource<'a>>,
 }
 
 impl<'a> Stream<'a> {
@@ -56,6 +66,24 @@ impl<'a> Stream<'a> {
             emit,
             error: Mutex::new(None),
             emitted: Mutex::new(0),
+            vocab: None,
+        }
+    }
+
+    /// Streams the vocabulary tensor `t`, its inputs re-indexed by `v`: each
+    /// segment is its inputs' aligned rows (see [`VocabSource`]), an adapted
+    /// input's adapted by its `factors` (per input).
+    pub fn vocab(
+        t: &'a OutputTensor,
+        v: &'a VocabAlignment,
+        maps: &'a Maps,
+        factors: Vec<Option<LoraFactors>>,
+        elements: usize,
+        emit: &'a (dyn Fn(&[u8]) -> Result<(), StorageError> + Sync),
+    ) -> Self {
+        Stream {
+            vocab: Some(VocabSource::new(t, v, maps, factors, elements)),
+            ..Stream::new(&t.inputs, maps, elements, emit)
         }
     }
 
@@ -85,6 +113,10 @@ impl<'a> Stream<'a> {
     /// Reads elements `range` of every input: local ones mapped (and made
     /// resident), remote ones fetched at the same time.
     fn read(&self, range: &Range<usize>) -> Result<Vec<Input<'a>>, StorageError> {
+        if let Some(v) = &self.vocab {
+            let aligned = v.read(range.clone())?;
+            return Ok(aligned.into_iter().map(Input::Fetched).collect());
+        }
         let mut inputs = Vec::with_capacity(self.refs.len());
         for r in self.refs {
             let bytes = Self::bytes_of(r, range);
@@ -149,15 +181,25 @@ impl Segments for Stream<'_> {
                 f(&slices)
             }
             None => {
-                // Failed: zeros, so the method runs out harmlessly.
+                // Failed: zeros, so the method runs out harmlessly (in the
+                // dtype the method reads: a vocabulary tensor's aligned one).
                 let zeros: Vec<Vec<u8>> = self
                     .refs
                     .iter()
-                    .map(|r| vec![0u8; range.len() * r.dtype.size()])
+                    .map(|r| {
+                        let dtype = match self.vocab {
+                            Some(_) => vocab::aligned_dtype(r),
+                            None => r.dtype,
+                        };
+                        vec![0u8; range.len() * dtype.size()]
+                    })
                     .collect();
                 let slices: Vec<&[u8]> = zeros.iter().map(Vec::as_slice).collect();
                 f(&slices)
             }
+        }
+        if self.vocab.is_some() {
+            return; // its rows were released once aligned
         }
         for r in self.refs {
             if let Some(m) = self.maps.get(r) {

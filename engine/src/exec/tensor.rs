@@ -3,20 +3,49 @@
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
 //! scales ([`requantize`]). An adapted input's LoRA factors are decoded once
-//! per tensor (`lora_factors`) and its delta added to each decoded chunk. A
-//! vocabulary tensor's inputs are first re-indexed into the output vocabulary
-//! by the unit's alignment (`aligned_inputs`), adapted before.
+//! per tensor ([`lora_factors`]) and its delta added to each decoded chunk. A
+//! vocabulary tensor merges its inputs re-indexed into the output vocabulary:
+//! [`compute_loaded`] aligns the rows a window read (`vocab.rs`), a streamed
+//! one is aligned segment by segment; an adapted input's rows get their delta
+//! as they are decoded, before they are re-indexed, and stay f32.
 
-use super::{Device, ExecError};
+use super::read::Inputs;
+use super::{vocab, Device, ExecError};
 use crate::dtype::DType;
 use crate::methods::lora::{Factor, LoraFactors};
 use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
 use crate::unit::{OutputTensor, TensorOp, WorkUnit};
 use rayon::prelude::*;
 
+/// Computes `t` from the inputs a window loaded into `out`: a vocabulary
+/// tensor's rows are aligned first.
+pub(super) fn compute_loaded(
+    unit: &WorkUnit,
+    method: &dyn methods::MergeMethod,
+    t: &OutputTensor,
+    inputs: &Inputs,
+    out: &mut [u8],
+    device: &Device,
+) -> Result<(), ExecError> {
+    match (inputs, &t.vocab) {
+        (Inputs::Whole(bytes), _) => compute(unit, method, t, bytes, out, None, device),
+        (Inputs::Rows { rows, side }, Some(v)) => {
+            let factors = lora_factors(t, side);
+            let aligned = vocab::align_whole(t, v, rows, &factors);
+            let bytes: Vec<&[u8]> = aligned.iter().map(Vec::as_slice).collect();
+            compute(unit, method, t, &bytes, out, None, device)
+        }
+        (Inputs::Rows { .. }, None) => Err(ExecError::Internal(format!(
+            "{}: rows read for a tensor without a vocabulary alignment",
+            t.name
+        ))),
+    }
+}
+
 /// Computes `t` from its inputs' bytes (then its scales' bytes) into `out`;
-/// streamed (`stream`), the inputs' bytes are empty and come segment by
-/// segment from `stream`, and `out` holds one segment.
+/// a vocabulary tensor's inputs come aligned. Streamed (`stream`), the
+/// inputs' bytes are empty and come (aligned) segment by segment from
+/// `stream`, and `out` holds one segment.
 pub(super) fn compute(
     unit: &WorkUnit,
     method: &dyn methods::MergeMethod,
@@ -68,23 +97,20 @@ pub(super) fn compute(
             let (own, side) = inputs.split_at(n.min(inputs.len()));
             let n_scales = t.scales.iter().flatten().count();
             let (scale_bytes, lora_bytes) = side.split_at(n_scales.min(side.len()));
-            let factors = lora_factors(t, lora_bytes);
-            // A vocabulary tensor merges its inputs re-indexed into the
-            // output rows (validated units carry no scales with it), adapted
-            // first.
-            let aligned = t
-                .vocab
-                .as_ref()
-                .map(|v| aligned_inputs(t, v, own, &factors));
             let mut scale_bytes = scale_bytes.iter();
+            // A vocabulary tensor's inputs come aligned, an adapted one's
+            // delta already added (validated units carry no scales with it).
+            let factors = match t.vocab {
+                Some(_) => vec![None; n],
+                None => lora_factors(t, lora_bytes),
+            };
             let block = t.block.unwrap_or([128, 128]);
             let mut views = Vec::with_capacity(n);
             for (i, r) in t.inputs.iter().enumerate() {
-                if let Some(a) = &aligned {
-                    let (bytes, dtype) = &a[i];
+                if t.vocab.is_some() {
                     views.push(TensorView {
-                        dtype: *dtype,
-                        bytes,
+                        dtype: vocab::aligned_dtype(r),
+                        bytes: own.get(i).copied().unwrap_or_default(),
                         scale: None,
                         lora: None,
                     });
@@ -155,7 +181,7 @@ pub(super) fn compute(
 /// The LoRA factors of each input of `t` (`None` for an input without an
 /// adapter), decoded from `bytes` (A then B of each adapted input, in input
 /// order).
-fn lora_factors(t: &OutputTensor, bytes: &[&[u8]]) -> Vec<Option<LoraFactors>> {
+pub(super) fn lora_factors(t: &OutputTensor, bytes: &[&[u8]]) -> Vec<Option<LoraFactors>> {
     let mut bytes = bytes.iter();
     t.inputs
         .iter()
@@ -171,51 +197,6 @@ fn lora_factors(t: &OutputTensor, bytes: &[&[u8]]) -> Vec<Option<LoraFactors>> {
             };
             let (a, b) = (factor(&l.a), factor(&l.b));
             Some(LoraFactors::decode(&a, &b, l.scale, l.transposed))
-        })
-        .collect()
-}
-
-/// The inputs of a vocabulary tensor re-indexed by its alignment: each input's
-/// rows decoded to f32 (an adapted input's delta added), placed (copied,
-/// filled, padded) as `v` says, and encoded back in the input's dtype, as
-/// mergekit fills a tensor of the input's dtype before the merge; an adapted
-/// input stays f32 (the adapter is folded in f32, never rounded before the
-/// merge). Each result has the output's shape.
-fn aligned_inputs(
-    t: &OutputTensor,
-    v: &crate::unit::VocabAlignment,
-    inputs: &[&[u8]],
-    factors: &[Option<LoraFactors>],
-) -> Vec<(Vec<u8>, DType)> {
-    let width = t.shape.iter().skip(1).product::<u64>() as usize;
-    let decoded: Vec<Vec<f32>> = t
-        .inputs
-        .iter()
-        .zip(inputs)
-        .zip(factors)
-        .map(|((r, b), f)| {
-            let mut d = vec![0f32; b.len() / r.dtype.size()];
-            crate::dtype::decode_f32(r.dtype, b, &mut d);
-            if let Some(f) = f {
-                let delta = f.delta();
-                let chunk = crate::methods::chunked::CHUNK;
-                d.par_chunks_mut(chunk)
-                    .enumerate()
-                    .for_each(|(i, c)| delta.apply(i * chunk, c));
-            }
-            d
-        })
-        .collect();
-    let rows: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-    v.align(&rows, width)
-        .into_iter()
-        .zip(&t.inputs)
-        .zip(factors)
-        .map(|((values, r), f)| {
-            let dtype = if f.is_some() { DType::F32 } else { r.dtype };
-            let mut out = vec![0u8; values.len() * dtype.size()];
-            crate::dtype::encode_f32(dtype, &values, &mut out);
-            (out, dtype)
         })
         .collect()
 }

@@ -12,7 +12,9 @@ use std::sync::mpsc;
 
 /// The conformance kit's cases for the methods the GPU path computes, run
 /// unit by unit on the CPU and on the emulated GPU (through the same
-/// executor: windows, tensors merged in parallel): the shards are equal.
+/// executor: windows, tensors merged in parallel): the shards are equal. The
+/// tokenizer cases merge vocabulary tensors whose rows were read by range and
+/// aligned before the device takes them.
 #[test]
 fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -21,6 +23,8 @@ fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
         "dare_ties",
         "task_arithmetic",
         "mixtral_task_arithmetic",
+        "tok_union_linear",
+        "tok_source_base_ties",
     ] {
         let path = root
             .join("tests/fixtures/cases")
@@ -305,8 +309,8 @@ fn check_cost() {
 
 /// A vocabulary tensor merges its inputs re-indexed into the output rows:
 /// copied runs, a row one input lacks filled from the other, and a padding
-/// row (each input's mean of its aligned token rows). The same bytes when
-/// streaming is allowed under a tiny window (such a tensor is read whole).
+/// row (each input's mean of its aligned token rows). The same bytes
+/// streamed under a tiny window (rows aligned a segment at a time).
 #[test]
 fn vocabulary_tensors_merge_their_aligned_rows() {
     use crate::unit::{Fill, ParamValue, RowFill, RowRun, TensorParams, VocabAlignment};
@@ -545,39 +549,23 @@ fn adapted_inputs_read_as_their_folded_weights() {
             vocab,
         }
     };
-    // The embedding keeps its rows but for a last padding-free row copied
-    // from row 0: re-indexed after the adapter is folded.
+    // The embedding's rows re-indexed after the adapter is folded: rows
+    // 20..30 first, then 0..20, then 35; rows 30..35 and 36..40 are never
+    // read, so each row read gets the delta of its own index.
+    let picked: Vec<usize> = (20..30).chain(0..20).chain([35]).collect();
+    let run = |out: usize, src: usize, len: usize| RowRun {
+        out: out as u64,
+        src: src as u64,
+        len: len as u64,
+    };
+    let runs = vec![run(0, 20, 10), run(10, 0, 20), run(30, 35, 1)];
     let vocab = VocabAlignment {
-        rows: rows as u64 + 1,
-        tokens: rows as u64 + 1,
-        runs: vec![
-            vec![
-                RowRun {
-                    out: 0,
-                    src: 0,
-                    len: rows as u64,
-                },
-                RowRun {
-                    out: rows as u64,
-                    src: 0,
-                    len: 1,
-                },
-            ],
-            vec![
-                RowRun {
-                    out: 0,
-                    src: 0,
-                    len: rows as u64,
-                },
-                RowRun {
-                    out: rows as u64,
-                    src: 0,
-                    len: 1,
-                },
-            ],
-        ],
+        rows: picked.len() as u64,
+        tokens: picked.len() as u64,
+        runs: vec![runs.clone(), runs],
         fills: Vec::new(),
     };
+    let e_rows = picked.len();
     let mut other_embed = second[0].clone();
     other_embed.model = 1;
     let unit = WorkUnit {
@@ -602,7 +590,7 @@ fn adapted_inputs_read_as_their_folded_weights() {
         }
     }
     let mut want_e = Vec::new();
-    for i in (0..rows).chain([0]) {
+    for &i in &picked {
         for j in 0..cols {
             let p: f32 = (0..rank).map(|k| eb[j * rank + k] * ea[k * rows + i]).sum();
             let folded = w[i * cols + j] + p * scale as f32;
@@ -612,22 +600,36 @@ fn adapted_inputs_read_as_their_folded_weights() {
     let mut shas = Vec::new();
     for limits in [
         ExecLimits::default(),
-        // `w` streamed in segments of a few rows (its factors read whole).
+        // Both streamed in segments of a few rows (the factors read whole;
+        // the embedding's rows read, adapted and aligned a segment at a time).
         ExecLimits {
             window_bytes: 64,
             read_ahead: false,
             stream: true,
         },
+        ExecLimits {
+            window_bytes: 200,
+            read_ahead: true,
+            stream: true,
+        },
     ] {
+        assert_eq!(limits.streams(&unit.tensors[0]), limits.stream);
         assert_eq!(limits.streams(&unit.tensors[1]), limits.stream);
         let (_keep, out) = out_dir();
         let done = execute_unit_on(&unit, &out, &NoProgress, &limits, &Device::Cpu).unwrap();
-        let got = shard_tail(&out, rows * cols + (rows + 1) * cols);
-        assert_eq!(got[..(rows + 1) * cols], want_e[..], "{limits:?}: embed");
-        assert_eq!(got[(rows + 1) * cols..], want_w[..], "{limits:?}: w");
+        let got = shard_tail(&out, rows * cols + e_rows * cols);
+        assert_eq!(got[..e_rows * cols], want_e[..], "{limits:?}: embed");
+        assert_eq!(got[e_rows * cols..], want_w[..], "{limits:?}: w");
         shas.push(done.sha256);
     }
-    assert_eq!(shas[0], shas[1]);
+    assert!(shas.iter().all(|s| *s == shas[0]));
+    // The embedding computed alone (rows read by range, adapted, aligned).
+    let alone = compute_tensor(&unit, 0).unwrap();
+    let alone: Vec<f32> = alone
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(alone, want_e);
     let alone = compute_tensor(&unit, 1).unwrap();
     let alone: Vec<f32> = alone
         .chunks_exact(4)
@@ -744,4 +746,197 @@ fn an_adapted_fp8_weight_is_dequantized_then_adapted() {
         })
         .collect();
     assert_eq!(shard_tail(&out, want.len()), want);
+}
+
+/// A vocabulary tensor of `tokens` output tokens (padded to `rows`) over
+/// inputs whose token `t` is at row `maps[i][t]` (`None`: the input lacks
+/// it): runs where an input has consecutive rows, and each missing row
+/// filled as the tokenizer fills it (the base's row, the only input with
+/// it, else the mean of those with it).
+fn vocab_tensor(
+    dir: &std::path::Path,
+    maps: &[Vec<Option<u64>>],
+    dtypes: &[DType],
+    width: u64,
+    rows: u64,
+    method: &str,
+) -> WorkUnit {
+    use crate::methods::testing::{num, params};
+    use crate::unit::{Fill, RowFill, RowRun, TensorRef, VocabAlignment};
+    let tokens = maps[0].len() as u64;
+    let mut runs: Vec<Vec<RowRun>> = vec![Vec::new(); maps.len()];
+    for (i, map) in maps.iter().enumerate() {
+        for (t, row) in map.iter().enumerate() {
+            let Some(row) = *row else { continue };
+            let t = t as u64;
+            match runs[i].last_mut() {
+                Some(r) if r.out + r.len == t && r.src + r.len == row => r.len += 1,
+                _ => runs[i].push(RowRun {
+                    out: t,
+                    src: row,
+                    len: 1,
+                }),
+            }
+        }
+    }
+    let fills = (0..tokens as usize)
+        .filter(|&t| maps.iter().any(|m| m[t].is_none()))
+        .map(|t| {
+            let have: Vec<(usize, u64)> = maps
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| m[t].map(|r| (i, r)))
+                .collect();
+            let fill = match have.as_slice() {
+                [] => Fill::Zero,
+                [(0, row), ..] => Fill::Row {
+                    input: 0,
+                    row: *row,
+                },
+                [(input, row)] => Fill::Row {
+                    input: *input,
+                    row: *row,
+                },
+                _ => Fill::Mean(have),
+            };
+            RowFill {
+                row: t as u64,
+                fill,
+            }
+        })
+        .collect();
+    let mut refs = Vec::new();
+    for (i, (map, dtype)) in maps.iter().zip(dtypes).enumerate() {
+        let n = map.iter().flatten().max().map_or(0, |m| m + 1) + 7;
+        let values: Vec<f32> = (0..n * width)
+            .map(|k| ((k * 7919 + i as u64 * 104_729) % 4001) as f32 * 5e-4 - 1.0)
+            .collect();
+        let mut data = vec![0u8; values.len() * dtype.size()];
+        crate::dtype::encode_f32(*dtype, &values, &mut data);
+        let header = serde_json::json!({"embed": {"dtype": dtype.to_string(),
+            "shape": [n, width], "data_offsets": [0, data.len()]}});
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        let offset = bytes.len() as u64;
+        bytes.extend_from_slice(&data);
+        let path = dir.join(format!("m{i}-{method}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        refs.push(TensorRef {
+            model: i,
+            name: "embed".into(),
+            location: path.to_string_lossy().into_owned(),
+            offset,
+            len: data.len() as u64,
+            dtype: *dtype,
+            shape: vec![n, width],
+            lora: None,
+        });
+    }
+    let n = maps.len();
+    let (base, params) = match method {
+        "linear" => (None, params(&[], &vec![&[("weight", num(0.4))][..]; n])),
+        "slerp" => (Some(0), params(&[("t", num(0.3))], &[&[], &[]])),
+        _ => {
+            let ft: &[(&str, _)] = &[("weight", num(0.6)), ("density", num(0.5))];
+            let mut per: Vec<&[(&str, _)]> = vec![ft; n];
+            per[0] = &[];
+            (Some(0), params(&[], &per))
+        }
+    };
+    WorkUnit {
+        format: PLAN_FORMAT,
+        id: 0,
+        file_name: "model.safetensors".into(),
+        merge_method: method.into(),
+        seed: 3,
+        tensors: vec![OutputTensor {
+            name: "model.embed_tokens.weight".into(),
+            dtype: DType::BF16,
+            shape: vec![rows, width],
+            op: TensorOp::Merge,
+            inputs: refs,
+            base,
+            params,
+            scales: Vec::new(),
+            block: None,
+            requant: None,
+            vocab: Some(VocabAlignment {
+                rows,
+                tokens,
+                runs,
+                fills,
+            }),
+        }],
+    }
+}
+
+/// Streamed in segments (several per pass; TIES and SLERP take more than
+/// one pass), a vocabulary tensor with runs that skip input rows, fills of
+/// every kind and padding rows is merged to the bytes of its whole merge,
+/// for methods with and without whole-tensor statistics, and the
+/// coordinator's spot check ([`compute_tensor`]) computes the same bytes.
+#[test]
+fn streamed_vocabulary_tensors_give_the_bytes_of_whole_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    // 705 tokens: the base has 0..600; input 1 has 0..550 and 600..700 (at
+    // rows 550..650); input 2 has 0..300, drops its rows 300..405, and has
+    // 300..705 at rows 405..810.
+    let base: Vec<Option<u64>> = (0..705).map(|t| (t < 600).then_some(t)).collect();
+    let one: Vec<Option<u64>> = (0..705)
+        .map(|t| match t {
+            0..550 => Some(t),
+            600..700 => Some(t - 50),
+            _ => None,
+        })
+        .collect();
+    let two: Vec<Option<u64>> = (0..705)
+        .map(|t| if t < 300 { Some(t) } else { Some(t + 105) })
+        .collect();
+    let width = 512;
+    let cases: [(&str, Vec<Vec<Option<u64>>>, Vec<DType>); 4] = [
+        (
+            "linear",
+            vec![base.clone(), one.clone(), two.clone()],
+            vec![DType::BF16, DType::F32, DType::F16],
+        ),
+        (
+            "ties",
+            vec![base.clone(), one.clone(), two.clone()],
+            vec![DType::BF16, DType::BF16, DType::F32],
+        ),
+        (
+            "dare_ties",
+            vec![base.clone(), one.clone(), two],
+            vec![DType::BF16, DType::BF16, DType::BF16],
+        ),
+        ("slerp", vec![base, one], vec![DType::BF16, DType::F32]),
+    ];
+    for (method, maps, dtypes) in cases {
+        let unit = vocab_tensor(dir.path(), &maps, &dtypes, width, 720, method);
+        unit.validate().unwrap();
+        let t = &unit.tensors[0];
+        let mut shards = Vec::new();
+        for window in [read::WINDOW_BYTES, 200_000, 50_000, 1] {
+            let limits = ExecLimits {
+                window_bytes: window,
+                read_ahead: false,
+                stream: true,
+            };
+            assert_eq!(limits.streams(t), window < read::WINDOW_BYTES, "{method}");
+            let (_keep, out) = out_dir();
+            execute_unit_on(&unit, &out, &NoProgress, &limits, &Device::Cpu).unwrap();
+            let bytes = std::fs::read(PathBuf::from(&out).join("model.safetensors")).unwrap();
+            shards.push(bytes);
+        }
+        let whole = &shards[0];
+        for (k, s) in shards.iter().enumerate().skip(1) {
+            assert!(s == whole, "{method}: streamed shard {k} differs");
+        }
+        let tensor = compute_tensor(&unit, 0).unwrap();
+        assert!(
+            whole.ends_with(&tensor),
+            "{method}: the spot check computes other bytes"
+        );
+    }
 }

@@ -175,8 +175,17 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             None => PlanError::Inputs(format!("--keep-fp8: {message}")),
         });
     }
+    let base = cfg
+        .base_model
+        .as_ref()
+        .and_then(|b| planner.models.iter().position(|m| m.reference == b.value));
+    let vocabulary = match &planner.vocab {
+        Some(v) => Some(v.summary(base).map_err(tokenizer_err)?),
+        None => None,
+    };
     Ok(Plan {
         format: PLAN_FORMAT,
+        vocabulary,
         merge_method: cfg.merge_method.value.clone(),
         models: planner
             .models

@@ -82,6 +82,10 @@ pub struct Plan {
     pub models: Vec<PlannedModel>,
     pub units: Vec<WorkUnit>,
     pub output: OutputMeta,
+    /// With a tokenizer setting: what `plan` shows of the output vocabulary
+    /// (sizes, tokens added and from where, rows that fall back to a default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<crate::tokenizer::VocabSummary>,
 }
 
 impl Plan {

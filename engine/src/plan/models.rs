@@ -296,6 +296,9 @@ impl Planner<'_> {
 pub struct ModelFacts {
     pub reference: String,
     pub location: String,
+    /// `safetensors`, `torch zip`, or `safetensors + torch zip` (an index
+    /// naming shards of both).
+    pub format: String,
     pub architectures: Vec<String>,
     pub layers: u64,
     pub vocab_size: Option<u64>,
@@ -397,6 +400,7 @@ pub fn inspect_models(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Vec<Model
             ModelFacts {
                 reference: m.reference.to_string(),
                 location: m.location.clone(),
+                format: m.checkpoint.format(),
                 architectures: config
                     .get("architectures")
                     .and_then(|v| v.as_array())

@@ -17,8 +17,10 @@ pub struct Mismatch {
     pub fix: String,
 }
 
-/// Compares the input models with the first one.
-pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
+/// Compares the input models with the first one. With `aligned` (the config
+/// has `tokenizer_source` / `tokenizer:`), different vocabularies are what the
+/// plan aligns: neither their sizes nor embedding shapes are a mismatch.
+pub fn compare(models: &[ModelFacts], aligned: bool) -> Vec<Mismatch> {
     let mut out = Vec::new();
     let Some(first) = models.first() else {
         return out;
@@ -48,7 +50,7 @@ pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
             fix: "use `slices:` with a `layer_range` per source to pair layers explicitly".into(),
         });
     }
-    if models.iter().any(|m| m.vocab_size != first.vocab_size) {
+    if !aligned && models.iter().any(|m| m.vocab_size != first.vocab_size) {
         out.push(Mismatch {
             what: format!(
                 "vocabulary sizes differ: {}",
@@ -96,10 +98,12 @@ pub fn compare(models: &[ModelFacts]) -> Vec<Mismatch> {
         }
         s
     };
-    if !shape_diffs.is_empty() {
-        let embeddings_only = shape_diffs
-            .iter()
-            .all(|d| d.contains("embed") || d.contains("lm_head") || d.contains("wte"));
+    let embeddings_only = shape_diffs
+        .iter()
+        .all(|d| d.contains("embed") || d.contains("lm_head") || d.contains("wte"));
+    // With a tokenizer setting the plan aligns the embeddings' rows.
+    let aligned_embeddings = aligned && embeddings_only;
+    if !shape_diffs.is_empty() && !aligned_embeddings {
         out.push(Mismatch {
             what: format!(
                 "{} tensors differ in shape: {}",
@@ -151,6 +155,10 @@ pub struct Summary {
     /// Tensors too large for the memory budget whole, streamed in segments.
     pub streamed_tensors: usize,
     pub warnings: Vec<String>,
+    /// With a tokenizer setting: the output vocabulary (its warnings are also
+    /// in `warnings`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<crate::tokenizer::VocabSummary>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -181,10 +189,12 @@ pub fn summarize(
     let tensors = || plan.units.iter().flat_map(|u| u.tensors.iter());
     let mut per_model = vec![0u64; plan.models.len()];
     for t in tensors() {
-        // Block scales and LoRA factors count for their model.
-        for r in t.all_refs() {
+        // A vocabulary tensor reads only the rows its alignment uses; block
+        // scales and LoRA factors count for their model.
+        let read = t.inputs.iter().zip(t.input_read_bytes());
+        for (r, read) in read.chain(t.side_refs().map(|r| (r, r.len))) {
             if let Some(b) = per_model.get_mut(r.model) {
-                *b += r.len;
+                *b += read;
             }
         }
     }
@@ -262,6 +272,9 @@ pub fn summarize(
             tied.join(", ")
         ));
     }
+    if let Some(v) = &plan.vocabulary {
+        warnings.extend(v.warnings.iter().cloned());
+    }
     Summary {
         merge_method: plan.merge_method.clone(),
         output_tensors: plan.tensor_count(),
@@ -285,5 +298,6 @@ pub fn summarize(
         threads,
         streamed_tensors: peak.streamed_tensors(),
         warnings,
+        vocabulary: plan.vocabulary.clone(),
     }
 }

@@ -238,8 +238,8 @@ impl Planner<'_> {
         };
         if let Some(bad) = refs.iter().find(|r| !same_shape(&r.shape, &first.shape)) {
             let hint = if name.contains("embed") || TIED_HEADS.contains(&name) {
-                " (the vocabularies differ: merge models that share a tokenizer, or crop them \
-                 to a common vocabulary first)"
+                " (the vocabularies differ: set `tokenizer_source: union` (or `base`, or a \
+                 model) to align every input to one output vocabulary)"
             } else {
                 ""
             };

@@ -14,7 +14,7 @@ use crate::output::to_pretty_json;
 use crate::unit::{Fill, RowFill, RowRun, VocabAlignment};
 use crate::yaml::Span;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tokenizers::{AddedToken, Tokenizer};
@@ -58,7 +58,7 @@ pub struct VocabRequest<'a> {
 }
 
 /// A token of the output that the base model's vocabulary does not have.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AddedEntry {
     pub token: String,
     pub id: u64,
@@ -68,7 +68,7 @@ pub struct AddedEntry {
 }
 
 /// A token row that some input does not copy from itself.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fallback {
     pub token: String,
     pub id: u64,
@@ -79,7 +79,7 @@ pub struct Fallback {
 }
 
 /// What `plan` shows of the vocabulary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VocabSummary {
     /// `union`, `base (MODEL)` or the source model.
     pub source: String,

@@ -62,6 +62,14 @@ pub struct LoraRef {
     pub transposed: bool,
 }
 
+impl TensorRef {
+    /// Bytes of one row (one index of the first axis; a scalar is one row).
+    pub fn row_bytes(&self) -> u64 {
+        let elements: u64 = self.shape.iter().skip(1).product();
+        elements.saturating_mul(self.dtype.size() as u64)
+    }
+}
+
 /// What produces an output tensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TensorOp {
@@ -156,9 +164,33 @@ impl OutputTensor {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
-    /// Bytes of every input, the scales included.
+    /// Bytes the tensor reads: every input and its [side refs](Self::side_refs)
+    /// (block scales, LoRA factors), except that a vocabulary tensor reads
+    /// only the rows of each input its alignment uses (see
+    /// [`input_read_bytes`](Self::input_read_bytes)).
     pub fn input_bytes(&self) -> u64 {
-        self.all_refs().map(|r| r.len).sum()
+        let side: u64 = self.side_refs().map(|r| r.len).sum();
+        self.input_read_bytes().iter().sum::<u64>() + side
+    }
+
+    /// Bytes read of each input (not its scales), in input order: the whole
+    /// tensor, or for a vocabulary tensor the rows that
+    /// [`VocabAlignment::source_rows`] names.
+    pub fn input_read_bytes(&self) -> Vec<u64> {
+        let Some(v) = &self.vocab else {
+            return self.inputs.iter().map(|r| r.len).collect();
+        };
+        let rows = v.source_rows(0..v.rows);
+        self.inputs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let rows: u64 = rows
+                    .get(i)
+                    .map_or(0, |rs| rs.iter().map(|x| x.end - x.start).sum());
+                rows.saturating_mul(r.row_bytes()).min(r.len)
+            })
+            .collect()
     }
     pub fn byte_len(&self) -> u64 {
         self.numel() * self.dtype.size() as u64
@@ -195,12 +227,9 @@ impl WorkUnit {
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(OutputTensor::byte_len).sum()
     }
-    /// Bytes read from inputs.
+    /// Bytes read from inputs (see [`OutputTensor::input_bytes`]).
     pub fn input_bytes(&self) -> u64 {
-        self.tensors
-            .iter()
-            .flat_map(|t| t.all_refs().map(|i| i.len))
-            .sum()
+        self.tensors.iter().map(OutputTensor::input_bytes).sum()
     }
 }
 

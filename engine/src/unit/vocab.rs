@@ -3,8 +3,10 @@
 //! output rows copied from its own rows, the rows that fall back to a default
 //! (shared by every input that lacks the token or is forced), and padding rows,
 //! each the mean of that input's token rows. Plain data that travels in a work
-//! unit; [`VocabAlignment::validate`] checks one from elsewhere, and the
-//! functions here fill rows from f32 input rows.
+//! unit; [`VocabAlignment::validate`] checks one from elsewhere,
+//! [`VocabAlignment::source_rows`] says which input rows a range of output
+//! rows reads (what a reader fetches), and the functions here fill rows from
+//! f32 input rows.
 
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -162,7 +164,9 @@ impl VocabAlignment {
     /// (merged where they touch), in output order.
     pub fn copied_ranges(&self, input: usize, out: Range<u64>) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = Vec::new();
-        for r in &self.runs[input] {
+        let runs = &self.runs[input];
+        let first = runs.partition_point(|r| r.out.saturating_add(r.len) <= out.start);
+        for r in runs[first..].iter().take_while(|r| r.out < out.end) {
             let a = r.out.max(out.start);
             let b = (r.out + r.len).min(out.end);
             if a >= b {
@@ -175,6 +179,41 @@ impl VocabAlignment {
             }
         }
         ranges
+    }
+
+    /// Per input, the rows that aligning output rows `out` reads from it:
+    /// the rows its runs copy there, and the sources of the fills there that
+    /// some input uses (padding rows read nothing of their own). Sorted
+    /// ranges, merged where they touch or overlap: what a reader fetches,
+    /// rather than the whole tensor, when rows are dropped.
+    pub fn source_rows(&self, out: Range<u64>) -> Vec<Vec<Range<u64>>> {
+        let out = out.start.min(self.tokens)..out.end.min(self.tokens);
+        let n = self.runs.len();
+        let mut rows: Vec<Vec<Range<u64>>> =
+            (0..n).map(|i| self.copied_ranges(i, out.clone())).collect();
+        let start = self.fills.partition_point(|f| f.row < out.start);
+        for f in self.fills[start..].iter().take_while(|f| f.row < out.end) {
+            if self.runs.iter().all(|runs| run_at(runs, f.row).is_some()) {
+                continue; // every input copies this row itself
+            }
+            for (input, row) in f.fill.sources() {
+                if let Some(r) = rows.get_mut(input) {
+                    r.push(row..row.saturating_add(1));
+                }
+            }
+        }
+        for ranges in &mut rows {
+            ranges.sort_unstable_by_key(|r| r.start);
+            let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+            for r in ranges.drain(..) {
+                match merged.last_mut() {
+                    Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                    _ => merged.push(r),
+                }
+            }
+            *ranges = merged;
+        }
+        rows
     }
 
     /// The fills among rows `out` that input `input` uses (rows it does not copy).
@@ -219,6 +258,27 @@ impl VocabAlignment {
         }
     }
 
+    /// Input `input` re-indexed whole into `dst` (`rows * width` values):
+    /// its token rows, then the padding rows, each the mean of those token
+    /// rows. `row` as for [`align_rows`](Self::align_rows).
+    pub fn align_input<'a>(
+        &self,
+        input: usize,
+        width: usize,
+        row: &dyn Fn(usize, u64) -> &'a [f32],
+        dst: &mut [f32],
+    ) {
+        let tokens = self.tokens as usize * width;
+        let (token_rows, padding_rows) = dst.split_at_mut(tokens);
+        self.align_rows(input, 0..self.tokens, width, row, None, token_rows);
+        if self.rows > self.tokens {
+            let pad = padding_row(token_rows, width);
+            for chunk in padding_rows.chunks_mut(width.max(1)) {
+                chunk.copy_from_slice(&pad);
+            }
+        }
+    }
+
     /// Every input re-indexed whole: `inputs[i]` holds input i's rows
     /// (row-major, `width` values each); the result is `rows * width` values
     /// per input.
@@ -230,14 +290,7 @@ impl VocabAlignment {
         (0..inputs.len())
             .map(|i| {
                 let mut out = vec![0f32; self.rows as usize * width];
-                let tokens = self.tokens as usize * width;
-                self.align_rows(i, 0..self.tokens, width, &row, None, &mut out[..tokens]);
-                if self.rows > self.tokens {
-                    let pad = padding_row(&out[..tokens], width);
-                    for chunk in out[tokens..].chunks_mut(width) {
-                        chunk.copy_from_slice(&pad);
-                    }
-                }
+                self.align_input(i, width, &row, &mut out);
                 out
             })
             .collect()
@@ -434,6 +487,30 @@ mod tests {
             pieces.extend(d);
             assert_eq!(&pieces, whole);
         }
+    }
+
+    #[test]
+    fn source_rows_are_the_copied_rows_and_the_used_fills_sources() {
+        let a = example();
+        // Row 3's mean fill is used by no input (both copy row 3): not read.
+        assert_eq!(a.source_rows(3..4), [vec![3..4], vec![2..3]]);
+        // Row 4: input 1 copies its row 3, input 0 fills from that same row.
+        assert_eq!(a.source_rows(4..5), [vec![], vec![3..4]]);
+        // Row 1 is zeros for both; row 5 is padding: nothing to read.
+        assert_eq!(a.source_rows(1..2), [Vec::<Range<u64>>::new(), vec![]]);
+        assert_eq!(a.source_rows(5..6), [Vec::<Range<u64>>::new(), vec![]]);
+        // All rows: input 0's row 2 is read once (its own copy and input 1's fill).
+        assert_eq!(a.source_rows(0..6), [vec![0..1, 2..4], vec![0..1, 2..4]]);
+        // Runs that drop rows: only the kept rows are read, in source order.
+        let dropped = VocabAlignment {
+            rows: 4,
+            tokens: 4,
+            runs: vec![vec![run(0, 0, 2), run(2, 1000, 1), run(3, 10, 1)]],
+            fills: Vec::new(),
+        };
+        dropped.validate(&[2000]).unwrap();
+        assert_eq!(dropped.source_rows(0..4), [vec![0..2, 10..11, 1000..1001]]);
+        assert_eq!(dropped.copied_ranges(0, 1..3), [1..2, 1000..1001]);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Shared helpers of the integration tests: run the real `fleetmerge` binary,
 //! read safetensors outputs back, and judge them against mergekit's reference
-//! outputs the way the conformance kit's `compare.py` does.
+//! outputs the way the conformance kit's `compare.py` does. `procs`: processes
+//! of a test; `servers`: S3/GCS servers and proxies; `torch`: `.bin` inputs
+//! written as torch.save writes them.
 #![allow(dead_code)]
 
 pub mod procs;
 pub mod servers;
+pub mod torch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,20 @@ pub fn fixture(case: &str) -> PathBuf {
 }
 
 /// Runs `fleetmerge ARGS` in `cwd`.
+/// The test venv's python: scripts/test.sh installs huggingface_hub (the real
+/// client, tests/it/hub.rs) and transformers (tests/it/transformers.rs) there.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var("FLEETMERGE_VENV").unwrap_or_else(|_| "/tmp/fleetmerge-venv".into());
+    let p = PathBuf::from(venv).join("bin/python");
+    assert!(
+        p.exists(),
+        "{} not found: run `bash scripts/test.sh` (it creates the test venv with huggingface_hub \
+         and transformers) or set FLEETMERGE_VENV",
+        p.display()
+    );
+    p
+}
+
 pub fn fleetmerge(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
         .current_dir(cwd)
@@ -369,4 +386,106 @@ pub fn run_case(case: &str, out: &Path, shard: &str) {
         ],
     );
     assert!(o.status.success(), "{case}: {}", stderr(&o));
+}
+
+/// The tokenizer files and `config.json` of the kit's tokenizer model
+/// `kit` (examples/models/tok-*) into `dir`: `extra` more tokens
+/// (`_wide_0`, ... after its last id; meant for tok-base, whose ids are its
+/// rows) appended to its vocabulary, and the config's `vocab_size` (`extra`
+/// more rows), `hidden_size` and `num_hidden_layers` set to match.
+pub fn write_tok_files(dir: &Path, kit: &str, extra: u64, width: u64, layers: u64) {
+    let from = examples().join("models").join(kit);
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap();
+    let added = tok["added_tokens"].as_array().unwrap();
+    let next = vocab
+        .values()
+        .chain(added.iter().map(|t| &t["id"]))
+        .map(|v| v.as_u64().unwrap() + 1)
+        .max()
+        .unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    for k in 0..extra {
+        vocab.insert(format!("_wide_{k}"), (next + k).into());
+    }
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec_pretty(&tok).unwrap(),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from.join("config.json")).unwrap()).unwrap();
+    let rows = config["vocab_size"].as_u64().unwrap();
+    config["vocab_size"] = (rows + extra).into();
+    config["hidden_size"] = width.into();
+    config["num_hidden_layers"] = layers.into();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The kit's tokenizer models (`tok-base`, `tok-chatml`, `tok-padded`:
+/// their tokenizers and vocabularies) under `dir/models/`, with embeddings
+/// and output heads of `width` columns (bf16; the kit's have 64) and one
+/// layer of norms, so that the kit's `tok_*` configs run on them from `dir`
+/// with vocabulary tensors as large as a test needs; and `tok-wide`:
+/// tok-base's vocabulary and `extra` more tokens.
+pub fn write_wide_tok_models(dir: &Path, width: u64, extra: u64) {
+    let kit = examples().join("models");
+    let models = [
+        ("tok-base", "tok-base", 0u64, 1u64),
+        ("tok-chatml", "tok-chatml", 0, 2),
+        ("tok-padded", "tok-padded", 0, 3),
+        ("tok-wide", "tok-base", extra, 4),
+    ];
+    for (name, from, extra, seed) in models {
+        let rows = read_model(&kit.join(from))["model.embed_tokens.weight"].shape[0] + extra;
+        let tensor = |t: &str, k: u64, shape: Vec<u64>| {
+            let n = shape.iter().product::<u64>() as usize;
+            // Shared by the models, and a small difference of each.
+            let base = noise(1000 + k, n, 0.02);
+            let delta = noise(seed << 32 | k, n, 0.004);
+            let values = base.iter().zip(delta).map(|(b, d)| b + d).collect();
+            (t.to_string(), shape, values)
+        };
+        let tensors = vec![
+            tensor("model.embed_tokens.weight", 0, vec![rows, width]),
+            tensor("lm_head.weight", 1, vec![rows, width]),
+            tensor("model.layers.0.input_layernorm.weight", 2, vec![width]),
+            tensor("model.norm.weight", 3, vec![width]),
+        ];
+        let dir = dir.join("models").join(name);
+        write_bf16_model(&dir, 1, &tensors);
+        write_tok_files(&dir, from, extra, width, 1);
+    }
+}
+
+/// Whether two output folders hold the same shards, index, config and
+/// tokenizer files, byte for byte (how many files were compared).
+pub fn same_output_files(got: &Path, want: &Path) -> usize {
+    let mut compared = 0;
+    for e in std::fs::read_dir(want).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") || name.ends_with(".json") {
+            let (a, b) = (
+                std::fs::read(got.join(&name)),
+                std::fs::read(want.join(&name)),
+            );
+            assert!(a.is_ok(), "{name} missing from {}", got.display());
+            assert!(
+                a.unwrap() == b.unwrap(),
+                "{name} differs from {}",
+                want.display()
+            );
+            compared += 1;
+        }
+    }
+    compared
 }

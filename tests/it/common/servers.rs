@@ -206,7 +206,22 @@ pub struct ProxyStats {
     pub requests: AtomicUsize,
     /// GETs with a Range header.
     pub range_gets: AtomicUsize,
+    /// Each ranged GET: (path, first byte, last byte).
+    pub ranges: Mutex<Vec<(String, u64, u64)>>,
+    /// Bytes those GETs asked for (`Range: bytes=A-B`).
+    pub range_bytes: AtomicUsize,
     pub faults: AtomicUsize,
+}
+
+impl ProxyStats {
+    /// The ranged GETs of paths that end with `suffix`: (count, bytes).
+    pub fn ranges_of(&self, suffix: &str) -> (usize, u64) {
+        let ranges = self.ranges.lock().unwrap();
+        let mine = ranges.iter().filter(|(p, _, _)| p.ends_with(suffix));
+        mine.fold((0, 0), |(n, b), (_, first, last)| {
+            (n + 1, b + last + 1 - first)
+        })
+    }
 }
 
 /// An HTTP proxy in front of `upstream` that fails some requests: every
@@ -363,12 +378,26 @@ fn relay(
         gate.pass(&head);
     }
     let i = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    if head.starts_with("GET ")
-        && head
-            .lines()
-            .any(|l| l.to_ascii_lowercase().starts_with("range:"))
-    {
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    if let (true, Some(range)) = (head.starts_with("GET "), range) {
         stats.range_gets.fetch_add(1, Ordering::SeqCst);
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let path = path.split('?').next().unwrap_or(path).to_string();
+        // `bytes=A-B` (inclusive); an open or suffix range counts as 0 bytes.
+        let bounds = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+        if let Some((first, last)) = bounds {
+            stats
+                .range_bytes
+                .fetch_add((last + 1 - first) as usize, Ordering::SeqCst);
+            stats.ranges.lock().unwrap().push((path, first, last));
+        }
     }
     if i % fail_every == 0 {
         stats.faults.fetch_add(1, Ordering::SeqCst);

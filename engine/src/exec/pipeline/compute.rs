@@ -6,7 +6,7 @@
 
 use super::reader::Windows;
 use super::writer::OutputBuffers;
-use crate::exec::tensor::compute;
+use crate::exec::tensor::{compute, compute_loaded, lora_factors};
 use crate::exec::{guard, read, stream, Device, ExecError, ExecLimits, Progress};
 use crate::methods::MergeMethod;
 use crate::storage;
@@ -99,7 +99,16 @@ impl Compute<'_> {
         inputs.extend(scales.iter().map(|s| &s[..]));
         let elements = stream::segment_elements(t, limits.window_bytes);
         let emit = |bytes: &[u8]| output.emit(bytes);
-        let source = stream::Stream::new(&t.inputs, maps, elements, &emit);
+        let source = match &t.vocab {
+            // Rows read, adapted and aligned a segment at a time (validated
+            // units carry no scales with a vocabulary tensor: the side
+            // bytes are LoRA factors).
+            Some(v) => {
+                let factors = lora_factors(t, &inputs[t.inputs.len()..]);
+                stream::Stream::vocab(t, v, maps, factors, elements, &emit)
+            }
+            None => stream::Stream::new(&t.inputs, maps, elements, &emit),
+        };
         let out_len = stream::max_segment_elements(t, elements) * t.dtype.size();
         let mut buf = output.take(out_len)?;
         let computed = compute(
@@ -133,7 +142,7 @@ fn compute_window(
     unit: &WorkUnit,
     method: &dyn MergeMethod,
     tensors: &[OutputTensor],
-    inputs: &[Vec<&[u8]>],
+    inputs: &[read::Inputs],
     mut out: &mut [u8],
     device: &Device,
 ) -> Result<(), ExecError> {
@@ -144,13 +153,12 @@ fn compute_window(
         out = rest;
     }
     if tensors.len() == 1 {
-        return compute(
+        return compute_loaded(
             unit,
             method,
             &tensors[0],
             &inputs[0],
             slices.pop().unwrap_or_default(),
-            None,
             device,
         );
     }
@@ -158,5 +166,5 @@ fn compute_window(
         .par_iter()
         .zip(inputs)
         .zip(slices)
-        .try_for_each(|((t, ins), o)| compute(unit, method, t, ins, o, None, device))
+        .try_for_each(|((t, ins), o)| compute_loaded(unit, method, t, ins, o, device))
 }
