@@ -1,8 +1,9 @@
 //! LoRA adapters (`model+adapter` references) through the real binary: an
 //! identity merge is the folded weights rounded once; tensors streamed under
-//! `--max-memory` (the adapted ones included) give the same bytes; adapters
-//! that cannot be applied are refused, naming the kind and the file, with
-//! nothing written. (The kit's LoRA cases are in `conformance`, cluster mode
+//! `--max-memory` (the adapted ones included) give the same bytes; an
+//! `adapter_model.bin` merges to the bytes of the same adapter in
+//! safetensors; adapters that cannot be applied are refused, naming the kind
+//! and the file, with nothing written. (The kit's LoRA cases are in `conformance`, cluster mode
 //! in `cluster`, adapters in S3 in `object_storage`, on the Hub in `hub`.)
 
 use crate::common::*;
@@ -256,9 +257,10 @@ fn adapted_tensors_streamed_under_a_memory_budget_give_the_same_bytes() {
     }
 }
 
-/// Adapters that are not plain LoRA, adapters saved only as `.bin`, and
-/// adapters of another model are refused before anything is written, naming
-/// the kind (or key) and the file.
+/// Adapters that are not plain LoRA, `.bin` adapters that are not torch
+/// checkpoints or whose pickle imports other code, and adapters of another
+/// model are refused before anything is written, naming the kind (or key,
+/// or global) and the file.
 #[test]
 fn adapters_that_cannot_be_applied_are_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -288,6 +290,13 @@ fn adapters_that_cannot_be_applied_are_refused_naming_the_file() {
         bin.join("adapter_model.bin"),
     )
     .unwrap();
+    let evil = copy("evil", serde_json::json!({}));
+    std::fs::remove_file(evil.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        examples().join("models/llama-bin-evil/pytorch_model.bin"),
+        evil.join("adapter_model.bin"),
+    )
+    .unwrap();
     let other_model = examples().join("models/tok-base");
     for (model, adapter, words) in [
         (
@@ -303,7 +312,12 @@ fn adapters_that_cannot_be_applied_are_refused_naming_the_file() {
         (
             examples().join("models/llama-base"),
             &bin,
-            vec!["bin/adapter_model.bin", "not supported yet"],
+            vec!["bin/adapter_model.bin", "not a torch.save checkpoint"],
+        ),
+        (
+            examples().join("models/llama-base"),
+            &evil,
+            vec!["evil/adapter_model.bin", "posix.system"],
         ),
         (
             other_model,
@@ -340,4 +354,85 @@ fn adapters_that_cannot_be_applied_are_refused_naming_the_file() {
             assert!(!out.exists(), "nothing written");
         }
     }
+}
+
+/// An adapter saved by PEFT with `safe_serialization=False` (`adapter_model.bin`,
+/// a torch zip checkpoint) is read through the `.bin` reader: the kit's
+/// `lora_ties` with `lora-wide` (bf16) saved that way merges to the bytes of
+/// the safetensors adapter (also on one thread), and `plan` lists the
+/// adapter and its factors.
+#[test]
+fn a_bin_adapter_merges_to_the_bytes_of_the_safetensors_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = examples().join("models/lora-wide");
+    let bin = dir.path().join("lora-wide-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(
+        kit.join("adapter_config.json"),
+        bin.join("adapter_config.json"),
+    )
+    .unwrap();
+    let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = read_adapter(&kit)
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype, "BF16", "{name}: torch_save writes bf16");
+            let values = f32s(&t);
+            (name, t.shape, values)
+        })
+        .collect();
+    assert_eq!(tensors.len(), 84);
+    std::fs::write(bin.join("adapter_model.bin"), torch::torch_save(&tensors)).unwrap();
+    let config = |adapter: &Path| {
+        let models = examples().join("models");
+        let c = std::fs::read_to_string(root().join("tests/fixtures/cases/lora_ties/config.yaml"))
+            .unwrap()
+            .replace("./models/lora-wide", &adapter.display().to_string())
+            .replace("./models", &models.display().to_string());
+        let path = dir.path().join(format!(
+            "{}.yaml",
+            adapter.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&path, c).unwrap();
+        path
+    };
+    let (st, bt) = (config(&kit), config(&bin));
+    assert!(std::fs::read_to_string(&bt)
+        .unwrap()
+        .contains("lora-wide-bin"));
+    let run = |config: &Path, out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let o = fleetmerge(dir.path(), &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_model(&out)
+    };
+    let want = run(&st, "safetensors", &[]);
+    let got = run(&bt, "bin", &[]);
+    assert_eq!(want.len(), got.len());
+    for (name, t) in &want {
+        assert!(
+            got[name] == *t,
+            "{name}: the .bin adapter gives other bytes"
+        );
+    }
+    let threads = run(&bt, "bin-threads", &["--threads", "1"]);
+    assert!(threads == want, "one thread: other bytes");
+    let o = fleetmerge(dir.path(), &["plan", bt.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let adapter = &plan["models"][0]["adapter"];
+    assert!(
+        adapter["location"]
+            .as_str()
+            .is_some_and(|l| l.contains("lora-wide-bin")),
+        "{plan}"
+    );
+    assert_eq!(adapter["rank"], 8, "{plan}");
+    assert_eq!(adapter["adapted"], 42, "{plan}");
 }

@@ -24,9 +24,11 @@
 //! target parameters, ...) are refused, naming the kind and the file; so is a
 //! key that matches no base tensor.
 //!
-//! The weights are listed from `adapter_model.safetensors`
-//! ([`adapter_weights`]); an adapter that has only `adapter_model.bin` is
-//! refused for now, naming the file.
+//! The weights are listed from `adapter_model.safetensors`, else from
+//! `adapter_model.bin` (PEFT's `save_pretrained(safe_serialization=False)`, a
+//! torch zip checkpoint read by [`super::read_torch`] without running its
+//! pickle) ([`adapter_weights`]): either way a factor is a byte range of the
+//! file, read like any other input.
 
 use super::model::TensorLocation;
 use super::safetensors::{read_header, short};
@@ -322,18 +324,15 @@ fn unsupported_key(name: &str) -> Option<&'static str> {
     }
 }
 
-/// The adapter's weights file and tensors: `adapter_model.safetensors`. (An
-/// adapter with only `adapter_model.bin` is refused for now, naming it; PyTorch
-/// checkpoints are read through their own reader.)
+/// The adapter's weights file and tensors: `adapter_model.safetensors`, else
+/// `adapter_model.bin` (read by [`super::read_torch`], as PEFT's
+/// `load_peft_weights` prefers the safetensors file too).
 pub fn adapter_weights(
     storage: &dyn Storage,
     location: &str,
 ) -> Result<(String, BTreeMap<String, TensorLocation>), CheckpointError> {
-    let file = storage.join(location, ADAPTER_SAFETENSORS);
-    if storage.exists(&file)? {
-        let header = read_header(storage, &file)?;
-        let tensors = header
-            .tensors
+    let locate = |file: &String, tensors: Vec<(String, super::TensorInfo)>| {
+        tensors
             .into_iter()
             .map(|(name, info)| {
                 let loc = TensorLocation {
@@ -342,18 +341,18 @@ pub fn adapter_weights(
                 };
                 (name, loc)
             })
-            .collect();
+            .collect()
+    };
+    let file = storage.join(location, ADAPTER_SAFETENSORS);
+    if storage.exists(&file)? {
+        let header = read_header(storage, &file)?;
+        let tensors = locate(&file, header.tensors);
         return Ok((file, tensors));
     }
     let bin = storage.join(location, ADAPTER_BIN);
     if storage.exists(&bin)? {
-        return Err(adapter_err(
-            &bin,
-            format!(
-                "PyTorch .bin adapters are not supported yet; save the adapter as \
-                 {ADAPTER_SAFETENSORS} (PEFT's save_pretrained with safe_serialization=True)"
-            ),
-        ));
+        let tensors = locate(&bin, super::read_torch(storage, &bin)?);
+        return Ok((bin, tensors));
     }
     Err(adapter_err(
         location,
@@ -838,10 +837,12 @@ mod tests {
         std::fs::remove_file(dir.path().join(ADAPTER_SAFETENSORS)).unwrap();
         let e = open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("no adapter weights"), "{e}");
+        // Only a .bin: read as a torch checkpoint, so two bytes are refused
+        // as one, naming the file.
         std::fs::write(dir.path().join(ADAPTER_BIN), b"PK").unwrap();
         let e = open(dir.path()).unwrap_err().to_string();
         assert!(
-            e.contains("adapter_model.bin") && e.contains("not supported yet"),
+            e.contains("adapter_model.bin") && e.contains("not a torch.save checkpoint"),
             "{e}"
         );
         std::fs::remove_file(dir.path().join(ADAPTER_CONFIG)).unwrap();

@@ -1,7 +1,8 @@
 //! Checks a unit's input references against the files they point into: every
-//! input (and block-scale) reference must be exactly a tensor entry of its
-//! file's own safetensors header, or a tensor of its torch zip checkpoint's
-//! pickle (name, dtype, shape and byte range). A unit therefore reads only
+//! input (and block-scale and LoRA-factor) reference must be exactly a tensor
+//! entry of its file's own safetensors header, or a tensor of its torch zip
+//! checkpoint's pickle (a `pytorch_model.bin` or an `adapter_model.bin`; name,
+//! dtype, shape and byte range). A unit therefore reads only
 //! bytes that a checkpoint declares as that tensor: not the header, not
 //! another file's bytes (a text file is not a checkpoint), not bytes between
 //! tensors.
