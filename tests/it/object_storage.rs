@@ -75,6 +75,28 @@ fn local(case: &str, dir: &Path, shard: &str) -> PathBuf {
 }
 
 /// Same shards, index, config and tokenizer, byte for byte.
+/// Runs `fleetmerge run CONFIG s3://BUCKET/NAME` (shards of `shard`) with
+/// `env`, and downloads the output into `dir/got-NAME`.
+fn run_into_bucket(
+    endpoint: &str,
+    dir: &Path,
+    config: &str,
+    (bucket, name): (&str, &str),
+    shard: &str,
+    env: &[(&str, String)],
+) -> PathBuf {
+    let out = format!("s3://{bucket}/{name}");
+    let o = fleetmerge_env(
+        dir,
+        &["run", config, &out, "--quiet", "--out-shard-size", shard],
+        env,
+    );
+    assert!(o.status.success(), "{name}: {}", stderr(&o));
+    let got = dir.join(format!("got-{name}"));
+    download_dir(endpoint, bucket, name, &got);
+    got
+}
+
 fn assert_same_files(got: &Path, want: &Path) {
     let mut compared = 0;
     for e in std::fs::read_dir(want).unwrap() {
@@ -108,22 +130,14 @@ fn kit_cases_from_bucket_to_bucket_match_local_runs() {
     ] {
         let want = local(case, dir.path(), "100K");
         let cfg = config_at(case, "s3://models/models/", dir.path());
-        let out = format!("s3://out-kit/{case}");
-        let o = fleetmerge_env(
+        let got = run_into_bucket(
+            endpoint,
             dir.path(),
-            &[
-                "run",
-                cfg.to_str().unwrap(),
-                &out,
-                "--quiet",
-                "--out-shard-size",
-                "100K",
-            ],
+            cfg.to_str().unwrap(),
+            ("out-kit", case),
+            "100K",
             &s3_env(endpoint),
         );
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let got = dir.path().join(format!("got-{case}"));
-        download_dir(endpoint, "out-kit", case, &got);
         assert_same_files(&got, &want);
         assert!(
             got.join(".fleetmerge/done").exists(),
@@ -146,22 +160,14 @@ fn adapters_in_s3_match_local_runs() {
         assert!(std::fs::read_to_string(&cfg)
             .unwrap()
             .contains("s3://models/models/llama-base+s3://models/models/lora-"));
-        let out = format!("s3://out-lora/{case}");
-        let o = fleetmerge_env(
+        let got = run_into_bucket(
+            endpoint,
             dir.path(),
-            &[
-                "run",
-                cfg.to_str().unwrap(),
-                &out,
-                "--quiet",
-                "--out-shard-size",
-                "100K",
-            ],
+            cfg.to_str().unwrap(),
+            ("out-lora", case),
+            "100K",
             &s3_env(endpoint),
         );
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let got = dir.path().join(format!("got-{case}"));
-        download_dir(endpoint, "out-lora", case, &got);
         assert_same_files(&got, &want);
         let card = std::fs::read_to_string(got.join("README.md")).unwrap();
         assert!(card.contains("s3://models/models/lora-"), "{card}");
@@ -307,21 +313,14 @@ fn bin_inputs_in_s3_are_read_by_range_and_only_where_the_merge_needs() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = fleetmerge_env(
+    let got = run_into_bucket(
+        endpoint,
         dir.path(),
-        &[
-            "run",
-            "s3.yaml",
-            "s3://out-bins/ties",
-            "--quiet",
-            "--out-shard-size",
-            "1M",
-        ],
+        "s3.yaml",
+        ("out-bins", "ties"),
+        "1M",
         &s3_env(endpoint),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let got = dir.path().join("got");
-    download_dir(endpoint, "out-bins", "ties", &got);
     assert_same_files(&got, &want);
 
     // One layer of `a`: its two tensors are read, and of the rest of the file
