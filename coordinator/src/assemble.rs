@@ -143,7 +143,16 @@ fn write_card(
     });
     let mut shards: Vec<(String, u64, String)> = outputs
         .iter()
-        .map(|o| (o.file_name.clone(), o.size, o.sha256.clone()))
+        .map(|o| {
+            // A part of a shard: its byte range, hashed on its own.
+            let part = plan.units.iter().any(|u| u.id == o.unit && u.part.is_some());
+            let name = if part {
+                format!("{} (bytes {}..{})", o.file_name, o.offset, o.offset + o.size)
+            } else {
+                o.file_name.clone()
+            };
+            (name, o.size, o.sha256.clone())
+        })
         .collect();
     shards.sort();
     // A model+adapter reference: the model's folder, then the adapter's (as

@@ -20,6 +20,9 @@ const PLAN: &str = "plan.json";
 const FINGERPRINT: &str = "fingerprint";
 const UNITS: &str = "units";
 const DONE: &str = "done";
+/// The multipart uploads of shards written in parts (object stores):
+/// `{shard file name: upload id}`, written before any part is handed out.
+const UPLOADS: &str = "uploads.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -218,6 +221,7 @@ impl Journal {
             }
             _ => {
                 if let Some(earlier) = earlier {
+                    journal.abort_parts(earlier)?;
                     journal.retire_earlier(earlier)?;
                 }
                 journal.clear()?;
@@ -265,7 +269,7 @@ impl Journal {
             self.store
                 .delete(&self.store.join(&self.path(UNITS), &name))?;
         }
-        for name in [DONE, FINGERPRINT, PLAN] {
+        for name in [DONE, FINGERPRINT, PLAN, UPLOADS] {
             self.store.delete(&self.path(name))?;
         }
         Ok(())
@@ -274,12 +278,25 @@ impl Journal {
     /// Records of finished units whose shard still exists with its recorded size.
     fn finished_units(&self, plan: &Plan) -> Result<BTreeMap<usize, UnitOutput>, JournalError> {
         let mut done = BTreeMap::new();
+        let uploads = self.uploads()?;
         for unit in &plan.units {
             let Some((record, _)) = read_record(self.store.as_ref(), &self.unit_path(unit.id))?
             else {
                 continue;
             };
             let shard = self.store.join(&self.out_dir, &record.file_name);
+            if let Some(p) = &unit.part {
+                if record.file_name == unit.file_name
+                    && record.offset == p.offset
+                    && record.size == p.len
+                    && self.part_target_kept(&shard, p.shard_size, &uploads)?
+                {
+                    done.insert(unit.id, record);
+                } else {
+                    tracing::warn!(unit = unit.id, shard = %shard, "the shard this part was written into is gone or differs; computing it again");
+                }
+                continue;
+            }
             let size = match self.store.size(&shard) {
                 Ok(s) => s,
                 Err(StorageError::NotFound { .. }) => {
@@ -298,6 +315,67 @@ impl Journal {
     }
 
     /// Records a finished unit (before anyone is told it is done).
+    /// Whether the parts of `shard` written so far are still there: the
+    /// shard itself is (finished), or its parts' file (local disks) with the
+    /// shard's size, or the upload the journal names (object stores).
+    fn part_target_kept(
+        &self,
+        shard: &str,
+        size: u64,
+        uploads: &BTreeMap<String, String>,
+    ) -> Result<bool, JournalError> {
+        let name = shard.rsplit('/').next().unwrap_or(shard);
+        match self.store.size(shard) {
+            Ok(s) if s == size => return Ok(true),
+            Ok(_) | Err(StorageError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(file) = self.store.parts_readable(shard) {
+            return Ok(std::fs::metadata(&file).is_ok_and(|m| m.len() == size));
+        }
+        Ok(uploads.contains_key(name))
+    }
+
+    /// The uploads of shards written in parts ([`UPLOADS`]).
+    pub fn uploads(&self) -> Result<BTreeMap<String, String>, JournalError> {
+        let loc = self.path(UPLOADS);
+        match self.store.read_all(&loc) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Record {
+                location: loc,
+                message: e.to_string(),
+            }),
+            Err(StorageError::NotFound { .. }) => Ok(BTreeMap::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the uploads of shards written in parts (before any is used).
+    pub fn save_uploads(&self, uploads: &BTreeMap<String, String>) -> Result<(), StorageError> {
+        let json = serde_json::to_vec_pretty(uploads).map_err(|e| StorageError::io("uploads", e))?;
+        self.store.put(&self.path(UPLOADS), &json)
+    }
+
+    /// Forgets that `unit` was finished (its part must be written again).
+    pub fn unrecord(&self, unit: usize) -> Result<(), StorageError> {
+        self.store.delete(&self.unit_path(unit))
+    }
+
+    /// Discards what an earlier merge left of shards written in parts: its
+    /// uploads, and its parts' files.
+    fn abort_parts(&self, earlier: &Plan) -> Result<(), JournalError> {
+        let uploads = self.uploads()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for unit in earlier.units.iter().filter(|u| u.part.is_some()) {
+            if !seen.insert(unit.file_name.as_str()) {
+                continue;
+            }
+            let shard = self.store.join(&self.out_dir, &unit.file_name);
+            self.store
+                .parts_abort(&shard, uploads.get(&unit.file_name).map(String::as_str))?;
+        }
+        Ok(())
+    }
+
     pub fn record(&self, output: &UnitOutput) -> Result<(), StorageError> {
         let mut value =
             serde_json::to_value(output).map_err(|e| StorageError::io("unit record", e))?;

@@ -604,7 +604,7 @@ mod tests {
 
     fn units(n: usize) -> Vec<WorkUnit> {
         (0..n)
-            .map(|id| WorkUnit {
+            .map(|id| WorkUnit { part: None, 
                 format: fleetmerge_engine::unit::PLAN_FORMAT,
                 id,
                 file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
@@ -713,7 +713,7 @@ mod tests {
     }
 
     fn output(unit: usize) -> UnitOutput {
-        UnitOutput {
+        UnitOutput { offset: 0, chunks: Vec::new(), 
             unit,
             file_name: format!("model-{:05}-of-00002.safetensors", unit + 1),
             size: 8,
@@ -831,7 +831,7 @@ mod tests {
     fn finished_units_of_an_earlier_run_are_not_leased() {
         let done: BTreeMap<usize, UnitOutput> = [(
             0,
-            UnitOutput {
+            UnitOutput { offset: 0, chunks: Vec::new(), 
                 unit: 0,
                 file_name: "model-00001-of-00002.safetensors".into(),
                 size: 8,

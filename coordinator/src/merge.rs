@@ -31,11 +31,30 @@ use crate::journal::{Journal, JournalError};
 use crate::lease_table::{Check, LeaseTable, Origin, Outcome, Refusal};
 use crate::outdir::{OutDirError, OutputLock};
 use crate::shardcheck::{self, Reported, ShardError};
+use std::sync::Arc;
 use fleetmerge_engine::exec::Progress;
 use fleetmerge_engine::plan::Plan;
 use fleetmerge_engine::storage::StorageError;
 use fleetmerge_engine::unit::UnitOutput;
+use fleetmerge_engine::storage;
+use fleetmerge_engine::unit::WorkUnit;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
+
+/// A shard written by several units (see `fleetmerge_engine::unit::UnitPart`):
+/// once every part is checked and journaled, the shard is *finished* (the
+/// upload completed, or the parts' file renamed) by whoever journaled the
+/// last part, before that unit counts as done; so every unit is done only
+/// once its shard is in place.
+#[derive(Debug, Default)]
+struct ShardParts {
+    /// Its units (the parts in order).
+    units: Vec<Arc<WorkUnit>>,
+    upload: Option<String>,
+    /// Journaled parts, by index.
+    done: BTreeMap<u32, UnitOutput>,
+    finished: bool,
+}
 
 /// Why a merge did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +142,11 @@ pub enum Rejection {
     Shard(#[from] ShardError),
     #[error("recording unit {unit} in the journal: {source}")]
     Journal { unit: usize, source: StorageError },
+    /// The parts of a shard did not make the shard (finishing the upload
+    /// or rename failed, or a part's bytes in the finished shard are wrong:
+    /// the shard is then discarded and its parts computed again).
+    #[error("finishing {shard} from its parts: {message}")]
+    Finish { shard: String, message: String },
     /// The check itself panicked (a bug): the unit is not left being checked.
     #[error("the check stopped: {0}")]
     Stopped(String),
@@ -131,6 +155,8 @@ pub enum Rejection {
 /// One merge into one output folder (see the module's comment).
 pub struct Merge {
     table: Mutex<LeaseTable>,
+    /// Shards written in parts: their parts' progress (see [`ShardParts`]).
+    parts: Mutex<BTreeMap<String, ShardParts>>,
     journal: Journal,
     out_dir: String,
     assemble: AssembleOptions,
@@ -165,8 +191,9 @@ impl Merge {
                 "resuming: units finished by an earlier run are kept"
             );
         }
+        let (units, parts) = prepare_parts(plan, out_dir, &journal, &resume.done)?;
         let table = LeaseTable::new(
-            plan.units.clone(),
+            units,
             resume.done,
             opts.lease_ms,
             opts.max_attempts,
@@ -174,6 +201,7 @@ impl Merge {
         );
         let merge = Merge {
             table: Mutex::new(table),
+            parts: Mutex::new(parts),
             journal,
             out_dir: out_dir.to_string(),
             assemble: opts.assemble.clone(),
@@ -255,7 +283,43 @@ impl Merge {
                 unit: output.unit,
                 source,
             })?;
+        if let Some(p) = &check.unit.part {
+            self.part_done(&check.unit.file_name, p.index, &output)?;
+        }
         Ok(output)
+    }
+
+    /// A part of `file` is journaled: the last one finishes the shard.
+    fn part_done(&self, file: &str, index: u32, output: &UnitOutput) -> Result<(), Rejection> {
+        let ready = {
+            let mut all = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(s) = all.get_mut(file) else {
+                return Ok(());
+            };
+            s.done.insert(index, output.clone());
+            (s.done.len() == s.units.len() && !s.finished).then(|| {
+                (
+                    s.units.clone(),
+                    s.upload.clone(),
+                    s.done.values().cloned().collect::<Vec<_>>(),
+                )
+            })
+        };
+        let Some((units, upload, outputs)) = ready else {
+            return Ok(());
+        };
+        let result = finish_shard(&self.out_dir, &units, upload.as_deref(), &outputs);
+        let mut all = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = all.get_mut(file) {
+            match &result {
+                Ok(()) => s.finished = true,
+                // This part is not done; the others stay journaled.
+                Err(_) => {
+                    s.done.remove(&index);
+                }
+            }
+        }
+        result
     }
 
     /// Ends the merge: with every unit done, writes the model card and the
@@ -286,6 +350,120 @@ impl Merge {
             None => Err(RunError::Unfinished(stopped)),
         }
     }
+}
+
+/// Prepares every unfinished shard written in parts (its parts' file, or
+/// its multipart upload, recorded in the journal before any part is handed
+/// out; an earlier run's are kept), and finishes those whose parts an
+/// earlier run wrote all of. Returns the units to lease (uploads filled in).
+fn prepare_parts(
+    plan: &Plan,
+    out_dir: &str,
+    journal: &Journal,
+    done: &BTreeMap<usize, UnitOutput>,
+) -> Result<(Vec<WorkUnit>, BTreeMap<String, ShardParts>), RunError> {
+    let mut units = plan.units.clone();
+    if units.iter().all(|u| u.part.is_none()) {
+        return Ok((units, BTreeMap::new()));
+    }
+    let store = storage::for_location(out_dir);
+    let mut uploads = journal.uploads()?;
+    let mut changed = false;
+    let mut shards: BTreeMap<String, ShardParts> = BTreeMap::new();
+    let mut prepared: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for unit in units.iter_mut() {
+        let Some(p) = unit.part.as_mut() else {
+            continue;
+        };
+        let file = unit.file_name.clone();
+        if !prepared.contains_key(&file) {
+            let shard = store.join(out_dir, &file);
+            let upload = if store.parts_readable(&shard).is_some() {
+                store.parts_begin(&shard, p.shard_size)?
+            } else if let Some(id) = uploads.get(&file) {
+                Some(id.clone())
+            } else {
+                let id = store.parts_begin(&shard, p.shard_size)?;
+                if let Some(id) = &id {
+                    uploads.insert(file.clone(), id.clone());
+                    changed = true;
+                }
+                id
+            };
+            prepared.insert(file.clone(), upload);
+        }
+        p.upload = prepared[&file].clone();
+    }
+    if changed {
+        journal.save_uploads(&uploads)?;
+    }
+    for unit in &units {
+        let Some(p) = &unit.part else { continue };
+        let s = shards.entry(unit.file_name.clone()).or_default();
+        s.upload = p.upload.clone();
+        s.units.push(Arc::new(unit.clone()));
+        if let Some(out) = done.get(&unit.id) {
+            s.done.insert(p.index, out.clone());
+        }
+    }
+    for (file, s) in shards.iter_mut() {
+        if s.done.len() < s.units.len() {
+            continue;
+        }
+        let shard = store.join(out_dir, file);
+        let size = s.units[0].part.as_ref().map_or(0, |p| p.shard_size);
+        if matches!(store.size(&shard), Ok(n) if n == size) && store.parts_readable(&shard).map_or(true, |f| !std::path::Path::new(&f).exists()) {
+            s.finished = true;
+            continue;
+        }
+        let outputs: Vec<UnitOutput> = s.done.values().cloned().collect();
+        finish_shard(out_dir, &s.units, s.upload.as_deref(), &outputs).map_err(|e| {
+            RunError::Failed(format!("resuming: {e}; run with --restart to compute it again"))
+        })?;
+        s.finished = true;
+    }
+    Ok((units, shards))
+}
+
+/// Makes shard `units[0].file_name` from its journaled parts: the upload
+/// completed (object stores; then every part is checked in the shard: the
+/// header, one recomputed tensor each; `fleetmerge verify` hashes them) or the parts' file renamed (local disks, where each part was
+/// checked before it was journaled).
+fn finish_shard(
+    out_dir: &str,
+    units: &[Arc<WorkUnit>],
+    upload: Option<&str>,
+    outputs: &[UnitOutput],
+) -> Result<(), Rejection> {
+    let store = storage::for_location(out_dir);
+    let file = &units[0].file_name;
+    let shard = store.join(out_dir, file);
+    let failed = |message: String| Rejection::Finish {
+        shard: shard.clone(),
+        message,
+    };
+    let chunks: Vec<String> = outputs.iter().flat_map(|o| o.chunks.clone()).collect();
+    let local = store.parts_readable(&shard).is_some();
+    store
+        .parts_finish(&shard, upload, chunks)
+        .map_err(|e| failed(e.to_string()))?;
+    if local {
+        tracing::info!(shard = %shard, parts = units.len(), "shard finished from its parts");
+        return Ok(());
+    }
+    for (unit, out) in units.iter().zip(outputs) {
+        if let Err(e) =
+            shardcheck::check_part(unit, &shard, out.size, &out.sha256, &out.chunks, random_u64(), 0)
+        {
+            let _ = store.delete(&shard);
+            return Err(failed(format!(
+                "{} is wrong in the finished shard ({e}); the shard was deleted",
+                unit.describe_target()
+            )));
+        }
+    }
+    tracing::info!(shard = %shard, parts = units.len(), "shard finished from its parts");
+    Ok(())
 }
 
 /// A panic's message.

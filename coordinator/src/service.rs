@@ -366,6 +366,7 @@ impl Coordinator for Service {
             size: r.size,
             sha256: r.sha256,
             tensors: r.tensors,
+            chunks: r.chunks,
         });
         let result = tokio::task::spawn_blocking(move || {
             shared.merge.complete(&session, lease, unit, report)

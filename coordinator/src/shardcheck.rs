@@ -61,6 +61,12 @@ pub enum ShardError {
         stored: u64,
         reported: u64,
     },
+    #[error("unit {unit} reported {reported} upload chunk ids, its part has {planned}")]
+    Chunks {
+        unit: usize,
+        reported: usize,
+        planned: usize,
+    },
     #[error("the worker reported {shard} written, but: {source}")]
     Missing { shard: String, source: StorageError },
     #[error("reading the header of {shard}: {source}")]
@@ -101,6 +107,8 @@ pub struct Reported {
     pub sha256: String,
     /// The shard's tensor names, in order (empty: not reported).
     pub tensors: Vec<String>,
+    /// A part's upload chunk ids (object-store outputs), in order.
+    pub chunks: Vec<String>,
 }
 
 /// `text` cut to at most `max` bytes (on a character boundary), saying so.
@@ -147,12 +155,58 @@ pub fn check_reported(
             count: unit.tensors.len(),
         });
     }
-    check_shard(unit, out_dir, r.size, &r.sha256, pick)
+    let Some(p) = &unit.part else {
+        return check_shard(unit, out_dir, r.size, &r.sha256, pick);
+    };
+    let store = storage::for_location(out_dir);
+    let shard = store.join(out_dir, &unit.file_name);
+    if let Some(file) = store.parts_readable(&shard) {
+        if !r.chunks.is_empty() {
+            return Err(ShardError::Chunks {
+                unit: unit.id,
+                reported: r.chunks.len(),
+                planned: 0,
+            });
+        }
+        return check_part(unit, &file, r.size, &r.sha256, &[], pick, HASH_WHOLE_MAX_BYTES);
+    }
+    // An object store: the part cannot be read before the shard is
+    // finished; it is checked then (see crate::merge).
+    let planned = fleetmerge_engine::unit::upload_chunks(p.len, p.chunk).len();
+    if r.chunks.len() != planned || r.chunks.iter().any(|c| c.is_empty() || c.len() > 1024) {
+        return Err(ShardError::Chunks {
+            unit: unit.id,
+            reported: r.chunks.len(),
+            planned,
+        });
+    }
+    if r.size != p.len {
+        return Err(ShardError::ReportedSize {
+            unit: unit.id,
+            reported: r.size,
+            planned: p.len,
+        });
+    }
+    Ok(UnitOutput {
+        unit: unit.id,
+        file_name: unit.file_name.clone(),
+        size: r.size,
+        sha256: r.sha256.clone(),
+        tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
+        offset: p.offset,
+        chunks: r.chunks.clone(),
+        non_finite: Vec::new(),
+    })
 }
 
 /// Checks the shard an in-process worker wrote for `unit`: the file the
 /// plan names, in `out_dir` with the size the executor reported.
 pub fn check_own(unit: &WorkUnit, out_dir: &str, output: &UnitOutput) -> Result<(), ShardError> {
+    if unit.part.is_some() && unit.file_name == output.file_name {
+        // The executor of this process wrote its part (checked whole, with
+        // the shard, when the shard is finished).
+        return Ok(());
+    }
     if unit.file_name != output.file_name {
         return Err(ShardError::FileName {
             unit: output.unit,
@@ -224,6 +278,45 @@ pub fn check_shard(
     }
 
     // The data spot check (see the module's comment for why this one).
+    let offsets: Vec<(u64, u64)> = layout.tensors.iter().map(|t| (t.3, t.4)).collect();
+    spot_check(unit, store.as_ref(), &shard, &offsets, pick)?;
+    if size <= HASH_WHOLE_MAX_BYTES {
+        let bytes = match store.read_range(&shard, 0..size) {
+            Ok(b) => b,
+            Err(source) => return Err(ShardError::Read { shard, source }),
+        };
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != sha256 {
+            return Err(ShardError::Sha256 {
+                shard,
+                actual,
+                reported: sha256.to_string(),
+            });
+        }
+    }
+    Ok(UnitOutput {
+        offset: 0,
+        chunks: Vec::new(),
+        unit: unit.id,
+        file_name: unit.file_name.clone(),
+        size,
+        sha256: sha256.to_string(),
+        tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
+        // Workers log their own non-finite warnings.
+        non_finite: Vec::new(),
+    })
+}
+
+/// Recomputes one small tensor of `unit` (chosen by `pick`) and compares it
+/// with its bytes in `shard` (`offsets`: each tensor's byte range there).
+fn spot_check(
+    unit: &WorkUnit,
+    store: &dyn storage::Storage,
+    shard: &str,
+    offsets: &[(u64, u64)],
+    pick: u64,
+) -> Result<(), ShardError> {
+    let shard = shard.to_string();
     let small: Vec<usize> = unit
         .tensors
         .iter()
@@ -242,7 +335,7 @@ pub fn check_shard(
         let t = &unit.tensors[i];
         match compute_tensor(unit, i) {
             Ok(expected) => {
-                let (_, _, _, offset, len) = &layout.tensors[i];
+                let (offset, len) = &offsets[i];
                 let got = match store.read_range(&shard, *offset..offset + len) {
                     Ok(g) => g,
                     Err(source) => {
@@ -268,8 +361,69 @@ pub fn check_shard(
                 "could not recompute a tensor to spot-check the shard; its data is not checked"),
         }
     }
-    if size <= HASH_WHOLE_MAX_BYTES {
-        let bytes = match store.read_range(&shard, 0..size) {
+    Ok(())
+}
+
+/// Checks the bytes a part `unit` wrote (reported: `size` bytes hashing to
+/// `sha256`, in `chunks` upload chunks) as they are at `location`: the parts'
+/// file before the shard is finished (local disks), or the finished shard.
+/// The file must have the shard's size, the first part the shard's header;
+/// one small tensor is recomputed, and a part up to `hash_max` bytes hashed.
+pub fn check_part(
+    unit: &WorkUnit,
+    location: &str,
+    size: u64,
+    sha256: &str,
+    chunks: &[String],
+    pick: u64,
+    hash_max: u64,
+) -> Result<UnitOutput, ShardError> {
+    let Some(p) = &unit.part else {
+        return Err(ShardError::Header {
+            shard: location.to_string(),
+            difference: format!("unit {} is not a part of its shard", unit.id),
+        });
+    };
+    if size != p.len {
+        return Err(ShardError::ReportedSize {
+            unit: unit.id,
+            reported: size,
+            planned: p.len,
+        });
+    }
+    let store = storage::for_location(location);
+    let shard = location.to_string();
+    match store.size(&shard) {
+        Ok(s) if s == p.shard_size => {}
+        Ok(stored) => {
+            return Err(ShardError::NotPlannedSize {
+                shard,
+                stored,
+                planned: p.shard_size,
+            })
+        }
+        Err(source) => return Err(ShardError::Missing { shard, source }),
+    }
+    let layout = unit.written_layout();
+    if p.index == 0 {
+        let header = match store.read_range(&shard, 0..layout.header.len() as u64) {
+            Ok(h) => h,
+            Err(source) => return Err(ShardError::ReadHeader { shard, source }),
+        };
+        if header != layout.header {
+            let full = unit.layout();
+            let difference = header_difference(&header, &full, p.shard_size);
+            return Err(ShardError::Header { shard, difference });
+        }
+    }
+    let offsets: Vec<(u64, u64)> = layout
+        .tensors
+        .iter()
+        .map(|t| (t.3 + p.offset, t.4))
+        .collect();
+    spot_check(unit, store.as_ref(), &shard, &offsets, pick)?;
+    if size <= hash_max {
+        let bytes = match store.read_range(&shard, p.offset..p.offset + size) {
             Ok(b) => b,
             Err(source) => return Err(ShardError::Read { shard, source }),
         };
@@ -288,7 +442,8 @@ pub fn check_shard(
         size,
         sha256: sha256.to_string(),
         tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
-        // Workers log their own non-finite warnings.
+        offset: p.offset,
+        chunks: chunks.to_vec(),
         non_finite: Vec::new(),
     })
 }

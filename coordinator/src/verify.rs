@@ -256,6 +256,30 @@ fn check_journal<T: Sync>(
         .filter(|u| present.contains_key(&u.file_name))
         .map(|u| {
             let size = present.get(&u.file_name).map(|p| p.0).unwrap_or_default();
+            let part = records
+                .plan
+                .units
+                .iter()
+                .find(|p| p.id == u.unit)
+                .and_then(|p| p.part.as_ref());
+            if let Some(p) = part {
+                // A part of its shard: its byte range.
+                if size != p.shard_size || u.offset != p.offset || u.size != p.len {
+                    return Some(format!(
+                        "{}: {size} bytes, the journal recorded a part of bytes {}..+{} of {}",
+                        u.file_name, u.offset, u.size, p.shard_size
+                    ));
+                }
+                let loc = store.join(out, &u.file_name);
+                return match sha256_range(store, &loc, u.offset..u.offset + u.size) {
+                    Ok(h) if h == u.sha256 => None,
+                    Ok(h) => Some(format!(
+                        "{} bytes {}..{}: sha256 {h}, the journal recorded {} (the file changed after it was written)",
+                        u.file_name, u.offset, u.offset + u.size, u.sha256
+                    )),
+                    Err(e) => Some(format!("{}: {e}", u.file_name)),
+                };
+            }
             if size != u.size {
                 return Some(format!(
                     "{}: {size} bytes, the journal recorded {}",
@@ -278,8 +302,16 @@ fn check_journal<T: Sync>(
 }
 
 fn sha256(store: &dyn Storage, loc: &str, size: u64) -> Result<String, StorageError> {
+    sha256_range(store, loc, 0..size)
+}
+
+fn sha256_range(
+    store: &dyn Storage,
+    loc: &str,
+    range: std::ops::Range<u64>,
+) -> Result<String, StorageError> {
     let mut h = Sha256::new();
-    let mut at = 0;
+    let (mut at, size) = (range.start, range.end);
     while at < size {
         let end = (at + READ).min(size);
         h.update(store.read_range(loc, at..end)?);

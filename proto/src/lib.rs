@@ -7,7 +7,9 @@ tonic::include_proto!("fleetmerge.v1");
 
 /// Version of the coordinator/worker protocol; a peer with another version is
 /// refused. 2: session ids (Register issues one, every other call carries it).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: units that write a part of their shard (`WorkUnit::part`), chunk ids in
+/// CompleteRequest.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest message the coordinator accepts. Every legitimate request is a few
 /// KiB at most: ids, texts and lists are bounded by the constants below (the

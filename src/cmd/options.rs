@@ -106,6 +106,26 @@ pub struct PlanArgs {
     /// fresh block scales, in the inputs' layout (quantization_config kept).
     #[arg(long)]
     pub keep_fp8: bool,
+    /// Input bytes a work unit aims at: a shard whose inputs are larger is
+    /// written by several units (README: Cluster mode); `auto` (default): a
+    /// 64th of the merge's inputs, within 16 MiB..1 GiB.
+    #[arg(long, default_value = "auto", value_parser = unit_size)]
+    pub unit_size: UnitSize,
+}
+
+/// `--unit-size`: `auto` or a size.
+#[derive(Debug, Clone, Copy)]
+pub struct UnitSize(pub Option<u64>);
+
+fn unit_size(text: &str) -> Result<UnitSize, String> {
+    if text == "auto" {
+        return Ok(UnitSize(None));
+    }
+    let n = plan::parse_size(text).map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("a unit size must be positive (or auto)".into());
+    }
+    Ok(UnitSize(Some(n)))
 }
 
 /// The seed used when `--random-seed` is not given, so that runs without one
@@ -115,7 +135,7 @@ const DEFAULT_SEED: u64 = 0;
 impl PlanArgs {
     /// The planner's options (model paths relative to the current directory).
     pub fn options(&self) -> Result<PlanOptions> {
-        Ok(PlanOptions {
+        Ok(PlanOptions { unit_size: self.unit_size.0, 
             out_shard_size: self.out_shard_size,
             seed: self.random_seed,
             allow_crimes: self.allow_crimes,

@@ -144,20 +144,25 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if summary.resumed > 0 {
         eprintln!(
-            "resumed: {} of {} shards were finished by an earlier run and kept",
+            "resumed: {} of {} units were finished by an earlier run and kept",
             summary.resumed,
             plan.units.len()
         );
     }
     if !args.quiet {
+        let shards: std::collections::BTreeSet<&str> = summary
+            .outputs
+            .iter()
+            .map(|o| o.file_name.as_str())
+            .collect();
         let secs = started.elapsed().as_secs_f64();
         let read = counters.read.load(Ordering::Relaxed) as f64;
         eprintln!(
             "merged {} tensors into {} ({} shard{}, {}) in {:.2} s, reading {} ({}/s)",
             plan.tensor_count(),
             args.out.display(),
-            summary.outputs.len(),
-            if summary.outputs.len() == 1 { "" } else { "s" },
+            shards.len(),
+            if shards.len() == 1 { "" } else { "s" },
             bytes(summary.total_size as f64),
             secs,
             bytes(read),

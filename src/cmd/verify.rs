@@ -37,7 +37,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         );
         if report.journal {
             line.push_str(&format!(
-                "; sizes and sha256 of {} shard{} match the journal",
+                "; sizes and sha256 of {} shard{} (or parts of shards) match the journal",
                 report.hashed,
                 if report.hashed == 1 { "" } else { "s" }
             ));

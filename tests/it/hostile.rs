@@ -119,6 +119,7 @@ fn completion(session: &str, lease: u64, unit: &WorkUnit, shard: &[u8]) -> Compl
         unit: unit.id as u64,
         progress_bytes: 0,
         session: session.to_string(),
+        chunks: Vec::new(),
     }
 }
 

@@ -103,7 +103,7 @@ fn killed_merge_resumes_and_matches_an_uninterrupted_one() {
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains(&format!("resumed: {done_before} of {units} shards")),
+        err.contains(&format!("resumed: {done_before} of {units} units")),
         "{err}"
     );
     assert_eq!(read_model(&out), read_model(&clean));

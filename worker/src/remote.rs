@@ -284,6 +284,7 @@ impl UnitSource for GrpcSource {
             unit: lease.unit.id as u64,
             progress_bytes,
             session: String::new(),
+            chunks: output.chunks,
         };
         let r = self
             .rt

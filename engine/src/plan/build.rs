@@ -32,6 +32,9 @@ pub struct PlanOptions {
     pub base_dir: PathBuf,
     /// Write FP8 inputs' weights back as FP8 with fresh block scales.
     pub keep_fp8: bool,
+    /// Input bytes a work unit aims at (`--unit-size`); `None`: automatic
+    /// (see [`super::shards`]).
+    pub unit_size: Option<u64>,
 }
 
 /// One planning: the config, its method and the opened input models.

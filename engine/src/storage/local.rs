@@ -137,6 +137,91 @@ impl Storage for LocalStorage {
         }))
     }
 
+    fn parts_begin(&self, location: &str, size: u64) -> Result<Option<String>, StorageError> {
+        let temp = parts_file(location)?;
+        if let Some(parent) = temp.parent() {
+            if !parent.as_os_str().is_empty() {
+                fs::create_dir_all(parent).map_err(|e| map_err(location, e))?;
+            }
+        }
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&temp)
+            .map_err(|e| map_err(location, e))?;
+        // Only ever grown: parts already written (by an earlier run, or a
+        // writer that opened it first) stay.
+        let len = file.metadata().map_err(|e| map_err(location, e))?.len();
+        if len != size {
+            if len > size {
+                file.set_len(0).map_err(|e| map_err(location, e))?;
+            }
+            file.set_len(size).map_err(|e| map_err(location, e))?;
+        }
+        Ok(None)
+    }
+
+    fn parts_writer(
+        &self,
+        location: &str,
+        part: &crate::unit::UnitPart,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let temp = parts_file(location)?;
+        // Never created here: a target that is gone was finished (or given
+        // up) by the coordinator, and must not come back as a stray file.
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&temp)
+            .map_err(|e| map_err(&temp.to_string_lossy(), e))?;
+        let len = file.metadata().map_err(|e| map_err(location, e))?.len();
+        if len != part.shard_size {
+            return Err(StorageError::io(
+                &temp.to_string_lossy(),
+                format!(
+                    "holds {len} bytes, the shard has {}: not this merge's parts",
+                    part.shard_size
+                ),
+            ));
+        }
+        Ok(Box::new(PartWriter {
+            location: temp.to_string_lossy().into_owned(),
+            file,
+            at: part.offset,
+            end: part.offset.saturating_add(part.len),
+        }))
+    }
+
+    fn parts_finish(
+        &self,
+        location: &str,
+        _upload: Option<&str>,
+        _chunks: Vec<String>,
+    ) -> Result<(), StorageError> {
+        let temp = parts_file(location)?;
+        File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| map_err(&temp.to_string_lossy(), e))?;
+        fs::rename(&temp, path_of(location)).map_err(|e| map_err(location, e))?;
+        sync_parent(path_of(location));
+        Ok(())
+    }
+
+    fn parts_abort(&self, location: &str, _upload: Option<&str>) -> Result<(), StorageError> {
+        let temp = parts_file(location)?;
+        match fs::remove_file(&temp) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(map_err(&temp.to_string_lossy(), e)),
+        }
+    }
+
+    fn parts_readable(&self, location: &str) -> Option<String> {
+        parts_file(location)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
     fn delete(&self, location: &str) -> Result<(), StorageError> {
         match fs::remove_file(path_of(location)) {
             Ok(()) => Ok(()),
@@ -269,6 +354,69 @@ fn unique_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The hidden file beside `location` that its parts are written into:
+/// `.NAME.fleetmerge-parts`.
+pub fn parts_file(location: &str) -> Result<PathBuf, StorageError> {
+    let target = path_of(location);
+    let name = target
+        .file_name()
+        .ok_or_else(|| StorageError::io(location, "location has no file name"))?
+        .to_string_lossy();
+    Ok(target.with_file_name(format!(".{name}.fleetmerge-parts")))
+}
+
+/// Fsyncs the directory holding `path` (a rename in it is then durable);
+/// best effort.
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// One part written at its offset into the parts' file.
+struct PartWriter {
+    location: String,
+    file: File,
+    at: u64,
+    end: u64,
+}
+
+impl ObjectWriter for PartWriter {
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        let n = bytes.len() as u64;
+        if self.at.saturating_add(n) > self.end {
+            return Err(StorageError::io(
+                &self.location,
+                format!("a part write past its end (byte {})", self.end),
+            ));
+        }
+        self.file
+            .write_all_at(bytes, self.at)
+            .map_err(|e| map_err(&self.location, e))?;
+        self.at += n;
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StorageError> {
+        if self.at != self.end {
+            return Err(StorageError::io(
+                &self.location,
+                format!("a part ended at byte {} of {}", self.at, self.end),
+            ));
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| map_err(&self.location, e))
+    }
 }
 
 struct LocalWriter {

@@ -116,6 +116,56 @@ pub trait Storage: Send + Sync {
         ))
     }
 
+    /// Prepares `location` to be written in parts by several writers (a
+    /// shard of [`crate::unit::UnitPart`]s) and returns what they need: the
+    /// multipart upload's id on an object store; `None` on a local disk,
+    /// where a hidden file of `size` bytes beside `location` takes the parts
+    /// (an existing one is kept, with the parts already in it).
+    fn parts_begin(&self, location: &str, _size: u64) -> Result<Option<String>, StorageError> {
+        Err(StorageError::io(
+            location,
+            "this storage cannot take a file written in parts",
+        ))
+    }
+
+    /// A writer of one part of `location` (prepared by [`Storage::parts_begin`]):
+    /// bytes go in order from the part's offset; committing returns the ids of
+    /// its upload chunks (object stores; none on a local disk).
+    fn parts_writer(
+        &self,
+        location: &str,
+        _part: &crate::unit::UnitPart,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        Err(StorageError::io(
+            location,
+            "this storage cannot take a file written in parts",
+        ))
+    }
+
+    /// Makes the parts' file appear at `location` (every chunk id, in order).
+    fn parts_finish(
+        &self,
+        location: &str,
+        _upload: Option<&str>,
+        _chunks: Vec<String>,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::io(
+            location,
+            "this storage cannot take a file written in parts",
+        ))
+    }
+
+    /// Discards an unfinished parts' file (nothing to discard is not an error).
+    fn parts_abort(&self, _location: &str, _upload: Option<&str>) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Where an unfinished parts' file can be read before it is finished
+    /// (local disks), or `None` (object stores: not before it is finished).
+    fn parts_readable(&self, _location: &str) -> Option<String> {
+        None
+    }
+
     /// Joins a relative name onto a location (`dir` + `/` + `name`).
     fn join(&self, dir: &str, name: &str) -> String {
         format!("{}/{}", dir.trim_end_matches('/'), name)
@@ -127,6 +177,11 @@ pub trait Storage: Send + Sync {
 pub trait ObjectWriter: Send {
     fn write_all(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
     fn commit(self: Box<Self>) -> Result<(), StorageError>;
+    /// [`ObjectWriter::commit`], returning the upload chunks' ids of a part
+    /// writer ([`Storage::parts_writer`]); none for a whole object.
+    fn commit_chunks(self: Box<Self>) -> Result<Vec<String>, StorageError> {
+        self.commit().map(|()| Vec::new())
+    }
 }
 
 /// The storage for a location string: a local path (or `file://` URL), an

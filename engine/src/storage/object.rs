@@ -19,6 +19,7 @@ use super::{overrides, ObjectWriter, Storage, StorageError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::collections::HashMap;
 use std::future::Future;
@@ -70,6 +71,8 @@ pub struct ObjectStorage {
     /// `scheme://bucket`, the prefix of every location it serves.
     root: String,
     store: Arc<dyn ObjectStore>,
+    /// The same client's multipart API (not for `http(s)://`).
+    multipart: Option<Arc<dyn MultipartStore>>,
 }
 
 /// Splits `s3://bucket/a/b` into (`s3://bucket`, `a/b`).
@@ -92,7 +95,17 @@ pub fn install_crypto_provider() {
     });
 }
 
-fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, String> {
+/// A client as both an object store and a multipart store.
+fn both<T: ObjectStore + MultipartStore>(
+    store: T,
+) -> (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) {
+    let s = Arc::new(store);
+    (s.clone(), Some(s))
+}
+
+type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
+fn build(root: &str, options: &[(String, String)]) -> Result<Clients, String> {
     use std::str::FromStr;
     install_crypto_provider();
     let url = url::Url::parse(root).map_err(|e| e.to_string())?;
@@ -104,8 +117,8 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore
             .unwrap_or(10),
         ..Default::default()
     };
-    let store: Arc<dyn ObjectStore> = match url.scheme() {
-        "s3" | "s3a" => Arc::new(
+    let store: Clients = match url.scheme() {
+        "s3" | "s3a" => both(
             options
                 .iter()
                 .try_fold(
@@ -120,7 +133,7 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
-        "gs" => Arc::new(
+        "gs" => both(
             options
                 .iter()
                 .try_fold(
@@ -135,7 +148,7 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
-        "az" | "abfs" | "abfss" => Arc::new(
+        "az" | "abfs" | "abfss" => both(
             options
                 .iter()
                 .try_fold(
@@ -150,7 +163,8 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
-        "http" | "https" => Arc::new(
+        "http" | "https" => (
+            Arc::new(
             options
                 .iter()
                 .try_fold(
@@ -169,6 +183,8 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore
                 .with_retry(retry)
                 .build()
                 .map_err(|e| e.to_string())?,
+            ),
+            None,
         ),
         other => return Err(format!("unsupported scheme {other}://")),
     };
@@ -195,9 +211,11 @@ pub fn for_url(location: &str) -> Result<Arc<ObjectStorage>, StorageError> {
         location: location.to_string(),
         message: format!("cannot set up the client: {e}"),
     })?;
+    let (store, multipart) = store;
     let s = Arc::new(ObjectStorage {
         root: root.to_string(),
         store,
+        multipart,
     });
     stores.insert(key.to_string(), s.clone());
     Ok(s)
@@ -224,6 +242,12 @@ fn error(location: &str, e: object_store::Error) -> StorageError {
 }
 
 impl ObjectStorage {
+    fn multipart(&self, location: &str) -> Result<Arc<dyn MultipartStore>, StorageError> {
+        self.multipart.clone().ok_or_else(|| {
+            StorageError::io(location, "this store cannot take a file written in parts")
+        })
+    }
+
     fn path(&self, location: &str) -> Result<Path, StorageError> {
         let key = location
             .strip_prefix(&self.root)
@@ -398,6 +422,73 @@ impl Storage for ObjectStorage {
         }))
     }
 
+    fn parts_begin(&self, location: &str, _size: u64) -> Result<Option<String>, StorageError> {
+        let (path, mp) = (self.path(location)?, self.multipart(location)?);
+        let loc = location.to_string();
+        block(location, async move {
+            mp.create_multipart(&path)
+                .await
+                .map(Some)
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn parts_writer(
+        &self,
+        location: &str,
+        part: &crate::unit::UnitPart,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let upload = part.upload.clone().ok_or_else(|| {
+            StorageError::io(location, "a part of an object-store shard without its upload id")
+        })?;
+        let chunks = crate::unit::upload_chunks(part.len, part.chunk);
+        Ok(Box::new(ChunkWriter {
+            location: location.to_string(),
+            path: self.path(location)?,
+            store: self.multipart(location)?,
+            upload,
+            next: part.first_chunk as usize,
+            sizes: chunks.iter().rev().map(|r| (r.end - r.start) as usize).collect(),
+            buffer: Vec::new(),
+            in_flight: Vec::new(),
+            done: ChunkIds(Vec::new()),
+        }))
+    }
+
+    fn parts_finish(
+        &self,
+        location: &str,
+        upload: Option<&str>,
+        chunks: Vec<String>,
+    ) -> Result<(), StorageError> {
+        let upload = upload
+            .ok_or_else(|| StorageError::io(location, "finishing parts without an upload id"))?
+            .to_string();
+        let (path, mp) = (self.path(location)?, self.multipart(location)?);
+        let loc = location.to_string();
+        let parts = chunks.into_iter().map(|content_id| PartId { content_id }).collect();
+        block(location, async move {
+            mp.complete_multipart(&path, &upload, parts)
+                .await
+                .map(|_| ())
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn parts_abort(&self, location: &str, upload: Option<&str>) -> Result<(), StorageError> {
+        let Some(upload) = upload.map(str::to_string) else {
+            return Ok(());
+        };
+        let (path, mp) = (self.path(location)?, self.multipart(location)?);
+        let loc = location.to_string();
+        block(location, async move {
+            match mp.abort_multipart(&path, &upload).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(error(&loc, e)),
+            }
+        })
+    }
+
     fn delete(&self, location: &str) -> Result<(), StorageError> {
         let path = self.path(location)?;
         let store = self.store.clone();
@@ -433,6 +524,110 @@ impl Storage for ObjectStorage {
                 .filter(|n| !n.is_empty())
                 .collect())
         })
+    }
+}
+
+/// One part of a shard written in parts: its bytes go up as the upload
+/// chunks [`crate::unit::upload_chunks`] cuts, numbered from the part's first
+/// chunk, at most [`concurrency`] in flight. The upload belongs to the
+/// coordinator, which completes (or aborts) it: dropping the writer only stops
+/// its requests.
+struct ChunkWriter {
+    location: String,
+    path: Path,
+    store: Arc<dyn MultipartStore>,
+    upload: String,
+    /// The number of the next chunk, and the sizes of the chunks to come
+    /// (last first).
+    next: usize,
+    sizes: Vec<usize>,
+    buffer: Vec<u8>,
+    in_flight: Vec<tokio::task::JoinHandle<object_store::Result<PartId>>>,
+    done: ChunkIds,
+}
+
+impl ChunkWriter {
+    fn send(&mut self, ids: &mut Vec<String>) -> Result<(), StorageError> {
+        let chunk = std::mem::take(&mut self.buffer);
+        let (store, path, upload, n) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.next,
+        );
+        self.next += 1;
+        self.in_flight.push(runtime().spawn(async move {
+            store
+                .put_part(&path, &upload, n, PutPayload::from(Bytes::from(chunk)))
+                .await
+        }));
+        while self.in_flight.len() >= concurrency() {
+            let oldest = self.in_flight.remove(0);
+            ids.push(self.join(oldest)?);
+        }
+        Ok(())
+    }
+
+    fn join(
+        &self,
+        h: tokio::task::JoinHandle<object_store::Result<PartId>>,
+    ) -> Result<String, StorageError> {
+        let loc = self.location.clone();
+        block(&self.location, async move {
+            match h.await {
+                Ok(r) => r.map(|p| p.content_id).map_err(|e| error(&loc, e)),
+                Err(e) => Err(StorageError::io(&loc, e)),
+            }
+        })
+    }
+}
+
+/// Chunk ids of a [`ChunkWriter`] joined so far (kept until commit).
+struct ChunkIds(Vec<String>);
+
+impl ObjectWriter for ChunkWriter {
+    fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        let mut ids = Vec::new();
+        while !bytes.is_empty() {
+            let Some(&size) = self.sizes.last() else {
+                return Err(StorageError::io(&self.location, "a part write past its end"));
+            };
+            let take = (size - self.buffer.len()).min(bytes.len());
+            self.buffer.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buffer.len() == size {
+                self.sizes.pop();
+                self.send(&mut ids)?;
+            }
+        }
+        self.done.0.extend(ids);
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StorageError> {
+        self.commit_chunks().map(|_| ())
+    }
+
+    fn commit_chunks(mut self: Box<Self>) -> Result<Vec<String>, StorageError> {
+        if !self.buffer.is_empty() || !self.sizes.is_empty() {
+            return Err(StorageError::io(
+                &self.location,
+                "a part ended before all of its bytes were written",
+            ));
+        }
+        let mut ids = std::mem::take(&mut self.done.0);
+        for h in std::mem::take(&mut self.in_flight) {
+            ids.push(self.join(h)?);
+        }
+        Ok(ids)
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        for h in self.in_flight.drain(..) {
+            h.abort();
+        }
     }
 }
 

@@ -208,19 +208,121 @@ pub struct WorkUnit {
     pub merge_method: String,
     pub seed: u64,
     pub tensors: Vec<OutputTensor>,
+    /// The unit writes one byte range of its shard (a *part*), not the whole
+    /// shard: shards larger than the planner's unit size are split so that a
+    /// cluster has units enough to balance (see [`UnitPart`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<UnitPart>,
+}
+
+/// Where a unit's bytes go in its shard when a shard is written by several
+/// units. Part `index` writes the bytes `offset .. offset + len` of the
+/// shard's file (the first part starts with the header, and carries the
+/// shard's whole tensor list to write it); the shard appears once every part
+/// is written. On an object store the shard is one multipart upload whose
+/// parts (of [`UnitPart::chunk`] bytes; see [`upload_chunks`]) are numbered
+/// across the units from [`UnitPart::first_chunk`]; on a local disk every part
+/// writes at its offset into one prepared file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitPart {
+    pub index: u32,
+    pub count: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// Size of the whole shard file.
+    pub shard_size: u64,
+    /// Upload chunk size, and the number of chunks of the parts before this one.
+    pub chunk: u64,
+    pub first_chunk: u32,
+    /// First part only: every tensor of the shard (name, dtype, shape) in
+    /// order, for the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shard_tensors: Vec<(String, DType, Vec<u64>)>,
+    /// The multipart upload the parts go to (object stores), set by the
+    /// coordinator when it hands the unit out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
+}
+
+/// The smallest upload chunk but the last that object stores accept (S3: 5 MiB).
+pub const MIN_CHUNK: u64 = 5 << 20;
+/// The upload chunk size the planner starts from.
+pub const CHUNK: u64 = 16 << 20;
+/// The most chunks of one multipart upload (S3's limit).
+pub const MAX_CHUNKS: u64 = 10_000;
+
+/// The upload chunks of `len` bytes cut in `chunk`-sized pieces: the byte
+/// ranges (relative to the part), where a last piece shorter than
+/// [`MIN_CHUNK`] is joined to the one before it, so that every chunk of a
+/// part but the shard's very last is at least [`MIN_CHUNK`] when the part is.
+pub fn upload_chunks(len: u64, chunk: u64) -> Vec<std::ops::Range<u64>> {
+    let chunk = chunk.max(1);
+    let mut n = len.div_ceil(chunk).max(1);
+    if n > 1 && len - (n - 1) * chunk < MIN_CHUNK {
+        n -= 1;
+    }
+    (0..n)
+        .map(|i| {
+            let start = i * chunk;
+            let end = if i + 1 == n { len } else { start + chunk };
+            start..end
+        })
+        .collect()
 }
 
 impl WorkUnit {
     /// The byte layout of the unit's shard: its tensors in order, as the
     /// executor writes it and the coordinator expects to find it.
     pub fn layout(&self) -> crate::output::ShardLayout {
-        crate::output::ShardLayout::new(
-            &self
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-                .collect::<Vec<_>>(),
-        )
+        let own: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        match &self.part {
+            Some(p) if p.index == 0 => crate::output::ShardLayout::new(&p.shard_tensors),
+            _ => crate::output::ShardLayout::new(&own),
+        }
+    }
+
+    /// The bytes this unit writes: its shard's header (unless it is a part
+    /// after the first), then its tensors' data, with offsets relative to the
+    /// first byte it writes. For a whole shard, [`Self::layout`].
+    pub fn written_layout(&self) -> crate::output::ShardLayout {
+        let full = self.layout();
+        let Some(p) = &self.part else {
+            return full;
+        };
+        if p.index == 0 {
+            let n = self.tensors.len();
+            return crate::output::ShardLayout {
+                header: full.header,
+                tensors: full.tensors.into_iter().take(n).collect(),
+                file_size: p.len,
+            };
+        }
+        // A later part: its own tensors laid out from its offset.
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        let mut at = 0u64;
+        for t in &self.tensors {
+            let len = t.byte_len();
+            tensors.push((t.name.clone(), t.dtype, t.shape.clone(), at, len));
+            at = at.saturating_add(len);
+        }
+        crate::output::ShardLayout {
+            header: Vec::new(),
+            tensors,
+            file_size: p.len,
+        }
+    }
+
+    /// The shard's file name with the part, for people:
+    /// `model-00001-of-00004.safetensors (part 2/3)`.
+    pub fn describe_target(&self) -> String {
+        match &self.part {
+            None => self.file_name.clone(),
+            Some(p) => format!("{} (part {}/{})", self.file_name, p.index + 1, p.count),
+        }
     }
 
     /// Bytes of tensor data in the shard.
@@ -281,12 +383,24 @@ impl TensorParams {
 pub struct UnitOutput {
     pub unit: usize,
     pub file_name: String,
+    /// Bytes written, and their sha256 (the whole shard, or the unit's part
+    /// of it, starting at `offset`).
     pub size: u64,
     pub sha256: String,
     pub tensors: Vec<String>,
+    /// Where a part's bytes start in its shard.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    /// A part's upload chunks' ids (object stores), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
     /// Tensors written with NaN or infinite values (reported as warnings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub non_finite: Vec<NonFinite>,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// Non-finite values of one output tensor.

@@ -644,6 +644,100 @@ impl WorkUnit {
                 ));
             }
         }
+        if let Some(p) = &self.part {
+            c.part(p, total)?;
+        }
+        Ok(())
+    }
+}
+
+/// Most tensors a shard written in parts may list (`part.shard_tensors`).
+const MAX_SHARD_TENSORS: usize = 1 << 20;
+/// Longest multipart upload id accepted.
+const MAX_UPLOAD_ID: usize = 1024;
+
+impl Checker<'_> {
+    /// A part's place in its shard agrees with its tensors: its length is
+    /// their bytes (and the shard's header, for the first part), it lies
+    /// within the shard, and its upload chunks within the store's limits.
+    fn part(&self, p: &crate::unit::UnitPart, own: u64) -> Result<(), UnitError> {
+        let err = |field: &str, m: String| Err(self.err(None, field, m));
+        if p.count < 2 || p.index >= p.count {
+            return err("part", format!("part {} of {}", p.index, p.count));
+        }
+        if !(crate::unit::MIN_CHUNK..=MAX_UNIT_BYTES).contains(&p.chunk) {
+            return err("part.chunk", format!("upload chunks of {} bytes", p.chunk));
+        }
+        let chunks = crate::unit::upload_chunks(p.len, p.chunk).len() as u64;
+        if u64::from(p.first_chunk) + chunks > crate::unit::MAX_CHUNKS {
+            return err(
+                "part.first_chunk",
+                format!(
+                    "an upload of more than {} chunks",
+                    crate::unit::MAX_CHUNKS
+                ),
+            );
+        }
+        if let Some(u) = &p.upload {
+            if u.is_empty() || u.len() > MAX_UPLOAD_ID || u.chars().any(char::is_control) {
+                return err("part.upload", "not an upload id".into());
+            }
+        }
+        let header = if p.index == 0 {
+            if p.offset != 0 || p.shard_tensors.len() > MAX_SHARD_TENSORS {
+                return err(
+                    "part.shard_tensors",
+                    "the first part starts the shard and lists its tensors".into(),
+                );
+            }
+            let mut names = HashSet::with_capacity(p.shard_tensors.len());
+            for (name, _, _) in &p.shard_tensors {
+                self.name(None, || "part.shard_tensors".into(), name)?;
+                if !names.insert(name.as_str()) {
+                    return err("part.shard_tensors", "two tensors have one name".into());
+                }
+            }
+            let prefix = self
+                .unit
+                .tensors
+                .iter()
+                .zip(&p.shard_tensors)
+                .all(|(t, (n, d, s))| &t.name == n && t.dtype == *d && &t.shape == s);
+            if !prefix || p.shard_tensors.len() < self.unit.tensors.len() {
+                return err(
+                    "part.shard_tensors",
+                    "the first part's tensors must begin the shard's list".into(),
+                );
+            }
+            let layout = crate::output::ShardLayout::new(&p.shard_tensors);
+            if layout.file_size != p.shard_size {
+                return err(
+                    "part.shard_size",
+                    format!("{} bytes, its tensors make {}", p.shard_size, layout.file_size),
+                );
+            }
+            layout.header.len() as u64
+        } else {
+            if !p.shard_tensors.is_empty() || p.offset < 8 {
+                return err(
+                    "part.offset",
+                    "a later part starts after the header and lists no shard tensors".into(),
+                );
+            }
+            0
+        };
+        if p.len != own.saturating_add(header)
+            || p.offset.saturating_add(p.len) > p.shard_size
+            || p.shard_size > MAX_UNIT_BYTES.saturating_mul(crate::unit::MAX_CHUNKS)
+        {
+            return err(
+                "part.len",
+                format!(
+                    "bytes {}..+{} of a {}-byte shard, for {own} bytes of tensors",
+                    p.offset, p.len, p.shard_size
+                ),
+            );
+        }
         Ok(())
     }
 }

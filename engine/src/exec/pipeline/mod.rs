@@ -10,7 +10,9 @@
 //! The read stage loads a window of inputs while the compute stage computes
 //! the one before it; the compute stage fills one of two output buffers while
 //! the write stage streams the other to storage, hashing it. The shard appears
-//! in storage (committed) only when all of it is written. An error or a panic
+//! in storage (committed) only when all of it is written; a unit that is a
+//! part of a shard writes its byte range into the shard's parts (see
+//! [`crate::unit::UnitPart`]), which appear once the coordinator finishes them. An error or a panic
 //! in any stage ends the unit: the compute stage's end of both channels is
 //! dropped, so the other two stop, and the writer's error, when it has one, is
 //! the one reported.
@@ -34,13 +36,16 @@ pub(super) fn run_unit(
     device: &Device,
 ) -> Result<UnitOutput, ExecError> {
     let method = unit_method(unit)?;
-    let layout = unit.layout();
+    let layout = unit.written_layout();
     let maps = read::Maps::open(&unit.tensors)?;
     inputs::check(unit, &maps)?;
     let windows = read::windows(&unit.tensors, limits.window_bytes);
     let out_store = storage::for_location(out_dir);
     let location = out_store.join(out_dir, &unit.file_name);
-    let writer = out_store.create(&location)?;
+    let writer = match &unit.part {
+        None => out_store.create(&location)?,
+        Some(part) => out_store.parts_writer(&location, part)?,
+    };
 
     let written = std::thread::scope(|scope| {
         let input = reader::Windows::spawn(scope, &unit.tensors, &windows, &maps, limits);
@@ -64,7 +69,7 @@ pub(super) fn run_unit(
         computed?;
         Ok::<_, ExecError>(written)
     })?;
-    written.writer.commit()?;
+    let chunks = written.writer.commit_chunks()?;
     for t in &written.non_finite {
         tracing::warn!(
             tensor = %t.tensor,
@@ -80,6 +85,8 @@ pub(super) fn run_unit(
         size: written.size,
         sha256: hex::encode(written.hasher.finalize()),
         tensors: unit.tensors.iter().map(|t| t.name.clone()).collect(),
+        offset: unit.part.as_ref().map_or(0, |p| p.offset),
+        chunks,
         non_finite: written.non_finite,
     })
 }
