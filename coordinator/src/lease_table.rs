@@ -35,10 +35,25 @@ enum State {
     Failed,
 }
 
+/// A second copy of a leased unit given to an idle worker near the end of
+/// the merge (speculative re-execution): whichever copy completes first
+/// wins (shards are deterministic), the other lease is revoked.
+#[derive(Debug, Clone, PartialEq)]
+struct Backup {
+    lease: u64,
+    worker: String,
+    deadline_ms: u64,
+    /// When it was given.
+    leased_ms: u64,
+}
+
 #[derive(Debug)]
 struct Unit {
     unit: Arc<WorkUnit>,
     state: State,
+    /// When its current lease was given (the table's clock).
+    leased_ms: u64,
+    backup: Option<Backup>,
     attempts: u32,
     /// (worker, error) of every failed attempt.
     errors: Vec<(String, String)>,
@@ -184,7 +199,18 @@ pub struct LeaseTable {
     pub failures: u64,
     outputs: BTreeMap<usize, UnitOutput>,
     outcome: Option<Outcome>,
+    /// The latest time a caller told the table (ms).
+    clock_ms: u64,
+    /// How long finished units took (lease to completion), for speculation.
+    durations: Vec<u64>,
+    /// Second copies handed out (see [`Backup`]).
+    pub speculative: u64,
 }
+
+/// A unit is copied to an idle worker when it has run this much longer than
+/// the median unit ([`SPECULATE_FACTOR`]), and at least [`SPECULATE_MIN_MS`].
+const SPECULATE_FACTOR: f64 = 1.5;
+const SPECULATE_MIN_MS: u64 = 2_000;
 
 fn describe(unit: &WorkUnit) -> String {
     let names: Vec<&str> = unit.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -221,11 +247,18 @@ impl LeaseTable {
                 Unit {
                     unit,
                     state,
+                    leased_ms: 0,
+                    backup: None,
                     attempts: 0,
                     errors: Vec::new(),
                 }
             })
             .collect();
+        // Largest first (stable: plan order among equals), so that the
+        // merge ends on small units and the nodes finish together.
+        let mut order: Vec<usize> = queue.into_iter().collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(units[i].unit.input_bytes()));
+        let queue: VecDeque<usize> = order.into_iter().collect();
         let outcome = queue.is_empty().then_some(Outcome::AllDone);
         LeaseTable {
             units,
@@ -243,6 +276,9 @@ impl LeaseTable {
             failures: 0,
             outputs: done,
             outcome,
+            clock_ms: 0,
+            durations: Vec::new(),
+            speculative: 0,
         }
     }
 
@@ -341,7 +377,14 @@ impl LeaseTable {
 
     /// Puts units whose lease ran out back in the queue (or gives up on them).
     pub fn expire(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         for i in 0..self.units.len() {
+            if let Some(b) = self.units[i].backup.clone() {
+                if b.deadline_ms < now_ms {
+                    self.by_lease.remove(&b.lease);
+                    self.units[i].backup = None;
+                }
+            }
             if let State::Leased {
                 lease,
                 worker,
@@ -356,6 +399,9 @@ impl LeaseTable {
                     self.units[i]
                         .errors
                         .push((name, "lease expired (no heartbeat)".into()));
+                    if self.promote_backup(i) {
+                        continue;
+                    }
                     if self.units[i].attempts >= self.max_attempts {
                         self.give_up(i, &format!("failed {} times", self.units[i].attempts));
                     } else {
@@ -381,7 +427,7 @@ impl LeaseTable {
         let Some(i) = std::iter::from_fn(|| self.queue.pop_front())
             .find(|&i| self.units[i].state == State::Pending)
         else {
-            return LeaseReply::Wait;
+            return self.speculate(worker, now_ms);
         };
         let lease = self.next_lease;
         self.next_lease += 1;
@@ -396,6 +442,7 @@ impl LeaseTable {
             worker: worker.to_string(),
             deadline_ms,
         };
+        u.leased_ms = now_ms;
         self.by_lease.insert(lease, i);
         self.issued.insert(lease, (i, worker.to_string()));
         LeaseReply::Unit {
@@ -408,6 +455,7 @@ impl LeaseTable {
     /// Extends the worker's leases; returns the ones it no longer holds.
     pub fn heartbeat(&mut self, worker: &str, leases: &[u64], now_ms: u64) -> Vec<u64> {
         self.expire(now_ms);
+        self.clock_ms = self.clock_ms.max(now_ms);
         let deadline = now_ms.saturating_add(self.lease_ms);
         let mut revoked = Vec::new();
         for &l in leases {
@@ -417,7 +465,15 @@ impl LeaseTable {
                     deadline_ms,
                     ..
                 }) if w == worker => *deadline_ms = deadline,
-                _ => revoked.push(l),
+                Some(_) => match self
+                    .by_lease
+                    .get(&l)
+                    .and_then(|&i| self.units[i].backup.as_mut())
+                {
+                    Some(b) if b.lease == l && b.worker == worker => b.deadline_ms = deadline,
+                    _ => revoked.push(l),
+                },
+                None => revoked.push(l),
             }
         }
         revoked
@@ -458,6 +514,14 @@ impl LeaseTable {
                 worker: w,
                 ..
             } if *l == lease && w == holder => false,
+            State::Leased { .. }
+                if self.units[i]
+                    .backup
+                    .as_ref()
+                    .is_some_and(|b| b.lease == lease && b.worker == holder) =>
+            {
+                false
+            }
             State::Pending => true,
             State::Leased { .. } | State::Checking { .. } => {
                 return Err(Refusal::Reassigned { lease, unit })
@@ -469,6 +533,13 @@ impl LeaseTable {
                     outcome: format!("{o:?}"),
                 });
             }
+        }
+        // The first copy to complete wins; the other lease is revoked.
+        if let State::Leased { lease: l, .. } = &self.units[i].state {
+            self.by_lease.remove(l);
+        }
+        if let Some(b) = self.units[i].backup.take() {
+            self.by_lease.remove(&b.lease);
         }
         self.by_lease.remove(&lease);
         self.units[i].state = State::Checking {
@@ -508,6 +579,8 @@ impl LeaseTable {
                     tracing::info!(unit = output.unit, lease, "a unit was completed under a lease that had expired; its shard is checked and kept");
                 }
                 self.units[i].state = State::Done;
+                let took = self.clock_ms.saturating_sub(self.units[i].leased_ms);
+                self.durations.push(took);
                 self.outputs.insert(output.unit, output);
                 if self.units.iter().all(|u| u.state == State::Done) {
                     self.outcome = Some(Outcome::AllDone);
@@ -541,7 +614,12 @@ impl LeaseTable {
         let Some(&i) = self.by_lease.get(&lease) else {
             return not_current;
         };
-        if !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
+        let is_backup = self.units[i]
+            .backup
+            .as_ref()
+            .is_some_and(|b| b.lease == lease && b.worker == worker);
+        if !is_backup
+            && !matches!(&self.units[i].state, State::Leased { lease: l, worker: w, .. } if *l == lease && w == worker)
         {
             return not_current;
         }
@@ -549,6 +627,17 @@ impl LeaseTable {
         self.failures += 1;
         let name = self.name_of(worker);
         self.units[i].errors.push((name, error.to_string()));
+        if is_backup {
+            // The first copy still runs.
+            self.units[i].backup = None;
+            if !retryable {
+                self.give_up(i, "failed with an error that another attempt cannot fix");
+            }
+            return FailReply::Recorded;
+        }
+        if retryable && self.promote_backup(i) {
+            return FailReply::Recorded;
+        }
         if !retryable {
             self.give_up(i, "failed with an error that another attempt cannot fix");
         } else if self.units[i].attempts >= self.max_attempts {
@@ -558,6 +647,74 @@ impl LeaseTable {
             self.queue.push_back(i);
         }
         FailReply::Recorded
+    }
+
+    /// The unit's second copy (if any) becomes its lease, its first having
+    /// ended; returns whether there was one.
+    fn promote_backup(&mut self, i: usize) -> bool {
+        let Some(b) = self.units[i].backup.take() else {
+            return false;
+        };
+        self.units[i].state = State::Leased {
+            lease: b.lease,
+            worker: b.worker,
+            deadline_ms: b.deadline_ms,
+        };
+        self.units[i].leased_ms = b.leased_ms;
+        true
+    }
+
+    /// Nothing is pending: gives `worker` a second copy of the unit that has
+    /// run longest, when it runs well beyond the median unit (a straggler:
+    /// a slow or stuck node), or asks it to wait.
+    fn speculate(&mut self, worker: &str, now_ms: u64) -> LeaseReply {
+        if self.lease_ms == u64::MAX || self.durations.is_empty() {
+            // In-process workers (`run`) share one machine: no copies.
+            return LeaseReply::Wait;
+        }
+        let mut sorted = self.durations.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        let threshold = ((median as f64 * SPECULATE_FACTOR) as u64).max(SPECULATE_MIN_MS);
+        let candidate = self
+            .units
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.backup.is_none())
+            .filter_map(|(i, u)| match &u.state {
+                State::Leased { worker: w, .. } if w != worker => {
+                    Some((i, now_ms.saturating_sub(u.leased_ms)))
+                }
+                _ => None,
+            })
+            .filter(|&(_, ran)| ran > threshold)
+            .max_by_key(|&(_, ran)| ran);
+        let Some((i, ran)) = candidate else {
+            return LeaseReply::Wait;
+        };
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        let deadline_ms = now_ms.saturating_add(self.lease_ms);
+        tracing::info!(
+            unit = self.units[i].unit.id,
+            ran_ms = ran,
+            median_ms = median,
+            "a unit runs long: a second copy goes to an idle worker (the first to finish wins)"
+        );
+        self.units[i].backup = Some(Backup {
+            lease,
+            worker: worker.to_string(),
+            deadline_ms,
+            leased_ms: now_ms,
+        });
+        self.speculative += 1;
+        self.by_lease.insert(lease, i);
+        self.issued.insert(lease, (i, worker.to_string()));
+        LeaseReply::Unit {
+            lease,
+            unit: self.units[i].unit.clone(),
+            deadline_ms,
+        }
     }
 
     pub fn counts(&self) -> Counts {
@@ -845,5 +1002,73 @@ mod tests {
         assert_eq!(lease(&mut c, "a", 0).1, 1);
         assert_eq!(c.lease("a", 0), LeaseReply::Wait);
         assert_eq!(c.counts().done, 1);
+    }
+
+    fn done(c: &mut LeaseTable, holder: &str, lease: u64, unit: usize) {
+        let check = c
+            .begin_check(holder, lease, unit as u64, Origin::Remote)
+            .unwrap();
+        c.finish_check::<str>(&check, Ok(output(unit)));
+    }
+
+    #[test]
+    fn a_straggler_gets_a_second_copy_and_the_first_completion_wins() {
+        let mut c = LeaseTable::new(units(3), BTreeMap::new(), 60_000, 3, 1);
+        let (l0, u0) = lease(&mut c, "a", 0);
+        let (l1, u1) = lease(&mut c, "b", 0);
+        let (l2, u2) = lease(&mut c, "slow", 0);
+        done(&mut c, "a", l0, u0);
+        c.heartbeat("b", &[l1], 3_000);
+        done(&mut c, "b", l1, u1);
+        // Nothing pending; the slow unit has run 3 s, the median 3 s: not yet.
+        assert_eq!(c.lease("a", 3_000), LeaseReply::Wait);
+        // At 10 s it runs well beyond the median: a copy for an idle worker,
+        // never for its own holder.
+        assert_eq!(c.lease("slow", 10_000), LeaseReply::Wait);
+        let (copy, unit) = lease(&mut c, "a", 10_000);
+        assert_eq!(unit, u2);
+        assert_eq!(c.speculative, 1);
+        // One copy per unit.
+        assert_eq!(c.lease("b", 10_000), LeaseReply::Wait);
+        // Both leases are kept alive by heartbeats.
+        assert!(c.heartbeat("a", &[copy], 11_000).is_empty());
+        assert!(c.heartbeat("slow", &[l2], 11_000).is_empty());
+        // The copy completes first and wins; the straggler's lease is revoked.
+        done(&mut c, "a", copy, u2);
+        assert_eq!(c.heartbeat("slow", &[l2], 12_000), vec![l2]);
+        assert_eq!(
+            c.begin_check("slow", l2, u2 as u64, Origin::Remote).unwrap_err(),
+            Refusal::AlreadyDone { unit: u2 as u64 }
+        );
+        assert_eq!(c.outcome(), Some(&Outcome::AllDone));
+    }
+
+    #[test]
+    fn a_failed_or_expired_first_copy_leaves_the_unit_to_its_second() {
+        let mut c = LeaseTable::new(units(2), BTreeMap::new(), 60_000, 2, 1);
+        let (l0, u0) = lease(&mut c, "a", 0);
+        let (l1, u1) = lease(&mut c, "slow", 0);
+        c.heartbeat("a", &[l0], 2_000);
+        done(&mut c, "a", l0, u0);
+        let (copy, unit) = lease(&mut c, "a", 20_000);
+        assert_eq!(unit, u1);
+        // The first copy fails: the second keeps the unit (not queued again).
+        assert_eq!(
+            c.fail(l1, "slow", "disk full", true),
+            FailReply::Recorded
+        );
+        assert_eq!(c.lease("b", 20_000), LeaseReply::Wait);
+        assert!(c.heartbeat("a", &[copy], 21_000).is_empty());
+        done(&mut c, "a", copy, u1);
+        assert_eq!(c.outcome(), Some(&Outcome::AllDone));
+    }
+
+    #[test]
+    fn in_process_merges_make_no_copies() {
+        let mut c = LeaseTable::new(units(2), BTreeMap::new(), u64::MAX, 2, 1);
+        let (l0, u0) = lease(&mut c, "local-0", 0);
+        lease(&mut c, "local-1", 0);
+        done(&mut c, "local-0", l0, u0);
+        assert_eq!(c.lease("local-0", 1_000_000), LeaseReply::Wait);
     }
 }

@@ -116,3 +116,145 @@ fn split(
     }
     parts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::unit::{upload_chunks, ParamValue, TensorOp, TensorParams, TensorRef};
+
+    fn tensor(i: usize, elements: u64) -> OutputTensor {
+        let input = |model: usize| TensorRef {
+            model,
+            name: format!("t{i}"),
+            location: format!("/m{model}/model.safetensors"),
+            offset: 8,
+            len: elements * 2,
+            dtype: DType::BF16,
+            shape: vec![elements],
+            lora: None,
+        };
+        OutputTensor {
+            name: format!("t{i}"),
+            dtype: DType::BF16,
+            shape: vec![elements],
+            op: TensorOp::Merge,
+            inputs: vec![input(0), input(1)],
+            base: None,
+            params: TensorParams {
+                shared: Default::default(),
+                per_input: vec![
+                    [("weight".to_string(), ParamValue::Number(0.5))].into(),
+                    [("weight".to_string(), ParamValue::Number(0.5))].into(),
+                ],
+            },
+            scales: Vec::new(),
+            block: None,
+            requant: None,
+            vocab: None,
+        }
+    }
+
+    fn options(unit_size: Option<u64>) -> PlanOptions {
+        PlanOptions {
+            out_shard_size: 1 << 40,
+            seed: 0,
+            allow_crimes: false,
+            base_dir: ".".into(),
+            keep_fp8: false,
+            unit_size,
+        }
+    }
+
+    #[test]
+    fn upload_chunks_join_a_short_tail_and_cover_the_part() {
+        const M: u64 = 1 << 20;
+        let sizes = |len: u64, chunk: u64| -> Vec<u64> {
+            upload_chunks(len, chunk).iter().map(|r| r.end - r.start).collect()
+        };
+        assert_eq!(sizes(0, 16 * M), vec![0]);
+        assert_eq!(sizes(3 * M, 16 * M), vec![3 * M]);
+        assert_eq!(sizes(32 * M, 16 * M), vec![16 * M, 16 * M]);
+        assert_eq!(sizes(33 * M, 16 * M), vec![16 * M, 17 * M]);
+        assert_eq!(sizes(38 * M, 16 * M), vec![16 * M, 16 * M, 6 * M]);
+        for len in [1, 5 * M, 16 * M + 1, 100 * M + 7] {
+            let r = upload_chunks(len, 16 * M);
+            assert_eq!(r.first().unwrap().start, 0);
+            assert_eq!(r.last().unwrap().end, len);
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(r[..r.len() - 1].iter().all(|c| c.end - c.start >= MIN_CHUNK));
+        }
+    }
+
+    /// A shard cut in parts: the parts tile the shard's bytes, the first
+    /// starts with the header, chunks are numbered across parts, and every
+    /// unit is valid.
+    #[test]
+    fn a_large_shard_is_cut_into_parts_that_tile_it() {
+        // 8 tensors of 3 MiB output, 6 MiB input each.
+        let tensors: Vec<_> = (0..8).map(|i| tensor(i, 3 << 19)).collect();
+        let whole = ShardLayout::new(
+            &tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let units = shard(tensors, &options(Some(12 << 20)), "linear");
+        assert_eq!(units.len(), 4);
+        let mut at = 0;
+        let mut chunks = 0;
+        for (i, u) in units.iter().enumerate() {
+            u.validate().unwrap_or_else(|e| panic!("part {i}: {e}"));
+            let p = u.part.as_ref().expect("a part");
+            assert_eq!((p.index, p.count), (i as u32, 4));
+            assert_eq!(p.offset, at);
+            assert_eq!(p.shard_size, whole.file_size);
+            assert_eq!(p.first_chunk, chunks);
+            assert_eq!(p.shard_tensors.is_empty(), i > 0);
+            assert_eq!(u.file_name, "model.safetensors");
+            assert_eq!(u.written_layout().file_size, p.len);
+            at += p.len;
+            chunks += upload_chunks(p.len, p.chunk).len() as u32;
+        }
+        assert_eq!(at, whole.file_size);
+        assert_eq!(units[0].layout().header, whole.header);
+    }
+
+    #[test]
+    fn small_shards_and_parts_below_an_upload_chunk_stay_whole() {
+        // 6 MiB of output in all: a cut would leave a part under 5 MiB.
+        let tensors: Vec<_> = (0..4).map(|i| tensor(i, 3 << 18)).collect();
+        let units = shard(tensors, &options(Some(1 << 20)), "linear");
+        assert_eq!(units.len(), 1);
+        assert!(units[0].part.is_none());
+        // The automatic size: a 64th of the inputs, at least 16 MiB.
+        let tensors: Vec<_> = (0..8).map(|i| tensor(i, 3 << 19)).collect();
+        assert_eq!(unit_size(&tensors, &options(None)), 16 << 20);
+    }
+
+    /// A part whose place in its shard disagrees with its tensors is refused.
+    #[test]
+    fn a_part_that_lies_about_its_place_is_refused() {
+        let tensors: Vec<_> = (0..8).map(|i| tensor(i, 3 << 19)).collect();
+        let units = shard(tensors, &options(Some(12 << 20)), "linear");
+        type Mutation = fn(&mut UnitPart);
+        let cases: [(&str, Mutation); 6] = [
+            ("part", |p| p.index = p.count),
+            ("part.len", |p| p.len += 2),
+            ("part.len", |p| p.offset = p.shard_size - 8),
+            ("part.offset", |p| p.offset = 0),
+            ("part.chunk", |p| p.chunk = 1),
+            ("part.upload", |p| p.upload = Some("a\nb".into())),
+        ];
+        for (field, mutate) in cases {
+            let mut u = units[1].clone();
+            mutate(u.part.as_mut().unwrap());
+            let e = u.validate().expect_err(field).to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let mut first = units[0].clone();
+        first.part.as_mut().unwrap().shard_tensors.swap(0, 1);
+        let e = first.validate().unwrap_err().to_string();
+        assert!(e.contains("part.shard_tensors"), "{e}");
+    }
+}
