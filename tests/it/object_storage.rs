@@ -1026,3 +1026,124 @@ fn vocabulary_rows_the_output_drops_are_not_fetched() {
         assert!(same_output_files(&out, &want) >= 4, "{name}");
     }
 }
+
+/// Multipart uploads the bucket still holds unfinished (moto's `?uploads`).
+fn open_uploads(endpoint: &str, bucket: &str) -> usize {
+    let xml = String::from_utf8(curl(&[&format!("{endpoint}/{bucket}?uploads")])).unwrap();
+    xml.matches("<Upload>").count()
+}
+
+/// One shard written by six units (`--unit-size`): by two remote workers
+/// whose parts go into one multipart upload, with the coordinator killed
+/// once parts are journaled, and by `run`'s in-process workers. Both are
+/// byte for byte the merge with whole-shard units; nothing is left in the
+/// bucket but the model and its journal.
+#[test]
+fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
+    let endpoint = s3();
+    let (dir, _) = big(endpoint);
+    let env = s3_env(endpoint);
+    let env = env_refs(&env);
+    create_bucket(endpoint, "out-parts");
+    let whole = dir.join("parts-reference");
+    let _ = std::fs::remove_dir_all(&whole);
+    let o = fleetmerge(
+        dir,
+        &[
+            "run",
+            "local.yaml",
+            whole.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "1G",
+            "--unit-size",
+            "100G",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let start = |name: &str| {
+        let mut p = Proc::start(
+            name,
+            dir,
+            &[
+                "coordinator",
+                "--config",
+                "s3.yaml",
+                "--out",
+                "s3://out-parts/m",
+                "--listen",
+                &listen,
+                "--out-shard-size",
+                "1G",
+                "--unit-size",
+                "18M",
+            ],
+            &env,
+        );
+        let line = p.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
+        (p, field(&line, "listen").unwrap().to_string())
+    };
+    let (mut first, addr) = start("coordinator-1");
+    let mut ws: Vec<Proc> = ["w1", "w2"]
+        .iter()
+        .map(|n| worker(n, &addr, &env))
+        .collect();
+    let deadline = Instant::now() + MINUTE * 2;
+    while journal_units(endpoint, "out-parts", "m").is_empty() {
+        assert!(Instant::now() < deadline, "no progress:\n{}", first.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill();
+    let kept = journal_units(endpoint, "out-parts", "m");
+    assert!(kept.len() < 6, "killed too late: {kept:?}");
+    let (mut second, _) = start("coordinator-2");
+    second.succeeds(MINUTE * 3);
+    for w in &mut ws {
+        w.succeeds(MINUTE);
+    }
+    let log = second.log();
+    assert!(log.contains("shard finished from its parts"), "{log}");
+    let got = dir.join("got-parts");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-parts", "m", &got);
+    assert_same_files(&got, &whole);
+    assert_eq!(open_uploads(endpoint, "out-parts"), 0, "an upload was left open");
+    let o = fleetmerge_env(dir, &["verify", "s3://out-parts/m"], &s3_env(endpoint));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // `run` writes the same parts in process.
+    let o = fleetmerge_env(
+        dir,
+        &[
+            "run",
+            "s3.yaml",
+            "s3://out-parts/run",
+            "--quiet",
+            "--out-shard-size",
+            "1G",
+            "--unit-size",
+            "18M",
+        ],
+        &s3_env(endpoint),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = dir.join("got-parts-run");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-parts", "run", &got);
+    assert_same_files(&got, &whole);
+    for key in list_keys(endpoint, "out-parts", "run")
+        .into_iter()
+        .chain(list_keys(endpoint, "out-parts", "m"))
+    {
+        let name = key.split_once('/').map_or(key.as_str(), |(_, n)| n);
+        assert!(
+            name.starts_with(".fleetmerge/")
+                || ["model.safetensors", "config.json", "README.md", "mergekit_config.yml"]
+                    .contains(&name),
+            "a stray object in the bucket: {key}"
+        );
+    }
+    assert_eq!(open_uploads(endpoint, "out-parts"), 0, "an upload was left open");
+}

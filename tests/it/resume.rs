@@ -132,3 +132,75 @@ fn killed_merge_resumes_and_matches_an_uninterrupted_one() {
     assert!(!stderr(&o).contains("resumed"));
     assert_eq!(read_model(&out), read_model(&clean));
 }
+
+/// A shard written in parts (`--unit-size`) by a run killed midway: the
+/// rerun keeps the journaled parts (in the hidden parts' file), writes the
+/// rest, and finishes the shard byte for byte as whole units write it; no
+/// parts' file is left, and `verify` hashes every part.
+#[test]
+fn a_killed_merge_of_parts_resumes_into_the_same_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    make_models(dir.path());
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, config(0.5)).unwrap();
+    let args = |out: &Path, unit: &str| {
+        vec![
+            "run".to_string(),
+            cfg.to_string_lossy().into_owned(),
+            out.to_string_lossy().into_owned(),
+            "--quiet".into(),
+            "--threads".into(),
+            "1".into(),
+            "--workers".into(),
+            "1".into(),
+            "--out-shard-size".into(),
+            "1G".into(),
+            "--unit-size".into(),
+            unit.into(),
+        ]
+    };
+    let run = |out: &Path, unit: &str| {
+        let a = args(out, unit);
+        fleetmerge(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let whole = dir.path().join("whole");
+    let o = run(&whole, "100G");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(journal_entries(&whole), 1, "one unit for the one shard");
+
+    let out = dir.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
+        .current_dir(dir.path())
+        .args(args(&out, "18M"))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journal_entries(&out) < 2 {
+        assert!(Instant::now() < deadline, "no progress within 120 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the merge finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done_before = journal_entries(&out);
+    assert!(done_before < 12, "killed too late ({done_before}/12)");
+    assert!(!out.join("model.safetensors").exists(), "an unfinished shard is not in place");
+    assert!(out.join(".model.safetensors.fleetmerge-parts").exists());
+
+    let o = run(&out, "18M");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("resumed: {done_before} of 12 units")), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap()
+    );
+    assert!(!out.join(".model.safetensors.fleetmerge-parts").exists());
+    let o = fleetmerge(dir.path(), &["verify", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
+    assert!(text.contains("sha256 of 12 shards (or parts"), "{text}");
+}
