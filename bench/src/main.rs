@@ -7,6 +7,13 @@
 //! same run.
 //!
 //!     cargo build --release && cargo run --release -p fleetmerge-bench -- [--dir D] [--runs N]
+//!
+//! `coordinator-scale` instead serves a DeepSeek-V3-sized merge to simulated
+//! workers and measures the coordinator (bench/src/scale.rs):
+//!
+//!     cargo run --release -p fleetmerge-bench -- coordinator-scale [--workers 64]
+
+mod scale;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -38,6 +45,15 @@ struct Args {
     /// byte-identical shards.
     #[arg(long)]
     compare_cpu: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(clap::Subcommand)]
+enum Mode {
+    /// The coordinator at DeepSeek-V3 scale with simulated workers (see
+    /// bench/src/scale.rs); the merge benchmark is not run.
+    CoordinatorScale(scale::ScaleArgs),
 }
 
 /// One tensor of a generated checkpoint.
@@ -381,6 +397,9 @@ fn main() -> Result<()> {
         .with_context(|| format!("{} (run `cargo build --release` first)", args.bin.display()))?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
+    if let Some(Mode::CoordinatorScale(scale)) = &args.mode {
+        return scale::run(&bin, &dir, scale);
+    }
     generate(
         &dir,
         "dense",

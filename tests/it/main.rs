@@ -1,5 +1,5 @@
 //! The integration tests: the real `fleetmerge` binary (and real servers:
-//! S3 and GCS emulators, a fake Hugging Face Hub, coordinators and workers over
+//! S3, GCS and Azure emulators, a fake Hugging Face Hub, coordinators and workers over
 //! gRPC) driven from one test crate, a module per area, so they link once.
 //! One test: `cargo test --release --test it safety::NAME`; one area:
 //! `cargo test --release --test it hub::`. Fixtures are in tests/fixtures.
@@ -8,6 +8,7 @@
 
 mod common;
 
+mod azure;
 mod bad_inputs;
 mod cluster;
 mod conformance;

@@ -38,7 +38,11 @@ fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
 }
 
 /// `fleetmerge ARGS` in `cwd` with `env`.
-fn fleetmerge_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+pub(crate) fn fleetmerge_env(
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fleetmerge"));
     c.current_dir(cwd).args(args);
     for (k, v) in env {
@@ -48,7 +52,7 @@ fn fleetmerge_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> std::pro
 }
 
 /// A kit case's config with `./models/` pointing at `prefix`.
-fn config_at(case: &str, prefix: &str, dir: &Path) -> PathBuf {
+pub(crate) fn config_at(case: &str, prefix: &str, dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(fixture(case).join("config.yaml")).unwrap();
     let path = dir.join(format!("{case}.yaml"));
     std::fs::write(&path, text.replace("./models/", prefix)).unwrap();
@@ -56,7 +60,7 @@ fn config_at(case: &str, prefix: &str, dir: &Path) -> PathBuf {
 }
 
 /// The local merge of a kit case.
-fn local(case: &str, dir: &Path, shard: &str) -> PathBuf {
+pub(crate) fn local(case: &str, dir: &Path, shard: &str) -> PathBuf {
     let out = dir.join(format!("local-{case}"));
     let cfg = fixture(case).join("config.yaml");
     let o = fleetmerge(
@@ -97,7 +101,7 @@ fn run_into_bucket(
     got
 }
 
-fn assert_same_files(got: &Path, want: &Path) {
+pub(crate) fn assert_same_files(got: &Path, want: &Path) {
     let mut compared = 0;
     for e in std::fs::read_dir(want).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -581,7 +585,7 @@ fn big(endpoint: &str) -> &'static (PathBuf, PathBuf) {
     })
 }
 
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+pub(crate) fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 

@@ -1,7 +1,9 @@
-//! Real object-store servers for the storage tests: moto's S3 server and
-//! fake-gcs-server, started by the tests themselves (one per test binary) from
-//! the binaries that `scripts/test.sh` installs. A missing server fails the
-//! test with the way to install it: these tests never skip.
+//! Real object-store servers for the storage tests: moto's S3 server,
+//! fake-gcs-server and Azurite (Azure Blob Storage), started by the tests
+//! themselves (one per test binary) from what `scripts/test.sh` installs. A
+//! missing server fails the test with the way to install it: these tests never
+//! skip. `curl` (SigV4 for S3, Azure Shared Key for Azurite) puts the inputs
+//! in and takes the outputs out.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -135,6 +137,217 @@ pub fn fake_gcs(data: &Path, scratch: &Path) -> String {
     start(&program, &args, &[], &log);
     wait_listening(port, "fake-gcs-server", &log);
     format!("http://127.0.0.1:{port}")
+}
+
+/// Azurite's well-known development account and its key.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob service on loopback, in memory (it writes no files), without
+/// telemetry (which would call out to the network). Returns its endpoint, `http://127.0.0.1:PORT`;
+/// the account's URLs are under `/devstoreaccount1/`.
+pub fn azurite(scratch: &Path) -> String {
+    let program = find(
+        "FLEETMERGE_AZURITE",
+        &[
+            "azurite-blob",
+            "/tmp/fleetmerge-azurite/node_modules/.bin/azurite-blob",
+        ],
+    );
+    let port = free_port();
+    let log = scratch.join(format!("azurite-{port}.log"));
+    let args: Vec<String> = [
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        &port.to_string(),
+        "--inMemoryPersistence",
+        "--disableTelemetry",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    start(&program, &args, &[], &log);
+    wait_listening(port, "azurite", &log);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The environment that points `fleetmerge` at the Azurite at `endpoint`
+/// (object_store's emulator settings: the well-known account and key).
+pub fn azurite_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+        ("AZURITE_BLOB_STORAGE_URL", endpoint.to_string()),
+        ("FLEETMERGE_IO_RETRIES", "10".into()),
+    ]
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
+}
+
+/// `curl` against Azurite's account at `endpoint`, signed with Shared Key:
+/// `METHOD /devstoreaccount1/PATH?QUERY` (PATH is `container[/blob]`, QUERY's
+/// values plain), with `body` as a file to upload (`-T`) or none. Fails the
+/// test on any HTTP error.
+pub fn az_curl(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    body: Option<&Path>,
+) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let url_path = format!("/{AZURITE_ACCOUNT}/{path}");
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let mut headers = vec![
+        ("x-ms-date".to_string(), date),
+        ("x-ms-version".to_string(), "2021-08-06".to_string()),
+    ];
+    if method == "PUT" && body.is_some() {
+        headers.push(("x-ms-blob-type".into(), "BlockBlob".into()));
+    }
+    headers.sort();
+    let length = match body {
+        Some(f) => std::fs::metadata(f).unwrap().len(),
+        None => 0,
+    };
+    let length = if length == 0 {
+        String::new()
+    } else {
+        length.to_string()
+    };
+    let mut query: Vec<(&str, &str)> = query.to_vec();
+    query.sort();
+    // The string to sign of Shared Key: the method, the standard headers
+    // (only Content-Length is sent), the x-ms-* headers, then the resource:
+    // `/ACCOUNT` + the URL path (Azurite's path-style URL repeats the account).
+    let mut to_sign = format!("{method}\n\n\n{length}\n\n\n\n\n\n\n\n\n");
+    for (k, v) in &headers {
+        to_sign.push_str(&format!("{k}:{v}\n"));
+    }
+    to_sign.push_str(&format!("/{AZURITE_ACCOUNT}{url_path}"));
+    for (k, v) in &query {
+        to_sign.push_str(&format!("\n{k}:{v}"));
+    }
+    let key = b64.decode(AZURITE_KEY).unwrap();
+    let signature = b64.encode(hmac_sha256(&key, to_sign.as_bytes()));
+    let mut url = format!("{endpoint}{url_path}");
+    for (i, (k, v)) in query.iter().enumerate() {
+        url.push(if i == 0 { '?' } else { '&' });
+        url.push_str(&format!("{k}={v}"));
+    }
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--fail-with-body", "-X", method]);
+    for (k, v) in &headers {
+        c.args(["-H", &format!("{k}: {v}")]);
+    }
+    c.args([
+        "-H",
+        &format!("Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}"),
+    ]);
+    match body {
+        Some(f) => c.args(["-T", &f.to_string_lossy()]),
+        // An empty body with its length (Azure wants one on every PUT), no type.
+        None if method == "PUT" => c.args(["--data-binary", "", "-H", "Content-Type:"]),
+        None => &mut c,
+    };
+    let out = c.arg(&url).output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {method} {url}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out.stdout
+}
+
+pub fn az_create_container(endpoint: &str, container: &str) {
+    az_curl(
+        endpoint,
+        "PUT",
+        container,
+        &[("restype", "container")],
+        None,
+    );
+}
+
+/// Uploads every file under `dir` to `az://container/prefix/...`.
+pub fn az_upload_dir(endpoint: &str, container: &str, prefix: &str, dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            az_upload_dir(endpoint, container, &format!("{prefix}/{name}"), &p);
+        } else {
+            let blob = format!("{container}/{prefix}/{name}");
+            az_curl(endpoint, "PUT", &blob, &[], Some(&p));
+        }
+    }
+}
+
+/// Uploads `bytes` as `az://container/blob`.
+pub fn az_put(endpoint: &str, container: &str, blob: &str, bytes: &[u8], scratch: &Path) {
+    let f = scratch.join("az-put.tmp");
+    std::fs::write(&f, bytes).unwrap();
+    az_curl(
+        endpoint,
+        "PUT",
+        &format!("{container}/{blob}"),
+        &[],
+        Some(&f),
+    );
+    std::fs::remove_file(&f).unwrap();
+}
+
+/// The blobs under `prefix/` in a container.
+pub fn az_list(endpoint: &str, container: &str, prefix: &str) -> Vec<String> {
+    let prefix = format!("{prefix}/");
+    let xml = String::from_utf8(az_curl(
+        endpoint,
+        "GET",
+        container,
+        &[
+            ("comp", "list"),
+            ("prefix", &prefix),
+            ("restype", "container"),
+        ],
+        None,
+    ))
+    .unwrap();
+    xml.split("<Name>")
+        .skip(1)
+        .map(|s| s.split("</Name>").next().unwrap().to_string())
+        .collect()
+}
+
+/// Downloads `az://container/prefix/...` into `dir` (the whole tree).
+pub fn az_download_dir(endpoint: &str, container: &str, prefix: &str, dir: &Path) {
+    for blob in az_list(endpoint, container, prefix) {
+        let rel = blob.strip_prefix(&format!("{prefix}/")).unwrap();
+        let to = dir.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let bytes = az_curl(endpoint, "GET", &format!("{container}/{blob}"), &[], None);
+        std::fs::write(&to, bytes).unwrap();
+    }
 }
 
 /// `curl` against an S3 endpoint with SigV4 (access key `test`); fails the
