@@ -9,6 +9,7 @@
 mod common;
 
 mod bad_inputs;
+mod chaos;
 mod cluster;
 mod conformance;
 mod deploy;
