@@ -374,8 +374,8 @@ impl Coordinator for Service {
         .await
         .map_err(|e| Status::internal(format!("the completion's check stopped: {e}")))?;
         match result {
-            Ok(_) => {
-                tracing::info!(worker = %name, unit, accepted = true, "unit completed");
+            Ok(output) => {
+                tracing::info!(worker = %name, unit, sha256 = %output.sha256, accepted = true, "unit completed");
                 Ok(Response::new(CompleteResponse { accepted: true }))
             }
             Err(CompleteError::Refused(Refusal::AlreadyDone { .. })) => {

@@ -10,6 +10,7 @@ mod common;
 
 mod azure;
 mod bad_inputs;
+mod chaos;
 mod cluster;
 mod conformance;
 mod deploy;

@@ -405,13 +405,14 @@ impl Loop<'_> {
             match result {
                 Ok(output) => {
                     let read = self.read.swap(0, Ordering::Relaxed);
+                    let sha256 = output.sha256.clone();
                     match self.source.complete(slot, &lease, output, read)? {
                         Completed::Refused(message) => {
                             tracing::warn!(unit, %message, "completion refused")
                         }
                         done => {
                             let accepted = done == Completed::Accepted;
-                            announce!(announce, slot, unit, accepted, "unit done");
+                            announce!(announce, slot, unit, accepted, %sha256, "unit done");
                             self.progress.unit_done(lease.unit.input_bytes(), false);
                             completed += 1;
                         }

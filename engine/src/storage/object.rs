@@ -14,6 +14,10 @@
 //! - A streamed write is a multipart upload of [`PART`]-sized parts uploaded
 //!   concurrently; the object appears when the upload completes, and an
 //!   abandoned upload is aborted.
+//! - Idempotent requests (reads, listings, plain PUTs, deletes) whose transfer
+//!   breaks off in a way `object_store` does not retry (a body cut off by a
+//!   dropped connection) are sent again a few times ([`idempotent`]);
+//!   conditional writes and multipart uploads are not.
 
 use super::{overrides, ObjectWriter, Storage, StorageError};
 use bytes::Bytes;
@@ -64,6 +68,48 @@ fn block<T: Send + 'static>(
     });
     rx.recv()
         .map_err(|_| StorageError::io(location, "the I/O task stopped"))?
+}
+
+/// Attempts of an idempotent request whose transfer broke off in a way
+/// `object_store` does not retry itself (it sends again only what it can tell
+/// never reached the server, or what ended in a timeout or reset; a body that
+/// breaks off otherwise, as a dropped connection can, fails at once).
+const TRANSFER_ATTEMPTS: u32 = 4;
+
+/// Whether `e` is a failed transfer (the connection or a body broke off), as
+/// opposed to an answer of the server: an idempotent request may be sent again.
+fn broken_transfer(e: &object_store::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<object_store::client::HttpError>()
+            .is_some()
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Runs the idempotent request `op` again (with backoff) while its transfer
+/// breaks off, at most [`TRANSFER_ATTEMPTS`] times in all.
+async fn idempotent<T, Fut>(mut op: impl FnMut() -> Fut) -> object_store::Result<T>
+where
+    Fut: Future<Output = object_store::Result<T>>,
+{
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if attempt < TRANSFER_ATTEMPTS && broken_transfer(&e) => {
+                tracing::info!(error = %e, attempt, "a transfer broke off; sending the request again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// One bucket (or container, or web origin).
@@ -269,7 +315,7 @@ impl ObjectStorage {
             let fetched: Vec<Bytes> = futures::stream::iter(parts)
                 .map(|r| {
                     let (store, path) = (store.clone(), path.clone());
-                    async move { store.get_range(&path, r).await }
+                    async move { idempotent(|| store.get_range(&path, r.clone())).await }
                 })
                 .buffered(concurrency())
                 .try_collect()
@@ -286,8 +332,7 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         block(location, async move {
-            store
-                .head(&path)
+            idempotent(|| store.head(&path))
                 .await
                 .map(|m| m.size)
                 .map_err(|e| error(&loc, e))
@@ -345,8 +390,7 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         block(location, async move {
-            let r = store.get(&path).await.map_err(|e| error(&loc, e))?;
-            r.bytes()
+            idempotent(|| async { store.get(&path).await?.bytes().await })
                 .await
                 .map(|b| b.to_vec())
                 .map_err(|e| error(&loc, e))
@@ -358,10 +402,9 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         let payload = PutPayload::from(Bytes::copy_from_slice(bytes));
-        // A single PUT is atomic on every object store.
+        // A single PUT is atomic on every object store (and may be sent again).
         block(location, async move {
-            store
-                .put(&path, payload)
+            idempotent(|| store.put(&path, payload.clone()))
                 .await
                 .map(|_| ())
                 .map_err(|e| error(&loc, e))
@@ -400,13 +443,16 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         block(location, async move {
-            let r = store.get(&path).await.map_err(|e| error(&loc, e))?;
-            let version = r
-                .meta
-                .e_tag
-                .clone()
-                .ok_or_else(|| StorageError::io(&loc, "the store returned no ETag"))?;
-            let bytes = r.bytes().await.map_err(|e| error(&loc, e))?.to_vec();
+            let (tag, bytes) = idempotent(|| async {
+                let r = store.get(&path).await?;
+                let tag = r.meta.e_tag.clone();
+                Ok((tag, r.bytes().await?))
+            })
+            .await
+            .map_err(|e| error(&loc, e))?;
+            let version =
+                tag.ok_or_else(|| StorageError::io(&loc, "the store returned no ETag"))?;
+            let bytes = bytes.to_vec();
             Ok(super::Versioned { bytes, version })
         })
     }
@@ -494,7 +540,7 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         block(location, async move {
-            match store.delete(&path).await {
+            match idempotent(|| store.delete(&path)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(error(&loc, e)),
             }
@@ -506,11 +552,10 @@ impl Storage for ObjectStorage {
         let store = self.store.clone();
         let loc = prefix.to_string();
         block(prefix, async move {
-            let metas: Vec<object_store::ObjectMeta> = store
-                .list(Some(&dir))
-                .try_collect()
-                .await
-                .map_err(|e| error(&loc, e))?;
+            let metas: Vec<object_store::ObjectMeta> =
+                idempotent(|| store.list(Some(&dir)).try_collect())
+                    .await
+                    .map_err(|e| error(&loc, e))?;
             Ok(metas
                 .into_iter()
                 .filter_map(|m| {
@@ -747,5 +792,111 @@ impl Drop for MultipartWriter {
                 let _ = upload.abort().await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An S3 endpoint on loopback that answers every request with
+    /// `answer(n, head)` (`n`: the request's number from 0) and closes the
+    /// connection.
+    fn server(answer: fn(usize, &str) -> Vec<u8>) -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let _ = conn.write_all(&answer(n, &String::from_utf8_lossy(&head)));
+            }
+        });
+        (url, count)
+    }
+
+    fn storage(endpoint: &str) -> ObjectStorage {
+        install_crypto_provider();
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("b")
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig {
+                    init_backoff: std::time::Duration::from_millis(1),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        ObjectStorage {
+            root: "s3://b".into(),
+            store: Arc::new(store),
+        }
+    }
+
+    const BODY: &[u8] = b"0123456789";
+
+    /// An answer of `BODY` (or of the range the request asks for) whose body
+    /// breaks off after `keep` bytes.
+    fn answer(head: &str, keep: usize) -> Vec<u8> {
+        let range = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let (a, b) = k
+                .eq_ignore_ascii_case("range")
+                .then(|| v.trim().strip_prefix("bytes=")?.split_once('-'))??;
+            Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+        });
+        let (status, body, extra) = match range {
+            Some((a, b)) => (
+                "206 Partial Content",
+                &BODY[a..=b],
+                format!("Content-Range: bytes {a}-{b}/{}\r\n", BODY.len()),
+            ),
+            None => ("200 OK", BODY, String::new()),
+        };
+        let mut a = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nETag: \"v1\"\r\n{extra}\
+             Last-Modified: Wed, 21 Oct 2015 07:28:00 GMT\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(&body[..keep.min(body.len())]);
+        a
+    }
+
+    #[test]
+    fn a_whole_object_read_cut_off_mid_body_is_read_again() {
+        // The first answer breaks off after 3 of its 10 bytes.
+        let (url, count) = server(|n, head| match n {
+            0 => answer(head, 3),
+            _ => answer(head, usize::MAX),
+        });
+        let s = storage(&url);
+        assert_eq!(s.read_all("s3://b/journal/unit.json").unwrap(), BODY);
+        assert!(count.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[test]
+    fn a_read_that_keeps_breaking_off_fails_with_its_location() {
+        let (url, _) = server(|_, head| answer(head, 3).into_iter().take(1).collect());
+        let e = storage(&url).read_all("s3://b/x.json").unwrap_err();
+        assert!(
+            matches!(&e, StorageError::Io { location, .. } if location == "s3://b/x.json"),
+            "{e}"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! Shared helpers of the integration tests: run the real `fleetmerge` binary,
 //! read safetensors outputs back, and judge them against mergekit's reference
 //! outputs the way the conformance kit's `compare.py` does. `procs`: processes
-//! of a test; `servers`: S3/GCS servers and proxies; `torch`: `.bin` inputs
-//! written as torch.save writes them.
+//! of a test; `servers`: S3/GCS servers and proxies; `faults`: the chaos
+//! test's seeded fault-injecting S3 proxy and random numbers; `torch`: `.bin`
+//! inputs written as torch.save writes them.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod procs;
 pub mod servers;
 pub mod torch;

@@ -138,6 +138,16 @@ impl Proc {
         }
     }
 
+    /// The exit status if the process has ended (reaped, its log complete),
+    /// without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let status = self.child.try_wait().unwrap()?;
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        Some(status)
+    }
+
     /// Waits for a successful exit.
     pub fn succeeds(&mut self, timeout: Duration) {
         let status = self.wait_exit(timeout);
