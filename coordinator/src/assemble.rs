@@ -145,9 +145,17 @@ fn write_card(
         .iter()
         .map(|o| {
             // A part of a shard: its byte range, hashed on its own.
-            let part = plan.units.iter().any(|u| u.id == o.unit && u.part.is_some());
+            let part = plan
+                .units
+                .iter()
+                .any(|u| u.id == o.unit && u.part.is_some());
             let name = if part {
-                format!("{} (bytes {}..{})", o.file_name, o.offset, o.offset + o.size)
+                format!(
+                    "{} (bytes {}..{})",
+                    o.file_name,
+                    o.offset,
+                    o.offset + o.size
+                )
             } else {
                 o.file_name.clone()
             };

@@ -351,7 +351,8 @@ impl Journal {
 
     /// Records the uploads of shards written in parts (before any is used).
     pub fn save_uploads(&self, uploads: &BTreeMap<String, String>) -> Result<(), StorageError> {
-        let json = serde_json::to_vec_pretty(uploads).map_err(|e| StorageError::io("uploads", e))?;
+        let json =
+            serde_json::to_vec_pretty(uploads).map_err(|e| StorageError::io("uploads", e))?;
         self.store.put(&self.path(UPLOADS), &json)
     }
 

@@ -761,7 +761,8 @@ mod tests {
 
     fn units(n: usize) -> Vec<WorkUnit> {
         (0..n)
-            .map(|id| WorkUnit { part: None, 
+            .map(|id| WorkUnit {
+                part: None,
                 format: fleetmerge_engine::unit::PLAN_FORMAT,
                 id,
                 file_name: format!("model-{:05}-of-{n:05}.safetensors", id + 1),
@@ -870,7 +871,9 @@ mod tests {
     }
 
     fn output(unit: usize) -> UnitOutput {
-        UnitOutput { offset: 0, chunks: Vec::new(), 
+        UnitOutput {
+            offset: 0,
+            chunks: Vec::new(),
             unit,
             file_name: format!("model-{:05}-of-00002.safetensors", unit + 1),
             size: 8,
@@ -988,7 +991,9 @@ mod tests {
     fn finished_units_of_an_earlier_run_are_not_leased() {
         let done: BTreeMap<usize, UnitOutput> = [(
             0,
-            UnitOutput { offset: 0, chunks: Vec::new(), 
+            UnitOutput {
+                offset: 0,
+                chunks: Vec::new(),
                 unit: 0,
                 file_name: "model-00001-of-00002.safetensors".into(),
                 size: 8,
@@ -1037,7 +1042,8 @@ mod tests {
         done(&mut c, "a", copy, u2);
         assert_eq!(c.heartbeat("slow", &[l2], 12_000), vec![l2]);
         assert_eq!(
-            c.begin_check("slow", l2, u2 as u64, Origin::Remote).unwrap_err(),
+            c.begin_check("slow", l2, u2 as u64, Origin::Remote)
+                .unwrap_err(),
             Refusal::AlreadyDone { unit: u2 as u64 }
         );
         assert_eq!(c.outcome(), Some(&Outcome::AllDone));
@@ -1053,10 +1059,7 @@ mod tests {
         let (copy, unit) = lease(&mut c, "a", 20_000);
         assert_eq!(unit, u1);
         // The first copy fails: the second keeps the unit (not queued again).
-        assert_eq!(
-            c.fail(l1, "slow", "disk full", true),
-            FailReply::Recorded
-        );
+        assert_eq!(c.fail(l1, "slow", "disk full", true), FailReply::Recorded);
         assert_eq!(c.lease("b", 20_000), LeaseReply::Wait);
         assert!(c.heartbeat("a", &[copy], 21_000).is_empty());
         done(&mut c, "a", copy, u1);

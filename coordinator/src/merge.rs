@@ -31,14 +31,14 @@ use crate::journal::{Journal, JournalError};
 use crate::lease_table::{Check, LeaseTable, Origin, Outcome, Refusal};
 use crate::outdir::{OutDirError, OutputLock};
 use crate::shardcheck::{self, Reported, ShardError};
-use std::sync::Arc;
 use fleetmerge_engine::exec::Progress;
 use fleetmerge_engine::plan::Plan;
+use fleetmerge_engine::storage;
 use fleetmerge_engine::storage::StorageError;
 use fleetmerge_engine::unit::UnitOutput;
-use fleetmerge_engine::storage;
 use fleetmerge_engine::unit::WorkUnit;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 /// A shard written by several units (see `fleetmerge_engine::unit::UnitPart`):
@@ -412,13 +412,19 @@ fn prepare_parts(
         }
         let shard = store.join(out_dir, file);
         let size = s.units[0].part.as_ref().map_or(0, |p| p.shard_size);
-        if matches!(store.size(&shard), Ok(n) if n == size) && store.parts_readable(&shard).map_or(true, |f| !std::path::Path::new(&f).exists()) {
+        if matches!(store.size(&shard), Ok(n) if n == size)
+            && store
+                .parts_readable(&shard)
+                .is_none_or(|f| !std::path::Path::new(&f).exists())
+        {
             s.finished = true;
             continue;
         }
         let outputs: Vec<UnitOutput> = s.done.values().cloned().collect();
         finish_shard(out_dir, &s.units, s.upload.as_deref(), &outputs).map_err(|e| {
-            RunError::Failed(format!("resuming: {e}; run with --restart to compute it again"))
+            RunError::Failed(format!(
+                "resuming: {e}; run with --restart to compute it again"
+            ))
         })?;
         s.finished = true;
     }
@@ -452,9 +458,15 @@ fn finish_shard(
         return Ok(());
     }
     for (unit, out) in units.iter().zip(outputs) {
-        if let Err(e) =
-            shardcheck::check_part(unit, &shard, out.size, &out.sha256, &out.chunks, random_u64(), 0)
-        {
+        if let Err(e) = shardcheck::check_part(
+            unit,
+            &shard,
+            out.size,
+            &out.sha256,
+            &out.chunks,
+            random_u64(),
+            0,
+        ) {
             let _ = store.delete(&shard);
             return Err(failed(format!(
                 "{} is wrong in the finished shard ({e}); the shard was deleted",

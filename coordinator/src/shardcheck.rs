@@ -168,7 +168,15 @@ pub fn check_reported(
                 planned: 0,
             });
         }
-        return check_part(unit, &file, r.size, &r.sha256, &[], pick, HASH_WHOLE_MAX_BYTES);
+        return check_part(
+            unit,
+            &file,
+            r.size,
+            &r.sha256,
+            &[],
+            pick,
+            HASH_WHOLE_MAX_BYTES,
+        );
     }
     // An object store: the part cannot be read before the shard is
     // finished; it is checked then (see crate::merge).

@@ -135,7 +135,8 @@ const DEFAULT_SEED: u64 = 0;
 impl PlanArgs {
     /// The planner's options (model paths relative to the current directory).
     pub fn options(&self) -> Result<PlanOptions> {
-        Ok(PlanOptions { unit_size: self.unit_size.0, 
+        Ok(PlanOptions {
+            unit_size: self.unit_size.0,
             out_shard_size: self.out_shard_size,
             seed: self.random_seed,
             allow_crimes: self.allow_crimes,

@@ -1037,8 +1037,8 @@ fn open_uploads(endpoint: &str, bucket: &str) -> usize {
     xml.matches("<Upload>").count()
 }
 
-/// One shard written by six units (`--unit-size`): by two remote workers
-/// whose parts go into one multipart upload, with the coordinator killed
+/// Two shards written by three units each (`--unit-size`): by two remote
+/// workers whose parts go into one multipart upload per shard, with the coordinator killed
 /// once parts are journaled, and by `run`'s in-process workers. Both are
 /// byte for byte the merge with whole-shard units; nothing is left in the
 /// bucket but the model and its journal.
@@ -1059,7 +1059,7 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
             whole.to_str().unwrap(),
             "--quiet",
             "--out-shard-size",
-            "1G",
+            "20M",
             "--unit-size",
             "100G",
         ],
@@ -1080,7 +1080,7 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
                 "--listen",
                 &listen,
                 "--out-shard-size",
-                "1G",
+                "20M",
                 "--unit-size",
                 "18M",
             ],
@@ -1113,7 +1113,11 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
     let _ = std::fs::remove_dir_all(&got);
     download_dir(endpoint, "out-parts", "m", &got);
     assert_same_files(&got, &whole);
-    assert_eq!(open_uploads(endpoint, "out-parts"), 0, "an upload was left open");
+    assert_eq!(
+        open_uploads(endpoint, "out-parts"),
+        0,
+        "an upload was left open"
+    );
     let o = fleetmerge_env(dir, &["verify", "s3://out-parts/m"], &s3_env(endpoint));
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -1126,7 +1130,7 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
             "s3://out-parts/run",
             "--quiet",
             "--out-shard-size",
-            "1G",
+            "20M",
             "--unit-size",
             "18M",
         ],
@@ -1144,10 +1148,21 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
         let name = key.split_once('/').map_or(key.as_str(), |(_, n)| n);
         assert!(
             name.starts_with(".fleetmerge/")
-                || ["model.safetensors", "config.json", "README.md", "mergekit_config.yml"]
-                    .contains(&name),
+                || [
+                    "model-00001-of-00002.safetensors",
+                    "model-00002-of-00002.safetensors",
+                    "model.safetensors.index.json",
+                    "config.json",
+                    "README.md",
+                    "mergekit_config.yml",
+                ]
+                .contains(&name),
             "a stray object in the bucket: {key}"
         );
     }
-    assert_eq!(open_uploads(endpoint, "out-parts"), 0, "an upload was left open");
+    assert_eq!(
+        open_uploads(endpoint, "out-parts"),
+        0,
+        "an upload was left open"
+    );
 }

@@ -161,7 +161,10 @@ fn a_killed_merge_of_parts_resumes_into_the_same_shard() {
     };
     let run = |out: &Path, unit: &str| {
         let a = args(out, unit);
-        fleetmerge(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>())
+        fleetmerge(
+            dir.path(),
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     };
     let whole = dir.path().join("whole");
     let o = run(&whole, "100G");
@@ -187,13 +190,19 @@ fn a_killed_merge_of_parts_resumes_into_the_same_shard() {
     child.wait().unwrap();
     let done_before = journal_entries(&out);
     assert!(done_before < 12, "killed too late ({done_before}/12)");
-    assert!(!out.join("model.safetensors").exists(), "an unfinished shard is not in place");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "an unfinished shard is not in place"
+    );
     assert!(out.join(".model.safetensors.fleetmerge-parts").exists());
 
     let o = run(&out, "18M");
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains(&format!("resumed: {done_before} of 12 units")), "{err}");
+    assert!(
+        err.contains(&format!("resumed: {done_before} of 12 units")),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap()

@@ -322,7 +322,8 @@ mod tests {
             shape: vec![1, 1],
             lora: None,
         };
-        let unit = |factor: &str| WorkUnit { part: None, 
+        let unit = |factor: &str| WorkUnit {
+            part: None,
             format: PLAN_FORMAT,
             id: 0,
             file_name: "model.safetensors".into(),

@@ -12,7 +12,8 @@ use std::time::Instant;
 fn units() -> Vec<WorkUnit> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let config = MergeConfig::load(&root.join("examples/ties.yaml")).unwrap();
-    let opts = PlanOptions { unit_size: None, 
+    let opts = PlanOptions {
+        unit_size: None,
         out_shard_size: 200_000,
         seed: 0,
         allow_crimes: false,

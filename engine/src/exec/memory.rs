@@ -363,7 +363,8 @@ mod tests {
     use crate::unit::{OutputTensor, TensorOp, TensorRef, PLAN_FORMAT};
 
     fn unit(method: &str, tensors: &[(&str, u64)]) -> WorkUnit {
-        WorkUnit { part: None, 
+        WorkUnit {
+            part: None,
             format: PLAN_FORMAT,
             id: 0,
             file_name: "model.safetensors".into(),

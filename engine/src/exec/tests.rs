@@ -34,7 +34,8 @@ fn units_on_the_emulated_gpu_write_the_cpu_bytes() {
         let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
         let p = plan(
             &cfg,
-            &PlanOptions { unit_size: None, 
+            &PlanOptions {
+                unit_size: None,
                 out_shard_size: DEFAULT_SHARD_SIZE / 4,
                 seed: 7,
                 allow_crimes: false,
@@ -65,7 +66,8 @@ fn ties_unit() -> WorkUnit {
     let cfg = MergeConfig::parse("config.yaml", &yaml).unwrap();
     let mut p = plan(
         &cfg,
-        &PlanOptions { unit_size: None, 
+        &PlanOptions {
+            unit_size: None,
             out_shard_size: DEFAULT_SHARD_SIZE,
             seed: 7,
             allow_crimes: false,
@@ -253,7 +255,8 @@ fn check_cost() {
         .shared
         .insert("normalize".into(), ParamValue::Bool(true));
     params.per_input = vec![[("weight".to_string(), ParamValue::Number(0.25))].into(); 4];
-    let unit = WorkUnit { part: None, 
+    let unit = WorkUnit {
+        part: None,
         format: PLAN_FORMAT,
         id: 0,
         file_name: "model.safetensors".into(),
@@ -346,7 +349,8 @@ fn vocabulary_tensors_merge_their_aligned_rows() {
         per_input: vec![[("weight".to_string(), ParamValue::Number(0.5))].into(); 2],
         ..Default::default()
     };
-    let unit = WorkUnit { part: None, 
+    let unit = WorkUnit {
+        part: None,
         format: PLAN_FORMAT,
         id: 0,
         file_name: "model.safetensors".into(),
@@ -568,7 +572,8 @@ fn adapted_inputs_read_as_their_folded_weights() {
     let e_rows = picked.len();
     let mut other_embed = second[0].clone();
     other_embed.model = 1;
-    let unit = WorkUnit { part: None, 
+    let unit = WorkUnit {
+        part: None,
         format: PLAN_FORMAT,
         id: 0,
         file_name: "model.safetensors".into(),
@@ -707,7 +712,8 @@ fn an_adapted_fp8_weight_is_dequantized_then_adapted() {
         scale: 0.5,
         transposed: false,
     }));
-    let unit = WorkUnit { part: None, 
+    let unit = WorkUnit {
+        part: None,
         format: PLAN_FORMAT,
         id: 0,
         file_name: "model.safetensors".into(),
@@ -844,7 +850,8 @@ fn vocab_tensor(
             (Some(0), params(&[], &per))
         }
     };
-    WorkUnit { part: None, 
+    WorkUnit {
+        part: None,
         format: PLAN_FORMAT,
         id: 0,
         file_name: "model.safetensors".into(),

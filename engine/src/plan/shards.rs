@@ -63,10 +63,7 @@ pub(super) fn shard(tensors: Vec<OutputTensor>, opts: &PlanOptions, method: &str
 /// Cuts one shard's tensors into parts of about `unit_size` input bytes, each
 /// writing at least [`MIN_CHUNK`] bytes but the last; a shard that makes one
 /// part stays a whole unit (`None`).
-fn split(
-    tensors: Vec<OutputTensor>,
-    unit_size: u64,
-) -> Vec<(Vec<OutputTensor>, Option<UnitPart>)> {
+fn split(tensors: Vec<OutputTensor>, unit_size: u64) -> Vec<(Vec<OutputTensor>, Option<UnitPart>)> {
     let mut cuts = vec![0usize];
     let (mut input, mut output) = (0u64, 0u64);
     for (i, t) in tensors.iter().enumerate() {
@@ -93,7 +90,11 @@ fn split(
     let mut rest = tensors.into_iter();
     for (index, w) in cuts.windows(2).enumerate() {
         let own: Vec<OutputTensor> = rest.by_ref().take(w[1] - w[0]).collect();
-        let start = if index == 0 { 0 } else { layout.tensors[w[0]].3 };
+        let start = if index == 0 {
+            0
+        } else {
+            layout.tensors[w[0]].3
+        };
         let end = layout.tensors[w[1] - 1].3 + layout.tensors[w[1] - 1].4;
         let len = end - start;
         let part = UnitPart {
@@ -170,7 +171,10 @@ mod tests {
     fn upload_chunks_join_a_short_tail_and_cover_the_part() {
         const M: u64 = 1 << 20;
         let sizes = |len: u64, chunk: u64| -> Vec<u64> {
-            upload_chunks(len, chunk).iter().map(|r| r.end - r.start).collect()
+            upload_chunks(len, chunk)
+                .iter()
+                .map(|r| r.end - r.start)
+                .collect()
         };
         assert_eq!(sizes(0, 16 * M), vec![0]);
         assert_eq!(sizes(3 * M, 16 * M), vec![3 * M]);
@@ -182,7 +186,9 @@ mod tests {
             assert_eq!(r.first().unwrap().start, 0);
             assert_eq!(r.last().unwrap().end, len);
             assert!(r.windows(2).all(|w| w[0].end == w[1].start));
-            assert!(r[..r.len() - 1].iter().all(|c| c.end - c.start >= MIN_CHUNK));
+            assert!(r[..r.len() - 1]
+                .iter()
+                .all(|c| c.end - c.start >= MIN_CHUNK));
         }
     }
 

@@ -15,7 +15,8 @@ fn plan_yaml(yaml: &str) -> Result<Plan, PlanError> {
     let cfg = MergeConfig::parse("test.yaml", yaml).map_err(PlanError::Config)?;
     plan(
         &cfg,
-        &PlanOptions { unit_size: None, 
+        &PlanOptions {
+            unit_size: None,
             out_shard_size: DEFAULT_SHARD_SIZE,
             seed: 0,
             allow_crimes: false,
@@ -399,7 +400,8 @@ fn shards_split_by_bytes() {
     .unwrap();
     let p = plan(
         &cfg,
-        &PlanOptions { unit_size: None, 
+        &PlanOptions {
+            unit_size: None,
             out_shard_size: 100_000,
             seed: 0,
             allow_crimes: false,

@@ -22,8 +22,8 @@
 use super::{overrides, ObjectWriter, Storage, StorageError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::path::Path;
 use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::collections::HashMap;
 use std::future::Future;
@@ -211,24 +211,25 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Clients, String> {
         ),
         "http" | "https" => (
             Arc::new(
-            options
-                .iter()
-                .try_fold(
-                    // An http:// reference is an explicit choice of plain HTTP.
-                    object_store::http::HttpBuilder::new()
-                        .with_url(root)
-                        .with_config(
-                            object_store::ClientConfigKey::AllowHttp,
-                            (url.scheme() == "http").to_string(),
-                        ),
-                    |b, (k, v)| {
-                        let key = object_store::ClientConfigKey::from_str(k).map_err(|_| bad(k))?;
-                        Ok::<_, String>(b.with_config(key, v))
-                    },
-                )?
-                .with_retry(retry)
-                .build()
-                .map_err(|e| e.to_string())?,
+                options
+                    .iter()
+                    .try_fold(
+                        // An http:// reference is an explicit choice of plain HTTP.
+                        object_store::http::HttpBuilder::new()
+                            .with_url(root)
+                            .with_config(
+                                object_store::ClientConfigKey::AllowHttp,
+                                (url.scheme() == "http").to_string(),
+                            ),
+                        |b, (k, v)| {
+                            let key =
+                                object_store::ClientConfigKey::from_str(k).map_err(|_| bad(k))?;
+                            Ok::<_, String>(b.with_config(key, v))
+                        },
+                    )?
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| e.to_string())?,
             ),
             None,
         ),
@@ -485,7 +486,10 @@ impl Storage for ObjectStorage {
         part: &crate::unit::UnitPart,
     ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let upload = part.upload.clone().ok_or_else(|| {
-            StorageError::io(location, "a part of an object-store shard without its upload id")
+            StorageError::io(
+                location,
+                "a part of an object-store shard without its upload id",
+            )
         })?;
         let chunks = crate::unit::upload_chunks(part.len, part.chunk);
         Ok(Box::new(ChunkWriter {
@@ -494,7 +498,11 @@ impl Storage for ObjectStorage {
             store: self.multipart(location)?,
             upload,
             next: part.first_chunk as usize,
-            sizes: chunks.iter().rev().map(|r| (r.end - r.start) as usize).collect(),
+            sizes: chunks
+                .iter()
+                .rev()
+                .map(|r| (r.end - r.start) as usize)
+                .collect(),
             buffer: Vec::new(),
             in_flight: Vec::new(),
             done: ChunkIds(Vec::new()),
@@ -512,7 +520,10 @@ impl Storage for ObjectStorage {
             .to_string();
         let (path, mp) = (self.path(location)?, self.multipart(location)?);
         let loc = location.to_string();
-        let parts = chunks.into_iter().map(|content_id| PartId { content_id }).collect();
+        let parts = chunks
+            .into_iter()
+            .map(|content_id| PartId { content_id })
+            .collect();
         block(location, async move {
             mp.complete_multipart(&path, &upload, parts)
                 .await
@@ -635,7 +646,10 @@ impl ObjectWriter for ChunkWriter {
         let mut ids = Vec::new();
         while !bytes.is_empty() {
             let Some(&size) = self.sizes.last() else {
-                return Err(StorageError::io(&self.location, "a part write past its end"));
+                return Err(StorageError::io(
+                    &self.location,
+                    "a part write past its end",
+                ));
             };
             let take = (size - self.buffer.len()).min(bytes.len());
             self.buffer.extend_from_slice(&bytes[..take]);

@@ -24,7 +24,8 @@ pub(crate) fn plan_case(case: &str, shard: u64) -> crate::plan::Plan {
     let cfg = crate::config::MergeConfig::parse("config.yaml", &yaml).unwrap();
     crate::plan::plan(
         &cfg,
-        &crate::plan::PlanOptions { unit_size: None, 
+        &crate::plan::PlanOptions {
+            unit_size: None,
             out_shard_size: shard,
             seed: 7,
             allow_crimes: false,
@@ -70,7 +71,9 @@ fn planned_units_cross_the_wire_unchanged() {
 
 #[test]
 fn unit_outputs_cross_the_wire_unchanged() {
-    let out = UnitOutput { offset: 0, chunks: Vec::new(), 
+    let out = UnitOutput {
+        offset: 0,
+        chunks: Vec::new(),
         unit: 3,
         file_name: "model-00004-of-00009.safetensors".into(),
         size: u64::MAX,
@@ -440,7 +443,8 @@ fn valid_unit() -> impl Strategy<Value = WorkUnit> {
             };
             let tensors = (0usize..5)
                 .prop_flat_map(move |n| (0..n).map(|i| tensor(method, i)).collect::<Vec<_>>());
-            tensors.prop_map(move |tensors| WorkUnit { part: None, 
+            tensors.prop_map(move |tensors| WorkUnit {
+                part: None,
                 format: PLAN_FORMAT,
                 id,
                 file_name: file_name.clone(),

@@ -672,10 +672,7 @@ impl Checker<'_> {
         if u64::from(p.first_chunk) + chunks > crate::unit::MAX_CHUNKS {
             return err(
                 "part.first_chunk",
-                format!(
-                    "an upload of more than {} chunks",
-                    crate::unit::MAX_CHUNKS
-                ),
+                format!("an upload of more than {} chunks", crate::unit::MAX_CHUNKS),
             );
         }
         if let Some(u) = &p.upload {
@@ -713,7 +710,10 @@ impl Checker<'_> {
             if layout.file_size != p.shard_size {
                 return err(
                     "part.shard_size",
-                    format!("{} bytes, its tensors make {}", p.shard_size, layout.file_size),
+                    format!(
+                        "{} bytes, its tensors make {}",
+                        p.shard_size, layout.file_size
+                    ),
                 );
             }
             layout.header.len() as u64
