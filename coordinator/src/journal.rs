@@ -392,6 +392,8 @@ impl Journal {
     /// Marks the merge finished (after the index).
     pub fn finish(&self) -> Result<(), StorageError> {
         self.store
-            .put(&self.path(DONE), self.fingerprint.as_bytes())
+            .put(&self.path(DONE), self.fingerprint.as_bytes())?;
+        // Every upload is complete: their ids are of no more use.
+        self.store.delete(&self.path(UPLOADS))
     }
 }

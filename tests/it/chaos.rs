@@ -33,11 +33,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WORKERS: usize = 4;
-/// Four 1 MiB tensors a layer, one tensor per shard: 48 units.
-const LAYERS: u64 = 12;
+/// Four 1 MiB tensors a layer: 120 tensors.
+const LAYERS: u64 = 30;
 const ROWS: u64 = 512;
 const COLS: u64 = 1024;
-const SHARD: &str = "1M";
+/// 11 tensors a shard (the last has 10): each written by units of 5, 5 and
+/// 1 tensors (parts of one multipart upload per shard); 32 units.
+const SHARD: &str = "12M";
+const UNIT: &str = "15M";
 const BUCKET: &str = "chaos";
 const OUT: &str = "out";
 const MIN_KILLS: usize = 20;
@@ -239,6 +242,8 @@ impl Cluster {
                 &self.listen,
                 "--out-shard-size",
                 SHARD,
+                "--unit-size",
+                UNIT,
                 // A killed worker's unit goes to another one soon.
                 "--lease-timeout",
                 "3",
@@ -560,6 +565,8 @@ fn chaos(seed: u64) {
             "--quiet",
             "--out-shard-size",
             SHARD,
+            "--unit-size",
+            UNIT,
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -717,7 +724,16 @@ fn chaos(seed: u64) {
     for unit in plan["units"].as_array().unwrap() {
         let id = unit["id"].as_u64().unwrap();
         let file = unit["file_name"].as_str().unwrap();
-        shard_of.insert(id, sha256_hex(&std::fs::read(got.join(file)).unwrap()));
+        let bytes = std::fs::read(got.join(file)).unwrap();
+        // A unit that wrote a part of its shard: the part's bytes.
+        let range = match unit.get("part") {
+            Some(p) => {
+                let (at, len) = (p["offset"].as_u64().unwrap(), p["len"].as_u64().unwrap());
+                at as usize..(at + len) as usize
+            }
+            None => 0..bytes.len(),
+        };
+        shard_of.insert(id, sha256_hex(&bytes[range]));
     }
     let watched = watched.lock().unwrap();
     let mut seen: BTreeMap<u64, BTreeSet<(String, String)>> = BTreeMap::new();
