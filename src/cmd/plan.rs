@@ -169,12 +169,22 @@ fn print_plan(
     }
     let Some(s) = summary else { return };
     println!(
-        "plan: {}, {} output tensors ({} parameters) in {} work unit{}",
+        "plan: {}, {} output tensors ({} parameters) in {} work unit{} ({} shard{}{})",
         s.merge_method,
         s.output_tensors,
         count(s.parameters),
         s.work_units,
-        if s.work_units == 1 { "" } else { "s" }
+        if s.work_units == 1 { "" } else { "s" },
+        s.shards,
+        if s.shards == 1 { "" } else { "s" },
+        if s.shards_in_parts == 0 {
+            String::new()
+        } else {
+            format!(
+                ", {} written in parts of about --unit-size input bytes",
+                s.shards_in_parts
+            )
+        }
     );
     let reads: Vec<String> = s
         .read_per_model

@@ -141,6 +141,9 @@ pub struct Summary {
     pub output_tensors: usize,
     pub parameters: u64,
     pub work_units: usize,
+    /// Output shards, and those of them written by several units (parts).
+    pub shards: usize,
+    pub shards_in_parts: usize,
     /// Bytes read from each input model (its adapter's included), in model
     /// order (reference, bytes).
     pub read_per_model: Vec<(String, u64)>,
@@ -280,6 +283,17 @@ pub fn summarize(
         output_tensors: plan.tensor_count(),
         parameters: tensors().map(|t| t.numel()).sum(),
         work_units: plan.units.len(),
+        shards: plan
+            .units
+            .iter()
+            .map(|u| u.file_name.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        shards_in_parts: plan
+            .units
+            .iter()
+            .filter(|u| u.part.as_ref().is_some_and(|p| p.index == 0))
+            .count(),
         read_per_model: plan
             .models
             .iter()
