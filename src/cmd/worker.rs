@@ -23,6 +23,12 @@ pub struct WorkerArgs {
     /// Units computed at the same time.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// Do not lease the next unit while the current one computes and writes
+    /// (by default a worker leases it once the current unit's inputs are
+    /// read, so its link does not sit idle during a unit's tail; that unit is
+    /// one more in flight, and shares --max-memory as a slot).
+    #[arg(long)]
+    no_read_ahead: bool,
     /// Memory this worker may use (e.g. 8G, 1.5GB, 512MiB), shared by its slots.
     #[arg(long, value_parser = options::memory_size)]
     max_memory: Option<u64>,
@@ -62,6 +68,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         tls_ca: args.client.tls_ca()?,
         allow_paths: args.allow_path,
         insecure: args.client.insecure,
+        read_ahead: !args.no_read_ahead,
     };
     let runtime = options::runtime()?;
     let done = run_remote(opts, runtime.handle())?;
