@@ -22,7 +22,7 @@
 //! on an error and on Ctrl-C, and leftovers of a crashed run before it starts.
 
 use crate::netns::{self, Counters, Net, Rate};
-use crate::s3::{ServerKind, Server};
+use crate::s3::{Server, ServerKind};
 use crate::{median, models};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
@@ -74,6 +74,9 @@ pub struct ClusterArgs {
     /// Each worker's --slots.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// An extra argument of `fleetmerge worker` (e.g. --worker-arg=--no-read-ahead); repeatable.
+    #[arg(long = "worker-arg", value_name = "ARG", allow_hyphen_values = true)]
+    worker_arg: Vec<String>,
     /// Extra environment of the workers, KEY=VALUE (e.g.
     /// FLEETMERGE_IO_CONCURRENCY=16); repeatable.
     #[arg(long = "worker-env", value_name = "KEY=VALUE")]
@@ -283,7 +286,8 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                     }
                     let mut runs = Vec::new();
                     for k in 0..args.runs {
-                        let r = merge_run(&args, &bin, &net, &server, &cfg, &logs, set, link, n, k)?;
+                        let r =
+                            merge_run(&args, &bin, &net, &server, &cfg, &logs, set, link, n, k)?;
                         eprintln!(
                             "{set} {}: {n} nodes, run {}: {:.1} s, {} units, received {} GB, \
                              sent {} GB, idle {}",
@@ -342,7 +346,11 @@ fn default_server_bin(kind: ServerKind) -> Result<PathBuf> {
     let candidates: Vec<PathBuf> = match kind {
         ServerKind::S3sFs => {
             let mut v: Vec<PathBuf> = std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).map(|d| d.join("s3s-fs")).collect())
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join("s3s-fs"))
+                        .collect()
+                })
                 .unwrap_or_default();
             if let Some(home) = std::env::var_os("HOME") {
                 v.push(Path::new(&home).join(".cargo/bin/s3s-fs"));
@@ -351,14 +359,21 @@ fn default_server_bin(kind: ServerKind) -> Result<PathBuf> {
         }
         ServerKind::Moto => vec![PathBuf::from("/tmp/fleetmerge-venv/bin/moto_server")],
     };
-    candidates.into_iter().find(|p| p.is_file()).with_context(|| match kind {
-        ServerKind::S3sFs => "s3s-fs not found: `cargo install s3s-fs@0.14.1 --features binary --locked` \
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| match kind {
+            ServerKind::S3sFs => {
+                "s3s-fs not found: `cargo install s3s-fs@0.14.1 --features binary --locked` \
                               (or name it with --server-bin, or use --server moto)"
-            .to_string(),
-        ServerKind::Moto => "moto_server not found in /tmp/fleetmerge-venv: `bash scripts/test.sh` \
+                    .to_string()
+            }
+            ServerKind::Moto => {
+                "moto_server not found in /tmp/fleetmerge-venv: `bash scripts/test.sh` \
                              makes that venv (or name it with --server-bin)"
-            .to_string(),
-    })
+                    .to_string()
+            }
+        })
 }
 
 /// Uploads a set's four models (shard, index, config) unless the server has
@@ -368,11 +383,7 @@ fn upload_set(server: &Server, dir: &Path, set: &str) -> Result<Vec<(String, u64
     let mut shards = Vec::new();
     let mut total = 0;
     for m in models::MODELS {
-        for file in [
-            models::SHARD,
-            "model.safetensors.index.json",
-            "config.json",
-        ] {
+        for file in [models::SHARD, "model.safetensors.index.json", "config.json"] {
             check_interrupted()?;
             let path = dir.join(set).join(m).join(file);
             let key = format!("{set}/{m}/{file}");
@@ -573,6 +584,7 @@ fn merge_run(
             ])
             .args(["--worker-id", &format!("node-{}", node.index)])
             .args(["--slots", &args.slots.to_string()])
+            .args(&args.worker_arg)
             .envs(env.iter().cloned());
         for kv in &args.worker_env {
             let (k, v) = kv
@@ -622,7 +634,10 @@ fn merge_run(
             }
         }
         if t0.elapsed() > deadline {
-            bail!("the merge {name} took longer than --timeout {} s", args.timeout);
+            bail!(
+                "the merge {name} took longer than --timeout {} s",
+                args.timeout
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -650,7 +665,10 @@ fn merge_run(
         .iter()
         .any(|k| k.ends_with("model.safetensors.index.json"))
     {
-        bail!("the merge {name} ended without its index in {}", server.url(&out_key));
+        bail!(
+            "the merge {name} ended without its index in {}",
+            server.url(&out_key)
+        );
     }
     server.delete_prefix(&format!("{out_key}/"))?;
     let per_node = before
@@ -731,10 +749,9 @@ fn print_row(r: &Row) {
         );
         return;
     };
-    let eff = r
-        .t1
-        .map(|t1| format!("{:.2}", t1 / (r.link.capacity(r.nodes) * wall)))
-        .unwrap_or_else(|| "-".into());
+    let eff =
+        r.t1.map(|t1| format!("{:.2}", t1 / (r.link.capacity(r.nodes) * wall)))
+            .unwrap_or_else(|| "-".into());
     let mid = &r.runs[r.runs.len() / 2];
     let received: u64 = mid.per_node.iter().map(|c| c.received).sum();
     let idle_mean = mid.idle.iter().sum::<f64>() / mid.idle.len() as f64;

@@ -354,7 +354,10 @@ pub fn merge_yaml(method: &str, with_base: bool, refer: impl Fn(&str) -> String)
     }
     yaml += &format!("merge_method: {method}\ndtype: bfloat16\n");
     if with_base {
-        yaml += &format!("base_model: {}\nparameters: {{normalize: true}}\n", refer("base"));
+        yaml += &format!(
+            "base_model: {}\nparameters: {{normalize: true}}\n",
+            refer("base")
+        );
     }
     yaml
 }

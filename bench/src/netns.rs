@@ -91,9 +91,11 @@ fn quiet(program: &str, args: &[&str]) -> String {
 pub fn check_privileges() -> std::result::Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("the cluster benchmark needs root (network namespaces, veth links, tc); \
+        return Err(
+            "the cluster benchmark needs root (network namespaces, veth links, tc); \
                     run it as root or with sudo"
-            .into());
+                .into(),
+        );
     }
     for tool in ["ip", "tc"] {
         let ok = Command::new(tool)
@@ -158,8 +160,16 @@ impl Net {
             sh(
                 "ip",
                 &[
-                    "link", "add", &node.host_if, "type", "veth", "peer", "name", &node_if,
-                    "netns", &node.ns,
+                    "link",
+                    "add",
+                    &node.host_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &node_if,
+                    "netns",
+                    &node.ns,
                 ],
             )?;
             sh("ip", &["link", "set", &node.host_if, "master", BRIDGE])?;
@@ -183,7 +193,10 @@ impl Net {
         for node in &self.nodes {
             let node_if = format!("fmbn{}", node.index);
             quiet("tc", &["qdisc", "del", "dev", &node.host_if, "root"]);
-            quiet("tc", &["-n", &node.ns, "qdisc", "del", "dev", &node_if, "root"]);
+            quiet(
+                "tc",
+                &["-n", &node.ns, "qdisc", "del", "dev", &node_if, "root"],
+            );
             if let Some(Some(rate)) = rates.get(node.index) {
                 cap(None, &node.host_if, *rate)?;
                 cap(Some(&node.ns), &node_if, *rate)?;

@@ -293,7 +293,10 @@ impl Server {
                 );
             }
             if t.elapsed() > Duration::from_secs(30) {
-                bail!("the S3 server did not listen on {} within 30 s", server.addr);
+                bail!(
+                    "the S3 server did not listen on {} within 30 s",
+                    server.addr
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -380,11 +383,7 @@ impl Server {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut path = format!(
-                "/{}?list-type=2&prefix={}",
-                self.bucket,
-                encode(prefix)
-            );
+            let mut path = format!("/{}?list-type=2&prefix={}", self.bucket, encode(prefix));
             if let Some(t) = &token {
                 path += &format!("&continuation-token={}", encode(t));
             }
