@@ -167,6 +167,10 @@ impl Link {
 /// What one merge run measured.
 struct RunResult {
     wall: f64,
+    /// CPU seconds (user, system) of the coordinator and the workers.
+    cpu: (f64, f64),
+    /// CPU seconds of the S3 server.
+    server_cpu: f64,
     per_node: Vec<Counters>,
     idle: Vec<f64>,
     units: Vec<usize>,
@@ -290,7 +294,8 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                             merge_run(&args, &bin, &net, &server, &cfg, &logs, set, link, n, k)?;
                         eprintln!(
                             "{set} {}: {n} nodes, run {}: {:.1} s, {} units, received {} GB, \
-                             sent {} GB, idle {}",
+                             sent {} GB, idle {}, CPU of coordinator and workers {:.1} s user + {:.1} s system, \
+                             of the server {:.1} s",
                             link.label(),
                             k + 1,
                             r.wall,
@@ -301,7 +306,10 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                                 .iter()
                                 .map(|i| format!("{:.0}%", i * 100.0))
                                 .collect::<Vec<_>>()
-                                .join(" / ")
+                                .join(" / "),
+                            r.cpu.0,
+                            r.cpu.1,
+                            r.server_cpu
                         );
                         runs.push(r);
                     }
@@ -432,6 +440,7 @@ fn measure_ceiling(
             a = b;
         }
     }
+    let server_before = server.cpu();
     let mut procs = Procs::default();
     for node in &net.nodes[..n] {
         let mine: Vec<&String> = ranges.iter().skip(node.index).step_by(n).collect();
@@ -478,6 +487,11 @@ fn measure_ceiling(
         slowest = slowest.max(secs);
         total += bytes;
     }
+    eprintln!(
+        "  (the ceiling's {:.2} GB took the server {:.1} s of CPU)",
+        total as f64 / 1e9,
+        server.cpu() - server_before
+    );
     Ok((total as f64 / slowest, per))
 }
 
@@ -553,6 +567,8 @@ fn merge_run(
     let port = crate::s3::free_port(netns::HOST)?;
     let env = server.env();
     let before = net.counters();
+    let cpu_before = children_cpu();
+    let server_before = server.cpu();
     let mut procs = Procs::default();
     let t0 = Instant::now();
     let coordinator_log = std::fs::File::create(logs.join(format!("{name}-coordinator.log")))?;
@@ -659,6 +675,8 @@ fn merge_run(
     for r in readers {
         let _ = r.join();
     }
+    let cpu_after = children_cpu();
+    let server_cpu = server.cpu() - server_before;
     let after = net.counters();
     if !server
         .list(&format!("{out_key}/"))?
@@ -690,10 +708,22 @@ fn merge_run(
     }
     Ok(RunResult {
         wall,
+        cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
+        server_cpu,
         per_node,
         idle,
         units,
     })
+}
+
+/// CPU seconds (user, system) of this process's waited-for children so far.
+fn children_cpu() -> (f64, f64) {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: fills a live local.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(u.ru_utime), secs(u.ru_stime))
 }
 
 /// One line of the table.
