@@ -420,8 +420,8 @@ fn upload_set(server: &Server, dir: &Path, set: &str) -> Result<Vec<(String, u64
 
 /// Plain parallel ranged GETs of the input objects from `n` nodes at once:
 /// 16 MiB ranges dealt out to the nodes in turn, `--ceiling-parallel` in
-/// flight per node, for `--ceiling-seconds`. Returns (all nodes' bytes/s,
-/// each node's bytes/s).
+/// flight per node, for `--ceiling-seconds`. Returns (the sum of the nodes'
+/// bytes/s, each node's bytes/s).
 fn measure_ceiling(
     args: &ClusterArgs,
     me: &Path,
@@ -464,7 +464,6 @@ fn measure_ceiling(
         );
     }
     let mut per = Vec::new();
-    let mut slowest: f64 = 0.0;
     let mut total = 0u64;
     for child in std::mem::take(&mut procs.0) {
         let out = child.wait_with_output()?;
@@ -484,7 +483,6 @@ fn measure_ceiling(
             bail!("the ceiling's GETs printed {text:?}");
         };
         per.push(bytes as f64 / secs);
-        slowest = slowest.max(secs);
         total += bytes;
     }
     eprintln!(
@@ -492,7 +490,9 @@ fn measure_ceiling(
         total as f64 / 1e9,
         server.cpu() - server_before
     );
-    Ok((total as f64 / slowest, per))
+    // Each node's own rate, added up: a node's last GETs may end after the
+    // others' (they were in flight at the time limit).
+    Ok((per.iter().sum(), per))
 }
 
 /// A unit-lease event of a worker's log: (seconds since the run started, unit, taken).

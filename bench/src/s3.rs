@@ -331,8 +331,8 @@ impl Server {
 
     /// CPU seconds the server has used so far (user + system).
     pub fn cpu(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // The fields after the command name, which ends with the last ')'.
         let fields: Vec<&str> = stat
             .rsplit_once(')')
