@@ -126,6 +126,9 @@ pub fn run(
         device: opts.device.clone(),
         paths: None,
         announce: false,
+        // Local inputs are mapped: nothing to read ahead. (Remote ones
+        // would gain, but `run`'s slots already overlap their units.)
+        read_ahead: false,
     };
     let stop = AtomicBool::new(false);
     let worked = fleetmerge_worker::work(&InProcess::new(&merge), &loop_opts, &stop, progress);

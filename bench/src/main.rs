@@ -1,28 +1,57 @@
-//! fleetmerge's benchmark: generates four model sets deterministically (dense
-//! Llama and Mixtral-style MoE, bf16, base + three fine-tunes) and a LoRA
-//! adapter of the dense base, runs a linear and a TIES merge of each set with
-//! the fleetmerge binary (and of the dense set with `base+lora` in place of
-//! the first fine-tune), and prints wall time, input throughput, peak RSS, and
-//! the ratio to a plain sequential read of the same input files measured in the
-//! same run.
+//! fleetmerge's benchmark. Without a command: generates the model sets
+//! (models.rs), runs a linear and a TIES merge of each set with the
+//! fleetmerge binary (and of the dense set with `base+lora` in place of the
+//! first fine-tune), and prints wall time, input throughput, peak RSS, and the
+//! ratio to a plain sequential read of the same input files measured in the
+//! same run. `cluster`: the cluster benchmark on simulated nodes (cluster.rs:
+//! workers in network namespaces with capped links, netns.rs; inputs and
+//! shards on an S3-compatible server, s3.rs).
 //!
 //!     cargo build --release && cargo run --release -p fleetmerge-bench -- [--dir D] [--runs N]
+//!     cargo run --release -p fleetmerge-bench -- cluster [--nodes 1,2,4,8] [--rate 100mbit]
 //!
-//! `coordinator-scale` instead serves a DeepSeek-V3-sized merge to simulated
-//! workers and measures the coordinator (bench/src/scale.rs):
+//! `coordinator-scale` serves a DeepSeek-V3-sized merge to simulated workers
+//! and measures the coordinator (bench/src/scale.rs):
 //!
 //!     cargo run --release -p fleetmerge-bench -- coordinator-scale [--workers 64]
 
+mod cluster;
+mod models;
+mod netns;
+mod s3;
 mod scale;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use rayon::prelude::*;
-use std::io::{Read, Write};
+use clap::{Parser, Subcommand};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    local: Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The cluster benchmark: a coordinator and an S3 server on this host,
+    /// each worker in a network namespace with a capped link (needs root).
+    Cluster(cluster::ClusterArgs),
+    /// (Run by `cluster` inside a node's namespace.) Plain parallel ranged
+    /// GETs of objects, bytes discarded; prints the bytes read.
+    #[command(hide = true)]
+    Get(s3::GetArgs),
+    /// The coordinator at DeepSeek-V3 scale with simulated workers (see
+    /// bench/src/scale.rs); no merge is computed.
+    CoordinatorScale(scale::ScaleArgs),
+}
+
+/// The local benchmark's options.
+#[derive(clap::Args)]
 struct Args {
     /// Where the models and outputs go (about 8 GB).
     #[arg(long, default_value = "/tmp/fleetmerge-bench")]
@@ -45,306 +74,6 @@ struct Args {
     /// byte-identical shards.
     #[arg(long)]
     compare_cpu: bool,
-    #[command(subcommand)]
-    mode: Option<Mode>,
-}
-
-#[derive(clap::Subcommand)]
-enum Mode {
-    /// The coordinator at DeepSeek-V3 scale with simulated workers (see
-    /// bench/src/scale.rs); the merge benchmark is not run.
-    CoordinatorScale(scale::ScaleArgs),
-}
-
-/// One tensor of a generated checkpoint.
-struct Spec {
-    name: String,
-    shape: Vec<usize>,
-}
-
-fn dense_specs() -> Vec<Spec> {
-    let (h, i, layers, vocab) = (2048, 4096, 8, 32000);
-    let mut v = vec![Spec {
-        name: "model.embed_tokens.weight".into(),
-        shape: vec![vocab, h],
-    }];
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push(Spec {
-                name: format!("{p}.self_attn.{n}.weight"),
-                shape: vec![h, h],
-            });
-        }
-        v.push(Spec {
-            name: format!("{p}.mlp.gate_proj.weight"),
-            shape: vec![i, h],
-        });
-        v.push(Spec {
-            name: format!("{p}.mlp.up_proj.weight"),
-            shape: vec![i, h],
-        });
-        v.push(Spec {
-            name: format!("{p}.mlp.down_proj.weight"),
-            shape: vec![h, i],
-        });
-        v.push(Spec {
-            name: format!("{p}.input_layernorm.weight"),
-            shape: vec![h],
-        });
-        v.push(Spec {
-            name: format!("{p}.post_attention_layernorm.weight"),
-            shape: vec![h],
-        });
-    }
-    v.push(Spec {
-        name: "model.norm.weight".into(),
-        shape: vec![h],
-    });
-    v.push(Spec {
-        name: "lm_head.weight".into(),
-        shape: vec![vocab, h],
-    });
-    v
-}
-
-fn moe_specs() -> Vec<Spec> {
-    let (h, i, layers, experts, vocab) = (1024, 512, 4, 64, 32000);
-    let mut v = vec![Spec {
-        name: "model.embed_tokens.weight".into(),
-        shape: vec![vocab, h],
-    }];
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push(Spec {
-                name: format!("{p}.self_attn.{n}.weight"),
-                shape: vec![h, h],
-            });
-        }
-        v.push(Spec {
-            name: format!("{p}.block_sparse_moe.gate.weight"),
-            shape: vec![experts, h],
-        });
-        for e in 0..experts {
-            let x = format!("{p}.block_sparse_moe.experts.{e}");
-            v.push(Spec {
-                name: format!("{x}.w1.weight"),
-                shape: vec![i, h],
-            });
-            v.push(Spec {
-                name: format!("{x}.w2.weight"),
-                shape: vec![h, i],
-            });
-            v.push(Spec {
-                name: format!("{x}.w3.weight"),
-                shape: vec![i, h],
-            });
-        }
-        v.push(Spec {
-            name: format!("{p}.input_layernorm.weight"),
-            shape: vec![h],
-        });
-        v.push(Spec {
-            name: format!("{p}.post_attention_layernorm.weight"),
-            shape: vec![h],
-        });
-    }
-    v.push(Spec {
-        name: "model.norm.weight".into(),
-        shape: vec![h],
-    });
-    v.push(Spec {
-        name: "lm_head.weight".into(),
-        shape: vec![vocab, h],
-    });
-    v
-}
-
-/// splitmix64: the generator of every value, keyed by (tensor, model, element).
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn unit(x: u64) -> f64 {
-    ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-}
-
-/// A standard normal from two uniforms (Box-Muller).
-fn normal(key: u64) -> f64 {
-    let (a, b) = (unit(mix(key)), unit(mix(key ^ 0x5555_5555_5555_5555)));
-    (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-}
-
-fn bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-/// Value `j` of tensor `t` in model `m` (0 = base): base ~ N(0, 0.02²); a
-/// fine-tune adds N(0, 0.004²) on a random 60 % of the elements.
-fn value(t: u64, m: u64, j: u64) -> u16 {
-    let key = (t << 40) ^ j;
-    let mut x = 0.02 * normal(key.wrapping_mul(3));
-    if m > 0 {
-        let k = key ^ (m << 56);
-        if unit(mix(k ^ 0x1234_5678)) < 0.6 {
-            x += 0.004 * normal(k.wrapping_mul(7));
-        }
-    }
-    bf16(x as f32)
-}
-
-/// Writes model `m` of a set as one shard plus an index.
-fn write_model(
-    dir: &Path,
-    specs: &[Spec],
-    m: u64,
-    arch: &str,
-    config: serde_json::Value,
-) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let shard = "model-00001-of-00001.safetensors";
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for s in specs {
-        let len = s.shape.iter().product::<usize>() as u64 * 2;
-        header.insert(
-            s.name.clone(),
-            serde_json::json!({"dtype": "BF16", "shape": s.shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut h = serde_json::to_vec(&header)?;
-    while (h.len() + 8) % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(dir.join(shard))?);
-    f.write_all(&(h.len() as u64).to_le_bytes())?;
-    f.write_all(&h)?;
-    for (ti, s) in specs.iter().enumerate() {
-        let n = s.shape.iter().product::<usize>();
-        let norm = s.shape.len() == 1;
-        let mut buf = vec![0u16; n];
-        buf.par_chunks_mut(1 << 16)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (k, v) in chunk.iter_mut().enumerate() {
-                    let j = (c << 16) + k;
-                    *v = if norm {
-                        bf16(1.0)
-                    } else {
-                        value(ti as u64, m, j as u64)
-                    };
-                }
-            });
-        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-        f.write_all(&bytes)?;
-    }
-    f.flush()?;
-    let weight_map: serde_json::Map<String, serde_json::Value> = specs
-        .iter()
-        .map(|s| (s.name.clone(), serde_json::Value::from(shard)))
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec_pretty(
-            &serde_json::json!({"metadata": {"total_size": offset}, "weight_map": weight_map}),
-        )?,
-    )?;
-    let mut cfg = config;
-    cfg["architectures"] = serde_json::json!([arch]);
-    cfg["torch_dtype"] = serde_json::json!("bfloat16");
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
-    Ok(())
-}
-
-fn generate(
-    dir: &Path,
-    name: &str,
-    specs: &[Spec],
-    arch: &str,
-    config: serde_json::Value,
-) -> Result<()> {
-    let marker = dir.join(name).join(".complete-v1");
-    if marker.exists() {
-        return Ok(());
-    }
-    let t = Instant::now();
-    for (m, model) in ["base", "ft-a", "ft-b", "ft-c"].iter().enumerate() {
-        write_model(
-            &dir.join(name).join(model),
-            specs,
-            m as u64,
-            arch,
-            config.clone(),
-        )?;
-    }
-    std::fs::write(&marker, b"")?;
-    eprintln!("generated {name} in {:.1} s", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// Rank and alpha of the generated adapter.
-const LORA_RANK: usize = 16;
-const LORA_ALPHA: usize = 32;
-
-/// Writes a PEFT LoRA adapter (bf16, r 16, alpha 32) of every 2-D weight of
-/// the layers (attention and MLP projections): `lora_A` ~ N(0, 0.02²),
-/// `lora_B` ~ N(0, 0.001²) (a trained adapter's B is no longer zero).
-fn generate_lora(dir: &Path, specs: &[Spec]) -> Result<()> {
-    let marker = dir.join(".complete-v1");
-    if marker.exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir)?;
-    let mut header = serde_json::Map::new();
-    let mut data: Vec<u8> = Vec::new();
-    let mut modules = std::collections::BTreeSet::new();
-    for (ti, s) in specs.iter().enumerate() {
-        let (Some(module), &[out, inp]) = (s.name.strip_suffix(".weight"), &s.shape[..]) else {
-            continue;
-        };
-        if !module.contains(".layers.") {
-            continue;
-        }
-        modules.insert(module.rsplit('.').next().unwrap_or(module).to_string());
-        for (f, shape, scale) in [
-            ("lora_A", [LORA_RANK, inp], 0.02),
-            ("lora_B", [out, LORA_RANK], 0.001),
-        ] {
-            let start = data.len();
-            for j in 0..shape[0] * shape[1] {
-                let key = ((ti as u64) << 40) ^ j as u64 ^ if f == "lora_A" { 1 << 62 } else { 0 };
-                data.extend_from_slice(&bf16((scale * normal(key)) as f32).to_le_bytes());
-            }
-            header.insert(
-                format!("base_model.model.{module}.{f}.weight"),
-                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
-            );
-        }
-    }
-    let mut h = serde_json::to_vec(&header)?;
-    while (h.len() + 8) % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut f = std::fs::File::create(dir.join("adapter_model.safetensors"))?;
-    f.write_all(&(h.len() as u64).to_le_bytes())?;
-    f.write_all(&h)?;
-    f.write_all(&data)?;
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({
-            "peft_type": "LORA", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
-            "target_modules": modules, "fan_in_fan_out": false, "use_rslora": false,
-            "use_dora": false, "bias": "none", "task_type": "CAUSAL_LM"
-        }))?,
-    )?;
-    std::fs::write(&marker, b"")?;
-    Ok(())
 }
 
 /// Runs `bin args`, returning (wall seconds, peak RSS bytes).
@@ -386,38 +115,35 @@ fn plain_read(files: &[PathBuf]) -> Result<(u64, f64)> {
     Ok((total, t.elapsed().as_secs_f64()))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Cluster(args)) => cluster::main(args),
+        Some(Command::Get(args)) => s3::get_main(args),
+        Some(Command::CoordinatorScale(args)) => {
+            let bin = std::fs::canonicalize(&args.bin).with_context(|| {
+                format!("{} (run `cargo build --release` first)", args.bin.display())
+            })?;
+            std::fs::create_dir_all(&args.dir)?;
+            let dir = std::fs::canonicalize(&args.dir)?;
+            scale::run(&bin, &dir, &args)
+        }
+        None => local(cli.local),
+    }
+}
+
+/// The local benchmark.
+fn local(args: Args) -> Result<()> {
     let bin = std::fs::canonicalize(&args.bin)
         .with_context(|| format!("{} (run `cargo build --release` first)", args.bin.display()))?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
-    if let Some(Mode::CoordinatorScale(scale)) = &args.mode {
-        return scale::run(&bin, &dir, scale);
-    }
-    generate(
-        &dir,
-        "dense",
-        &dense_specs(),
-        "LlamaForCausalLM",
-        serde_json::json!({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 4096,
-            "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 32000}),
-    )?;
-    generate_lora(&dir.join("dense").join("lora"), &dense_specs())?;
-    generate(
-        &dir,
-        "moe",
-        &moe_specs(),
-        "MixtralForCausalLM",
-        serde_json::json!({"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 512,
-            "num_hidden_layers": 4, "num_attention_heads": 16, "num_local_experts": 64,
-            "num_experts_per_tok": 2, "vocab_size": 32000}),
-    )?;
+    models::generate_all(&dir)?;
     // (name, set, method, mergekit 0.1.5's time from the issue (none for the
     // LoRA merges: mergekit first writes the folded model to its cache), reads
     // the base, its first model is `base+lora`)
@@ -445,23 +171,18 @@ fn main() -> Result<()> {
         } else {
             vec![first, "ft-b", "ft-c"]
         };
-        let mut yaml = String::from("models:\n");
-        for m in [if lora { "base+lora" } else { "ft-a" }, "ft-b", "ft-c"] {
-            yaml += &format!("  - model: {m}\n    parameters: {{weight: 1.0");
-            if method == "ties" {
-                yaml += ", density: 0.5";
+        let yaml = models::merge_yaml(method, with_base, |m| {
+            if lora && m == "ft-a" {
+                "base+lora".to_string()
+            } else {
+                m.to_string()
             }
-            yaml += "}\n";
-        }
-        yaml += &format!("merge_method: {method}\ndtype: bfloat16\n");
-        if with_base {
-            yaml += "base_model: base\nparameters: {normalize: true}\n";
-        }
+        });
         let cfg = sdir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml)?;
         let mut files: Vec<PathBuf> = models
             .iter()
-            .map(|m| sdir.join(m).join("model-00001-of-00001.safetensors"))
+            .map(|m| sdir.join(m).join(models::SHARD))
             .collect();
         if lora {
             files.push(sdir.join("lora").join("adapter_model.safetensors"));

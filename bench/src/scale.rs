@@ -32,6 +32,12 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct ScaleArgs {
+    /// Where the sparse checkpoints and the output go.
+    #[arg(long, default_value = "/tmp/fleetmerge-bench")]
+    pub dir: std::path::PathBuf,
+    /// The fleetmerge binary.
+    #[arg(long, default_value = "target/release/fleetmerge")]
+    pub bin: std::path::PathBuf,
     /// Simulated workers.
     #[arg(long, default_value_t = 64)]
     workers: usize,
@@ -88,6 +94,24 @@ struct Stats {
 /// Writes the shard of `unit` (header, then zeros as a hole) into `out`;
 /// returns (size, sha256 as reported).
 fn write_shard(out: &Path, unit: &WorkUnit) -> Result<(u64, String)> {
+    if let Some(p) = &unit.part {
+        // A part: the coordinator made the shard's parts file, sparse (all
+        // zeros: the merge of zeros); the first part writes the header.
+        let layout = unit.written_layout();
+        let path = out.join(format!(".{}.fleetmerge-parts", unit.file_name));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}", path.display()))?;
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&layout.header, p.offset)?;
+        let mut h = Sha256::new();
+        h.update(&layout.header);
+        if p.len <= 16 << 20 {
+            h.update(vec![0u8; (p.len - layout.header.len() as u64) as usize]);
+        }
+        return Ok((p.len, hex(&h.finalize())));
+    }
     let layout = unit.layout();
     let path = out.join(&unit.file_name);
     let mut f = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
@@ -192,6 +216,7 @@ async fn worker(
                         unit: unit.id as u64,
                         progress_bytes: unit.input_bytes(),
                         session: session.clone(),
+                        chunks: Vec::new(),
                     })
                     .await
                     .with_context(|| format!("completing unit {}", unit.id))?;

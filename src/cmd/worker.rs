@@ -23,6 +23,12 @@ pub struct WorkerArgs {
     /// Units computed at the same time.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// Do not lease the next unit while the current one computes and writes
+    /// (by default a worker leases it once the current unit's inputs are
+    /// read, so its link does not sit idle during a unit's tail; that is one
+    /// unit more in flight, so there is no read-ahead under --max-memory).
+    #[arg(long)]
+    no_read_ahead: bool,
     /// Memory this worker may use (e.g. 8G, 1.5GB, 512MiB), shared by its slots.
     #[arg(long, value_parser = options::memory_size)]
     max_memory: Option<u64>,
@@ -62,6 +68,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         tls_ca: args.client.tls_ca()?,
         allow_paths: args.allow_path,
         insecure: args.client.insecure,
+        // Under --max-memory, the unit read ahead would halve each unit's share.
+        read_ahead: !args.no_read_ahead && args.max_memory.is_none(),
     };
     let runtime = options::runtime()?;
     let done = run_remote(opts, runtime.handle())?;

@@ -456,7 +456,8 @@ fn a_worker_told_to_stop_finishes_its_unit_first() {
         "127.0.0.1:0",
         &["--out-shard-size", SHARD],
     );
-    let mut a = start_worker("stopping", &addr, &[], &[]);
+    // One unit at a time: a worker that reads ahead holds two.
+    let mut a = start_worker("stopping", &addr, &["--no-read-ahead"], &[]);
     let line = coordinator.wait_for("a lease", MINUTE, |l| {
         l.contains("unit leased") && field(l, "worker") == Some("stopping")
     });

@@ -6,6 +6,11 @@
 //!
 //! - `slots` lease loops on their own threads, each unit within its share of
 //!   `max_memory`, computed on the worker's device;
+//! - with `read_ahead`, one lease loop more, and at most `slots` units reading
+//!   their inputs at a time: a loop leases its next unit once a unit in
+//!   flight has read its inputs ([`Progress::inputs_read`]) and is only
+//!   computing and writing, so the link is not idle while a unit's tail runs
+//!   and between units (a [`ReadTurn`] is one of those `slots` turns);
 //! - every unit checked before anything reads it ([`WorkUnit::validate`]),
 //!   and, with a [`paths::PathPolicy`], where it reads and writes;
 //! - heartbeats for the leases in flight, with the bytes read since the last
@@ -32,7 +37,7 @@ use paths::{PathError, PathPolicy};
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Duration;
 
 /// A unit handed to a worker under a lease.
@@ -194,6 +199,10 @@ pub struct LoopOptions {
     /// Log every unit taken and finished at `info` (a worker process), not
     /// at `debug` (`fleetmerge run`, whose progress display shows them).
     pub announce: bool,
+    /// Lease the next unit while the current one computes and writes, once
+    /// its inputs are read (one lease loop more than `slots`; see the module
+    /// comment).
+    pub read_ahead: bool,
 }
 
 /// A panic's message.
@@ -205,10 +214,12 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Passes progress on, counting the bytes read (for heartbeats and reports).
+/// Passes progress on, counting the bytes read (for heartbeats and reports),
+/// and gives back the unit's read turn once its inputs are read.
 struct Counted<'a> {
     inner: &'a dyn Progress,
     read: &'a AtomicU64,
+    turn: Option<&'a ReadTurn<'a>>,
 }
 
 impl Progress for Counted<'_> {
@@ -221,6 +232,56 @@ impl Progress for Counted<'_> {
     }
     fn unit_done(&self, input_bytes: u64, resumed: bool) {
         self.inner.unit_done(input_bytes, resumed);
+    }
+    fn inputs_read(&self) {
+        if let Some(turn) = self.turn {
+            turn.release();
+        }
+        self.inner.inputs_read();
+    }
+}
+
+/// One of the `slots` turns to read inputs that a read-ahead worker's lease
+/// loops share: taken before leasing, given back when the unit's inputs are
+/// read, when the lease brings no unit, or at the latest when it is dropped.
+struct ReadTurn<'a> {
+    turns: &'a (Mutex<usize>, Condvar),
+    held: AtomicBool,
+}
+
+impl<'a> ReadTurn<'a> {
+    /// Waits for a free turn (`None` once the worker is stopping).
+    fn take(turns: &'a (Mutex<usize>, Condvar), max: usize, stop: &AtomicBool) -> Option<Self> {
+        let (free, cv) = turns;
+        let mut taken = free.lock().unwrap_or_else(|p| p.into_inner());
+        while *taken >= max {
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            taken = cv
+                .wait_timeout(taken, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *taken += 1;
+        Some(ReadTurn {
+            turns,
+            held: AtomicBool::new(true),
+        })
+    }
+
+    fn release(&self) {
+        if self.held.swap(false, Ordering::SeqCst) {
+            let (taken, cv) = self.turns;
+            *taken.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            cv.notify_one();
+        }
+    }
+}
+
+impl Drop for ReadTurn<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -236,6 +297,8 @@ struct Loop<'a> {
     active: Mutex<BTreeSet<u64>>,
     /// Bytes read since the last heartbeat or report.
     read: AtomicU64,
+    /// With read-ahead: the read turns taken (at most `opts.slots`).
+    turns: (Mutex<usize>, Condvar),
 }
 
 macro_rules! announce {
@@ -257,7 +320,8 @@ pub fn work(
     stop: &AtomicBool,
     progress: &dyn Progress,
 ) -> Result<usize, WorkerError> {
-    let slots = opts.slots.max(1);
+    // With read-ahead, one loop more than there are units reading at once.
+    let slots = opts.slots.max(1) + usize::from(opts.read_ahead);
     let state = Loop {
         source,
         opts,
@@ -266,6 +330,7 @@ pub fn work(
         budget: opts.max_memory.map(|m| m / slots as u64),
         active: Mutex::new(BTreeSet::new()),
         read: AtomicU64::new(0),
+        turns: (Mutex::new(0), Condvar::new()),
     };
     let state = &state;
     let (finished, heartbeats_end) = mpsc::channel::<()>();
@@ -373,13 +438,23 @@ impl Loop<'_> {
         let announce = self.opts.announce;
         let mut completed = 0;
         while !self.stopping() {
+            let turn = if self.opts.read_ahead {
+                match ReadTurn::take(&self.turns, self.opts.slots.max(1), self.stop) {
+                    Some(t) => Some(t),
+                    None => break,
+                }
+            } else {
+                None
+            };
             let mut lease = match self.source.lease(slot)? {
                 Next::Unit(l) => l,
                 Next::Unreadable { lease, error } => {
+                    drop(turn);
                     self.report_failure(slot, lease, None, &UnitFailure::Unreadable(error))?;
                     continue;
                 }
                 Next::Wait(d) => {
+                    drop(turn);
                     std::thread::sleep(d);
                     continue;
                 }
@@ -393,7 +468,7 @@ impl Loop<'_> {
             held.set(Some((id, unit, lease.unit.file_name.clone())));
             self.active().insert(id);
             announce!(announce, slot, unit, lease = id, file = %lease.unit.file_name, "working");
-            let result = catch_unwind(AssertUnwindSafe(|| self.compute(&mut lease)))
+            let result = catch_unwind(AssertUnwindSafe(|| self.compute(&mut lease, turn.as_ref())))
                 .unwrap_or_else(|p| {
                     Err(UnitFailure::Panicked {
                         unit,
@@ -402,6 +477,8 @@ impl Loop<'_> {
                     })
                 });
             self.active().remove(&id);
+            // Read or not, this unit reads no more.
+            drop(turn);
             match result {
                 Ok(output) => {
                     let read = self.read.swap(0, Ordering::Relaxed);
@@ -426,7 +503,11 @@ impl Loop<'_> {
     }
 
     /// Checks the unit and where it reads and writes, then computes it.
-    fn compute(&self, lease: &mut Lease) -> Result<UnitOutput, UnitFailure> {
+    fn compute(
+        &self,
+        lease: &mut Lease,
+        turn: Option<&ReadTurn<'_>>,
+    ) -> Result<UnitOutput, UnitFailure> {
         // Checked before anything else looks at it (the executor checks again).
         lease.unit.validate().map_err(ExecError::from)?;
         let out_dir = match &self.opts.paths {
@@ -437,6 +518,7 @@ impl Loop<'_> {
         let progress = Counted {
             inner: self.progress,
             read: &self.read,
+            turn,
         };
         Ok(exec::execute_unit_on(
             &lease.unit,

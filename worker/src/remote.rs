@@ -47,6 +47,9 @@ pub struct RemoteOptions {
     /// Send the token over plain `http://` to a coordinator that is not on
     /// this machine (see [`connect`]).
     pub insecure: bool,
+    /// Lease the next unit once the current one's inputs are read (see
+    /// [`LoopOptions::read_ahead`]).
+    pub read_ahead: bool,
 }
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
@@ -460,6 +463,7 @@ pub fn run_remote(opts: RemoteOptions, rt: &tokio::runtime::Handle) -> Result<us
         device: opts.device.clone(),
         paths: Some(paths),
         announce: true,
+        read_ahead: opts.read_ahead,
     };
     crate::work(&source, &loop_opts, &stop, &NoProgress)
 }

@@ -127,6 +127,7 @@ fn options(slots: usize) -> LoopOptions {
         device: Device::Cpu,
         paths: None,
         announce: false,
+        read_ahead: false,
     }
 }
 
@@ -265,4 +266,57 @@ fn heartbeats_carry_the_leases_in_flight() {
         "{:?}",
         source.calls()
     );
+}
+
+/// With read-ahead, the next unit is leased while the current one is still
+/// being written (its inputs read), and every unit is still done once.
+#[test]
+fn read_ahead_leases_the_next_unit_during_a_units_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = units();
+    let n = units.len();
+    let source = Recorder::new(units, dir.path());
+    // The first unit's writes wait until a second lease was asked for.
+    struct Tail<'a>(&'a Recorder<'a>);
+    impl Progress for Tail<'_> {
+        fn written(&self, _bytes: u64) {
+            let until = Instant::now() + Duration::from_secs(10);
+            let leases = || {
+                let calls = self.0.calls();
+                let done = calls.iter().any(|c| matches!(c, Call::Complete(_)));
+                (
+                    done,
+                    calls.iter().filter(|c| matches!(c, Call::Lease(_))).count(),
+                )
+            };
+            while leases() == (false, 1) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let opts = LoopOptions {
+        read_ahead: true,
+        ..options(1)
+    };
+    let done = work(&source, &opts, &stop, &Tail(&source)).unwrap();
+    assert_eq!(done, n);
+    let calls = source.calls();
+    let first_complete = calls
+        .iter()
+        .position(|c| matches!(c, Call::Complete(_)))
+        .unwrap();
+    let leases_before = calls[..first_complete]
+        .iter()
+        .filter(|c| matches!(c, Call::Lease(_)))
+        .count();
+    assert_eq!(leases_before, 2, "{calls:?}");
+    let completed: BTreeSet<u64> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Complete(l) => Some(*l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed.len(), n, "{calls:?}");
 }

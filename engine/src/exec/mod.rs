@@ -123,6 +123,11 @@ pub trait Progress: Sync {
     /// A unit is done: computed now, or `resumed` (finished by an earlier run).
     /// `input_bytes` is what it reads.
     fn unit_done(&self, _input_bytes: u64, _resumed: bool) {}
+    /// The unit's read stage has loaded its last window (a tensor streamed
+    /// under the memory budget is read as it computes, after this): what is
+    /// left is compute and writing. A worker that reads ahead takes its next
+    /// unit now. Called at most once per unit, from the read stage's thread.
+    fn inputs_read(&self) {}
 }
 
 /// No progress reporting.

@@ -856,9 +856,11 @@ mod tests {
             })
             .build()
             .unwrap();
+        let store = Arc::new(store);
         ObjectStorage {
             root: "s3://b".into(),
-            store: Arc::new(store),
+            store: store.clone(),
+            multipart: Some(store),
         }
     }
 

@@ -48,7 +48,7 @@ pub(super) fn run_unit(
     };
 
     let written = std::thread::scope(|scope| {
-        let input = reader::Windows::spawn(scope, &unit.tensors, &windows, &maps, limits);
+        let input = reader::Windows::spawn(scope, &unit.tensors, &windows, &maps, limits, progress);
         let (output, writing) = writer::spawn(scope, writer, &layout, progress, &location);
         let stage = compute::Compute {
             unit,

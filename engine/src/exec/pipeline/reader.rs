@@ -8,7 +8,7 @@
 //! (a rendezvous: the reader waits until its window is taken) and, without
 //! read-ahead, the `requests` channel.
 
-use crate::exec::{guard, read, ExecError, ExecLimits};
+use crate::exec::{guard, read, ExecError, ExecLimits, Progress};
 use crate::storage::StorageError;
 use crate::unit::OutputTensor;
 use std::ops::Range;
@@ -36,6 +36,7 @@ impl Windows {
         windows: &'env [Range<usize>],
         maps: &'env read::Maps,
         limits: &'env ExecLimits,
+        progress: &'env dyn Progress,
     ) -> Windows {
         let (loaded_tx, loaded_rx) = mpsc::sync_channel::<LoadedWindow>(0);
         let (requests_tx, requests_rx) = mpsc::channel::<()>();
@@ -52,7 +53,15 @@ impl Windows {
                         _ => read::load(ts, maps).map(Some).map_err(ExecError::from),
                     };
                     let failed = loaded.is_err();
-                    if loaded_tx.send(loaded).is_err() || failed {
+                    if failed {
+                        let _ = loaded_tx.send(loaded);
+                        return Ok(());
+                    }
+                    if w.end == tensors.len() {
+                        // Loaded, not yet taken: the compute is on the window before.
+                        progress.inputs_read();
+                    }
+                    if loaded_tx.send(loaded).is_err() {
                         break;
                     }
                 }
