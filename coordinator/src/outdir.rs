@@ -439,7 +439,12 @@ impl OutputLock {
         let ttl_ms = ttl.as_millis() as u64;
         let me = Owner::new(now_ms() + ttl_ms);
         let body = serde_json::to_vec(&me).unwrap_or_default();
-        let version = match store.put_conditional(&location, &body, None) {
+        // A conflict may be our own write, landed with its answer lost (the
+        // retry then found the object): then the lock is ours.
+        let first = store
+            .put_conditional(&location, &body, None)
+            .or_else(|e| mine(store.as_ref(), &location, &body, e));
+        let version = match first {
             Ok(v) => v,
             Err(StorageError::Conflict { .. }) => {
                 let held = store.read_versioned(&location)?;
@@ -453,7 +458,10 @@ impl OutputLock {
                     }
                     _ => {
                         tracing::warn!(lock = %location, "taking over the lock of a merge that stopped (expired, or its process on this host is gone)");
-                        match store.put_conditional(&location, &body, Some(&held.version)) {
+                        match store
+                            .put_conditional(&location, &body, Some(&held.version))
+                            .or_else(|e| mine(store.as_ref(), &location, &body, e))
+                        {
                             Ok(v) => v,
                             Err(StorageError::Conflict { .. }) => {
                                 return Err(OutDirError::Busy {
@@ -492,7 +500,10 @@ impl OutputLock {
                         owner.expires_unix_ms = now_ms() + ttl_ms;
                         let body = serde_json::to_vec(&owner).unwrap_or_default();
                         let mut v = version.lock().unwrap_or_else(|e| e.into_inner());
-                        match store.put_conditional(&location, &body, Some(&v)) {
+                        match store
+                            .put_conditional(&location, &body, Some(&v))
+                            .or_else(|e| mine(store.as_ref(), &location, &body, e))
+                        {
                             Ok(new) => *v = new,
                             Err(e) => {
                                 tracing::error!(lock = %location, error = %e, "could not renew the output lock");
@@ -534,5 +545,24 @@ impl Drop for OutputLock {
             let released = serde_json::to_vec(&Owner::new(0)).unwrap_or_default();
             let _ = store.put_conditional(location, &released, Some(&v));
         }
+    }
+}
+
+/// A failed conditional write of `body` to the lock object at `location`:
+/// when it failed on a conflict and the object holds exactly `body` (our own
+/// write, whose answer was lost, so that the retried write found it), its
+/// version; otherwise the error.
+fn mine(
+    store: &dyn storage::Storage,
+    location: &str,
+    body: &[u8],
+    e: StorageError,
+) -> Result<String, StorageError> {
+    if !matches!(e, StorageError::Conflict { .. }) {
+        return Err(e);
+    }
+    match store.read_versioned(location) {
+        Ok(held) if held.bytes == body => Ok(held.version),
+        _ => Err(e),
     }
 }

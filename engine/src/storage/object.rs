@@ -91,6 +91,14 @@ fn broken_transfer(e: &object_store::Error) -> bool {
     false
 }
 
+/// A failed completion that may have completed: its transfer broke off, or
+/// the upload is gone (a retry of one that had).
+fn broken_or_gone(e: &object_store::Error) -> bool {
+    broken_transfer(e)
+        || matches!(e, object_store::Error::NotFound { .. })
+        || e.to_string().contains("NoSuchUpload")
+}
+
 /// Runs the idempotent request `op` again (with backoff) while its transfer
 /// breaks off, at most [`TRANSFER_ATTEMPTS`] times in all.
 async fn idempotent<T, Fut>(mut op: impl FnMut() -> Fut) -> object_store::Result<T>
@@ -472,8 +480,11 @@ impl Storage for ObjectStorage {
     fn parts_begin(&self, location: &str, _size: u64) -> Result<Option<String>, StorageError> {
         let (path, mp) = (self.path(location)?, self.multipart(location)?);
         let loc = location.to_string();
+        // Sent again when its answer breaks off: the upload the lost answer
+        // named is then left unfinished (an S3 lifecycle rule
+        // AbortIncompleteMultipartUpload removes such uploads; README).
         block(location, async move {
-            mp.create_multipart(&path)
+            idempotent(|| mp.create_multipart(&path))
                 .await
                 .map(Some)
                 .map_err(|e| error(&loc, e))
@@ -520,15 +531,21 @@ impl Storage for ObjectStorage {
             .to_string();
         let (path, mp) = (self.path(location)?, self.multipart(location)?);
         let loc = location.to_string();
-        let parts = chunks
+        let parts: Vec<PartId> = chunks
             .into_iter()
             .map(|content_id| PartId { content_id })
             .collect();
+        let store = self.store.clone();
         block(location, async move {
-            mp.complete_multipart(&path, &upload, parts)
-                .await
-                .map(|_| ())
-                .map_err(|e| error(&loc, e))
+            match idempotent(|| mp.complete_multipart(&path, &upload, parts.clone())).await {
+                Ok(_) => Ok(()),
+                // A completion whose answer was lost, sent again, finds its
+                // upload gone: the object is there (and checked by the caller).
+                Err(e) => match store.head(&path).await {
+                    Ok(_) if broken_or_gone(&e) => Ok(()),
+                    _ => Err(error(&loc, e)),
+                },
+            }
         })
     }
 
@@ -539,7 +556,7 @@ impl Storage for ObjectStorage {
         let (path, mp) = (self.path(location)?, self.multipart(location)?);
         let loc = location.to_string();
         block(location, async move {
-            match mp.abort_multipart(&path, &upload).await {
+            match idempotent(|| mp.abort_multipart(&path, &upload)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(error(&loc, e)),
             }
@@ -612,10 +629,10 @@ impl ChunkWriter {
             self.next,
         );
         self.next += 1;
+        let payload = PutPayload::from(Bytes::from(chunk));
         self.in_flight.push(runtime().spawn(async move {
-            store
-                .put_part(&path, &upload, n, PutPayload::from(Bytes::from(chunk)))
-                .await
+            // The same chunk under the same number: safe to send again.
+            idempotent(|| store.put_part(&path, &upload, n, payload.clone())).await
         }));
         while self.in_flight.len() >= concurrency() {
             let oldest = self.in_flight.remove(0);

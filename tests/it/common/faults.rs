@@ -74,6 +74,9 @@ pub struct FaultStats {
     pub dropped_answers: AtomicUsize,
     pub cut_bodies: AtomicUsize,
     pub slowed: AtomicUsize,
+    /// Multipart uploads the server created whose answer was lost or cut:
+    /// the client never learns their ids (they stay unfinished).
+    pub lost_creates: AtomicUsize,
 }
 
 impl FaultStats {
@@ -216,6 +219,11 @@ fn relay(
     up.read_to_end(&mut answer)?;
     let body_at = head_end(&answer).unwrap_or(answer.len());
     let is_head = head.starts_with("HEAD ");
+    let creates_upload =
+        head.starts_with("POST ") && head.lines().next().is_some_and(|l| l.contains("?uploads"));
+    if creates_upload && matches!(fate, Fate::DropAnswer | Fate::CutBody) {
+        stats.lost_creates.fetch_add(1, Ordering::SeqCst);
+    }
     match fate {
         // An answer without a body cannot be cut mid-body: it is lost instead.
         Fate::DropAnswer | Fate::CutBody if is_head || answer.len() < body_at + 2 => {
