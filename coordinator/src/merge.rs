@@ -368,7 +368,6 @@ fn prepare_parts(
     }
     let store = storage::for_location(out_dir);
     let mut uploads = journal.uploads()?;
-    let mut changed = false;
     let mut shards: BTreeMap<String, ShardParts> = BTreeMap::new();
     let mut prepared: BTreeMap<String, Option<String>> = BTreeMap::new();
     for unit in units.iter_mut() {
@@ -383,19 +382,18 @@ fn prepare_parts(
             } else if let Some(id) = uploads.get(&file) {
                 Some(id.clone())
             } else {
+                // Journaled at once: a coordinator killed now leaves at most
+                // this one upload unknown to the next.
                 let id = store.parts_begin(&shard, p.shard_size)?;
                 if let Some(id) = &id {
                     uploads.insert(file.clone(), id.clone());
-                    changed = true;
+                    journal.save_uploads(&uploads)?;
                 }
                 id
             };
             prepared.insert(file.clone(), upload);
         }
         p.upload = prepared[&file].clone();
-    }
-    if changed {
-        journal.save_uploads(&uploads)?;
     }
     for unit in &units {
         let Some(p) = &unit.part else { continue };
