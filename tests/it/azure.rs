@@ -215,7 +215,7 @@ fn a_large_merge_uploads_in_parts_resumes_and_is_locked() {
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains(&format!("resumed: {done_before} of {units} shards")),
+        err.contains(&format!("resumed: {done_before} of {units} units")),
         "{err}"
     );
     let got = dir.join("got-resumed");
