@@ -145,12 +145,25 @@ fn max_memory_bounds_the_peak_and_keeps_the_bytes() {
     }
     std::fs::write(dir.path().join("ties.yaml"), ties_config(0.5)).unwrap();
 
-    let (ok, err, free_peak) = run_measured(dir.path(), &["run", "ties.yaml", "free"]);
+    // Whole-shard units (--unit-size): the budget, not the unit size, is
+    // what differs between the two runs.
+    let (ok, err, free_peak) = run_measured(
+        dir.path(),
+        &["run", "ties.yaml", "free", "--unit-size", "1G"],
+    );
     assert!(ok, "{err}");
     let limit = 130u64 << 20;
     let (ok, err, limited_peak) = run_measured(
         dir.path(),
-        &["run", "ties.yaml", "limited", "--max-memory", "130MiB"],
+        &[
+            "run",
+            "ties.yaml",
+            "limited",
+            "--max-memory",
+            "130MiB",
+            "--unit-size",
+            "1G",
+        ],
     );
     assert!(ok, "{err}");
     eprintln!(
