@@ -20,7 +20,7 @@
 //! | `config`         | `yaml`, `dtype`                                                 |
 //! | `checkpoint`     | `storage`, `dtype`                                              |
 //! | `output`         | `storage`, `dtype`                                              |
-//! | `unit`           | `output` (a shard's layout), `dtype`                            |
+//! | `unit`           | `output` (a shard's layout), `storage` (a part's upload chunks), `dtype` |
 //! | `tokenizer`      | `config` (the tokenizer settings), `storage`, `output`, `unit` (the row alignment), `yaml` |
 //! | `methods`        | `unit` (the parameter values), `dtype`                          |
 //! | `unit::validate` | `methods` (a unit's parameters are checked against its method's spec), `unit`, `dtype` |
@@ -62,7 +62,7 @@ mod layering {
         ("config", &["yaml", "dtype"]),
         ("checkpoint", &["storage", "dtype"]),
         ("output", &["storage", "dtype"]),
-        ("unit", &["output", "dtype"]),
+        ("unit", &["output", "storage", "dtype"]),
         (
             "tokenizer",
             &["config", "storage", "output", "unit", "yaml"],

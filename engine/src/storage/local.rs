@@ -165,7 +165,7 @@ impl Storage for LocalStorage {
     fn parts_writer(
         &self,
         location: &str,
-        part: &crate::unit::UnitPart,
+        part: &super::PartSpec,
     ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let temp = parts_file(location)?;
         // Never created here: a target that is gone was finished (or given

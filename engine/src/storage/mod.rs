@@ -55,6 +55,45 @@ pub struct Versioned {
     pub version: String,
 }
 
+/// The smallest upload chunk but the last that object stores accept (S3: 5 MiB).
+pub const MIN_CHUNK: u64 = 5 << 20;
+/// The upload chunk size the planner starts from.
+pub const CHUNK: u64 = 16 << 20;
+/// The most chunks of one multipart upload (S3's limit).
+pub const MAX_CHUNKS: u64 = 10_000;
+
+/// The upload chunks of `len` bytes cut in `chunk`-sized pieces: the byte
+/// ranges (relative to the part), where a last piece shorter than
+/// [`MIN_CHUNK`] is joined to the one before it, so that every chunk of a
+/// part but the shard's very last is at least [`MIN_CHUNK`] when the part is.
+pub fn upload_chunks(len: u64, chunk: u64) -> Vec<std::ops::Range<u64>> {
+    let chunk = chunk.max(1);
+    let mut n = len.div_ceil(chunk).max(1);
+    if n > 1 && len - (n - 1) * chunk < MIN_CHUNK {
+        n -= 1;
+    }
+    (0..n)
+        .map(|i| {
+            let start = i * chunk;
+            let end = if i + 1 == n { len } else { start + chunk };
+            start..end
+        })
+        .collect()
+}
+
+/// Where one part of a file written in parts (a work unit's part) goes: bytes `offset .. offset + len` of a file of
+/// `shard_size` bytes; on an object store as upload chunks of `chunk` bytes
+/// numbered from `first_chunk`, into the multipart upload `upload`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartSpec {
+    pub offset: u64,
+    pub len: u64,
+    pub shard_size: u64,
+    pub chunk: u64,
+    pub first_chunk: u32,
+    pub upload: Option<String>,
+}
+
 /// Reads and writes objects by location. Implementations are cheap to share
 /// between threads; every call is independent.
 pub trait Storage: Send + Sync {
@@ -117,7 +156,7 @@ pub trait Storage: Send + Sync {
     }
 
     /// Prepares `location` to be written in parts by several writers (a
-    /// shard of [`crate::unit::UnitPart`]s) and returns what they need: the
+    /// shard written by several work units) and returns what they need: the
     /// multipart upload's id on an object store; `None` on a local disk,
     /// where a hidden file of `size` bytes beside `location` takes the parts
     /// (an existing one is kept, with the parts already in it).
@@ -134,7 +173,7 @@ pub trait Storage: Send + Sync {
     fn parts_writer(
         &self,
         location: &str,
-        _part: &crate::unit::UnitPart,
+        _part: &PartSpec,
     ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         Err(StorageError::io(
             location,

@@ -494,7 +494,7 @@ impl Storage for ObjectStorage {
     fn parts_writer(
         &self,
         location: &str,
-        part: &crate::unit::UnitPart,
+        part: &super::PartSpec,
     ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let upload = part.upload.clone().ok_or_else(|| {
             StorageError::io(
@@ -502,7 +502,7 @@ impl Storage for ObjectStorage {
                 "a part of an object-store shard without its upload id",
             )
         })?;
-        let chunks = crate::unit::upload_chunks(part.len, part.chunk);
+        let chunks = super::upload_chunks(part.len, part.chunk);
         Ok(Box::new(ChunkWriter {
             location: location.to_string(),
             path: self.path(location)?,
@@ -601,7 +601,7 @@ impl Storage for ObjectStorage {
 }
 
 /// One part of a shard written in parts: its bytes go up as the upload
-/// chunks [`crate::unit::upload_chunks`] cuts, numbered from the part's first
+/// chunks [`super::upload_chunks`] cuts, numbered from the part's first
 /// chunk, at most [`concurrency`] in flight. The upload belongs to the
 /// coordinator, which completes (or aborts) it: dropping the writer only stops
 /// its requests.

@@ -244,30 +244,25 @@ pub struct UnitPart {
     pub upload: Option<String>,
 }
 
-/// The smallest upload chunk but the last that object stores accept (S3: 5 MiB).
-pub const MIN_CHUNK: u64 = 5 << 20;
-/// The upload chunk size the planner starts from.
-pub const CHUNK: u64 = 16 << 20;
-/// The most chunks of one multipart upload (S3's limit).
-pub const MAX_CHUNKS: u64 = 10_000;
+pub use crate::storage::{upload_chunks, PartSpec, CHUNK, MAX_CHUNKS, MIN_CHUNK};
 
-/// The upload chunks of `len` bytes cut in `chunk`-sized pieces: the byte
-/// ranges (relative to the part), where a last piece shorter than
-/// [`MIN_CHUNK`] is joined to the one before it, so that every chunk of a
-/// part but the shard's very last is at least [`MIN_CHUNK`] when the part is.
-pub fn upload_chunks(len: u64, chunk: u64) -> Vec<std::ops::Range<u64>> {
-    let chunk = chunk.max(1);
-    let mut n = len.div_ceil(chunk).max(1);
-    if n > 1 && len - (n - 1) * chunk < MIN_CHUNK {
-        n -= 1;
+impl UnitPart {
+    /// Where the part's bytes go, as storage takes it.
+    pub fn spec(&self) -> PartSpec {
+        PartSpec {
+            offset: self.offset,
+            len: self.len,
+            shard_size: self.shard_size,
+            chunk: self.chunk,
+            first_chunk: self.first_chunk,
+            upload: self.upload.clone(),
+        }
     }
-    (0..n)
-        .map(|i| {
-            let start = i * chunk;
-            let end = if i + 1 == n { len } else { start + chunk };
-            start..end
-        })
-        .collect()
+}
+
+/// The layout of a shard of `tensors` (name, dtype, shape), in order.
+pub fn shard_layout(tensors: &[(String, DType, Vec<u64>)]) -> crate::output::ShardLayout {
+    crate::output::ShardLayout::new(tensors)
 }
 
 impl WorkUnit {

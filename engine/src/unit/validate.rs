@@ -707,7 +707,7 @@ impl Checker<'_> {
                     "the first part's tensors must begin the shard's list".into(),
                 );
             }
-            let layout = crate::output::ShardLayout::new(&p.shard_tensors);
+            let layout = crate::unit::shard_layout(&p.shard_tensors);
             if layout.file_size != p.shard_size {
                 return err(
                     "part.shard_size",

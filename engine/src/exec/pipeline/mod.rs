@@ -44,7 +44,7 @@ pub(super) fn run_unit(
     let location = out_store.join(out_dir, &unit.file_name);
     let writer = match &unit.part {
         None => out_store.create(&location)?,
-        Some(part) => out_store.parts_writer(&location, part)?,
+        Some(part) => out_store.parts_writer(&location, &part.spec())?,
     };
 
     let written = std::thread::scope(|scope| {
