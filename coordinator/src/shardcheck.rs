@@ -289,18 +289,7 @@ pub fn check_shard(
     let offsets: Vec<(u64, u64)> = layout.tensors.iter().map(|t| (t.3, t.4)).collect();
     spot_check(unit, store.as_ref(), &shard, &offsets, pick)?;
     if size <= HASH_WHOLE_MAX_BYTES {
-        let bytes = match store.read_range(&shard, 0..size) {
-            Ok(b) => b,
-            Err(source) => return Err(ShardError::Read { shard, source }),
-        };
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if actual != sha256 {
-            return Err(ShardError::Sha256 {
-                shard,
-                actual,
-                reported: sha256.to_string(),
-            });
-        }
+        check_hash(store.as_ref(), &shard, 0..size, sha256)?;
     }
     Ok(UnitOutput {
         offset: 0,
@@ -431,18 +420,7 @@ pub fn check_part(
         .collect();
     spot_check(unit, store.as_ref(), &shard, &offsets, pick)?;
     if size <= hash_max {
-        let bytes = match store.read_range(&shard, p.offset..p.offset + size) {
-            Ok(b) => b,
-            Err(source) => return Err(ShardError::Read { shard, source }),
-        };
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if actual != sha256 {
-            return Err(ShardError::Sha256 {
-                shard,
-                actual,
-                reported: sha256.to_string(),
-            });
-        }
+        check_hash(store.as_ref(), &shard, p.offset..p.offset + size, sha256)?;
     }
     Ok(UnitOutput {
         unit: unit.id,
@@ -454,6 +432,30 @@ pub fn check_part(
         chunks: chunks.to_vec(),
         non_finite: Vec::new(),
     })
+}
+
+/// The bytes `range` of `shard` hash to the reported `sha256`.
+fn check_hash(
+    store: &dyn storage::Storage,
+    shard: &str,
+    range: std::ops::Range<u64>,
+    sha256: &str,
+) -> Result<(), ShardError> {
+    let bytes = store
+        .read_range(shard, range)
+        .map_err(|source| ShardError::Read {
+            shard: shard.to_string(),
+            source,
+        })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != sha256 {
+        return Err(ShardError::Sha256 {
+            shard: shard.to_string(),
+            actual,
+            reported: sha256.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Why a header is not the plan's, for the error message.
