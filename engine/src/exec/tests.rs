@@ -901,7 +901,9 @@ fn streamed_vocabulary_tensors_give_the_bytes_of_whole_ones() {
         .map(|t| if t < 300 { Some(t) } else { Some(t + 105) })
         .collect();
     let width = 512;
-    let cases: [(&str, Vec<Vec<Option<u64>>>, Vec<DType>); 4] = [
+    // (method, per input: the output row each input row goes to, input dtypes)
+    type Case = (&'static str, Vec<Vec<Option<u64>>>, Vec<DType>);
+    let cases: [Case; 4] = [
         (
             "linear",
             vec![base.clone(), one.clone(), two.clone()],

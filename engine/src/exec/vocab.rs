@@ -693,6 +693,8 @@ mod tests {
         }
     }
 
+    // One input reads one run of rows: a vector of one range is meant.
+    #[allow(clippy::single_range_in_vec_init)]
     #[test]
     fn streamed_reads_fetch_only_the_rows_used() {
         let v = alignment();

@@ -489,6 +489,8 @@ mod tests {
         }
     }
 
+    // One input reads one run of rows: a vector of one range is meant.
+    #[allow(clippy::single_range_in_vec_init)]
     #[test]
     fn source_rows_are_the_copied_rows_and_the_used_fills_sources() {
         let a = example();

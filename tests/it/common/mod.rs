@@ -44,6 +44,21 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// A python with torch and transformers (`FLEETMERGE_TORCH_PYTHON`; scripts/test.sh
+/// makes a venv with them and sets it): for loading merged models in
+/// transformers and comparing their logits.
+pub fn torch_python() -> PathBuf {
+    let p = std::env::var("FLEETMERGE_TORCH_PYTHON").map(PathBuf::from);
+    match p {
+        Ok(p) if p.exists() => p,
+        _ => panic!(
+            "FLEETMERGE_TORCH_PYTHON must name a python with torch, transformers, safetensors and \
+             numpy: run `bash scripts/test.sh` (it makes /tmp/fleetmerge-torch-venv and sets it), \
+             or set it to such a python"
+        ),
+    }
+}
+
 pub fn fleetmerge(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetmerge"))
         .current_dir(cwd)

@@ -27,7 +27,7 @@ impl Pickler {
         if m < 256 {
             self.op(&[b'q', m as u8])
         } else {
-            self.op(&[b'r']).op(&m.to_le_bytes())
+            self.op(b"r").op(&m.to_le_bytes())
         }
     }
     pub(crate) fn str(&mut self, s: &str) -> &mut Self {
@@ -40,7 +40,7 @@ impl Pickler {
         if v < 256 {
             self.op(&[b'K', v as u8])
         } else if v < 65536 {
-            self.op(&[b'M']).op(&(v as u16).to_le_bytes())
+            self.op(b"M").op(&(v as u16).to_le_bytes())
         } else if v < 1 << 31 {
             self.op(b"J").op(&(v as i32).to_le_bytes())
         } else {
