@@ -603,6 +603,29 @@ impl LeaseTable {
         }
     }
 
+    /// The units of a shard that must be written again (a shard of parts
+    /// that did not make a good shard was discarded; see `Merge`): each is
+    /// replaced by the given unit of the same id (its part now going to a new
+    /// upload), and one that was done goes back to the front of the queue,
+    /// its output forgotten. A unit leased or being checked keeps its state:
+    /// its next lease hands out the new unit.
+    pub fn redo(&mut self, units: &[Arc<WorkUnit>]) {
+        for new in units {
+            let Some(i) = self.units.iter().position(|u| u.unit.id == new.id) else {
+                continue;
+            };
+            self.units[i].unit = new.clone();
+            if self.units[i].state == State::Done {
+                self.units[i].state = State::Pending;
+                self.outputs.remove(&new.id);
+                self.queue.push_front(i);
+            }
+        }
+        if self.outcome == Some(Outcome::AllDone) {
+            self.outcome = None;
+        }
+    }
+
     /// Records a failed attempt reported by `worker` (the lease's holder).
     pub fn fail(&mut self, lease: u64, worker: &str, error: &str, retryable: bool) -> FailReply {
         // A lease this coordinator never gave (one of a coordinator before a
@@ -1073,5 +1096,45 @@ mod tests {
         lease(&mut c, "local-1", 0);
         done(&mut c, "local-0", l0, u0);
         assert_eq!(c.lease("local-0", 1_000_000), LeaseReply::Wait);
+    }
+
+    /// A discarded shard's units: the done ones go back to the front of the
+    /// queue with their outputs forgotten and hand out the new unit; the one
+    /// being checked fails its attempt as usual and is leased again, new.
+    #[test]
+    fn units_redone_are_queued_again_with_their_new_unit() {
+        let mut c = cluster(4, 3);
+        let leases: Vec<(u64, usize)> = (0..3).map(|_| lease(&mut c, "a", 0)).collect();
+        done(&mut c, "a", leases[0].0, leases[0].1);
+        done(&mut c, "a", leases[1].0, leases[1].1);
+        let check = c
+            .begin_check("a", leases[2].0, leases[2].1 as u64, Origin::Remote)
+            .unwrap();
+        let fresh: Vec<Arc<WorkUnit>> = [leases[0].1, leases[1].1, leases[2].1]
+            .iter()
+            .map(|&id| {
+                let mut u = units(4).remove(id);
+                u.seed = 7;
+                Arc::new(u)
+            })
+            .collect();
+        c.redo(&fresh);
+        c.finish_check::<str>(&check, Err("the shard was wrong"));
+        assert_eq!(c.counts().done, 0);
+        assert!(c.outputs().is_empty());
+        // The redone units first (most recently queued first), then the rest.
+        let mut got = Vec::new();
+        while let LeaseReply::Unit { unit, .. } = c.lease("b", 10) {
+            got.push((unit.id, unit.seed));
+        }
+        let mut ids: Vec<usize> = got.iter().map(|g| g.0).collect();
+        ids.sort();
+        assert_eq!(ids, vec![0, 1, 2, 3], "{got:?}");
+        assert!(
+            got.iter()
+                .all(|&(id, seed)| seed == if id < 3 { 7 } else { 0 }),
+            "{got:?}"
+        );
+        assert!(c.outcome().is_none());
     }
 }

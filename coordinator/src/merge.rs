@@ -309,17 +309,87 @@ impl Merge {
             return Ok(());
         };
         let result = finish_shard(&self.out_dir, &units, upload.as_deref(), &outputs);
-        let mut all = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = all.get_mut(file) {
-            match &result {
-                Ok(()) => s.finished = true,
-                // This part is not done; the others stay journaled.
-                Err(_) => {
-                    s.done.remove(&index);
+        {
+            let mut all = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = all.get_mut(file) {
+                match &result {
+                    Ok(()) => s.finished = true,
+                    // This part is not done; the others stay journaled.
+                    Err(_) => {
+                        s.done.remove(&index);
+                    }
                 }
             }
         }
+        if let (Err(e), Some(old)) = (&result, upload) {
+            // An upload that did not make a good shard is gone (completed
+            // and deleted, or refused): every part is written again, into
+            // a new one. This part's completion still counts as a failed
+            // attempt, so a shard that never comes out right ends the merge.
+            if let Err(again) = self.redo_shard(file, &units, &old) {
+                return Err(Rejection::Finish {
+                    shard: file.to_string(),
+                    message: format!("{e}; and starting it again failed: {again}"),
+                });
+            }
+        }
         result
+    }
+
+    /// Starts shard `file` (written in parts into upload `old`) again: a new
+    /// multipart upload, journaled before anything else changes, then every
+    /// part's record forgotten and its unit (now for the new upload) queued
+    /// again.
+    fn redo_shard(
+        &self,
+        file: &str,
+        units: &[Arc<WorkUnit>],
+        old: &str,
+    ) -> Result<(), StorageError> {
+        let store = storage::for_location(&self.out_dir);
+        let shard = store.join(&self.out_dir, file);
+        // Completed or refused already, most likely: nothing to abort then.
+        let _ = store.parts_abort(&shard, Some(old));
+        let size = units[0].part.as_ref().map_or(0, |p| p.shard_size);
+        let upload = store.parts_begin(&shard, size)?;
+        let mut uploads = self
+            .journal
+            .uploads()
+            .map_err(|e| StorageError::io(&shard, e))?;
+        match &upload {
+            Some(id) => uploads.insert(file.to_string(), id.clone()),
+            None => uploads.remove(file),
+        };
+        self.journal.save_uploads(&uploads)?;
+        let fresh: Vec<Arc<WorkUnit>> = units
+            .iter()
+            .map(|u| {
+                let mut u = WorkUnit::clone(u);
+                if let Some(p) = u.part.as_mut() {
+                    p.upload = upload.clone();
+                }
+                Arc::new(u)
+            })
+            .collect();
+        for u in &fresh {
+            self.journal.unrecord(u.id)?;
+        }
+        {
+            let mut all = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = all.get_mut(file) {
+                s.units = fresh.clone();
+                s.upload = upload.clone();
+                s.done.clear();
+                s.finished = false;
+            }
+        }
+        self.table().redo(&fresh);
+        tracing::warn!(
+            shard = %shard,
+            parts = fresh.len(),
+            "the shard's parts did not make a good shard: every part is written again into a new upload"
+        );
+        Ok(())
     }
 
     /// Ends the merge: with every unit done, writes the model card and the

@@ -1166,3 +1166,183 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
         "an upload was left open"
     );
 }
+
+/// `s` with every byte but `A-Za-z0-9-_.~` percent-encoded (a query value).
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A worker that lies about a part of a shard going to S3: it leases the
+/// part, uploads chunks of garbage into the shard's multipart upload and
+/// reports their hash, which the coordinator cannot check before the upload
+/// is complete. Once the other parts are in, the finished shard fails its
+/// check: the coordinator deletes it, starts a new upload and has every part
+/// written again by the honest workers. The merge ends byte for byte as a
+/// local one, with no upload left open and `verify` clean.
+#[test]
+fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
+    use fleetmerge_proto::*;
+    let endpoint = s3();
+    let (dir, _) = big(endpoint);
+    let env = s3_env(endpoint);
+    let env = env_refs(&env);
+    create_bucket(endpoint, "out-lie");
+    let whole = dir.join("lie-reference");
+    let _ = std::fs::remove_dir_all(&whole);
+    let o = fleetmerge(
+        dir,
+        &[
+            "run",
+            "local.yaml",
+            whole.to_str().unwrap(),
+            "--quiet",
+            "--out-shard-size",
+            "20M",
+            "--unit-size",
+            "100G",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut coordinator = Proc::start(
+        "coordinator-lie",
+        dir,
+        &[
+            "coordinator",
+            "--config",
+            "s3.yaml",
+            "--out",
+            "s3://out-lie/m",
+            "--listen",
+            "127.0.0.1:0",
+            "--out-shard-size",
+            "20M",
+            "--unit-size",
+            "18M",
+        ],
+        &env,
+    );
+    let line = coordinator.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
+    let addr = field(&line, "listen").unwrap().to_string();
+
+    // The liar: a real gRPC client in this process.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = {
+        let _guard = rt.enter();
+        fleetmerge_worker::remote::connect(&format!("http://{addr}"), None, None, false).unwrap()
+    };
+    let session = rt
+        .block_on(c.register(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: "liar".into(),
+            device: "cpu".into(),
+            memory_bytes: 0,
+            slots: 1,
+        }))
+        .unwrap()
+        .into_inner()
+        .session;
+    let leased = rt
+        .block_on(c.lease(LeaseRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: String::new(),
+            session: session.clone(),
+        }))
+        .unwrap()
+        .into_inner();
+    let Some(lease_response::Reply::Unit(u)) = leased.reply else {
+        panic!("no unit leased: {leased:?}");
+    };
+    let unit: fleetmerge_engine::unit::WorkUnit = serde_json::from_slice(&u.unit).unwrap();
+    let part = unit.part.clone().expect("a part of a shard");
+    let upload = part.upload.clone().expect("the shard's upload");
+    let scratch = tempfile::tempdir().unwrap();
+    let mut etags = Vec::new();
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    for (k, range) in fleetmerge_engine::unit::upload_chunks(part.len, part.chunk)
+        .into_iter()
+        .enumerate()
+    {
+        let garbage = vec![0x5a_u8; (range.end - range.start) as usize];
+        sha2::Digest::update(&mut hasher, &garbage);
+        let file = scratch.path().join(format!("chunk-{k}"));
+        std::fs::write(&file, &garbage).unwrap();
+        let headers = curl(&[
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!(
+                "{endpoint}/out-lie/m/{}?partNumber={}&uploadId={}",
+                unit.file_name,
+                part.first_chunk as usize + k + 1,
+                query_escape(&upload)
+            ),
+        ]);
+        let headers = String::from_utf8(headers).unwrap();
+        let etag = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("etag").then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no ETag in {headers}"));
+        etags.push(etag);
+    }
+    let accepted = rt.block_on(c.complete(CompleteRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: "liar".into(),
+        lease_id: u.lease_id,
+        file_name: unit.file_name.clone(),
+        size: part.len,
+        sha256: hex::encode(sha2::Digest::finalize(hasher)),
+        tensors: Vec::new(),
+        unit: unit.id as u64,
+        progress_bytes: 0,
+        session,
+        chunks: etags,
+    }));
+    // Nothing can be checked before the upload is complete: taken for now.
+    assert!(accepted.is_ok(), "{accepted:?}");
+
+    let mut ws: Vec<Proc> = ["honest-1", "honest-2"]
+        .iter()
+        .map(|n| worker(n, &addr, &env))
+        .collect();
+    coordinator.succeeds(MINUTE * 3);
+    for w in &mut ws {
+        w.succeeds(MINUTE);
+    }
+    let log = coordinator.log();
+    assert!(
+        log.contains("every part is written again into a new upload"),
+        "{log}"
+    );
+    let got = dir.join("got-lie");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-lie", "m", &got);
+    assert_same_files(&got, &whole);
+    assert_eq!(
+        open_uploads(endpoint, "out-lie"),
+        0,
+        "an upload was left open"
+    );
+    let o = fleetmerge_env(dir, &["verify", "s3://out-lie/m"], &s3_env(endpoint));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
