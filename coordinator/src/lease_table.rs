@@ -45,6 +45,8 @@ struct Backup {
     deadline_ms: u64,
     /// When it was given.
     leased_ms: u64,
+    /// Its holder's input bytes read then.
+    read_at_lease: u64,
 }
 
 #[derive(Debug)]
@@ -53,6 +55,8 @@ struct Unit {
     state: State,
     /// When its current lease was given (the table's clock).
     leased_ms: u64,
+    /// Its holder's input bytes read (heartbeats' account) when it was leased.
+    read_at_lease: u64,
     backup: Option<Backup>,
     attempts: u32,
     /// (worker, error) of every failed attempt.
@@ -248,6 +252,7 @@ impl LeaseTable {
                     unit,
                     state,
                     leased_ms: 0,
+                    read_at_lease: 0,
                     backup: None,
                     attempts: 0,
                     errors: Vec::new(),
@@ -424,6 +429,9 @@ impl LeaseTable {
         }
         // A queued unit may have been completed meanwhile by a worker whose
         // lease had expired (or that a previous coordinator had leased it to).
+        if let Some(reply) = self.speculate_early(worker, now_ms) {
+            return reply;
+        }
         let Some(i) = std::iter::from_fn(|| self.queue.pop_front())
             .find(|&i| self.units[i].state == State::Pending)
         else {
@@ -443,6 +451,7 @@ impl LeaseTable {
             deadline_ms,
         };
         u.leased_ms = now_ms;
+        u.read_at_lease = self.workers.get(worker).map_or(0, |w| w.bytes_read);
         self.by_lease.insert(lease, i);
         self.issued.insert(lease, (i, worker.to_string()));
         LeaseReply::Unit {
@@ -684,7 +693,117 @@ impl LeaseTable {
             deadline_ms: b.deadline_ms,
         };
         self.units[i].leased_ms = b.leased_ms;
+        self.units[i].read_at_lease = b.read_at_lease;
         true
+    }
+
+    /// How far the holder of leased unit `i` has read it: (input bytes read,
+    /// ms since the lease). A worker reads its units one after the other
+    /// (it leases the next once the current one's inputs are read), so the
+    /// bytes it reported since its latest lease are that unit's, and a unit
+    /// leased before another of the same holder is read whole. With several
+    /// slots the latest leases share the bytes: each is credited with all of
+    /// them, which can only make a unit look faster (no copy).
+    fn read_progress(&self, i: usize, now_ms: u64) -> Option<(u64, u64)> {
+        let u = &self.units[i];
+        let State::Leased { worker, .. } = &u.state else {
+            return None;
+        };
+        let info = self.workers.get(worker)?;
+        let total = u.unit.input_bytes();
+        let later = self.units.iter().any(|o| {
+            (o.leased_ms > u.leased_ms
+                && matches!(&o.state, State::Leased { worker: w, .. } if w == worker))
+                || o.backup
+                    .as_ref()
+                    .is_some_and(|b| b.leased_ms > u.leased_ms && &b.worker == worker)
+        });
+        let read = if later {
+            total
+        } else {
+            info.bytes_read.saturating_sub(u.read_at_lease).min(total)
+        };
+        Some((read, now_ms.saturating_sub(u.leased_ms)))
+    }
+
+    /// A second copy of a straggler *before* the queue runs dry (after
+    /// LATE, Zaharia et al., OSDI 2008): a unit whose holder reads it at less
+    /// than half the median rate of the units being read, and would need
+    /// more than twice as long for the rest of it as a worker at that median
+    /// rate needs for all of it, goes to the asking worker instead of a queued
+    /// unit. Otherwise the merge would wait for it at the end (a unit taken at
+    /// the start by a node at a quarter of the others' rate). Rates come from
+    /// the holders' heartbeats (input bytes read), so only remote workers' units
+    /// are copied, and only those that ran at least [`SPECULATE_MIN_MS`].
+    fn speculate_early(&mut self, worker: &str, now_ms: u64) -> Option<LeaseReply> {
+        if self.lease_ms == u64::MAX || self.queue.is_empty() {
+            return None;
+        }
+        // Bytes per ms of every unit being read for long enough to tell.
+        let reading: Vec<(usize, u64, f64)> = (0..self.units.len())
+            .filter_map(|i| {
+                let (read, ran) = self.read_progress(i, now_ms)?;
+                let total = self.units[i].unit.input_bytes();
+                (ran >= SPECULATE_MIN_MS && read < total)
+                    .then(|| (i, read, read as f64 / ran as f64))
+            })
+            .collect();
+        if reading.len() < 2 {
+            return None;
+        }
+        let mut rates: Vec<f64> = reading.iter().map(|r| r.2).collect();
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        if median <= 0.0 {
+            return None;
+        }
+        let (i, remaining_ms) = reading
+            .iter()
+            .filter(|&&(i, _, rate)| {
+                let u = &self.units[i];
+                rate < median / 2.0
+                    && u.backup.is_none()
+                    && !matches!(&u.state, State::Leased { worker: w, .. } if w == worker)
+            })
+            .filter_map(|&(i, read, rate)| {
+                let total = self.units[i].unit.input_bytes();
+                let remaining = if rate > 0.0 {
+                    (total - read) as f64 / rate
+                } else {
+                    f64::INFINITY
+                };
+                let fresh = total as f64 / median;
+                (remaining > 2.0 * fresh).then_some((i, remaining))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        tracing::info!(
+            unit = self.units[i].unit.id,
+            remaining_s = format!("{:.0}", remaining_ms / 1000.0),
+            "a unit is read at less than half the median rate: a second copy goes to another worker now (the first to finish wins)"
+        );
+        Some(self.give_backup(i, worker, now_ms))
+    }
+
+    /// Leases a second copy of unit `i` to `worker`.
+    fn give_backup(&mut self, i: usize, worker: &str, now_ms: u64) -> LeaseReply {
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        let deadline_ms = now_ms.saturating_add(self.lease_ms);
+        self.units[i].backup = Some(Backup {
+            lease,
+            worker: worker.to_string(),
+            deadline_ms,
+            leased_ms: now_ms,
+            read_at_lease: self.workers.get(worker).map_or(0, |w| w.bytes_read),
+        });
+        self.speculative += 1;
+        self.by_lease.insert(lease, i);
+        self.issued.insert(lease, (i, worker.to_string()));
+        LeaseReply::Unit {
+            lease,
+            unit: self.units[i].unit.clone(),
+            deadline_ms,
+        }
     }
 
     /// Nothing is pending: gives `worker` a second copy of the unit that has
@@ -715,29 +834,13 @@ impl LeaseTable {
         let Some((i, ran)) = candidate else {
             return LeaseReply::Wait;
         };
-        let lease = self.next_lease;
-        self.next_lease += 1;
-        let deadline_ms = now_ms.saturating_add(self.lease_ms);
         tracing::info!(
             unit = self.units[i].unit.id,
             ran_ms = ran,
             median_ms = median,
             "a unit runs long: a second copy goes to an idle worker (the first to finish wins)"
         );
-        self.units[i].backup = Some(Backup {
-            lease,
-            worker: worker.to_string(),
-            deadline_ms,
-            leased_ms: now_ms,
-        });
-        self.speculative += 1;
-        self.by_lease.insert(lease, i);
-        self.issued.insert(lease, (i, worker.to_string()));
-        LeaseReply::Unit {
-            lease,
-            unit: self.units[i].unit.clone(),
-            deadline_ms,
-        }
+        self.give_backup(i, worker, now_ms)
     }
 
     pub fn counts(&self) -> Counts {
@@ -1136,5 +1239,82 @@ mod tests {
             "{got:?}"
         );
         assert!(c.outcome().is_none());
+    }
+
+    /// Units of the given input sizes (one input tensor each).
+    fn sized_units(sizes: &[u64]) -> Vec<WorkUnit> {
+        use fleetmerge_engine::dtype::DType;
+        use fleetmerge_engine::unit::{OutputTensor, TensorOp, TensorParams, TensorRef};
+        let mut units = units(sizes.len());
+        for (u, &len) in units.iter_mut().zip(sizes) {
+            u.tensors = vec![OutputTensor {
+                name: "t".into(),
+                dtype: DType::BF16,
+                shape: vec![len / 2],
+                op: TensorOp::Merge,
+                inputs: vec![TensorRef {
+                    model: 0,
+                    name: "t".into(),
+                    location: "/m/model.safetensors".into(),
+                    offset: 8,
+                    len,
+                    dtype: DType::BF16,
+                    shape: vec![len / 2],
+                    lora: None,
+                }],
+                base: None,
+                params: TensorParams::default(),
+                scales: Vec::new(),
+                block: None,
+                requant: None,
+                vocab: None,
+            }];
+        }
+        units
+    }
+
+    fn read(c: &mut LeaseTable, worker: &str, bytes: u64) {
+        c.workers.get_mut(worker).unwrap().bytes_read += bytes;
+    }
+
+    /// A node reading its unit at a tenth of the others' rate: the next
+    /// worker to ask gets a copy of it at once, though units are queued; the
+    /// next one gets a queued unit (one copy per unit). At equal rates nobody
+    /// gets a copy.
+    #[test]
+    fn a_unit_read_far_below_the_median_rate_is_copied_while_units_are_queued() {
+        const M: u64 = 1 << 20;
+        for slow in [true, false] {
+            let mut c = LeaseTable::new(
+                sized_units(&[100 * M, 100 * M, 100 * M, 100 * M, 10 * M, 10 * M]),
+                BTreeMap::new(),
+                60_000,
+                3,
+                1,
+            );
+            for w in ["a", "b", "c", "d"] {
+                c.register(w, WorkerInfo::default()).unwrap();
+            }
+            let held: Vec<(u64, usize)> = ["a", "b", "c", "d"]
+                .iter()
+                .map(|w| lease(&mut c, w, 0))
+                .collect();
+            read(&mut c, "a", if slow { 5 * M } else { 50 * M });
+            for w in ["b", "c", "d"] {
+                read(&mut c, w, 50 * M);
+            }
+            c.heartbeat("a", &[held[0].0], 5_000);
+            let (_, got) = lease(&mut c, "d", 5_000);
+            if slow {
+                assert_eq!(got, held[0].1, "d copies a's unit");
+                assert_eq!(c.speculative, 1);
+                // One copy per unit: c gets a queued unit.
+                let (_, next) = lease(&mut c, "c", 5_000);
+                assert!(next >= 4, "{next}");
+            } else {
+                assert!(got >= 4, "{got}");
+                assert_eq!(c.speculative, 0);
+            }
+        }
     }
 }
