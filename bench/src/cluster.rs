@@ -98,6 +98,11 @@ pub struct ClusterArgs {
     /// Only measure the ceiling.
     #[arg(long)]
     ceiling_only: bool,
+    /// The 1-node time of each set from an earlier run at this rate, as
+    /// SET=SECONDS (e.g. dense=332.4,moe=347.0): efficiency without running
+    /// one node again (a 1-node run of this invocation takes precedence).
+    #[arg(long, value_delimiter = ',', value_name = "SET=SECONDS")]
+    t1: Vec<String>,
     /// Give up on a merge after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
@@ -347,7 +352,8 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                                 .and_then(|r| r.wall())
                         } else {
                             t1
-                        },
+                        }
+                        .or_else(|| given_t1(&args.t1, set)),
                         largest: Some(largest),
                     });
                     if let Some(r) = rows.last() {
@@ -736,6 +742,15 @@ fn merge_run(
         units,
         host_busy,
     })
+}
+
+/// `--t1`'s time for `set`.
+fn given_t1(given: &[String], set: &str) -> Option<f64> {
+    given
+        .iter()
+        .filter_map(|g| g.split_once('='))
+        .find(|(s, _)| *s == set)
+        .and_then(|(_, t)| t.parse().ok())
 }
 
 /// The host's CPU time so far, in ticks of all cores: (busy, total), from the

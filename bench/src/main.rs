@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// The cluster benchmark: a coordinator and an S3 server on this host,
     /// each worker in a network namespace with a capped link (needs root).
-    Cluster(cluster::ClusterArgs),
+    Cluster(Box<cluster::ClusterArgs>),
     /// (Run by `cluster` inside a node's namespace.) Plain parallel ranged
     /// GETs of objects, bytes discarded; prints the bytes read.
     #[command(hide = true)]
@@ -123,7 +123,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Cluster(args)) => cluster::main(args),
+        Some(Command::Cluster(args)) => cluster::main(*args),
         Some(Command::Get(args)) => s3::get_main(args),
         Some(Command::CoordinatorScale(args)) => {
             let bin = std::fs::canonicalize(&args.bin).with_context(|| {
