@@ -16,11 +16,13 @@
 //! counters), and the share of the wall time each node held no lease (from
 //! the worker's `working` / `unit done` log lines, timestamped as they
 //! arrive). Two columns say what else binds: *at most*, the efficiency the
-//! plan's largest unit allows (its node must read it all:
-//! `total / (N · largest)`, from `fleetmerge plan --json`), and *host CPU
-//! busy*, the share of all the host's cores busy during the merge (near 100 %,
-//! the simulated nodes were short of CPU, not of network). Logs of every
-//! process go under `WORK/logs/`.
+//! plan's largest unit allows (its node must read it all, then write its
+//! output: `total / (N · (read + write))`, from `fleetmerge plan --json`),
+//! and *host CPU busy*, the share of all the host's cores busy during the
+//! merge, whoever used them (near 100 % on a quiet host: the simulated nodes
+//! were short of CPU, not of network; the line per run gives the CPU
+//! seconds of the merge's own processes). Logs of every process go under
+//! `WORK/logs/`.
 //!
 //! Needs root; without it, it says so and exits. Everything it creates
 //! (namespaces, links, bridge, server folder, outputs) is removed at the end,
@@ -261,7 +263,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
         )?;
         let largest = largest_unit(&bin, &server, &cfg, &args)?;
         eprintln!(
-            "{set}: the largest work unit reads {:.0} MB of the merge's {:.0} MB",
+            "{set}: the largest work unit reads and writes {:.0} MB; the merge reads {:.0} MB",
             largest.0 as f64 / 1e6,
             largest.1 as f64 / 1e6
         );
@@ -771,9 +773,12 @@ fn host_cpu() -> Result<(u64, u64)> {
     Ok((total - idle, total))
 }
 
-/// The plan's largest work unit's input bytes and all input bytes
-/// (`fleetmerge plan --json`): no merge of N nodes ends before that unit's
-/// node has read it, so efficiency is at most `total / (N · largest)`.
+/// The plan's largest work unit's input plus output bytes, and all input
+/// bytes (`fleetmerge plan --json`). A TIES unit's output goes up only once
+/// its inputs are read (the top-k spans the tensor), so no merge of N nodes
+/// ends before that unit's node has read it and written it through its link:
+/// efficiency is at most `total / (N · (read + write))` (one node reads and
+/// writes at once, in both directions of its link).
 fn largest_unit(bin: &Path, server: &Server, cfg: &Path, args: &ClusterArgs) -> Result<(u64, u64)> {
     let o = Command::new(bin)
         .arg("plan")
@@ -793,11 +798,12 @@ fn largest_unit(bin: &Path, server: &Server, cfg: &Path, args: &ClusterArgs) -> 
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).context("fleetmerge plan --json")?;
     let plan = &v["plan"];
-    let largest = plan["largest_unit"]["read"].as_u64();
+    let read = plan["largest_unit"]["read"].as_u64();
+    let write = plan["largest_unit"]["write"].as_u64();
     let total = plan["read_total"].as_u64();
-    match (largest, total) {
-        (Some(l), Some(t)) if l > 0 => Ok((l, t)),
-        _ => bail!("fleetmerge plan --json has no largest_unit.read / read_total"),
+    match (read, write, total) {
+        (Some(r), Some(w), Some(t)) if r + w > 0 => Ok((r + w, t)),
+        _ => bail!("fleetmerge plan --json has no largest_unit.read/write or read_total"),
     }
 }
 
@@ -821,7 +827,8 @@ struct Row {
     runs: Vec<RunResult>,
     /// The 1-node time at this rate, uncapped node.
     t1: Option<f64>,
-    /// Input bytes of the plan's largest unit, and of all units.
+    /// Input plus output bytes of the plan's largest unit, and input bytes
+    /// of all units.
     largest: Option<(u64, u64)>,
 }
 
