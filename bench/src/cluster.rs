@@ -547,6 +547,8 @@ fn busy(events: &[Event], end: f64) -> f64 {
     let mut held = BTreeSet::new();
     let (mut busy, mut since) = (0.0, 0.0);
     for &(t, unit, taken) in events {
+        // A worker may log its last line after the coordinator ended.
+        let t = t.min(end);
         let was = !held.is_empty();
         if taken {
             held.insert(unit);
@@ -925,6 +927,10 @@ mod tests {
             (6.0, 3, true),
         ];
         assert_eq!(busy(&e, 10.0), 3.0 + 4.0);
+        // A unit done after the end (logged after the coordinator exited)
+        // counts to the end only.
+        let e = [(1.0, 1, true), (12.0, 1, false)];
+        assert_eq!(busy(&e, 10.0), 9.0);
     }
 
     #[test]
