@@ -3,11 +3,11 @@
 //! process on loopback (and real workers finish the merge afterwards), or a
 //! real `fleetmerge worker` meets a coordinator that sends too much.
 
+use crate::common::grpc::{self, lease, register, runtime, Client};
 use crate::common::procs::*;
 use crate::common::*;
 use fleetmerge_engine::unit::WorkUnit;
 use fleetmerge_proto::*;
-use fleetmerge_worker::remote::{connect, Client};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
@@ -44,57 +44,8 @@ fn start_worker(name: &str, addr: &str) -> Proc {
     local_worker(name, addr, &[("FLEETMERGE_TOKEN", TOKEN)])
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn client(rt: &tokio::runtime::Runtime, addr: &str) -> Client {
-    let _guard = rt.enter();
-    connect(&format!("http://{addr}"), Some(TOKEN), None, false).unwrap()
-}
-
-fn register(rt: &tokio::runtime::Runtime, c: &Client, id: &str) -> Result<String, tonic::Status> {
-    let mut c = c.clone();
-    rt.block_on(c.register(RegisterRequest {
-        protocol_version: PROTOCOL_VERSION,
-        worker_id: id.to_string(),
-        device: "cpu".into(),
-        memory_bytes: 0,
-        slots: 1,
-    }))
-    .map(|r| r.into_inner().session)
-}
-
-fn lease(rt: &tokio::runtime::Runtime, c: &Client, session: &str) -> (u64, WorkUnit, String) {
-    let mut c = c.clone();
-    for _ in 0..100 {
-        let r = rt
-            .block_on(c.lease(LeaseRequest {
-                protocol_version: PROTOCOL_VERSION,
-                worker_id: String::new(),
-                session: session.to_string(),
-            }))
-            .unwrap()
-            .into_inner();
-        match r.reply {
-            Some(lease_response::Reply::Unit(u)) => {
-                return (
-                    u.lease_id,
-                    serde_json::from_slice(&u.unit).unwrap(),
-                    u.out_dir,
-                )
-            }
-            other => {
-                println!("no unit yet: {other:?}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-    panic!("no unit leased")
+    grpc::client(rt, addr, Some(TOKEN))
 }
 
 fn status(rt: &tokio::runtime::Runtime, c: &Client) -> StatusResponse {

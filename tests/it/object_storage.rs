@@ -2,6 +2,7 @@
 //! loopback (moto's S3 server; fake-gcs-server for GCS reads), compared byte
 //! for byte with the same merges on local files.
 
+use crate::common::grpc;
 use crate::common::procs::*;
 use crate::common::servers::*;
 use crate::common::*;
@@ -1232,38 +1233,10 @@ fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
     let addr = field(&line, "listen").unwrap().to_string();
 
     // The liar: a real gRPC client in this process.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut c = {
-        let _guard = rt.enter();
-        fleetmerge_worker::remote::connect(&format!("http://{addr}"), None, None, false).unwrap()
-    };
-    let session = rt
-        .block_on(c.register(RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            worker_id: "liar".into(),
-            device: "cpu".into(),
-            memory_bytes: 0,
-            slots: 1,
-        }))
-        .unwrap()
-        .into_inner()
-        .session;
-    let leased = rt
-        .block_on(c.lease(LeaseRequest {
-            protocol_version: PROTOCOL_VERSION,
-            worker_id: String::new(),
-            session: session.clone(),
-        }))
-        .unwrap()
-        .into_inner();
-    let Some(lease_response::Reply::Unit(u)) = leased.reply else {
-        panic!("no unit leased: {leased:?}");
-    };
-    let unit: fleetmerge_engine::unit::WorkUnit = serde_json::from_slice(&u.unit).unwrap();
+    let rt = grpc::runtime();
+    let mut c = grpc::client(&rt, &addr, None);
+    let session = grpc::register(&rt, &c, "liar").unwrap();
+    let (lease_id, unit, _) = grpc::lease(&rt, &c, &session);
     let part = unit.part.clone().expect("a part of a shard");
     let upload = part.upload.clone().expect("the shard's upload");
     let scratch = tempfile::tempdir().unwrap();
@@ -1308,7 +1281,7 @@ fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
     let accepted = rt.block_on(c.complete(CompleteRequest {
         protocol_version: PROTOCOL_VERSION,
         worker_id: "liar".into(),
-        lease_id: u.lease_id,
+        lease_id,
         file_name: unit.file_name.clone(),
         size: part.len,
         sha256: hex::encode(sha2::Digest::finalize(hasher)),

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod grpc;
 pub mod procs;
 pub mod servers;
 pub mod torch;
