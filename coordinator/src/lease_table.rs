@@ -739,19 +739,24 @@ impl LeaseTable {
         if self.lease_ms == u64::MAX || self.queue.is_empty() {
             return None;
         }
-        // Bytes per ms of every unit being read for long enough to tell.
-        let reading: Vec<(usize, u64, f64)> = (0..self.units.len())
+        // (unit, bytes read, ms it ran) of every unit being read for long
+        // enough to tell.
+        let reading: Vec<(usize, u64, u64)> = (0..self.units.len())
             .filter_map(|i| {
                 let (read, ran) = self.read_progress(i, now_ms)?;
                 let total = self.units[i].unit.input_bytes();
-                (ran >= SPECULATE_MIN_MS && read < total)
-                    .then(|| (i, read, read as f64 / ran as f64))
+                (ran >= SPECULATE_MIN_MS && read < total).then_some((i, read, ran))
             })
             .collect();
-        if reading.len() < 2 {
+        // The median rate (bytes per ms) of those that told some bytes.
+        let mut rates: Vec<f64> = reading
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(_, read, ran)| read as f64 / ran as f64)
+            .collect();
+        if rates.len() < 2 {
             return None;
         }
-        let mut rates: Vec<f64> = reading.iter().map(|r| r.2).collect();
         rates.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
         if median <= 0.0 {
@@ -759,21 +764,24 @@ impl LeaseTable {
         }
         let (i, remaining_ms) = reading
             .iter()
-            .filter(|&&(i, _, rate)| {
+            .filter(|&&(i, _, _)| {
                 let u = &self.units[i];
-                rate < median / 2.0
-                    && u.backup.is_none()
+                u.backup.is_none()
                     && !matches!(&u.state, State::Leased { worker: w, .. } if w == worker)
             })
-            .filter_map(|&(i, read, rate)| {
+            .filter_map(|&(i, read, ran)| {
                 let total = self.units[i].unit.input_bytes();
-                let remaining = if rate > 0.0 {
-                    (total - read) as f64 / rate
-                } else {
-                    f64::INFINITY
-                };
                 let fresh = total as f64 / median;
-                (remaining > 2.0 * fresh).then_some((i, remaining))
+                if read == 0 {
+                    // Nothing told yet (a window fetched in one piece, or read
+                    // from a local file or streamed, tells its bytes at the
+                    // end): a straggler only once it has run twice what the
+                    // whole unit takes at the median rate.
+                    return (ran as f64 > 2.0 * fresh).then_some((i, f64::INFINITY));
+                }
+                let rate = read as f64 / ran as f64;
+                let remaining = (total - read) as f64 / rate;
+                (rate < median / 2.0 && remaining > 2.0 * fresh).then_some((i, remaining))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1))?;
         tracing::info!(
@@ -1316,5 +1324,39 @@ mod tests {
                 assert_eq!(c.speculative, 0);
             }
         }
+    }
+
+    /// A unit whose holder has told no bytes yet (a window fetched in one
+    /// piece tells them at the end) is copied only once it has run twice what
+    /// the whole unit takes at the median rate.
+    #[test]
+    fn a_unit_with_no_bytes_told_is_copied_only_after_twice_its_expected_time() {
+        const M: u64 = 1 << 20;
+        let mut c = LeaseTable::new(
+            sized_units(&[1000 * M, 1000 * M, 1000 * M, 100 * M, 10 * M, 10 * M]),
+            BTreeMap::new(),
+            600_000,
+            3,
+            1,
+        );
+        for w in ["a", "b", "c", "d"] {
+            c.register(w, WorkerInfo::default()).unwrap();
+        }
+        for w in ["b", "c", "d"] {
+            lease(&mut c, w, 0);
+        }
+        let (_, silent) = lease(&mut c, "a", 0);
+        assert_eq!(silent, 3);
+        // b, c and d read 10 MiB/s; a's 100 MiB would take 10 s at that rate.
+        for w in ["b", "c", "d"] {
+            read(&mut c, w, 150 * M);
+        }
+        let (_, got) = lease(&mut c, "d", 15_000);
+        assert_ne!(got, silent, "15 s is not yet twice 10 s");
+        for w in ["b", "c", "d"] {
+            read(&mut c, w, 100 * M);
+        }
+        let (_, got) = lease(&mut c, "c", 25_000);
+        assert_eq!(got, silent, "25 s is");
     }
 }

@@ -245,7 +245,7 @@ pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecErro
         return Ok(Vec::new());
     };
     let maps = read::Maps::open(tensors)?;
-    let loaded = read::load(tensors, &maps)?;
+    let loaded = read::load(tensors, &maps, &|_| {})?;
     let views = loaded.views(tensors, &maps)?;
     let mut out = vec![0u8; tensors[0].byte_len() as usize];
     tensor::compute_loaded(unit, method, &tensors[0], &views[0], &mut out, &Device::Cpu)?;

@@ -212,7 +212,9 @@ pub struct Loaded {
     spans: Vec<Vec<u8>>,
     /// Every part read, in order, and where its bytes are.
     parts: Vec<(Part, Source)>,
-    /// Input bytes of the window (what it reads: [`OutputTensor::input_bytes`]).
+    /// Input bytes of the window not yet told to [`load`]'s `arrived` (the
+    /// mapped local ones, read as the window is computed): with those told,
+    /// what it reads ([`OutputTensor::input_bytes`]).
     pub bytes: u64,
 }
 
@@ -283,13 +285,23 @@ impl Loaded {
     }
 }
 
-/// Fetches byte ranges of remote objects, all at the same time, in order.
-pub fn fetch_all(ranges: &[(&str, Range<u64>)]) -> Vec<Result<Vec<u8>, StorageError>> {
+/// Fetches byte ranges of remote objects, all at the same time, in order;
+/// `arrived` hears the bytes as they arrive (from the fetching threads).
+pub fn fetch_all(
+    ranges: &[(&str, Range<u64>)],
+    arrived: &(dyn Fn(u64) + Sync),
+) -> Vec<Result<Vec<u8>, StorageError>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = ranges
             .iter()
             .map(|(location, range)| {
-                s.spawn(move || storage::for_location(location).read_range(location, range.clone()))
+                s.spawn(move || {
+                    storage::for_location(location).read_range_reporting(
+                        location,
+                        range.clone(),
+                        arrived,
+                    )
+                })
             })
             .collect();
         handles
@@ -303,10 +315,14 @@ pub fn fetch_all(ranges: &[(&str, Range<u64>)]) -> Vec<Result<Vec<u8>, StorageEr
     })
 }
 
-/// Loads a window: fetches its remote inputs (coalesced, concurrently) and maps
-/// its local ones ahead of use; of a vocabulary tensor, only the rows its
-/// alignment uses.
-pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageError> {
+/// Loads a window: fetches its remote inputs (coalesced, concurrently; each
+/// piece's size told to `arrived` as it arrives) and maps its local ones ahead
+/// of use; of a vocabulary tensor, only the rows its alignment uses.
+pub fn load(
+    tensors: &[OutputTensor],
+    maps: &Maps,
+    arrived: &(dyn Fn(u64) + Sync),
+) -> Result<Loaded, StorageError> {
     let parts = parts(tensors);
     let mut bytes = 0;
     for (p, r) in &parts {
@@ -333,6 +349,21 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
         })
         .collect();
     let mut buffers = Vec::new();
+    // Remote bytes told to `arrived`: at most the parts' own (a span may
+    // also fetch the gaps between them), so that what a window reports in
+    // all is its input bytes.
+    let remote_bytes: u64 = remote.iter().map(|(_, r)| r.len).sum();
+    let told = std::sync::atomic::AtomicU64::new(0);
+    let tell = |n: u64| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = told
+            .fetch_update(Relaxed, Relaxed, |t| Some((t + n).min(remote_bytes)))
+            .unwrap_or_else(|t| t);
+        let after = (before + n).min(remote_bytes);
+        if after > before {
+            arrived(after - before);
+        }
+    };
     if !remote.is_empty() {
         let spans = spans(
             remote.iter().map(|(k, r)| (*k, 0, r)),
@@ -343,7 +374,7 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
             .iter()
             .map(|sp| (sp.location.as_str(), sp.range.clone()))
             .collect();
-        let fetched = fetch_all(&ranges);
+        let fetched = fetch_all(&ranges, &tell);
         buffers.reserve(spans.len());
         for (i, (sp, data)) in spans.iter().zip(fetched).enumerate() {
             buffers.push(data?);
@@ -358,7 +389,7 @@ pub fn load(tensors: &[OutputTensor], maps: &Maps) -> Result<Loaded, StorageErro
     Ok(Loaded {
         spans: buffers,
         parts: parts.into_iter().map(|(p, _)| p).zip(sources).collect(),
-        bytes,
+        bytes: bytes - told.into_inner(),
     })
 }
 

@@ -139,7 +139,7 @@ impl<'a> Stream<'a> {
                 (r.location.as_str(), Self::bytes_of(r, range))
             })
             .collect();
-        let fetched = super::read::fetch_all(&ranges);
+        let fetched = super::read::fetch_all(&ranges, &|_| {});
         for (&i, data) in remote.iter().zip(fetched) {
             inputs[i] = Input::Fetched(data?);
         }

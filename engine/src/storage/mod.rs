@@ -115,6 +115,21 @@ pub trait Storage: Send + Sync {
         Ok(buf)
     }
 
+    /// [`Self::read_range`], telling `arrived` the bytes as they arrive (on
+    /// this thread): in pieces where the store fetches a large range in
+    /// parts, or all at the end. Workers report reads in heartbeats, which
+    /// is how the coordinator tells a slow node (see the lease table).
+    fn read_range_reporting(
+        &self,
+        location: &str,
+        range: Range<u64>,
+        arrived: &dyn Fn(u64),
+    ) -> Result<Vec<u8>, StorageError> {
+        let bytes = self.read_range(location, range)?;
+        arrived(bytes.len() as u64);
+        Ok(bytes)
+    }
+
     /// The whole object (for small files: configs, tokenizers, journals).
     fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError>;
 

@@ -311,54 +311,64 @@ impl ObjectStorage {
         Path::parse(key).map_err(|e| StorageError::io(location, e))
     }
 
-    /// Bytes `range` of the object, in parts fetched concurrently when large.
-    fn get_range(&self, location: &str, range: Range<u64>) -> Result<Vec<Bytes>, StorageError> {
+    /// Bytes `range` of the object, in parts fetched concurrently when large;
+    /// `arrived` hears each part's size as it arrives (on this thread).
+    fn get_range(
+        &self,
+        location: &str,
+        range: Range<u64>,
+        arrived: Option<&dyn Fn(u64)>,
+    ) -> Result<Vec<Bytes>, StorageError> {
         let path = self.path(location)?;
         let store = self.store.clone();
         let loc = location.to_string();
-        block(location, async move {
+        let (sizes, heard) = std::sync::mpsc::channel::<u64>();
+        let fut = async move {
             let parts: Vec<Range<u64>> = (range.start..range.end)
                 .step_by(PART)
                 .map(|s| s..(s + PART as u64).min(range.end))
                 .collect();
             let fetched: Vec<Bytes> = futures::stream::iter(parts)
                 .map(|r| {
-                    let (store, path) = (store.clone(), path.clone());
-                    async move { idempotent(|| store.get_range(&path, r.clone())).await }
+                    let (store, path, sizes) = (store.clone(), path.clone(), sizes.clone());
+                    async move {
+                        let b = idempotent(|| store.get_range(&path, r.clone())).await?;
+                        let _ = sizes.send(b.len() as u64);
+                        Ok::<_, object_store::Error>(b)
+                    }
                 })
                 .buffered(concurrency())
                 .try_collect()
                 .await
                 .map_err(|e| error(&loc, e))?;
             Ok(fetched)
-        })
-    }
-}
-
-impl Storage for ObjectStorage {
-    fn size(&self, location: &str) -> Result<u64, StorageError> {
-        let path = self.path(location)?;
-        let store = self.store.clone();
-        let loc = location.to_string();
-        block(location, async move {
-            idempotent(|| store.head(&path))
-                .await
-                .map(|m| m.size)
-                .map_err(|e| error(&loc, e))
-        })
-    }
-
-    fn exists(&self, location: &str) -> Result<bool, StorageError> {
-        match self.size(location) {
-            Ok(_) => Ok(true),
-            Err(StorageError::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e),
+        };
+        let Some(arrived) = arrived else {
+            return block(location, fut);
+        };
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        runtime().spawn(async move {
+            let _ = done.send(fut.await);
+        });
+        // Every sender is dropped once the fetch ends, either way.
+        for n in heard {
+            arrived(n);
         }
+        result
+            .recv()
+            .map_err(|_| StorageError::io(location, "the I/O task stopped"))?
     }
 
-    fn read_into(&self, location: &str, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+    /// [`Storage::read_into`], telling `arrived` the bytes as they arrive.
+    fn read_into_reporting(
+        &self,
+        location: &str,
+        offset: u64,
+        buf: &mut [u8],
+        arrived: Option<&dyn Fn(u64)>,
+    ) -> Result<(), StorageError> {
         let end = offset + buf.len() as u64;
-        let parts = match self.get_range(location, offset..end) {
+        let parts = match self.get_range(location, offset..end, arrived) {
             Ok(p) => p,
             Err(e @ (StorageError::NotFound { .. } | StorageError::Denied { .. })) => {
                 return Err(e)
@@ -392,6 +402,45 @@ impl Storage for ObjectStorage {
             });
         }
         Ok(())
+    }
+}
+
+impl Storage for ObjectStorage {
+    fn size(&self, location: &str) -> Result<u64, StorageError> {
+        let path = self.path(location)?;
+        let store = self.store.clone();
+        let loc = location.to_string();
+        block(location, async move {
+            idempotent(|| store.head(&path))
+                .await
+                .map(|m| m.size)
+                .map_err(|e| error(&loc, e))
+        })
+    }
+
+    fn exists(&self, location: &str) -> Result<bool, StorageError> {
+        match self.size(location) {
+            Ok(_) => Ok(true),
+            Err(StorageError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_into(&self, location: &str, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        self.read_into_reporting(location, offset, buf, None)
+    }
+
+    fn read_range_reporting(
+        &self,
+        location: &str,
+        range: Range<u64>,
+        arrived: &dyn Fn(u64),
+    ) -> Result<Vec<u8>, StorageError> {
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|e| StorageError::io(location, e))?;
+        let mut buf = vec![0u8; len];
+        self.read_into_reporting(location, range.start, &mut buf, Some(arrived))?;
+        Ok(buf)
     }
 
     fn read_all(&self, location: &str) -> Result<Vec<u8>, StorageError> {

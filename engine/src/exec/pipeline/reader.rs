@@ -50,7 +50,9 @@ impl Windows {
                     let ts = &tensors[w.clone()];
                     let loaded = match ts {
                         [t] if limits.streams(t) => Ok(None),
-                        _ => read::load(ts, maps).map(Some).map_err(ExecError::from),
+                        _ => read::load(ts, maps, &|n| progress.read(n))
+                            .map(Some)
+                            .map_err(ExecError::from),
                     };
                     let failed = loaded.is_err();
                     if failed {
