@@ -62,6 +62,9 @@ pub struct ClusterArgs {
     /// Also run each node count (2 and up) with node 0 at a quarter of the rate.
     #[arg(long)]
     slow_node: bool,
+    /// Only the slow-node runs (with --t1 for the efficiency).
+    #[arg(long)]
+    slow_only: bool,
     /// The model sets whose TIES merge runs (dense, moe).
     #[arg(long, value_delimiter = ',', default_value = "dense")]
     set: Vec<String>,
@@ -269,8 +272,11 @@ pub fn main(args: ClusterArgs) -> Result<()> {
         );
         for &rate in &rates {
             let mut links = vec![Link { rate, slow: false }];
-            if args.slow_node && rate.is_some() {
+            if (args.slow_node || args.slow_only) && rate.is_some() {
                 links.push(Link { rate, slow: true });
+            }
+            if args.slow_only {
+                links.retain(|l| l.slow);
             }
             for link in links {
                 let mut t1 = None;
