@@ -5,6 +5,7 @@
 //! another machine can execute without the config or the planner.
 
 mod build;
+pub mod inputs;
 pub mod layout;
 mod meta;
 mod models;
@@ -72,6 +73,22 @@ pub struct OutputMeta {
     /// References for the model card: the base and every referenced model.
     pub base_reference: Option<String>,
     pub references: Vec<String>,
+    /// A model built rather than merged (`fleetmerge moe`): its config.json
+    /// and model card are given here instead of derived from a donor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<GeneratedFiles>,
+}
+
+/// The files of a built model (`fleetmerge moe`) that a merge derives from its
+/// donor and config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedFiles {
+    /// config.json, verbatim.
+    pub config_json: String,
+    /// The model card (README.md) before its provenance section.
+    pub card: String,
+    /// The name the config YAML is written under (`mergekit_moe_config.yml`).
+    pub config_file: String,
 }
 
 /// The whole merge.

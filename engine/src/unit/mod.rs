@@ -78,6 +78,9 @@ pub enum TensorOp {
     /// A non-float buffer (e.g. integer position ids): copied when every input
     /// holds the same bytes, an error otherwise (mergekit 0.1.5's rule).
     CopyIdentical,
+    /// Bytes the planner computed (a built MoE's routers, small): the tensor's
+    /// data in its dtype, little-endian, hex-encoded. No inputs.
+    Literal { hex: String },
 }
 
 /// One tensor of the output.

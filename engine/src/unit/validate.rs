@@ -268,6 +268,10 @@ impl Checker<'_> {
     ) -> Result<u64, UnitError> {
         let name = t.name.as_str();
         let out_bytes = self.shape(name, || "shape".into(), t.dtype, &t.shape)?;
+        if let TensorOp::Literal { hex } = &t.op {
+            self.literal(t, hex, out_bytes)?;
+            return Ok(out_bytes);
+        }
         if t.inputs.is_empty() {
             return Err(self.err(Some(name), "inputs", "no inputs".into()));
         }
@@ -330,8 +334,48 @@ impl Checker<'_> {
                 }
             }
             TensorOp::Merge => self.merge(method, t)?,
+            TensorOp::Literal { .. } => {}
         }
         Ok(out_bytes)
+    }
+
+    /// A tensor given by its bytes: nothing read, nothing merged, and exactly
+    /// the tensor's bytes, in hex.
+    fn literal(&self, t: &OutputTensor, hex: &str, out_bytes: u64) -> Result<(), UnitError> {
+        let name = Some(t.name.as_str());
+        if !t.inputs.is_empty() || !t.scales.is_empty() || t.base.is_some() {
+            return Err(self.err(
+                name,
+                "inputs",
+                "a literal tensor has no inputs, scales or base".into(),
+            ));
+        }
+        if t.vocab.is_some() || t.requant.is_some() || t.block.is_some() {
+            return Err(self.err(
+                name,
+                "op",
+                "a literal tensor is neither re-indexed nor re-quantized".into(),
+            ));
+        }
+        if !t.params.shared.is_empty() || !t.params.per_input.is_empty() {
+            return Err(self.err(name, "params", "a literal tensor has no parameters".into()));
+        }
+        if hex.len() as u64 != out_bytes.saturating_mul(2) {
+            return Err(self.err(
+                name,
+                "op.Literal.hex",
+                format!(
+                    "{} hex digits, but {} {:?} is {out_bytes} bytes",
+                    hex.len(),
+                    t.dtype,
+                    t.shape
+                ),
+            ));
+        }
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(self.err(name, "op.Literal.hex", "not hexadecimal digits".into()));
+        }
+        Ok(())
     }
 
     /// A vocabulary tensor's alignment: a merged, unquantized tensor whose
@@ -613,7 +657,7 @@ impl WorkUnit {
                     .into(),
             ));
         }
-        let method = methods::get(&self.merge_method).ok_or_else(|| {
+        let method = methods::get_for_unit(&self.merge_method).ok_or_else(|| {
             c.err(
                 None,
                 "merge_method",
