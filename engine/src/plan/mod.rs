@@ -2,7 +2,9 @@
 //! output tensors (each with its inputs, byte ranges and fully resolved
 //! parameters), grouped into output shards. Each shard is a [`WorkUnit`] (see
 //! [`crate::unit`]): plain, serializable data that a worker in this process or on
-//! another machine can execute without the config or the planner.
+//! another machine can execute without the config or the planner. `inputs`
+//! lends the planner's input models and sharding to other planners
+//! (`crate::moe`).
 
 mod build;
 pub mod inputs;

@@ -9,7 +9,8 @@
 //! merge with tokenizer settings carries its [`VocabAlignment`] (`vocab`): how
 //! each input's rows are re-indexed into the output vocabulary. An input of a
 //! `model+adapter` reference carries its LoRA factors ([`LoraRef`]), added to
-//! its weight on read.
+//! its weight on read. A tensor the planner computed (a built MoE's router)
+//! carries its bytes ([`TensorOp::Literal`]) and reads nothing.
 
 mod validate;
 mod vocab;
