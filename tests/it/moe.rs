@@ -465,3 +465,45 @@ fn built_models_load_in_transformers() {
     assert!(o.status.success(), "{}", stderr(&o));
     load_check(&python, &qwen3, "Qwen3MoeForCausalLM");
 }
+
+#[test]
+fn an_ungated_shared_expert_makes_a_deepseek_moe() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "ds.yml",
+        "base_model: models/llama-base\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  \
+         - source_model: models/llama-ft-a\n  - source_model: models/llama-ft-b\n\
+         shared_experts:\n  - source_model: models/llama-ft-c\n",
+    );
+    let out = dir.path().join("out");
+    built(&config, &out, &[]);
+    let m = read_model(&out);
+    let ft_c = read_model(&examples().join("models/llama-ft-c"));
+    let ft_b = read_model(&examples().join("models/llama-ft-b"));
+    assert_eq!(
+        m["model.layers.4.mlp.shared_experts.up_proj.weight"],
+        ft_c["model.layers.4.mlp.up_proj.weight"]
+    );
+    assert_eq!(
+        m["model.layers.4.mlp.experts.1.down_proj.weight"],
+        ft_b["model.layers.4.mlp.down_proj.weight"]
+    );
+    assert_eq!(m["model.layers.4.mlp.gate.weight"].shape, vec![2, 64]);
+    assert!(!m.keys().any(|k| k.contains("shared_expert_gate")));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "deepseek");
+    assert_eq!(cfg["n_routed_experts"], 2);
+    assert_eq!(cfg["n_shared_experts"], 1);
+    assert_eq!(cfg["num_experts_per_tok"], 1);
+    assert_eq!(cfg["moe_intermediate_size"], 176);
+    // Mixtral was considered first and refused for the shared expert.
+    let o = fleetmerge(&examples(), &["plan", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("Mixtral: rejected: Mixtral does not support shared experts")
+            && text.contains("DeepSeek MoE: chosen"),
+        "{text}"
+    );
+}

@@ -792,6 +792,7 @@ mod tests {
     use super::*;
     use crate::plan::DEFAULT_SHARD_SIZE;
     use crate::unit::tests::{plan_case, planned_cases};
+    use crate::unit::TensorParams;
 
     /// Every unit the planner writes for the conformance cases passes (one
     /// shard, and many small ones).
@@ -1116,6 +1117,72 @@ mod tests {
             assert!(e.contains(expect), "{what}: {e}");
             assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
         }
+    }
+
+    /// A literal tensor (a built MoE's router): exactly its bytes in hex, and
+    /// nothing read, merged or re-indexed.
+    #[test]
+    fn literal_tensors() {
+        let literal = |u: &mut WorkUnit| {
+            let t = &mut u.tensors[0];
+            t.inputs.clear();
+            t.base = None;
+            t.params = TensorParams::default();
+            t.dtype = DType::BF16;
+            t.shape = vec![2, 3];
+            t.op = TensorOp::Literal {
+                hex: "00".repeat(12),
+            };
+        };
+        let mut u = ties_unit();
+        literal(&mut u);
+        u.validate().expect("a literal of 12 bytes");
+        type Mutation = fn(&mut WorkUnit);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("hex digits, but", |u| {
+                u.tensors[0].op = TensorOp::Literal {
+                    hex: "00".repeat(11),
+                }
+            }),
+            ("not hexadecimal", |u| {
+                u.tensors[0].op = TensorOp::Literal {
+                    hex: "zz".repeat(12),
+                }
+            }),
+            ("has no inputs", |u| {
+                let r = ties_unit().tensors[0].inputs[0].clone();
+                u.tensors[0].inputs.push(r);
+            }),
+            ("no parameters", |u| {
+                u.tensors[0]
+                    .params
+                    .shared
+                    .insert("weight".into(), ParamValue::Number(1.0));
+            }),
+        ];
+        for (expect, mutate) in cases {
+            let mut u = ties_unit();
+            literal(&mut u);
+            mutate(&mut u);
+            let e = u.validate().expect_err(expect).to_string();
+            assert!(e.contains(expect), "{expect}: {e}");
+        }
+        // The internal method of built MoEs is a unit's method, not a config's.
+        let mut u = ties_unit();
+        literal(&mut u);
+        u.merge_method = "moe_expert".into();
+        let t = u.tensors.remove(1);
+        u.tensors.truncate(1);
+        let mut copy = t.clone();
+        copy.inputs.truncate(1);
+        copy.base = None;
+        copy.params = TensorParams {
+            shared: Default::default(),
+            per_input: vec![Default::default()],
+        };
+        u.tensors.push(copy);
+        u.validate().expect("moe_expert units");
+        assert!(methods::get("moe_expert").is_none());
     }
 
     #[test]
