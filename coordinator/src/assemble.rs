@@ -109,6 +109,13 @@ fn write_tokenizer_and_config_yaml(
             out_dir,
             meta.chat_template.as_deref(),
         )?;
+        let patched = meta
+            .generated
+            .as_ref()
+            .and_then(|g| g.tokenizer_config.as_ref());
+        if let (Some(text), true) = (patched, copied.iter().any(|c| c == "tokenizer_config.json")) {
+            out.put(&out.join(out_dir, "tokenizer_config.json"), text.as_bytes())?;
+        }
         if copied.is_empty() {
             tracing::warn!(
                 donor = %meta.tokenizer_dir,

@@ -96,7 +96,8 @@ pub struct PlanArgs {
     /// Bytes per output shard: 5B = 5x10^9 as mergekit; also 500M, 20MB, 2GiB (README: Sizes).
     #[arg(long, default_value = "5B", value_parser = shard_size)]
     pub out_shard_size: u64,
-    /// Seed of the randomized methods (DARE, DELLA).
+    /// Seed of the randomized methods (DARE, DELLA) and of `moe`'s random
+    /// routers and noise.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub random_seed: u64,
     /// Merge models even when their `architectures` differ.

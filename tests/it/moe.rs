@@ -117,6 +117,11 @@ fn cheap_embed_gives_mergekit_moes_bytes() {
         std::fs::read(out.join("tokenizer.json")).unwrap(),
         std::fs::read(examples().join("models/llama-base/tokenizer.json")).unwrap()
     );
+    // mergekit-moe's pad token: BOS.
+    let tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tok["pad_token"], "<s>");
+    assert_eq!(tok["bos_token"], "<s>");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     for s in [
         "models/llama-ft-a",

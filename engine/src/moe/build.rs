@@ -502,6 +502,7 @@ pub fn plan(
                 config_json: crate::output::to_pretty_json(&config_json),
                 card,
                 config_file: "mergekit_moe_config.yml".to_string(),
+                tokenizer_config: tokenizer_config_with_pad(models.location(base))?,
             }),
         },
         vocabulary: None,
@@ -615,4 +616,27 @@ fn bos_token(st: &dyn storage::Storage, loc: &str) -> Result<String, MoeError> {
             .to_string(),
         _ => String::new(),
     })
+}
+
+/// The base's `tokenizer_config.json` with mergekit-moe's pad token: the BOS
+/// token, else the EOS token (`tokenizer.pad_token_id = bos_token_id`, then
+/// `pad_token = eos_token` when there is no BOS); `None` when the base has no
+/// such file or neither token.
+fn tokenizer_config_with_pad(loc: &str) -> Result<Option<String>, MoeError> {
+    let st = storage::for_location(loc);
+    let at = st.join(loc, "tokenizer_config.json");
+    if !st.exists(&at)? {
+        return Ok(None);
+    }
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&st.read_all(&at)?)
+            .map_err(|e| MoeError::Inputs(format!("{at}: not a JSON object: {e}")))?;
+    let pad = ["bos_token", "eos_token"]
+        .iter()
+        .find_map(|k| v.get(*k).filter(|t| !t.is_null()).cloned());
+    let Some(pad) = pad else {
+        return Ok(None);
+    };
+    v.insert("pad_token".to_string(), pad);
+    Ok(Some(crate::output::to_pretty_json(&v)))
 }

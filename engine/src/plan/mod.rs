@@ -91,6 +91,10 @@ pub struct GeneratedFiles {
     pub card: String,
     /// The name the config YAML is written under (`mergekit_moe_config.yml`).
     pub config_file: String,
+    /// `tokenizer_config.json` to write over the copied one (mergekit-moe
+    /// saves the base's tokenizer with its pad token set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_config: Option<String>,
 }
 
 /// The whole merge.
