@@ -31,6 +31,10 @@ struct Cli {
 enum Command {
     /// Merge on this machine: plan, compute every shard with all cores, write the model.
     Run(cmd::run::RunArgs),
+    /// Build a Mixture of Experts from dense models (mergekit-moe's YAML: base_model,
+    /// experts with prompts, gate_mode), on this machine; `coordinator` takes the
+    /// same config.
+    Moe(cmd::moe::MoeArgs),
     /// Coordinate a merge across workers on other machines (gRPC).
     Coordinator(cmd::coordinator::CoordinatorArgs),
     /// Work for a coordinator: lease units, compute them, write their shards.
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = cli.global.apply().and_then(|()| match cli.command {
         Command::Run(args) => cmd::run::run(args),
+        Command::Moe(args) => cmd::moe::moe(args),
         Command::Coordinator(args) => cmd::coordinator::coordinator(args),
         Command::Worker(args) => cmd::worker::worker(args),
         Command::Verify(args) => cmd::verify::verify(args),

@@ -1,5 +1,6 @@
 //! The files of a merged model besides its shards: `config.json` (donor's,
-//! patched), tokenizer files, `README.md` model card, `mergekit_config.yml`, and
+//! patched, or a built model's as planned), tokenizer files, `README.md` model
+//! card, `mergekit_config.yml` (`mergekit_moe_config.yml` for a built MoE), and
 //! — last of all, once every shard exists — `model.safetensors.index.json`.
 
 use fleetmerge_engine::checkpoint::CheckpointError;
@@ -44,6 +45,20 @@ pub fn write_side_files(
 ) -> Result<(), AssembleError> {
     let out = storage::for_location(out_dir);
     let meta = &plan.output;
+    if let Some(g) = &meta.generated {
+        // A built model (`fleetmerge moe`): its config.json as planned.
+        out.put(&out.join(out_dir, "config.json"), g.config_json.as_bytes())?;
+    } else {
+        write_config(plan, out_dir)?;
+    }
+    write_tokenizer_and_config_yaml(plan, out_dir, opts)
+}
+
+/// config.json: the donor's, patched (dtype, layer count, vocabulary size,
+/// quantization).
+fn write_config(plan: &Plan, out_dir: &str) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    let meta = &plan.output;
     let donor = storage::for_location(&meta.config_dir);
     let config_loc = donor.join(&meta.config_dir, "config.json");
     let donor_config: serde_json::Map<String, serde_json::Value> =
@@ -69,7 +84,17 @@ pub fn write_side_files(
         &out.join(out_dir, "config.json"),
         output::to_pretty_json(&config).as_bytes(),
     )?;
+    Ok(())
+}
 
+/// The tokenizer files and the config YAML.
+fn write_tokenizer_and_config_yaml(
+    plan: &Plan,
+    out_dir: &str,
+    opts: &AssembleOptions,
+) -> Result<(), AssembleError> {
+    let out = storage::for_location(out_dir);
+    let meta = &plan.output;
     if opts.copy_tokenizer && !meta.tokenizer_files.is_empty() {
         // The merged vocabulary's files (built by the plan).
         for (name, text) in &meta.tokenizer_files {
@@ -84,6 +109,13 @@ pub fn write_side_files(
             out_dir,
             meta.chat_template.as_deref(),
         )?;
+        let patched = meta
+            .generated
+            .as_ref()
+            .and_then(|g| g.tokenizer_config.as_ref());
+        if let (Some(text), true) = (patched, copied.iter().any(|c| c == "tokenizer_config.json")) {
+            out.put(&out.join(out_dir, "tokenizer_config.json"), text.as_bytes())?;
+        }
         if copied.is_empty() {
             tracing::warn!(
                 donor = %meta.tokenizer_dir,
@@ -93,10 +125,11 @@ pub fn write_side_files(
     }
 
     if opts.model_card {
-        out.put(
-            &out.join(out_dir, "mergekit_config.yml"),
-            meta.config_yaml.as_bytes(),
-        )?;
+        let name = meta
+            .generated
+            .as_ref()
+            .map_or("mergekit_config.yml", |g| g.config_file.as_str());
+        out.put(&out.join(out_dir, name), meta.config_yaml.as_bytes())?;
     }
     Ok(())
 }
@@ -131,16 +164,19 @@ fn write_card(
 ) -> Result<(), AssembleError> {
     let out = storage::for_location(out_dir);
     let meta = &plan.output;
-    let mut card = output::model_card(&CardInput {
-        name: model_name(out_dir),
-        merge_method: &plan.merge_method,
-        method_pretty: Some(&meta.method_pretty),
-        method_url: meta.method_url.as_deref(),
-        base_model: meta.base_reference.as_deref(),
-        models: &meta.references,
-        config_yaml: &meta.config_yaml,
-        model_exists_locally: &|p: &str| std::path::Path::new(p).exists(),
-    });
+    let mut card = match &meta.generated {
+        Some(g) => g.card.clone(),
+        None => output::model_card(&CardInput {
+            name: model_name(out_dir),
+            merge_method: &plan.merge_method,
+            method_pretty: Some(&meta.method_pretty),
+            method_url: meta.method_url.as_deref(),
+            base_model: meta.base_reference.as_deref(),
+            models: &meta.references,
+            config_yaml: &meta.config_yaml,
+            model_exists_locally: &|p: &str| std::path::Path::new(p).exists(),
+        }),
+    };
     let mut shards: Vec<(String, u64, String)> = outputs
         .iter()
         .map(|o| {

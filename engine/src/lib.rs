@@ -4,8 +4,9 @@
 //! live (`storage`), the work unit that planner and workers exchange (`unit`),
 //! the planner that turns a config into work units (`plan`), the merge methods
 //! (`methods`), the executor that runs one work unit (`exec`), the output
-//! files around the tensors (`output`), and tokenizer merging: the output
-//! vocabulary and each input's rows in it (`tokenizer`).
+//! files around the tensors (`output`), tokenizer merging: the output
+//! vocabulary and each input's rows in it (`tokenizer`), and `fleetmerge moe`'s
+//! planner: a Mixture of Experts built from dense models (`moe`).
 //!
 //! # Layers
 //!
@@ -27,6 +28,7 @@
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
 //! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `tokenizer` (the output vocabulary and each vocabulary tensor's alignment), `methods`, `unit`, `yaml`, `size`, `dtype` |
 //! | `exec`           | `plan` (only to report its memory estimate: `plan::summary::PeakMemory`), `gpu`, `methods`, `unit`, `checkpoint`, `storage`, `output`, `size`, `dtype` |
+//! | `moe`            | `plan` (its input models, shards and plan types), `config` (model references, errors), `methods` (the random streams), `storage`, `output`, `unit`, `yaml`, `dtype` |
 //!
 //! `unit` is split in two on purpose: its types are below `methods` (a
 //! method's kernel reads the unit's parameter values), while the checks of
@@ -38,6 +40,7 @@ pub mod dtype;
 pub mod exec;
 pub mod gpu;
 pub mod methods;
+pub mod moe;
 pub mod output;
 pub mod plan;
 pub mod size;
@@ -97,6 +100,12 @@ mod layering {
                 "output",
                 "size",
                 "dtype",
+            ],
+        ),
+        (
+            "moe",
+            &[
+                "plan", "config", "methods", "storage", "output", "unit", "yaml", "dtype",
             ],
         ),
     ];

@@ -1,6 +1,7 @@
 //! One module per command; `options` holds what several of them share.
 
 pub mod coordinator;
+pub mod moe;
 pub mod options;
 pub mod plan;
 pub mod run;

@@ -96,7 +96,8 @@ pub struct PlanArgs {
     /// Bytes per output shard: 5B = 5x10^9 as mergekit; also 500M, 20MB, 2GiB (README: Sizes).
     #[arg(long, default_value = "5B", value_parser = shard_size)]
     pub out_shard_size: u64,
-    /// Seed of the randomized methods (DARE, DELLA).
+    /// Seed of the randomized methods (DARE, DELLA) and of `moe`'s random
+    /// routers and noise.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub random_seed: u64,
     /// Merge models even when their `architectures` differ.
@@ -111,6 +112,18 @@ pub struct PlanArgs {
     /// 64th of the merge's inputs, within 16 MiB..1 GiB.
     #[arg(long, default_value = "auto", value_parser = unit_size)]
     pub unit_size: UnitSize,
+    /// MoE configs (`fleetmerge moe`): build even when every expert is the
+    /// same model (mergekit-moe's flag of the same name).
+    #[arg(long = "i-understand-this-is-not-useful-without-training")]
+    pub allow_all_same: bool,
+}
+
+/// What a config file describes: a merge (`run`), or a Mixture of Experts
+/// built from dense models (`moe`; it has a top-level `experts:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Merge,
+    Moe,
 }
 
 /// `--unit-size`: `auto` or a size.
@@ -145,10 +158,56 @@ impl PlanArgs {
         })
     }
 
-    /// Plans the merge of the YAML config `config`.
+    /// Plans the merge or MoE build of the YAML config `config` (either kind:
+    /// the coordinator takes both).
     pub fn plan(&self, config: &Path) -> Result<Plan> {
+        self.plan_kind(config, None)
+    }
+
+    /// Plans `config`, refusing a config of the other kind than `want`.
+    pub fn plan_kind(&self, config: &Path, want: Option<ConfigKind>) -> Result<Plan> {
+        let kind = match std::fs::read_to_string(config) {
+            Ok(text) if fleetmerge_engine::moe::is_moe_config(&text) => ConfigKind::Moe,
+            // Unreadable: the merge config's loader says why.
+            _ => ConfigKind::Merge,
+        };
+        match (want, kind) {
+            (Some(ConfigKind::Merge), ConfigKind::Moe) => anyhow::bail!(
+                "{}: this is a mergekit-moe config (it has `experts:`); build it with \
+                 `fleetmerge moe {} OUT`",
+                config.display(),
+                config.display()
+            ),
+            (Some(ConfigKind::Moe), ConfigKind::Merge) => anyhow::bail!(
+                "{}: this is not a mergekit-moe config (it has no top-level `experts:`); merge \
+                 it with `fleetmerge run {} OUT`",
+                config.display(),
+                config.display()
+            ),
+            _ => {}
+        }
+        if kind == ConfigKind::Moe {
+            return Ok(self.plan_moe(config)?.plan);
+        }
         let config = MergeConfig::load(config)?;
         Ok(plan::plan(&config, &self.options()?)?)
+    }
+
+    /// Plans the MoE build of `config`, logging mergekit-moe's warnings.
+    pub fn plan_moe(&self, config: &Path) -> Result<fleetmerge_engine::moe::MoePlan> {
+        let config = fleetmerge_engine::moe::MoeConfig::load(config)?;
+        let planned = fleetmerge_engine::moe::plan(&config, &self.options()?, self.allow_all_same)?;
+        for w in &planned.report.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            family = %planned.report.family,
+            gate_mode = %planned.report.gate_mode,
+            "building a MoE: {} experts, routers: {}",
+            planned.report.experts.len(),
+            planned.report.router_cost
+        );
+        Ok(planned)
     }
 }
 

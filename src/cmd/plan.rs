@@ -1,6 +1,8 @@
 //! `fleetmerge plan CONFIG`: a dry run. Compares the inputs (and shows the
 //! LoRA adapter of each `model+adapter` input) and what a merge will read,
-//! write and hold in memory, from the checkpoints' headers only.
+//! write and hold in memory, from the checkpoints' headers only. For a
+//! mergekit-moe config: the output families considered and why each was
+//! rejected, the bytes of each expert, the router mode and its cost.
 
 use super::options::{self, PlanArgs};
 use anyhow::Result;
@@ -34,6 +36,11 @@ pub fn plan(args: PlanCmdArgs) -> Result<()> {
     use fleetmerge_engine::config::MergeConfig;
     use fleetmerge_engine::plan::{self, summary};
     options::init_logging(true);
+    if std::fs::read_to_string(&args.config)
+        .is_ok_and(|t| fleetmerge_engine::moe::is_moe_config(&t))
+    {
+        return plan_moe(args);
+    }
     let config = MergeConfig::load(&args.config)?;
     let opts = args.plan.options()?;
     let models = plan::inspect_models(&config, &opts)?;
@@ -300,5 +307,109 @@ fn count(n: u64) -> String {
         format!("{:.1} K", n / 1e3)
     } else {
         format!("{n}")
+    }
+}
+
+/// `plan` of a mergekit-moe config.
+fn plan_moe(args: PlanCmdArgs) -> Result<()> {
+    use fleetmerge_engine::plan::summary;
+    let planned = args.plan.plan_moe(&args.config)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
+    let out = args.out.as_deref().unwrap_or(".");
+    let peak =
+        fleetmerge_engine::exec::memory::peak(&planned.plan.units, out, args.max_memory, threads);
+    let mut s = summary::summarize(&planned.plan, &[], &peak, threads);
+    // Every tensor of a built model comes from one model: not worth a warning.
+    s.warnings
+        .retain(|w| !w.contains("come from one model only"));
+    let r = &planned.report;
+    if args.json {
+        let v = serde_json::json!({
+            "format": 1,
+            "config": args.config,
+            "moe": r,
+            "plan": s,
+            "error": peak.over_budget.as_ref().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("output families (mergekit-moe's order; the first that fits is built):");
+        for (name, why) in &r.families {
+            match why {
+                None if *name == r.family => println!("  {name}: chosen"),
+                None => println!("  {name}: would fit"),
+                Some(why) => println!("  {name}: rejected: {why}"),
+            }
+        }
+        println!(
+            "model: {} layers, hidden {}, {} experts{}; dtype {}",
+            r.layers,
+            r.hidden,
+            r.experts.len(),
+            match r.shared_experts.len() {
+                0 => String::new(),
+                n => format!(" + {n} shared"),
+            },
+            r.dtype.as_deref().unwrap_or("as the inputs")
+        );
+        println!(
+            "  base (attention, norms, embeddings): {}",
+            bytes(r.base_bytes as f64)
+        );
+        for (i, e) in r.experts.iter().enumerate() {
+            println!(
+                "  expert {i}: {} ({} of MLPs; {} positive, {} negative prompts)",
+                e.reference,
+                bytes(e.bytes as f64),
+                e.positive_prompts,
+                e.negative_prompts
+            );
+        }
+        for (i, e) in r.shared_experts.iter().enumerate() {
+            println!(
+                "  shared expert {i}: {} ({} of MLPs)",
+                e.reference,
+                bytes(e.bytes as f64)
+            );
+        }
+        println!(
+            "routers: gate_mode {}: {}; {} written",
+            r.gate_mode,
+            r.router_cost,
+            bytes(r.router_bytes as f64)
+        );
+        println!(
+            "plan: {} output tensors ({} parameters) in {} work unit{} ({} shard{}); read {}, \
+             write {}",
+            s.output_tensors,
+            count(s.parameters),
+            s.work_units,
+            if s.work_units == 1 { "" } else { "s" },
+            s.shards,
+            if s.shards == 1 { "" } else { "s" },
+            bytes(s.read_total as f64),
+            bytes(s.write_total as f64)
+        );
+        println!(
+            "peak memory per worker slot: about {} ({} threads; an upper bound)",
+            bytes(s.peak_memory_per_slot as f64),
+            s.threads
+        );
+        let warnings: Vec<&String> = r.warnings.iter().chain(&s.warnings).collect();
+        if warnings.is_empty() {
+            println!("warnings: none");
+        } else {
+            println!("warnings:");
+            for w in warnings {
+                println!("  - {w}");
+            }
+        }
+    }
+    match peak.over_budget {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
 }

@@ -85,6 +85,11 @@ impl Counters {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    run_kind(args, options::ConfigKind::Merge)
+}
+
+/// `run`, or `moe` (the same driver; `kind` is the config kind it takes).
+pub fn run_kind(args: RunArgs, kind: options::ConfigKind) -> Result<()> {
     options::init_logging(args.quiet);
     options::compute_threads(args.threads)?;
     let started = Instant::now();
@@ -93,7 +98,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         tracing::info!(device = %device.name(), "computing on the GPU");
     }
     crate::hub::pin_from_journal(&args.out, args.restart);
-    let plan = args.plan.plan(&args.config)?;
+    let plan = args.plan.plan_kind(&args.config, Some(kind))?;
     check_memory(&plan, &args)?;
     let out = options::output_location(&args.out)?;
     let counters = Counters::default();
@@ -158,7 +163,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         let secs = started.elapsed().as_secs_f64();
         let read = counters.read.load(Ordering::Relaxed) as f64;
         eprintln!(
-            "merged {} tensors into {} ({} shard{}, {}) in {:.2} s, reading {} ({}/s)",
+            "{} {} tensors into {} ({} shard{}, {}) in {:.2} s, reading {} ({}/s)",
+            match kind {
+                options::ConfigKind::Merge => "merged",
+                options::ConfigKind::Moe => "built a MoE of",
+            },
             plan.tensor_count(),
             args.out.display(),
             shards.len(),

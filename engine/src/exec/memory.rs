@@ -94,7 +94,7 @@ pub fn estimate(
         .max()
         .unwrap_or(0);
     let outputs = 2 * windows.iter().map(output_bytes).max().unwrap_or(0);
-    let method = methods::get(&unit.merge_method);
+    let method = methods::get_for_unit(&unit.merge_method);
     let max_inputs = unit
         .tensors
         .iter()
@@ -306,7 +306,7 @@ pub fn limits_within(
         stream: true,
     };
     // The tensor that needs the most: read whole, or working memory streamed.
-    let method = methods::get(&unit.merge_method);
+    let method = methods::get_for_unit(&unit.merge_method);
     let (tensor, why) = unit
         .tensors
         .iter()

@@ -262,7 +262,7 @@ fn unit_method(unit: &WorkUnit) -> Result<&'static dyn methods::MergeMethod, Exe
             expected: PLAN_FORMAT,
         });
     }
-    methods::get(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
+    methods::get_for_unit(&unit.merge_method).ok_or_else(|| ExecError::UnknownMethod {
         unit: unit.id,
         method: unit.merge_method.clone(),
     })

@@ -1,5 +1,5 @@
 //! One output tensor from its inputs' bytes: copied (a non-float tensor every
-//! model holds the same), or merged by the unit's method — on the device when
+//! model holds the same), given (a literal's bytes, e.g. a built MoE's router), or merged by the unit's method — on the device when
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
 //! scales ([`requantize`]). An adapted input's LoRA factors are decoded once
@@ -55,7 +55,13 @@ pub(super) fn compute(
     stream: Option<&dyn Segments>,
     device: &Device,
 ) -> Result<(), ExecError> {
-    match t.op {
+    match &t.op {
+        TensorOp::Literal { hex } => {
+            // Validated: exactly the tensor's bytes (and never streamed: it
+            // reads nothing).
+            hex::decode_to_slice(hex, out)
+                .map_err(|e| ExecError::Internal(format!("{}: literal tensor data: {e}", t.name)))
+        }
         TensorOp::CopyIdentical => {
             let differ = || ExecError::BuffersDiffer {
                 tensor: t.name.clone(),

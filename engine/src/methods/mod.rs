@@ -14,12 +14,13 @@ mod karcher;
 mod linear;
 pub mod lora;
 mod model_stock;
+pub mod moe_expert;
 mod multislerp;
 mod nearswap;
 mod nuslerp;
 mod passthrough;
 mod ram;
-mod rng;
+pub mod rng;
 mod sce;
 mod select;
 mod slerp;
@@ -202,6 +203,15 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
 /// The method registered under `name`.
 pub fn get(name: &str) -> Option<&'static dyn MergeMethod> {
     registry().iter().copied().find(|m| m.spec().name == name)
+}
+
+/// The method a work unit names: a registered one, or one that only planners
+/// other than a merge config's use (`moe_expert`, see [`moe_expert`]).
+pub fn get_for_unit(name: &str) -> Option<&'static dyn MergeMethod> {
+    get(name).or_else(|| {
+        static INTERNAL: &[&dyn MergeMethod] = &[&moe_expert::MoeExpert];
+        INTERNAL.iter().copied().find(|m| m.spec().name == name)
+    })
 }
 
 /// Names of all registered methods, for error messages.

@@ -89,6 +89,7 @@ impl Planner<'_> {
             dequantized: false,
             chat_template: cfg.chat_template.as_ref().map(|c| c.value.clone()),
             config_yaml: cfg.source.clone(),
+            generated: None,
             method_pretty: spec.pretty_name.to_string(),
             method_url: spec.reference_url.map(str::to_string),
             base_reference: cfg.base_model.as_ref().map(|b| b.value.to_string()),

@@ -2,9 +2,12 @@
 //! output tensors (each with its inputs, byte ranges and fully resolved
 //! parameters), grouped into output shards. Each shard is a [`WorkUnit`] (see
 //! [`crate::unit`]): plain, serializable data that a worker in this process or on
-//! another machine can execute without the config or the planner.
+//! another machine can execute without the config or the planner. `inputs`
+//! lends the planner's input models and sharding to other planners
+//! (`crate::moe`).
 
 mod build;
+pub mod inputs;
 pub mod layout;
 mod meta;
 mod models;
@@ -72,6 +75,26 @@ pub struct OutputMeta {
     /// References for the model card: the base and every referenced model.
     pub base_reference: Option<String>,
     pub references: Vec<String>,
+    /// A model built rather than merged (`fleetmerge moe`): its config.json
+    /// and model card are given here instead of derived from a donor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<GeneratedFiles>,
+}
+
+/// The files of a built model (`fleetmerge moe`) that a merge derives from its
+/// donor and config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedFiles {
+    /// config.json, verbatim.
+    pub config_json: String,
+    /// The model card (README.md) before its provenance section.
+    pub card: String,
+    /// The name the config YAML is written under (`mergekit_moe_config.yml`).
+    pub config_file: String,
+    /// `tokenizer_config.json` to write over the copied one (mergekit-moe
+    /// saves the base's tokenizer with its pad token set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_config: Option<String>,
 }
 
 /// The whole merge.

@@ -9,7 +9,8 @@
 //! merge with tokenizer settings carries its [`VocabAlignment`] (`vocab`): how
 //! each input's rows are re-indexed into the output vocabulary. An input of a
 //! `model+adapter` reference carries its LoRA factors ([`LoraRef`]), added to
-//! its weight on read.
+//! its weight on read. A tensor the planner computed (a built MoE's router)
+//! carries its bytes ([`TensorOp::Literal`]) and reads nothing.
 
 mod validate;
 mod vocab;
@@ -78,6 +79,9 @@ pub enum TensorOp {
     /// A non-float buffer (e.g. integer position ids): copied when every input
     /// holds the same bytes, an error otherwise (mergekit 0.1.5's rule).
     CopyIdentical,
+    /// Bytes the planner computed (a built MoE's routers, small): the tensor's
+    /// data in its dtype, little-endian, hex-encoded. No inputs.
+    Literal { hex: String },
 }
 
 /// One tensor of the output.

@@ -268,6 +268,10 @@ impl Checker<'_> {
     ) -> Result<u64, UnitError> {
         let name = t.name.as_str();
         let out_bytes = self.shape(name, || "shape".into(), t.dtype, &t.shape)?;
+        if let TensorOp::Literal { hex } = &t.op {
+            self.literal(t, hex, out_bytes)?;
+            return Ok(out_bytes);
+        }
         if t.inputs.is_empty() {
             return Err(self.err(Some(name), "inputs", "no inputs".into()));
         }
@@ -330,8 +334,48 @@ impl Checker<'_> {
                 }
             }
             TensorOp::Merge => self.merge(method, t)?,
+            TensorOp::Literal { .. } => {}
         }
         Ok(out_bytes)
+    }
+
+    /// A tensor given by its bytes: nothing read, nothing merged, and exactly
+    /// the tensor's bytes, in hex.
+    fn literal(&self, t: &OutputTensor, hex: &str, out_bytes: u64) -> Result<(), UnitError> {
+        let name = Some(t.name.as_str());
+        if !t.inputs.is_empty() || !t.scales.is_empty() || t.base.is_some() {
+            return Err(self.err(
+                name,
+                "inputs",
+                "a literal tensor has no inputs, scales or base".into(),
+            ));
+        }
+        if t.vocab.is_some() || t.requant.is_some() || t.block.is_some() {
+            return Err(self.err(
+                name,
+                "op",
+                "a literal tensor is neither re-indexed nor re-quantized".into(),
+            ));
+        }
+        if !t.params.shared.is_empty() || !t.params.per_input.is_empty() {
+            return Err(self.err(name, "params", "a literal tensor has no parameters".into()));
+        }
+        if hex.len() as u64 != out_bytes.saturating_mul(2) {
+            return Err(self.err(
+                name,
+                "op.Literal.hex",
+                format!(
+                    "{} hex digits, but {} {:?} is {out_bytes} bytes",
+                    hex.len(),
+                    t.dtype,
+                    t.shape
+                ),
+            ));
+        }
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(self.err(name, "op.Literal.hex", "not hexadecimal digits".into()));
+        }
+        Ok(())
     }
 
     /// A vocabulary tensor's alignment: a merged, unquantized tensor whose
@@ -613,7 +657,7 @@ impl WorkUnit {
                     .into(),
             ));
         }
-        let method = methods::get(&self.merge_method).ok_or_else(|| {
+        let method = methods::get_for_unit(&self.merge_method).ok_or_else(|| {
             c.err(
                 None,
                 "merge_method",
@@ -748,6 +792,7 @@ mod tests {
     use super::*;
     use crate::plan::DEFAULT_SHARD_SIZE;
     use crate::unit::tests::{plan_case, planned_cases};
+    use crate::unit::TensorParams;
 
     /// Every unit the planner writes for the conformance cases passes (one
     /// shard, and many small ones).
@@ -1072,6 +1117,72 @@ mod tests {
             assert!(e.contains(expect), "{what}: {e}");
             assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
         }
+    }
+
+    /// A literal tensor (a built MoE's router): exactly its bytes in hex, and
+    /// nothing read, merged or re-indexed.
+    #[test]
+    fn literal_tensors() {
+        let literal = |u: &mut WorkUnit| {
+            let t = &mut u.tensors[0];
+            t.inputs.clear();
+            t.base = None;
+            t.params = TensorParams::default();
+            t.dtype = DType::BF16;
+            t.shape = vec![2, 3];
+            t.op = TensorOp::Literal {
+                hex: "00".repeat(12),
+            };
+        };
+        let mut u = ties_unit();
+        literal(&mut u);
+        u.validate().expect("a literal of 12 bytes");
+        type Mutation = fn(&mut WorkUnit);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("hex digits, but", |u| {
+                u.tensors[0].op = TensorOp::Literal {
+                    hex: "00".repeat(11),
+                }
+            }),
+            ("not hexadecimal", |u| {
+                u.tensors[0].op = TensorOp::Literal {
+                    hex: "zz".repeat(12),
+                }
+            }),
+            ("has no inputs", |u| {
+                let r = ties_unit().tensors[0].inputs[0].clone();
+                u.tensors[0].inputs.push(r);
+            }),
+            ("no parameters", |u| {
+                u.tensors[0]
+                    .params
+                    .shared
+                    .insert("weight".into(), ParamValue::Number(1.0));
+            }),
+        ];
+        for (expect, mutate) in cases {
+            let mut u = ties_unit();
+            literal(&mut u);
+            mutate(&mut u);
+            let e = u.validate().expect_err(expect).to_string();
+            assert!(e.contains(expect), "{expect}: {e}");
+        }
+        // The internal method of built MoEs is a unit's method, not a config's.
+        let mut u = ties_unit();
+        literal(&mut u);
+        u.merge_method = "moe_expert".into();
+        let t = u.tensors.remove(1);
+        u.tensors.truncate(1);
+        let mut copy = t.clone();
+        copy.inputs.truncate(1);
+        copy.base = None;
+        copy.params = TensorParams {
+            shared: Default::default(),
+            per_input: vec![Default::default()],
+        };
+        u.tensors.push(copy);
+        u.validate().expect("moe_expert units");
+        assert!(methods::get("moe_expert").is_none());
     }
 
     #[test]

@@ -165,6 +165,17 @@ impl MergeConfig {
         Reader { file }.config(&root, source)
     }
 
+    /// Reads a model reference node (every form a config's `model:` takes:
+    /// `PATH[@REV][+LORA[@REV]]`, `{model, lora}`) of the file `file` at
+    /// `key_path`, as other configs that name models (`fleetmerge moe`) do.
+    pub fn model_reference(
+        file: &str,
+        node: &Node,
+        key_path: &str,
+    ) -> Result<Spanned<ModelRef>, ConfigError> {
+        Reader { file }.model_ref(node, key_path)
+    }
+
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<MergeConfig, ConfigError> {
         let file = path.display().to_string();
