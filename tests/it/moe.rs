@@ -387,18 +387,6 @@ fn a_coordinator_and_workers_build_what_moe_builds() {
     assert!(shards.len() >= 4, "several shards: {shards:?}");
 }
 
-/// The python of the transformers checks: FLEETMERGE_TORCH_PYTHON.
-fn torch_python() -> PathBuf {
-    let p = std::env::var("FLEETMERGE_TORCH_PYTHON").unwrap_or_default();
-    assert!(
-        !p.is_empty() && Path::new(&p).exists(),
-        "FLEETMERGE_TORCH_PYTHON is not set to a python with torch and transformers (5.x): \
-         e.g. `python -m venv /tmp/torchtest && /tmp/torchtest/bin/pip install torch \
-         transformers safetensors` then FLEETMERGE_TORCH_PYTHON=/tmp/torchtest/bin/python"
-    );
-    PathBuf::from(p)
-}
-
 fn load_check(python: &Path, out: &Path, class: &str) {
     let o = std::process::Command::new(python)
         .arg(moe_fixture("load_check.py"))
