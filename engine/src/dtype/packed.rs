@@ -380,12 +380,17 @@ mod tests {
         let l = layout(2, 3, 2);
         let mut seed = 7u64;
         let blocks: Vec<u8> = (0..2 * 3 * 2 * 16).map(|_| rng(&mut seed) as u8).collect();
-        let scales: Vec<u8> = (0..12).map(|i| [0u8, 1, 100, 127, 130, 254][i % 6]).collect();
+        let scales: Vec<u8> = (0..12)
+            .map(|i| [0u8, 1, 100, 127, 130, 254][i % 6])
+            .collect();
         let all = decode_all(&l, &blocks, &scales);
         let want = reference(&l, &blocks, &scales);
         assert_eq!(l.decoded_shape(), vec![2, 64, 3]);
         for (a, b) in all.iter().zip(&want) {
-            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{a} {b}");
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{a} {b}"
+            );
         }
         // Any chunk decodes as the whole does.
         let mut part = vec![0f32; 50];

@@ -418,6 +418,7 @@ fn tensor(
                             block: has_scales.then_some(block),
                             requant: requant.clone(),
                             vocab: None,
+                            packed: None,
                         }
                     })
                 },
