@@ -21,6 +21,7 @@ mod hostile_units;
 mod hub;
 mod inspect;
 mod lora;
+mod mxfp4;
 mod object_storage;
 mod resume;
 mod safety;

@@ -65,7 +65,7 @@ pub(super) fn compute(
                 models: t
                     .inputs
                     .iter()
-                    .map(|r| r.name.clone())
+                    .map(|r| format!("{} in {}", r.name, r.location))
                     .collect::<Vec<_>>()
                     .join(", "),
             };

@@ -351,11 +351,13 @@ impl Planner<'_> {
             let cfg = self.cfg;
             // An FP8 `out_dtype` applies to block-scaled weights only (re-quantized
             // above); the other tensors keep `dtype` or their inputs' type.
+            // With `out_dtype: mxfp4` the other tensors keep their inputs'
+            // type (gpt-oss: BF16), as the packed checkpoint stores them.
             let dtype = cfg
                 .out_dtype
                 .as_ref()
                 .filter(|d| !d.value.is_fp8())
-                .or(cfg.dtype.as_ref())
+                .or(cfg.dtype.as_ref().filter(|_| cfg.out_packed.is_none()))
                 .map(|d| d.value)
                 .unwrap_or(promoted);
             if dtype.is_fp8() {
