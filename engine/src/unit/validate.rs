@@ -1056,6 +1056,87 @@ mod tests {
         }
     }
 
+    /// The rules of tensors with packed (MXFP4) inputs, one mutation each, on
+    /// a planned gpt-oss unit: the error names the tensor and the field.
+    #[test]
+    fn packed_rules_refuse_with_the_tensor_and_field() {
+        use crate::unit::PackedOut;
+        type Mutation = fn(&mut OutputTensor);
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            ("scales shape", "scales[1]", |t| {
+                let s = t.scales[1].as_mut().unwrap();
+                s.shape = vec![s.len];
+            }),
+            ("scales dtype", "scales[0]", |t| {
+                let s = t.scales[0].as_mut().unwrap();
+                s.dtype = DType::I8;
+            }),
+            ("codes shape", "inputs[0]", |t| {
+                let r = &mut t.inputs[0];
+                r.shape = vec![r.len / 8, 8];
+            }),
+            ("decoded shape", "inputs[0].shape", |t| t.shape[1] += 1),
+            ("no scales", "scales", |t| t.scales.truncate(1)),
+            ("none packed", "at least one input is packed", |t| {
+                for s in &mut t.scales {
+                    *s = None;
+                }
+            }),
+            ("fp8 block", "no FP8 block size", |t| {
+                t.block = Some([128, 128])
+            }),
+            ("copied", "neither re-quantized nor packed", |t| {
+                t.op = TensorOp::CopyIdentical;
+                t.dtype = DType::U8;
+                t.shape = t.inputs[0].shape.clone();
+            }),
+            ("adapted", "inputs[0].lora", |t| {
+                let a = t.inputs[0].clone();
+                t.inputs[0].lora = Some(Box::new(crate::unit::LoraRef {
+                    a: a.clone(),
+                    b: a,
+                    scale: 1.0,
+                    transposed: false,
+                }));
+            }),
+            ("packed dtype", "packed.out", |t| {
+                let p = t.packed.as_mut().unwrap();
+                p.out = Some(PackedOut {
+                    merged: t.name.clone(),
+                    merged_shape: t.shape.clone(),
+                    scales: false,
+                });
+            }),
+            ("merged shape", "packed.out.merged_shape", |t| {
+                let p = t.packed.as_mut().unwrap();
+                p.out = Some(PackedOut {
+                    merged: t.name.clone(),
+                    merged_shape: vec![t.shape[0], 33, t.shape[2]],
+                    scales: true,
+                });
+                t.dtype = DType::U8;
+            }),
+            ("float out", "dtype", |t| t.dtype = DType::U8),
+        ];
+        let base = plan_case("gptoss_ties", DEFAULT_SHARD_SIZE).units.remove(0);
+        base.validate().unwrap();
+        let i = base
+            .tensors
+            .iter()
+            .position(|t| t.packed.is_some())
+            .expect("a packed tensor");
+        for (what, expect, mutate) in cases {
+            let mut u = base.clone();
+            mutate(&mut u.tensors[i]);
+            let e = u.validate().expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert!(
+                e.contains(&format!("tensor \"{}\"", base.tensors[i].name)),
+                "{what}: {e}"
+            );
+        }
+    }
+
     /// A vocabulary tensor's alignment is checked against the tensor and its
     /// inputs: inputs keep their own row counts, every other rule still holds.
     #[test]
