@@ -176,27 +176,47 @@ pub struct PackedView<'a> {
 
 impl PackedView<'_> {
     /// Writes the decoded values of elements `start..start + out.len()` of
-    /// the decoded (transposed) tensor `[E, C, R]` into `out`.
+    /// the decoded (transposed) tensor `[E, C, R]` into `out`. Consecutive
+    /// elements run over `r` for one column `c`: each reads one nibble of a
+    /// different row's block, so the loop walks runs of one column.
     pub fn decode(&self, start: usize, out: &mut [f32]) {
         let l = &self.layout;
         let (rows, groups) = (l.rows as usize, l.groups as usize);
         let per = l.format.block_values() as usize;
-        let cols = groups * per;
         let bb = l.format.block_bytes() as usize;
+        let cols = groups * per;
         let per_expert = cols * rows;
-        let mut i = start;
-        for o in out.iter_mut() {
-            let (e, rem) = (i / per_expert, i % per_expert);
-            let (c, r) = (rem / rows, rem % rows);
-            let block = (e * rows + r) * groups + c / per;
-            let k = c % per;
-            let byte = self.blocks.get(block * bb + k / 2).copied().unwrap_or(0);
-            let code = if k % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-            let scale = self.scales.get(block).copied().unwrap_or(127);
-            *o = E2M1_VALUES[code as usize] * e8m0_to_f32(scale);
-            i += 1;
+        let scale = e8m0_table();
+        let (mut e, rem) = (start / per_expert, start % per_expert);
+        let (mut c, mut r) = (rem / rows, rem % rows);
+        let mut done = 0;
+        while done < out.len() {
+            let run = (rows - r).min(out.len() - done);
+            let (g, k) = (c / per, c % per);
+            let (byte_at, shift) = (k / 2, (k % 2) * 4);
+            // Block of (e, r, g) is (e·R + r)·G + g.
+            let first = (e * rows + r) * groups + g;
+            for (j, o) in out[done..done + run].iter_mut().enumerate() {
+                let block = first + j * groups;
+                let byte = self.blocks.get(block * bb + byte_at).copied().unwrap_or(0);
+                let s = self.scales.get(block).copied().unwrap_or(127);
+                *o = E2M1_VALUES[((byte >> shift) & 0x0f) as usize] * scale[s as usize];
+            }
+            done += run;
+            r = 0;
+            c += 1;
+            if c == cols {
+                c = 0;
+                e += 1;
+            }
         }
     }
+}
+
+/// [`e8m0_to_f32`] of every byte.
+fn e8m0_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|s| e8m0_to_f32(s as u8)))
 }
 
 /// The E2M1 code nearest to `x` (already divided by its block's scale), ties
