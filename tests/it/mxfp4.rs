@@ -597,3 +597,106 @@ fn torch_both_output_formats_load_in_transformers() {
         }
     }
 }
+
+/// Rewrites the header of `dir/model.safetensors` with `edit` (the data is
+/// kept).
+fn edit_header(dir: &Path, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("model.safetensors");
+    let raw = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut out = safetensors_prefix(&header);
+    out.extend_from_slice(&raw[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn a_malformed_mxfp4_pair_is_refused_at_plan_naming_model_and_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = edited_copies(dir.path(), &["gptoss-ft-a"], &|_| {});
+    // Same bytes, another shape: [4, 128, 2] scales read as [8, 64, 2].
+    edit_header(&models[0], &|h| {
+        h["model.layers.1.mlp.experts.gate_up_proj_scales"]["shape"] =
+            serde_json::json!([8, 64, 2]);
+    });
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "models:\n  - model: {}\n    parameters: {{weight: 1.0}}\n  - model: {}\n    \
+             parameters: {{weight: 1.0}}\nmerge_method: linear\ndtype: bfloat16\n",
+            models[0].display(),
+            packed("gptoss-ft-b")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("model.layers.1.mlp.experts.gate_up_proj_scales is U8 [8, 64, 2]")
+            && err.contains(&models[0].display().to_string())
+            && err.contains("is MXFP4"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn non_finite_decoded_values_are_kept_in_bf16_and_refused_by_mxfp4_output() {
+    // A scale byte of 255 decodes to infinity (2^128), as in transformers.
+    let dir = tempfile::tempdir().unwrap();
+    let models = edited_copies(dir.path(), &["gptoss-ft-a"], &|_| {});
+    let path = models[0].join("model.safetensors");
+    let mut raw = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + n]).unwrap();
+    let at = header["model.layers.0.mlp.experts.down_proj_scales"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    raw[8 + n + at] = 255;
+    std::fs::write(&path, raw).unwrap();
+    let yaml = |out_dtype: &str| {
+        format!(
+            "models:\n  - model: {}\n    parameters: {{weight: 1.0}}\nmerge_method: linear\n\
+             dtype: float32\nout_dtype: {out_dtype}\n",
+            models[0].display()
+        )
+    };
+    let bf16 = dir.path().join("bf16");
+    merge(dir.path(), &yaml("bfloat16"), &bf16, &[]);
+    let got = read_model(&bf16);
+    let down = got["model.layers.0.mlp.experts.down_proj"].values();
+    assert!(down.iter().any(|v| v.is_infinite()));
+    let config = dir.path().join("mx.yaml");
+    std::fs::write(&config, yaml("mxfp4")).unwrap();
+    let out = dir.path().join("mx");
+    let o = fleetmerge(
+        dir.path(),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("model.layers.0.mlp.experts.down_proj_blocks")
+            && err.contains("MXFP4 cannot hold")
+            && err.contains("float `out_dtype`"),
+        "{err}"
+    );
+}
