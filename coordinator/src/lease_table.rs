@@ -1276,6 +1276,7 @@ mod tests {
                 block: None,
                 requant: None,
                 vocab: None,
+                packed: None,
             }];
         }
         units

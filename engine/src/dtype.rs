@@ -1,5 +1,9 @@
 //! Tensor element types as safetensors names them, and the conversions between
-//! their bit patterns and the f32 values every kernel computes in.
+//! their bit patterns and the f32 values every kernel computes in. Packed
+//! block formats (MXFP4: codes in U8 tensors with a scale per block) are in
+//! [`packed`].
+
+pub mod packed;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

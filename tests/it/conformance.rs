@@ -182,6 +182,8 @@ cases!(
     bin_linear,
     bin_mixed_ties,
     err_bin_unsafe_pickle,
+    gptoss_linear,
+    gptoss_ties,
 );
 
 #[test]

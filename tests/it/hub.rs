@@ -44,6 +44,10 @@ const REPOS: &[&str] = &[
     "llama-bin-a",
     "llama-bin-b",
     "llama-bin-evil",
+    "gptoss-base",
+    "gptoss-ft-a",
+    "gptoss-ft-b",
+    "gptoss-ft-c",
 ];
 
 /// The commit of repo number `i` (40 hex digits).
@@ -281,6 +285,11 @@ fn kit_cases_merge_from_the_hub_by_range_with_the_bytes_of_local_paths() {
         (
             "mixtral_ties",
             &["mixtral-ft-a", "mixtral-ft-b", "mixtral-base"][..],
+            "5B",
+        ),
+        (
+            "gptoss_ties",
+            &["gptoss-ft-a", "gptoss-ft-b", "gptoss-ft-c", "gptoss-base"][..],
             "5B",
         ),
     ] {

@@ -22,6 +22,7 @@ mod hub;
 mod inspect;
 mod lora;
 mod moe;
+mod mxfp4;
 mod object_storage;
 mod resume;
 mod safety;

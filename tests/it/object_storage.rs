@@ -132,6 +132,7 @@ fn kit_cases_from_bucket_to_bucket_match_local_runs() {
         "passthrough_slices",
         "mixtral_ties",
         "della",
+        "gptoss_ties",
     ] {
         let want = local(case, dir.path(), "100K");
         let cfg = config_at(case, "s3://models/models/", dir.path());

@@ -348,6 +348,7 @@ mod tests {
                 scales: Vec::new(),
                 block: None,
                 requant: None,
+                packed: None,
                 vocab: None,
             }],
         };

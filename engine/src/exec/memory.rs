@@ -13,7 +13,11 @@
 //! whole: the whole tensor's, streamed: one segment's; see `vocab.rs`; an
 //! adapted input's aligned rows are f32). An adapted input's LoRA factors
 //! count as inputs (read whole, also when its tensor is streamed), decoded to
-//! f32 as working memory, and each thread holds the delta of a chunk.
+//! f32 as working memory, and each thread holds the delta of a chunk. A
+//! packed (MXFP4) input is read whole (codes and scales, never streamed) and
+//! decoded chunk by chunk; the method's working memory counts the decoded
+//! elements, and a half of a packed output (or a re-quantized FP8 weight)
+//! holds the whole merged tensor in f32 while it is encoded.
 
 use super::{read, stream, vocab, ExecLimits};
 use crate::methods;
@@ -119,12 +123,18 @@ pub fn estimate(
             let mut m: Vec<u64> = unit.tensors[w.clone()]
                 .iter()
                 .map(|t| {
-                    // A re-quantized FP8 output merges into f32 first (bytes + values).
+                    // A re-quantized FP8 output, or a half of a packed
+                    // (MXFP4) one, merges into f32 first (bytes + values), in
+                    // the decoded shape.
+                    let packed = t.packed.as_ref().and_then(|p| p.out.as_ref());
                     let requant = t
                         .requant
                         .as_ref()
-                        .map_or(0, |r| 8 * r.weight_shape.iter().product::<u64>());
-                    method.map_or(0, |m| m.working_memory(t.numel(), t.inputs.len()))
+                        .map(|r| &r.weight_shape)
+                        .or(packed.map(|p| &p.merged_shape))
+                        .map_or(0, |shape| 8 * shape.iter().product::<u64>());
+                    let numel = packed.map_or(t.numel(), |p| p.merged_shape.iter().product());
+                    method.map_or(0, |m| m.working_memory(numel, t.inputs.len()))
                         + requant
                         + aligned_bytes(t, limits)
                         + lora_bytes(t)
@@ -325,6 +335,11 @@ pub fn limits_within(
                     unit.merge_method
                 );
                 (working, t, why)
+            } else if t.packed.is_some() && t.input_bytes() > least.window_bytes {
+                let why = "is read whole: MXFP4 inputs are decoded from their whole codes (each \
+                           decoded element of the transposed tensor reads anywhere in them)"
+                    .to_string();
+                (t.input_bytes() + working, t, why)
             } else if t.requant.is_some() && t.input_bytes() > least.window_bytes {
                 let why = "is read whole: FP8 weights re-quantized with --keep-fp8 are merged \
                            whole (their block scales need the whole merged weight)"
@@ -394,6 +409,7 @@ mod tests {
                     scales: Vec::new(),
                     block: None,
                     requant: None,
+                    packed: None,
                     vocab: None,
                 })
                 .collect(),

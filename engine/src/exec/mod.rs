@@ -114,6 +114,10 @@ pub enum ExecError {
          be copied when every model has the same one"
     )]
     BuffersDiffer { tensor: String, models: String },
+    /// A merged tensor that its packed output format cannot hold (NaN or
+    /// infinite values).
+    #[error("{tensor}: {message}; write a float `out_dtype` instead to keep such values")]
+    Unencodable { tensor: String, message: String },
 }
 
 /// Progress callbacks: bytes read from inputs and bytes written so far.
@@ -161,9 +165,14 @@ impl ExecLimits {
     /// Whether `t` is streamed under these limits: when its window bytes
     /// ([`read::tensor_bytes`]: what it reads, or a vocabulary tensor's
     /// aligned inputs) exceed the window. A re-quantized FP8 output needs its
-    /// whole merged weight for the block scales, so it never is.
+    /// whole merged weight for the block scales, so it never is; nor is a
+    /// tensor with packed (MXFP4) inputs, whose decoded (transposed) elements
+    /// each read anywhere in their codes.
     pub fn streams(&self, t: &OutputTensor) -> bool {
-        self.stream && t.requant.is_none() && read::tensor_bytes(t) > self.window_bytes
+        self.stream
+            && t.requant.is_none()
+            && t.packed.is_none()
+            && read::tensor_bytes(t) > self.window_bytes
     }
 
     /// The limits that keep `unit` within `budget` bytes (the defaults when

@@ -423,6 +423,7 @@ mod tests {
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab: None,
         }
     }

@@ -250,6 +250,7 @@ mod tests {
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab: None,
         }
     }

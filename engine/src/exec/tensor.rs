@@ -2,7 +2,9 @@
 //! model holds the same), given (a literal's bytes, e.g. a built MoE's router), or merged by the unit's method — on the device when
 //! it takes the tensor ([`Device::merge`]), else on the CPU — and, for a
 //! re-quantized FP8 weight, merged in f32 and quantized with fresh block
-//! scales ([`requantize`]). An adapted input's LoRA factors are decoded once
+//! scales ([`requantize`]); packed (MXFP4) inputs are decoded from their codes
+//! and scales, and a packed output half is merged in f32 and encoded
+//! ([`repack`]). An adapted input's LoRA factors are decoded once
 //! per tensor ([`lora_factors`]) and its delta added to each decoded chunk. A
 //! vocabulary tensor merges its inputs re-indexed into the output vocabulary:
 //! [`compute_loaded`] aligns the rows a window read (`vocab.rs`), a streamed
@@ -11,6 +13,7 @@
 
 use super::read::Inputs;
 use super::{vocab, Device, ExecError};
+use crate::dtype::packed::{encode_mxfp4, BlockFormat, PackedView};
 use crate::dtype::DType;
 use crate::methods::lora::{Factor, LoraFactors};
 use crate::methods::{self, BlockScale, MergeJob, OutputView, Segments, TensorView};
@@ -68,7 +71,7 @@ pub(super) fn compute(
                 models: t
                     .inputs
                     .iter()
-                    .map(|r| r.name.clone())
+                    .map(|r| format!("{} in {}", r.name, r.location))
                     .collect::<Vec<_>>()
                     .join(", "),
             };
@@ -119,6 +122,29 @@ pub(super) fn compute(
                         bytes: own.get(i).copied().unwrap_or_default(),
                         scale: None,
                         lora: None,
+                        packed: None,
+                    });
+                    continue;
+                }
+                // A packed input: its codes, decoded with its scales.
+                if let (Some(p), Some(Some(_))) = (&t.packed, t.scales.get(i)) {
+                    let scales = scale_bytes.next().copied().unwrap_or_default();
+                    let layout = p.format.layout(&r.shape).ok_or_else(|| {
+                        ExecError::Internal(format!(
+                            "{}: input {} of shape {:?} is not {}",
+                            t.name, r.name, r.shape, p.format
+                        ))
+                    })?;
+                    views.push(TensorView {
+                        dtype: r.dtype,
+                        bytes: &[],
+                        scale: None,
+                        lora: None,
+                        packed: Some(PackedView {
+                            layout,
+                            blocks: own.get(i).copied().unwrap_or_default(),
+                            scales,
+                        }),
                     });
                     continue;
                 }
@@ -138,13 +164,20 @@ pub(super) fn compute(
                     bytes: own.get(i).copied().unwrap_or_default(),
                     scale,
                     lora: factors[i].as_ref().map(LoraFactors::delta),
+                    packed: None,
                 });
             }
-            // A re-quantized FP8 output merges as its weight (name and shape
-            // key the method and its random streams).
-            let (name, shape) = match &t.requant {
-                Some(rq) => (rq.weight.as_str(), rq.weight_shape.as_slice()),
-                None => (t.name.as_str(), t.shape.as_slice()),
+            // A re-quantized FP8 output, or a half of a packed one, merges as
+            // its weight (name and shape key the method and its random
+            // streams).
+            let packed_out = t
+                .packed
+                .as_ref()
+                .and_then(|p| Some((p.format, p.out.as_ref()?)));
+            let (name, shape) = match (&t.requant, packed_out) {
+                (Some(rq), _) => (rq.weight.as_str(), rq.weight_shape.as_slice()),
+                (None, Some((_, po))) => (po.merged.as_str(), po.merged_shape.as_slice()),
+                (None, None) => (t.name.as_str(), t.shape.as_slice()),
             };
             let job = MergeJob {
                 name,
@@ -155,6 +188,9 @@ pub(super) fn compute(
                 seed: unit.seed,
                 stream,
             };
+            if let Some((format, po)) = packed_out {
+                return repack(method, &job, t, format, po, out);
+            }
             let Some(rq) = &t.requant else {
                 let mut view = OutputView {
                     dtype: t.dtype,
@@ -182,6 +218,50 @@ pub(super) fn compute(
             Ok(())
         }
     }
+}
+
+/// Merges `job` in f32 and writes half of the packed result `po`: the codes
+/// or the block scales of `t` in `format` (see [`crate::dtype::packed`] for
+/// the rounding rule). A non-finite merged value is an error naming the
+/// tensor.
+fn repack(
+    method: &dyn methods::MergeMethod,
+    job: &MergeJob,
+    t: &OutputTensor,
+    format: BlockFormat,
+    po: &crate::unit::PackedOut,
+    out: &mut [u8],
+) -> Result<(), ExecError> {
+    let layout = format.layout_for(&po.merged_shape).ok_or_else(|| {
+        ExecError::Internal(format!(
+            "{}: {:?} is not a shape {format} can hold",
+            t.name, po.merged_shape
+        ))
+    })?;
+    let numel = job.numel();
+    let mut merged = vec![0u8; numel * 4];
+    method.merge(
+        job,
+        &mut OutputView {
+            dtype: DType::F32,
+            bytes: &mut merged,
+        },
+    )?;
+    let mut values = vec![0f32; numel];
+    crate::dtype::decode_f32(DType::F32, &merged, &mut values);
+    drop(merged);
+    let (blocks, scales): (&mut [u8], &mut [u8]) = if po.scales {
+        (&mut [], out)
+    } else {
+        (out, &mut [])
+    };
+    match format {
+        BlockFormat::Mxfp4 => encode_mxfp4(&layout, &values, blocks, scales),
+    }
+    .map_err(|e| ExecError::Unencodable {
+        tensor: t.name.clone(),
+        message: format!("the merge of {}: {e}", po.merged),
+    })
 }
 
 /// The LoRA factors of each input of `t` (`None` for an input without an

@@ -289,6 +289,7 @@ fn check_cost() {
                 scales: Vec::new(),
                 block: None,
                 requant: None,
+                packed: None,
                 vocab: None,
             })
             .collect(),
@@ -367,6 +368,7 @@ fn vocabulary_tensors_merge_their_aligned_rows() {
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab: Some(VocabAlignment {
                 rows: 4,
                 tokens: 3,
@@ -550,6 +552,7 @@ fn adapted_inputs_read_as_their_folded_weights() {
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab,
         }
     };
@@ -739,6 +742,7 @@ fn an_adapted_fp8_weight_is_dequantized_then_adapted() {
             ))],
             block: Some([128, 128]),
             requant: None,
+            packed: None,
             vocab: None,
         }],
     };
@@ -868,6 +872,7 @@ fn vocab_tensor(
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab: Some(VocabAlignment {
                 rows,
                 tokens,

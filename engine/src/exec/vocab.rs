@@ -547,6 +547,7 @@ mod tests {
             scales: Vec::new(),
             block: None,
             requant: None,
+            packed: None,
             vocab: Some(v),
         }
     }

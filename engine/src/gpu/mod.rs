@@ -56,10 +56,11 @@ pub const STAGING: usize = 32 << 20;
 /// within its kernels' limits. `None`: the CPU merges it.
 pub fn accept(method: &dyn MergeMethod, job: &MergeJob, out: &OutputView) -> Option<DeviceOp> {
     let dtype_ok = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
-    // FP8 inputs, with block scales or without; LoRA-adapted inputs are
-    // merged on the CPU.
+    // FP8 inputs, with block scales or without; LoRA-adapted and packed
+    // (MXFP4) inputs are merged on the CPU.
     let input_ok = |v: &TensorView| {
         v.lora.is_none()
+            && v.packed.is_none()
             && ((dtype_ok(v.dtype) && v.scale.is_none())
                 || (v.dtype.is_fp8() && v.scale.is_none_or(|s| dtype_ok(s.dtype))))
     };

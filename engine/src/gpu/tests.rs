@@ -53,6 +53,7 @@ fn both(
                 bytes: b,
                 scale: None,
                 lora: None,
+                packed: None,
             })
             .collect(),
         base,
@@ -209,6 +210,7 @@ fn emulated_conversions_match_the_cpu_bit_for_bit() {
                 bytes,
                 scale: None,
                 lora: None,
+                packed: None,
             }],
             base: None,
             params: &p,
@@ -343,6 +345,7 @@ fn emulated_fp8_inputs_match_the_cpu() {
                         scale_cols: sc,
                     }),
                     lora: None,
+                    packed: None,
                 })
                 .collect(),
             base,
@@ -411,6 +414,7 @@ fn the_gpu_path_declines_what_it_does_not_compute() {
         bytes: &v,
         scale: None,
         lora: None,
+        packed: None,
     };
     let job = |dtype, base| MergeJob {
         name: "t",

@@ -1,6 +1,7 @@
 //! Chunked execution of merge methods. A tensor is cut into fixed-size chunks of
 //! elements; each chunk of every input is decoded to f32 in per-thread scratch
-//! (an FP8 weight's block scales and a LoRA adapter's delta applied there),
+//! (an FP8 weight's block scales and a LoRA adapter's delta applied there; a
+//! packed MXFP4 input decoded from its codes and scales),
 //! handed to the method's closure, and the f32 result is encoded straight into the
 //! output bytes. Chunk boundaries depend only on the tensor's size (never on the
 //! thread count), and reductions combine per-chunk partials in chunk order, so
@@ -81,13 +82,17 @@ impl Scratch {
     /// Decodes chunk `c` of inputs whose bytes begin at element `offset`.
     fn load(&mut self, inputs: &[TensorView], c: Chunk, offset: usize) {
         for (buf, view) in self.inputs.iter_mut().zip(inputs) {
-            let size = view.dtype.size();
-            let at = c.start - offset;
-            decode_f32(
-                view.dtype,
-                &view.bytes[at * size..(at + c.len) * size],
-                &mut buf[..c.len],
-            );
+            if let Some(p) = &view.packed {
+                p.decode(c.start, &mut buf[..c.len]);
+            } else {
+                let size = view.dtype.size();
+                let at = c.start - offset;
+                decode_f32(
+                    view.dtype,
+                    &view.bytes[at * size..(at + c.len) * size],
+                    &mut buf[..c.len],
+                );
+            }
             if let Some(scale) = &view.scale {
                 scale.apply(c.start, &mut buf[..c.len]);
             }
@@ -317,6 +322,7 @@ mod tests {
                 bytes: &bytes,
                 scale: None,
                 lora: None,
+                packed: None,
             }],
             base: None,
             params: &params,

@@ -216,6 +216,7 @@ mod tests {
                     bytes: b,
                     scale: None,
                     lora: None,
+                    packed: None,
                 })
                 .collect(),
             base: None,

@@ -1,7 +1,8 @@
 //! What a method is given to compute one output tensor: the [`MergeJob`]
 //! (name, shape, parameters, seed, and a [`TensorView`] of each input's raw
-//! bytes, with the [`BlockScale`]s of an FP8 weight and the LoRA delta of an
-//! adapted one), the [`OutputView`] it
+//! bytes, with the [`BlockScale`]s of an FP8 weight, the codes and scales of
+//! a packed one ([`PackedView`]) and the LoRA delta of an adapted one), the
+//! [`OutputView`] it
 //! writes, and, for a tensor too large to hold, the [`Segments`] source it is
 //! streamed through. A [`Chunk`] is what the helpers of [`super::chunked`] hand
 //! a method's closures.
@@ -19,7 +20,12 @@ pub struct TensorView<'a> {
     /// A LoRA adapter: its delta is added to each decoded chunk (after the
     /// block scales).
     pub lora: Option<super::lora::LoraDelta<'a>>,
+    /// A packed input (MXFP4): `bytes` are unused, the view's elements are
+    /// those of the decoded tensor.
+    pub packed: Option<PackedView<'a>>,
 }
+
+pub use crate::dtype::packed::PackedView;
 
 /// The block scales of a 2-D FP8 weight (DeepSeek-V3's `weight_scale_inv`):
 /// element (r, c) is `fp8 · scale[r / block_rows][c / block_cols]`.

@@ -41,7 +41,11 @@ impl MergeMethod for Passthrough {
         };
         let scale = job.params.input_f64(0, "scale");
         match scale {
-            None if input.dtype == out.dtype && input.scale.is_none() && input.lora.is_none() => {
+            None if input.dtype == out.dtype
+                && input.scale.is_none()
+                && input.lora.is_none()
+                && input.packed.is_none() =>
+            {
                 chunked::copy(job, 0, out)
             }
             _ => {

@@ -440,6 +440,7 @@ mod tests {
                 bytes: &bytes,
                 scale: None,
                 lora: None,
+                packed: None,
             }],
             base: None,
             params: &params,

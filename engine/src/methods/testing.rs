@@ -143,6 +143,7 @@ pub fn run_bytes(
                 bytes: if segment.is_some() { &[] } else { b },
                 scale: None,
                 lora: None,
+                packed: None,
             })
             .collect(),
         base,

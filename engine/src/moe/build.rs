@@ -313,6 +313,7 @@ pub fn plan(
             block: None,
             requant: None,
             vocab: None,
+            packed: None,
         }
     };
     let router_dtype = dtype.unwrap_or(DType::F32);
@@ -333,6 +334,7 @@ pub fn plan(
             block: None,
             requant: None,
             vocab: None,
+            packed: None,
         }
     };
     let layout = Layout::infer(models.tensor_names(base));

@@ -43,6 +43,8 @@ pub(super) struct Planner<'a> {
     pub(super) method: &'static dyn MergeMethod,
     pub(super) models: Vec<Model>,
     pub(super) keep_fp8: bool,
+    /// `out_dtype: mxfp4`: packed inputs' tensors are written packed again.
+    pub(super) keep_packed: bool,
     /// The output vocabulary (with a tokenizer setting): built once from the
     /// models' tokenizer files; its models are `models`, in the same order.
     pub(super) vocab: Option<Vocabulary>,
@@ -149,6 +151,7 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         method,
         models,
         keep_fp8: opts.keep_fp8 || fp8_out.is_some(),
+        keep_packed: cfg.out_packed.is_some(),
         vocab,
     };
     let slices = planner.normalize()?;
@@ -159,10 +162,31 @@ pub fn plan(cfg: &MergeConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let units = shard(tensors, opts, &cfg.merge_method);
     let mut output = planner.output_meta(&slices, tokenizer_ref, opts)?;
     output.dequantized = units.iter().any(|u| {
-        u.tensors
-            .iter()
-            .any(|t| !t.scales.is_empty() && t.requant.is_none())
+        u.tensors.iter().any(|t| {
+            !t.scales.is_empty()
+                && t.requant.is_none()
+                && t.packed.as_ref().is_none_or(|p| p.out.is_none())
+        })
     });
+    if let Some(d) = &cfg.out_packed {
+        if !units
+            .iter()
+            .flat_map(|u| &u.tensors)
+            .any(|t| t.packed.as_ref().is_some_and(|p| p.out.is_some()))
+        {
+            return Err(cfg_err(
+                cfg,
+                "out_dtype",
+                Some(d.span),
+                format!(
+                    "{} output re-encodes the inputs' {} tensors (gpt-oss layout: U8 \
+                     `X_blocks` with `X_scales`, and `quant_method: mxfp4` in config.json), and \
+                     no merged tensor has them; set a float `out_dtype` instead",
+                    d.value, d.value
+                ),
+            ));
+        }
+    }
     if planner.keep_fp8
         && !units
             .iter()

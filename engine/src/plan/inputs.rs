@@ -42,6 +42,7 @@ impl InputModels {
             parameters: Params::default(),
             dtype: None,
             out_dtype: None,
+            out_packed: None,
             tokenizer: None,
             chat_template: None,
         };

@@ -78,12 +78,13 @@ impl Planner<'_> {
             config_dir: self.models[config_donor].location.clone(),
             tokenizer_dir,
             // FP8 checkpoints keep a float torch_dtype (the compute dtype) next
-            // to their quantization_config.
+            // to their quantization_config; re-packed MXFP4 ones keep the
+            // donor's (their other tensors keep their type).
             config_dtype: cfg
                 .out_dtype
                 .as_ref()
                 .filter(|d| !d.value.is_fp8())
-                .or(cfg.dtype.as_ref())
+                .or(cfg.dtype.as_ref().filter(|_| cfg.out_packed.is_none()))
                 .map(|d| d.value),
             layers,
             dequantized: false,

@@ -17,6 +17,71 @@ pub struct Mismatch {
     pub fix: String,
 }
 
+/// What happens to packed (MXFP4) inputs: which tensors, what they decode
+/// to, the decoded f32 size the merge holds, and the output format.
+fn packed_lines<'a>(tensors: impl Iterator<Item = &'a crate::unit::OutputTensor>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let (mut decoded, mut repacked, mut f32_bytes) = (Vec::new(), 0usize, 0u64);
+    let mut example = None;
+    for t in tensors {
+        let Some(p) = &t.packed else { continue };
+        let Some(first) = t.inputs.iter().zip(&t.scales).find(|(_, s)| s.is_some()) else {
+            continue;
+        };
+        match &p.out {
+            Some(po) if po.scales => continue,
+            Some(_) => repacked += 1,
+            None => decoded.push(t.dtype),
+        }
+        let shape = p
+            .out
+            .as_ref()
+            .map_or(t.shape.clone(), |po| po.merged_shape.clone());
+        f32_bytes += 4 * shape.iter().product::<u64>();
+        if example.is_none() {
+            let (r, s) = (first.0, first.1.as_ref().map_or("", |s| s.name.as_str()));
+            example = Some(format!(
+                "{} U8 {:?} + {s} -> {:?} f32",
+                r.name, r.shape, shape
+            ));
+        }
+    }
+    let n = decoded.len() + repacked;
+    if n == 0 {
+        return lines;
+    }
+    lines.push(format!(
+        "{n} MXFP4 tensors (gpt-oss experts, e.g. {}) are decoded on read as transformers \
+         dequantizes them (E2M1 codes times 2^(scale-127), transposed) and merged in f32 \
+         ({} decoded)",
+        example.unwrap_or_default(),
+        {
+            let (mut v, mut unit) = (f32_bytes as f64, 0);
+            while v >= 1000.0 && unit < 4 {
+                v /= 1000.0;
+                unit += 1;
+            }
+            format!("{v:.3} {}", ["B", "KB", "MB", "GB", "TB"][unit])
+        }
+    ));
+    if let Some(d) = decoded.first() {
+        lines.push(format!(
+            "{} MXFP4 tensors are written as {} under their dequantized names (`_blocks` dropped, \
+             no `_scales`); config.json loses quantization_config",
+            decoded.len(),
+            d.torch_name()
+        ));
+    }
+    if repacked > 0 {
+        lines.push(format!(
+            "{repacked} MXFP4 tensors are written as MXFP4 again (out_dtype: mxfp4): E8M0 scale \
+             from each 32-value block's amax (OCP rule), values rounded to nearest even E2M1; \
+             each is merged twice (codes, then scales)"
+        ));
+    }
+    lines
+}
+
 /// Compares the input models with the first one. With `aligned` (the config
 /// has `tokenizer_source` / `tokenizer:`), different vocabularies are what the
 /// plan aligns: neither their sizes nor embedding shapes are a mismatch.
@@ -206,8 +271,10 @@ pub fn summarize(
     let mut conversions: BTreeMap<String, usize> = BTreeMap::new();
     let mut single = Vec::new();
     for t in tensors() {
-        for r in &t.inputs {
-            if r.dtype != t.dtype {
+        for (i, r) in t.inputs.iter().enumerate() {
+            // Packed inputs are described below.
+            let packed = t.packed.is_some() && t.scales.get(i).is_some_and(Option::is_some);
+            if r.dtype != t.dtype && !packed {
                 *conversions
                     .entry(format!("{} -> {}", r.dtype, t.dtype))
                     .or_default() += 1;
@@ -223,7 +290,7 @@ pub fn summarize(
         ));
     }
     let dequantized: Vec<&crate::unit::OutputTensor> = tensors()
-        .filter(|t| !t.scales.is_empty() && t.requant.is_none())
+        .filter(|t| !t.scales.is_empty() && t.requant.is_none() && t.packed.is_none())
         .collect();
     if let Some(t) = dequantized.first() {
         warnings.push(format!(
@@ -233,6 +300,7 @@ pub fn summarize(
             t.dtype.torch_name()
         ));
     }
+    warnings.extend(packed_lines(tensors()));
     let requantized = tensors()
         .filter(|t| t.requant.as_ref().is_some_and(|r| !r.scales))
         .count();

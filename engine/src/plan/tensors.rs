@@ -9,16 +9,25 @@
 //! embedding, output head) has the output vocabulary's rows and the alignment
 //! of its inputs' rows. With `--keep-fp8`, a block-scaled weight becomes two
 //! outputs: the weight in E4M3 and, right after it, its fresh scales.
+//!
+//! Packed inputs (gpt-oss's MXFP4 experts: `X_blocks` + `X_scales` in a model
+//! whose config says `quant_method: mxfp4`) are one input `X` of the decoded,
+//! transposed shape `[E, G·32, R]` (see [`crate::dtype::packed`]); a model
+//! holding a dequantized `X` instead is merged with them. The output is `X`
+//! in a float dtype, or with `out_dtype: mxfp4` `X_blocks` and `X_scales`
+//! again (each computes the merge and keeps its half).
 
 use super::build::{tokenizer_err, Planner};
 use super::layout::TIED_HEADS;
 use super::slices::Slice;
 use super::PlanError;
 use crate::checkpoint::Adapted;
+use crate::dtype::packed::{BlockFormat, PackedLayout};
 use crate::dtype::DType;
 use crate::tokenizer::Vocabulary;
 use crate::unit::{
-    LoraRef, OutputTensor, Requant, TensorOp, TensorParams, TensorRef, VocabAlignment,
+    LoraRef, OutputTensor, Packed, PackedOut, Requant, TensorOp, TensorParams, TensorRef,
+    VocabAlignment,
 };
 use std::collections::{BTreeSet, HashSet};
 
@@ -44,6 +53,18 @@ impl Planner<'_> {
         };
         let mut push = |t: OutputTensor, out: &mut Vec<OutputTensor>| -> Result<(), PlanError> {
             if dequantized_scale(&t) {
+                return Ok(());
+            }
+            if let Some(halves) = self.repacked(&t) {
+                for t in halves {
+                    if !seen.insert(t.name.clone()) {
+                        return Err(PlanError::Inputs(format!(
+                            "two output tensors would be named {}; check the slices' layer ranges",
+                            t.name
+                        )));
+                    }
+                    out.push(t);
+                }
                 return Ok(());
             }
             if self.keep_fp8 && !t.scales.is_empty() && t.shape.len() == 2 {
@@ -88,12 +109,18 @@ impl Planner<'_> {
             Ok(())
         };
         // Before the stack: names from the first slice's models, position t = 0.
-        let pre: BTreeSet<&String> = first
+        let pre: BTreeSet<String> = first
             .sources
             .iter()
-            .flat_map(|s| self.models[s.model].layout.pre.iter())
+            .flat_map(|s| {
+                self.models[s.model]
+                    .layout
+                    .pre
+                    .iter()
+                    .filter_map(move |n| self.logical_name(s.model, n, n))
+            })
             .collect();
-        for name in pre {
+        for name in &pre {
             let inputs: Vec<String> = first.sources.iter().map(|_| name.clone()).collect();
             push(self.tensor(first, name, &inputs, 0.0)?, &mut out)?;
         }
@@ -108,13 +135,20 @@ impl Planner<'_> {
                 } else {
                     1.0
                 };
-                let suffixes: BTreeSet<&String> = s
+                let suffixes: BTreeSet<String> = s
                     .sources
                     .iter()
-                    .filter_map(|src| self.models[src.model].layout.layers.get(&(src.range.0 + k)))
+                    .filter_map(|src| {
+                        let l = src.range.0 + k;
+                        let layout = &self.models[src.model].layout;
+                        Some(layout.layers.get(&l)?.iter().filter_map(move |suffix| {
+                            let full = layout.layer_tensor(l, suffix);
+                            self.logical_name(src.model, &full, suffix)
+                        }))
+                    })
                     .flatten()
                     .collect();
-                for suffix in suffixes {
+                for suffix in &suffixes {
                     let inputs: Vec<String> = s
                         .sources
                         .iter()
@@ -136,9 +170,15 @@ impl Planner<'_> {
         let mut post: BTreeSet<String> = BTreeSet::new();
         for src in &last.sources {
             let m = &self.models[src.model];
-            post.extend(m.layout.post.iter().cloned());
+            let logical = |n: &String| self.logical_name(src.model, n, n);
+            post.extend(m.layout.post.iter().filter_map(logical));
             for (&l, suffixes) in m.layout.layers.range(m.layers..) {
-                post.extend(suffixes.iter().map(|s| m.layout.layer_tensor(l, s)));
+                post.extend(
+                    suffixes
+                        .iter()
+                        .map(|s| m.layout.layer_tensor(l, s))
+                        .filter_map(|n| logical(&n)),
+                );
             }
         }
         for name in post {
@@ -175,8 +215,41 @@ impl Planner<'_> {
         // Each input's dtype in its model: an adapter's replacement tensor is
         // folded into a model of the base's dtype.
         let mut stored = Vec::with_capacity(inputs.len());
+        // Packed inputs: their scales, and the shape the merge sees.
+        let mut packed: Vec<Option<TensorRef>> = Vec::with_capacity(inputs.len());
+        let mut format = None;
+        let mut shapes = Vec::with_capacity(inputs.len());
         for (src, input) in s.sources.iter().zip(inputs) {
             let m = &self.models[src.model];
+            if let Some(p) = self.packed_input(src.model, input)? {
+                if m.adapter
+                    .as_ref()
+                    .is_some_and(|a| a.map.contains_key(input))
+                {
+                    return Err(PlanError::Inputs(format!(
+                        "{name}: the adapter of {} changes {input}, which is {} in the model; \
+                         adapters of packed weights are not supported",
+                        m.reference, p.format
+                    )));
+                }
+                let at = |n: &str, loc: &crate::checkpoint::TensorLocation| TensorRef {
+                    model: src.model,
+                    name: n.to_string(),
+                    location: loc.file.clone(),
+                    offset: loc.info.offset,
+                    len: loc.info.len,
+                    dtype: loc.info.dtype,
+                    shape: loc.info.shape.clone(),
+                    lora: None,
+                };
+                refs.push(at(&p.blocks, &m.checkpoint.tensors[&p.blocks]));
+                packed.push(Some(at(&p.scales, &m.checkpoint.tensors[&p.scales])));
+                shapes.push(p.layout.decoded_shape());
+                stored.push(DType::BF16);
+                format = Some(p.format);
+                continue;
+            }
+            packed.push(None);
             let loc = m.checkpoint.tensors.get(input).ok_or_else(|| {
                 PlanError::Inputs(format!(
                     "tensor {input} is missing from {} ({}), but {name} needs it from every \
@@ -185,6 +258,7 @@ impl Planner<'_> {
                 ))
             })?;
             stored.push(loc.info.dtype);
+            shapes.push(loc.info.shape.clone());
             let at =
                 |model: usize, name: &str, loc: &crate::checkpoint::TensorLocation| TensorRef {
                     model,
@@ -223,7 +297,17 @@ impl Planner<'_> {
                 },
             });
         }
-        let scales = self.block_scales(s, name, &refs)?;
+        let mut scales = self.block_scales(s, name, &refs)?;
+        if format.is_some() {
+            if scales.iter().any(Option::is_some) {
+                return Err(PlanError::Inputs(format!(
+                    "{name}: some inputs are {} and some block-scaled FP8; merging the two \
+                     formats in one tensor is not supported",
+                    format.map(|f| f.to_string()).unwrap_or_default()
+                )));
+            }
+            scales = packed;
+        }
         let first = &refs[0];
         let vocab = match &self.vocab {
             Some(v) if self.is_vocab_tensor(s, name, inputs) => {
@@ -236,7 +320,11 @@ impl Planner<'_> {
             Some(_) => a.len() == b.len() && a.get(1..) == b.get(1..),
             None => a == b,
         };
-        if let Some(bad) = refs.iter().find(|r| !same_shape(&r.shape, &first.shape)) {
+        if let Some((bad, bad_shape)) = refs
+            .iter()
+            .zip(&shapes)
+            .find(|(_, sh)| !same_shape(sh, &shapes[0]))
+        {
             let hint = if name.contains("embed") || TIED_HEADS.contains(&name) {
                 " (the vocabularies differ: set `tokenizer_source: union` (or `base`, or a \
                  model) to align every input to one output vocabulary)"
@@ -246,12 +334,13 @@ impl Planner<'_> {
             return Err(PlanError::Inputs(format!(
                 "shapes differ for {name}: {} has {:?} but {} has {:?}{hint}",
                 self.models[first.model].reference,
-                first.shape,
+                shapes[0],
                 self.models[bad.model].reference,
-                bad.shape
+                bad_shape
             )));
         }
-        // Block-scaled FP8 inputs are dequantized on read and count as bf16.
+        // Block-scaled FP8 inputs are dequantized on read and count as bf16
+        // (as packed ones do).
         let effective = |i: usize| match scales.get(i) {
             Some(Some(_)) => DType::BF16,
             _ => stored[i],
@@ -262,11 +351,13 @@ impl Planner<'_> {
             let cfg = self.cfg;
             // An FP8 `out_dtype` applies to block-scaled weights only (re-quantized
             // above); the other tensors keep `dtype` or their inputs' type.
+            // With `out_dtype: mxfp4` the other tensors keep their inputs'
+            // type (gpt-oss: BF16), as the packed checkpoint stores them.
             let dtype = cfg
                 .out_dtype
                 .as_ref()
                 .filter(|d| !d.value.is_fp8())
-                .or(cfg.dtype.as_ref())
+                .or(cfg.dtype.as_ref().filter(|_| cfg.out_packed.is_none()))
                 .map(|d| d.value)
                 .unwrap_or(promoted);
             if dtype.is_fp8() {
@@ -293,7 +384,7 @@ impl Planner<'_> {
         } else {
             TensorParams::default()
         };
-        let mut shape = first.shape.clone();
+        let mut shape = shapes[0].clone();
         if let Some(a) = &vocab {
             shape[0] = a.rows;
         }
@@ -305,11 +396,10 @@ impl Planner<'_> {
             inputs: refs,
             base,
             params,
-            block: scales
-                .iter()
-                .any(Option::is_some)
+            block: (format.is_none() && scales.iter().any(Option::is_some))
                 .then(|| self.block_size(s)),
             requant: None,
+            packed: format.map(|format| Packed { format, out: None }),
             vocab,
             scales: if scales.iter().any(Option::is_some) {
                 scales
@@ -351,6 +441,112 @@ impl Planner<'_> {
             .and_then(|b| self.models.iter().position(|m| m.reference == b.value));
         v.alignment(&models, base, &rows)
             .map_err(|e| PlanError::Inputs(format!("{name}: {}", tokenizer_err(e))))
+    }
+
+    /// The packed block format model `model` stores some weights in: its
+    /// config's `quantization_config.quant_method` (`mxfp4`).
+    fn packed_format(&self, model: usize) -> Option<BlockFormat> {
+        let q = self.models[model]
+            .checkpoint
+            .config
+            .get("quantization_config")?;
+        match q.get("quant_method")?.as_str()? {
+            "mxfp4" => Some(BlockFormat::Mxfp4),
+            _ => None,
+        }
+    }
+
+    /// The output name of tensor `full` of model `model` (known as `short`
+    /// in its layer): itself, the packed tensor it holds the codes of (the
+    /// suffix `_blocks` dropped), or `None` for the scales of a packed one.
+    fn logical_name(&self, model: usize, full: &str, short: &str) -> Option<String> {
+        let Some(format) = self.packed_format(model) else {
+            return Some(short.to_string());
+        };
+        let (bs, ss) = format.suffixes();
+        for (suffix, keep) in [(bs, true), (ss, false)] {
+            if let (Some(x), Some(xs)) = (full.strip_suffix(suffix), short.strip_suffix(suffix)) {
+                // A malformed pair stays as it is (and is refused when planned).
+                if self.packed_input(model, x).is_ok_and(|p| p.is_some()) {
+                    return keep.then(|| xs.to_string());
+                }
+            }
+        }
+        Some(short.to_string())
+    }
+
+    /// Packed tensor `x` of model `model`: its `x_blocks` and `x_scales`, when
+    /// the model is packed and holds them; an error when they do not have the
+    /// format's dtypes and shapes.
+    fn packed_input(&self, model: usize, x: &str) -> Result<Option<PackedInput>, PlanError> {
+        let Some(format) = self.packed_format(model) else {
+            return Ok(None);
+        };
+        let m = &self.models[model];
+        let (bs, ss) = format.suffixes();
+        let (blocks, scales) = (format!("{x}{bs}"), format!("{x}{ss}"));
+        let (Some(b), Some(sc)) = (
+            m.checkpoint.tensors.get(&blocks),
+            m.checkpoint.tensors.get(&scales),
+        ) else {
+            return Ok(None);
+        };
+        let layout = format
+            .layout(&b.info.shape)
+            .filter(|_| b.info.dtype == DType::U8);
+        match layout {
+            Some(layout)
+                if sc.info.dtype == DType::U8 && sc.info.shape == layout.scales_shape() =>
+            {
+                Ok(Some(PackedInput {
+                    format,
+                    blocks,
+                    scales,
+                    layout,
+                }))
+            }
+            _ => Err(PlanError::Inputs(format!(
+                "{x}: {} ({}) is {format} (quant_method in its config.json), but {blocks} is \
+                 {} {:?} and {scales} is {} {:?}; {format} weights are U8 codes \
+                 [experts, rows, blocks, {}] with U8 scales [experts, rows, blocks]",
+                m.reference,
+                m.location,
+                b.info.dtype,
+                b.info.shape,
+                sc.info.dtype,
+                sc.info.shape,
+                format.block_bytes()
+            ))),
+        }
+    }
+
+    /// With `out_dtype: mxfp4`, a merged tensor with packed inputs as its two
+    /// packed halves (codes, then scales), in the first packed input's
+    /// layout.
+    fn repacked(&self, t: &OutputTensor) -> Option<[OutputTensor; 2]> {
+        let p = t.packed.as_ref().filter(|_| self.keep_packed)?;
+        let layout: PackedLayout = p.format.layout_for(&t.shape)?;
+        let (bs, ss) = p.format.suffixes();
+        let half = |scales: bool| {
+            let mut h = t.clone();
+            h.name = format!("{}{}", t.name, if scales { ss } else { bs });
+            h.dtype = DType::U8;
+            h.shape = if scales {
+                layout.scales_shape()
+            } else {
+                layout.blocks_shape()
+            };
+            h.packed = Some(Packed {
+                format: p.format,
+                out: Some(PackedOut {
+                    merged: t.name.clone(),
+                    merged_shape: t.shape.clone(),
+                    scales,
+                }),
+            });
+            h
+        };
+        Some([half(false), half(true)])
     }
 
     /// `quantization_config.weight_block_size` of the slice's first model
@@ -422,4 +618,12 @@ impl Planner<'_> {
             })
             .collect()
     }
+}
+
+/// The two tensors of a packed input `X` in its model, and their layout.
+struct PackedInput {
+    format: BlockFormat,
+    blocks: String,
+    scales: String,
+    layout: PackedLayout,
 }

@@ -18,6 +18,7 @@ mod vocab;
 pub use validate::{is_shard_file_name, UnitError, MAX_NAME_LEN, MAX_RANK, MAX_UNIT_BYTES};
 pub use vocab::{fill_row, padding_row, Fill, RowFill, RowMean, RowRun, VocabAlignment};
 
+use crate::dtype::packed::BlockFormat;
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -96,9 +97,9 @@ pub struct OutputTensor {
     /// Index of the base model within `inputs`.
     pub base: Option<usize>,
     pub params: TensorParams,
-    /// Block scales of FP8 inputs (their `*.weight_scale_inv`), parallel to
-    /// `inputs`; empty when no input is block-scaled. Such inputs are
-    /// dequantized on read.
+    /// Block scales of FP8 inputs (their `*.weight_scale_inv`), or of packed
+    /// inputs (their `X_scales`, see [`Packed`]), parallel to `inputs`; empty
+    /// when no input is block-scaled. Such inputs are dequantized on read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scales: Vec<Option<TensorRef>>,
     /// Rows and columns of one scale block (`weight_block_size`).
@@ -114,6 +115,37 @@ pub struct OutputTensor {
     /// dimension is the output's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab: Option<VocabAlignment>,
+    /// Inputs in a packed block format (MXFP4), decoded on read; see
+    /// [`Packed`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<Packed>,
+}
+
+/// A tensor whose inputs may be packed (gpt-oss's MXFP4 experts): input `i`
+/// is packed when `scales[i]` is set, its codes (`X_blocks`, U8
+/// `[E, R, G, 16]`) in `inputs[i]` and its block scales (`X_scales`, U8
+/// `[E, R, G]`) in `scales[i]`; it is decoded on read into the transposed
+/// `[E, G·32, R]` tensor that the merge sees (see
+/// [`crate::dtype::packed`]). The other inputs are float tensors of that
+/// shape (e.g. a dequantized fine-tune's `X`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Packed {
+    pub format: BlockFormat,
+    /// Set when the merged tensor is written in the format again
+    /// (`out_dtype: mxfp4`): this output is one half of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<PackedOut>,
+}
+
+/// One half of a merged tensor written packed: its codes (`X_blocks`) or
+/// (`scales`) its block scales (`X_scales`). The merge of `merged` (of the
+/// decoded shape `merged_shape`, `[E, C, R]`) is computed in f32 and encoded;
+/// both halves compute the same merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackedOut {
+    pub merged: String,
+    pub merged_shape: Vec<u64>,
+    pub scales: bool,
 }
 
 /// How an FP8 output is produced: the merge of the weight `weight` (of

@@ -418,10 +418,104 @@ fn tensor(
                             block: has_scales.then_some(block),
                             requant: requant.clone(),
                             vocab: None,
+                            packed: None,
                         }
                     })
                 },
             )
+        })
+}
+
+/// A tensor with packed (MXFP4) inputs: at least the first input packed
+/// (codes and scales), the others packed or float tensors of the decoded
+/// shape; written as a float tensor, or as one half (codes or scales) of a
+/// packed one.
+fn packed_tensor(
+    method: &'static dyn methods::MergeMethod,
+    index: usize,
+) -> impl Strategy<Value = OutputTensor> {
+    use crate::dtype::packed::BlockFormat;
+    (
+        input_count(method),
+        name(),
+        1u64..3,
+        1u64..4,
+        1u64..3,
+        prop_oneof![Just(None), any::<bool>().prop_map(Some)],
+    )
+        .prop_flat_map(move |((n, base), name, e, r, g, out)| {
+            let name = format!("{index}.{name}");
+            let layout = BlockFormat::Mxfp4.layout(&[e, r, g, 16]).unwrap();
+            let decoded = layout.decoded_shape();
+            let inputs: Vec<BoxedStrategy<(TensorRef, Option<TensorRef>)>> = (0..n)
+                .map(|i| {
+                    let packed = (
+                        tensor_ref(DType::U8, layout.blocks_shape()),
+                        tensor_ref(DType::U8, layout.scales_shape()),
+                    )
+                        .prop_map(|(b, s)| (b, Some(s)));
+                    let float = prop::sample::select(FLOATS.to_vec()).prop_flat_map({
+                        let d = decoded.clone();
+                        move |dt| tensor_ref(dt, d.clone()).prop_map(|r| (r, None))
+                    });
+                    if i == 0 {
+                        packed.boxed()
+                    } else {
+                        prop_oneof![packed, float].boxed()
+                    }
+                })
+                .collect();
+            let per_input: Vec<_> = (0..n)
+                .map(|i| {
+                    let scopes: &'static [Scope] = if Some(i) == base {
+                        &[Scope::Input]
+                    } else {
+                        &[Scope::Input, Scope::NonBase]
+                    };
+                    param_map(method, scopes)
+                })
+                .collect();
+            let params = (param_map(method, &[Scope::Shared]), per_input)
+                .prop_map(|(shared, per_input)| TensorParams { shared, per_input });
+            let out_dtype = prop::sample::select(FLOATS.to_vec());
+            (inputs, params, out_dtype).prop_map(move |(inputs, params, out_dtype)| {
+                let (inputs, scales): (Vec<TensorRef>, Vec<Option<TensorRef>>) =
+                    inputs.into_iter().unzip();
+                let (tensor_name, dtype, shape, out) = match out {
+                    None => (name.clone(), out_dtype, decoded.clone(), None),
+                    Some(scales) => (
+                        format!("{name}{}", if scales { "_scales" } else { "_blocks" }),
+                        DType::U8,
+                        if scales {
+                            layout.scales_shape()
+                        } else {
+                            layout.blocks_shape()
+                        },
+                        Some(PackedOut {
+                            merged: name.clone(),
+                            merged_shape: decoded.clone(),
+                            scales,
+                        }),
+                    ),
+                };
+                OutputTensor {
+                    name: tensor_name,
+                    dtype,
+                    shape,
+                    op: TensorOp::Merge,
+                    inputs,
+                    base,
+                    params,
+                    scales,
+                    block: None,
+                    requant: None,
+                    vocab: None,
+                    packed: Some(Packed {
+                        format: BlockFormat::Mxfp4,
+                        out,
+                    }),
+                }
+            })
         })
 }
 
@@ -442,7 +536,11 @@ fn valid_unit() -> impl Strategy<Value = WorkUnit> {
                 Some((i, extra)) => format!("model-{i:05}-of-{:05}.safetensors", i + extra),
             };
             let tensors = (0usize..5)
-                .prop_flat_map(move |n| (0..n).map(|i| tensor(method, i)).collect::<Vec<_>>());
+                .prop_flat_map(move |n| {
+                    (0..n)
+                        .map(|i| prop_oneof![6 => tensor(method, i).boxed(), 1 => packed_tensor(method, i).boxed()])
+                        .collect::<Vec<_>>()
+                });
             tensors.prop_map(move |tensors| WorkUnit {
                 part: None,
                 format: PLAN_FORMAT,

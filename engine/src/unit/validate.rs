@@ -310,11 +310,17 @@ impl Checker<'_> {
                         ));
                     }
                 }
-                if !t.scales.is_empty() || t.block.is_some() || t.requant.is_some() {
+                if !t.scales.is_empty()
+                    || t.block.is_some()
+                    || t.requant.is_some()
+                    || t.packed.is_some()
+                {
                     return Err(self.err(
                         Some(name),
                         "op",
-                        "a copied tensor has no block scales and is not re-quantized".into(),
+                        "a copied tensor has no block scales and is neither re-quantized nor \
+                         packed"
+                            .into(),
                     ));
                 }
                 if let Some(i) = t.inputs.iter().position(|r| r.lora.is_some()) {
@@ -382,11 +388,12 @@ impl Checker<'_> {
     /// rows are the alignment's, with runs and fills inside every input.
     fn vocab(&self, t: &OutputTensor, v: &VocabAlignment) -> Result<(), UnitError> {
         let name = t.name.as_str();
-        if t.requant.is_some() || !t.scales.is_empty() {
+        if t.requant.is_some() || !t.scales.is_empty() || t.packed.is_some() {
             return Err(self.err(
                 Some(name),
                 "vocab",
-                "a re-indexed vocabulary tensor is neither re-quantized nor block-scaled".into(),
+                "a re-indexed vocabulary tensor is neither re-quantized, block-scaled nor packed"
+                    .into(),
             ));
         }
         if t.shape.first() != Some(&v.rows) {
@@ -408,6 +415,9 @@ impl Checker<'_> {
     fn merge(&self, method: &dyn methods::MergeMethod, t: &OutputTensor) -> Result<(), UnitError> {
         let name = t.name.as_str();
         let n = t.inputs.len();
+        if let Some(p) = &t.packed {
+            return self.packed(method, t, p);
+        }
         // The shape every input has: the output's, or the re-quantized weight's.
         let merged_shape: &[u64] = match &t.requant {
             None => {
@@ -549,6 +559,174 @@ impl Checker<'_> {
                 }
             }
         }
+        self.contract(method, t)
+    }
+
+    /// A tensor with packed inputs (see [`crate::unit::Packed`]): a float
+    /// output of the decoded shape, or one half of a packed output; each
+    /// input packed (U8 codes and scales whose decoded shape is the merge's)
+    /// or a float tensor of the decoded shape; no FP8 block size, no
+    /// re-quantization, no adapter.
+    fn packed(
+        &self,
+        method: &dyn methods::MergeMethod,
+        t: &OutputTensor,
+        p: &crate::unit::Packed,
+    ) -> Result<(), UnitError> {
+        let name = t.name.as_str();
+        let n = t.inputs.len();
+        if t.requant.is_some() || t.block.is_some() || t.vocab.is_some() {
+            return Err(self.err(
+                Some(name),
+                "packed",
+                "a tensor with packed inputs has no FP8 block size, is not re-quantized and not \
+                 re-indexed"
+                    .into(),
+            ));
+        }
+        let merged_shape: &[u64] = match &p.out {
+            None => {
+                if !t.dtype.is_float() {
+                    return Err(self.err(
+                        Some(name),
+                        "dtype",
+                        format!(
+                            "{}: a merged tensor is written as BF16, F16, F32 or F64 (or packed)",
+                            t.dtype
+                        ),
+                    ));
+                }
+                &t.shape
+            }
+            Some(po) => {
+                self.name(Some(name), || "packed.out.merged".into(), &po.merged)?;
+                self.shape(
+                    name,
+                    || "packed.out.merged_shape".into(),
+                    DType::F32,
+                    &po.merged_shape,
+                )?;
+                let Some(layout) = p.format.layout_for(&po.merged_shape) else {
+                    return Err(self.err(
+                        Some(name),
+                        "packed.out.merged_shape",
+                        format!(
+                            "{:?}: {} holds [experts, columns, rows] tensors with columns in \
+                             whole blocks of {}",
+                            po.merged_shape,
+                            p.format,
+                            p.format.block_values()
+                        ),
+                    ));
+                };
+                let want = if po.scales {
+                    layout.scales_shape()
+                } else {
+                    layout.blocks_shape()
+                };
+                if t.dtype != DType::U8 || t.shape != want {
+                    return Err(self.err(
+                        Some(name),
+                        "packed.out",
+                        format!(
+                            "output {} {:?}, but the {} of a {:?} merge in {} are U8 {want:?}",
+                            t.dtype,
+                            t.shape,
+                            if po.scales { "scales" } else { "codes" },
+                            po.merged_shape,
+                            p.format
+                        ),
+                    ));
+                }
+                &po.merged_shape
+            }
+        };
+        if t.scales.len() != n || t.scales.iter().all(Option::is_none) {
+            return Err(self.err(
+                Some(name),
+                "scales",
+                format!(
+                    "{} entries ({} set) for {n} inputs: every input has an entry, a packed \
+                     one its scales, and at least one input is packed",
+                    t.scales.len(),
+                    t.scales.iter().flatten().count()
+                ),
+            ));
+        }
+        for (i, (r, s)) in t.inputs.iter().zip(&t.scales).enumerate() {
+            if r.lora.is_some() {
+                return Err(self.err(
+                    Some(name),
+                    &format!("inputs[{i}].lora"),
+                    "a tensor with packed inputs is not adapted".into(),
+                ));
+            }
+            let decoded = match s {
+                None if r.dtype.is_float() => r.shape.clone(),
+                None => {
+                    return Err(self.err(
+                        Some(name),
+                        &format!("inputs[{i}].dtype"),
+                        format!("{}: an input that is not packed is floating-point", r.dtype),
+                    ))
+                }
+                Some(s) => {
+                    let field = format!("scales[{i}]");
+                    self.input(name, || field.clone(), s)?;
+                    let layout = p.format.layout(&r.shape).filter(|_| r.dtype == DType::U8);
+                    let Some(layout) = layout else {
+                        return Err(self.err(
+                            Some(name),
+                            &format!("inputs[{i}]"),
+                            format!(
+                                "{} {:?}: {} codes are U8 [experts, rows, blocks, {}]",
+                                r.dtype,
+                                r.shape,
+                                p.format,
+                                p.format.block_bytes()
+                            ),
+                        ));
+                    };
+                    if s.dtype != DType::U8 || s.shape != layout.scales_shape() {
+                        return Err(self.err(
+                            Some(name),
+                            &field,
+                            format!(
+                                "{} {:?}, but the scales of {} codes {:?} are U8 {:?}",
+                                s.dtype,
+                                s.shape,
+                                p.format,
+                                r.shape,
+                                layout.scales_shape()
+                            ),
+                        ));
+                    }
+                    layout.decoded_shape()
+                }
+            };
+            if decoded != merged_shape {
+                return Err(self.err(
+                    Some(name),
+                    &format!("inputs[{i}].shape"),
+                    format!(
+                        "{:?} (decoded {decoded:?}), but the tensor merges {merged_shape:?}",
+                        r.shape
+                    ),
+                ));
+            }
+        }
+        self.contract(method, t)
+    }
+
+    /// The method's input contract and `t`'s parameters, as the planner
+    /// checks them.
+    fn contract(
+        &self,
+        method: &dyn methods::MergeMethod,
+        t: &OutputTensor,
+    ) -> Result<(), UnitError> {
+        let name = t.name.as_str();
+        let n = t.inputs.len();
         // The method's input contract and parameters, as the planner checks them.
         let spec = method.spec();
         let base_ok = match spec.base {
@@ -920,6 +1098,87 @@ mod tests {
             if !matches!(what, "format" | "file_name" | "method") {
                 assert!(e.contains("tensor \""), "{what}: names the tensor: {e}");
             }
+        }
+    }
+
+    /// The rules of tensors with packed (MXFP4) inputs, one mutation each, on
+    /// a planned gpt-oss unit: the error names the tensor and the field.
+    #[test]
+    fn packed_rules_refuse_with_the_tensor_and_field() {
+        use crate::unit::PackedOut;
+        type Mutation = fn(&mut OutputTensor);
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            ("scales shape", "scales[1]", |t| {
+                let s = t.scales[1].as_mut().unwrap();
+                s.shape = vec![s.len];
+            }),
+            ("scales dtype", "scales[0]", |t| {
+                let s = t.scales[0].as_mut().unwrap();
+                s.dtype = DType::I8;
+            }),
+            ("codes shape", "inputs[0]", |t| {
+                let r = &mut t.inputs[0];
+                r.shape = vec![r.len / 8, 8];
+            }),
+            ("decoded shape", "inputs[0].shape", |t| t.shape[1] += 1),
+            ("no scales", "scales", |t| t.scales.truncate(1)),
+            ("none packed", "at least one input is packed", |t| {
+                for s in &mut t.scales {
+                    *s = None;
+                }
+            }),
+            ("fp8 block", "no FP8 block size", |t| {
+                t.block = Some([128, 128])
+            }),
+            ("copied", "neither re-quantized nor packed", |t| {
+                t.op = TensorOp::CopyIdentical;
+                t.dtype = DType::U8;
+                t.shape = t.inputs[0].shape.clone();
+            }),
+            ("adapted", "inputs[0].lora", |t| {
+                let a = t.inputs[0].clone();
+                t.inputs[0].lora = Some(Box::new(crate::unit::LoraRef {
+                    a: a.clone(),
+                    b: a,
+                    scale: 1.0,
+                    transposed: false,
+                }));
+            }),
+            ("packed dtype", "packed.out", |t| {
+                let p = t.packed.as_mut().unwrap();
+                p.out = Some(PackedOut {
+                    merged: t.name.clone(),
+                    merged_shape: t.shape.clone(),
+                    scales: false,
+                });
+            }),
+            ("merged shape", "packed.out.merged_shape", |t| {
+                let p = t.packed.as_mut().unwrap();
+                p.out = Some(PackedOut {
+                    merged: t.name.clone(),
+                    merged_shape: vec![t.shape[0], 33, t.shape[2]],
+                    scales: true,
+                });
+                t.dtype = DType::U8;
+            }),
+            ("float out", "dtype", |t| t.dtype = DType::U8),
+        ];
+        let base = plan_case("gptoss_ties", DEFAULT_SHARD_SIZE).units.remove(0);
+        base.validate().unwrap();
+        let i = base
+            .tensors
+            .iter()
+            .position(|t| t.packed.is_some())
+            .expect("a packed tensor");
+        for (what, expect, mutate) in cases {
+            let mut u = base.clone();
+            mutate(&mut u.tensors[i]);
+            let e = u.validate().expect_err(what).to_string();
+            assert!(e.contains(expect), "{what}: {e}");
+            assert!(
+                e.contains(&format!("tensor \"{}\"", base.tensors[i].name)),
+                "{what}: {e}"
+            );
         }
     }
 

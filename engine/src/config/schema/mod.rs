@@ -19,6 +19,7 @@ use std::path::Path;
 use super::params::ParamSetting;
 use super::tokenizer::TokenizerConfig;
 use super::{ConfigError, Spanned};
+use crate::dtype::packed::BlockFormat;
 use crate::dtype::DType;
 use crate::yaml::{Node, Span};
 use reader::Reader;
@@ -37,6 +38,9 @@ pub struct MergeConfig {
     pub parameters: Params,
     pub dtype: Option<Spanned<DType>>,
     pub out_dtype: Option<Spanned<DType>>,
+    /// `out_dtype: mxfp4`: packed (MXFP4) inputs are written packed again;
+    /// `out_dtype` is then unset (the other tensors keep `dtype`).
+    pub out_packed: Option<Spanned<BlockFormat>>,
     /// `tokenizer_source:` or `tokenizer:` (see [`crate::config::tokenizer`]).
     pub tokenizer: Option<TokenizerConfig>,
     pub chat_template: Option<Spanned<String>>,

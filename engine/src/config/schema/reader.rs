@@ -153,6 +153,7 @@ impl Reader<'_> {
         let base_model = self.optional_model(&top, "base_model")?;
         let inputs = self.inputs(&top)?;
         let tokenizer = self.tokenizer_settings(&top, base_model.as_ref(), &inputs)?;
+        let packed = self.out_packed(&top)?;
         Ok(MergeConfig {
             file: self.file.to_string(),
             source: source.to_string(),
@@ -161,7 +162,11 @@ impl Reader<'_> {
             inputs,
             parameters: self.params(top.get("parameters"), "parameters")?,
             dtype: self.dtype(&top, "dtype")?,
-            out_dtype: self.dtype(&top, "out_dtype")?,
+            out_dtype: match packed {
+                Some(_) => None,
+                None => self.dtype(&top, "out_dtype")?,
+            },
+            out_packed: packed,
             tokenizer,
             chat_template: top
                 .get("chat_template")

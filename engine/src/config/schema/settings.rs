@@ -7,6 +7,7 @@ use super::reader::{join, Fields, Reader};
 use super::{ModelInputs, ModelRef, Params};
 use crate::config::tokenizer::{self, TokenizerConfig};
 use crate::config::{ConfigError, ParamSetting, Spanned};
+use crate::dtype::packed::BlockFormat;
 use crate::dtype::DType;
 use crate::yaml::{key_text, Node};
 
@@ -44,6 +45,22 @@ impl Reader<'_> {
                 .push((Spanned::new(name.to_string(), k.span), setting));
         }
         Ok(params)
+    }
+
+    /// `out_dtype: mxfp4` (packed inputs written packed again; a name
+    /// mergekit does not know, as it cannot read MXFP4 experts).
+    pub(super) fn out_packed(
+        &self,
+        top: &Fields,
+    ) -> Result<Option<Spanned<BlockFormat>>, ConfigError> {
+        let Some(node) = top.get("out_dtype") else {
+            return Ok(None);
+        };
+        let name = self.string(node, "out_dtype")?;
+        Ok(match name.value.as_str() {
+            "mxfp4" => Some(Spanned::new(BlockFormat::Mxfp4, node.span)),
+            _ => None,
+        })
     }
 
     pub(super) fn dtype(
@@ -87,7 +104,8 @@ impl Reader<'_> {
                     "unknown dtype '{}' (use one of bfloat16, float16, float32, float64{})",
                     name.value,
                     if key == "out_dtype" {
-                        "; fp8 for FP8 weights re-quantized with block scales"
+                        "; fp8 for FP8 weights re-quantized with block scales; mxfp4 for MXFP4 \
+                         (gpt-oss) experts written packed again"
                     } else {
                         ""
                     }
@@ -151,6 +169,18 @@ mod tests {
                 .map(|d| d.value),
             Some(DType::F64)
         );
+        // MXFP4 only as out_dtype (packed experts written packed again).
+        let c = parse(&format!("{base}dtype: float32\nout_dtype: mxfp4\n"));
+        assert_eq!(c.out_dtype, None);
+        assert_eq!(
+            c.out_packed.map(|d| d.value),
+            Some(crate::dtype::packed::BlockFormat::Mxfp4)
+        );
+        assert_eq!(c.dtype.map(|d| d.value), Some(DType::F32));
+        let m = fails(&format!("{base}dtype: mxfp4\n"), "dtype", 4);
+        assert!(m.contains("unknown dtype 'mxfp4'"), "{m}");
+        let m = fails(&format!("{base}out_dtype: mxfp8\n"), "out_dtype", 4);
+        assert!(m.contains("mxfp4 for MXFP4"), "{m}");
         // FP8 only as out_dtype (re-quantized FP8 weights).
         for name in ["fp8", "float8_e4m3fn", "torch.float8_e4m3fn"] {
             let c = parse(&format!("{base}out_dtype: {name}\n"));
