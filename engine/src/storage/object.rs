@@ -120,6 +120,41 @@ where
     }
 }
 
+/// Bytes `range` of `path`, read as the body streams in, each piece's size
+/// sent to `sizes` as it arrives.
+async fn streamed(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+    range: Range<u64>,
+    sizes: &std::sync::mpsc::Sender<u64>,
+) -> object_store::Result<Bytes> {
+    let want = range.end - range.start;
+    let options = object_store::GetOptions {
+        range: Some(object_store::GetRange::Bounded(range.clone())),
+        ..Default::default()
+    };
+    let mut body = store.get_opts(path, options).await?.into_stream();
+    let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
+    while let Some(piece) = body.next().await {
+        let piece = piece?;
+        let _ = sizes.send(piece.len() as u64);
+        buf.extend_from_slice(&piece);
+    }
+    if buf.len() as u64 != want {
+        return Err(object_store::Error::Generic {
+            store: "fleetmerge",
+            source: format!(
+                "{path}: asked for bytes {}..{}, got {} bytes",
+                range.start,
+                range.end,
+                buf.len()
+            )
+            .into(),
+        });
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// One bucket (or container, or web origin).
 pub struct ObjectStorage {
     /// `scheme://bucket`, the prefix of every location it serves.
@@ -323,6 +358,7 @@ impl ObjectStorage {
         let store = self.store.clone();
         let loc = location.to_string();
         let (sizes, heard) = std::sync::mpsc::channel::<u64>();
+        let reporting = arrived.is_some();
         let fut = async move {
             let parts: Vec<Range<u64>> = (range.start..range.end)
                 .step_by(PART)
@@ -332,9 +368,14 @@ impl ObjectStorage {
                 .map(|r| {
                     let (store, path, sizes) = (store.clone(), path.clone(), sizes.clone());
                     async move {
-                        let b = idempotent(|| store.get_range(&path, r.clone())).await?;
-                        let _ = sizes.send(b.len() as u64);
-                        Ok::<_, object_store::Error>(b)
+                        if !reporting {
+                            return idempotent(|| store.get_range(&path, r.clone())).await;
+                        }
+                        // The body as it arrives, each piece told: with many
+                        // parts in flight on a slow link, a whole part can
+                        // take minutes. (An attempt sent again may tell some
+                        // bytes twice; the callers cap what they count.)
+                        idempotent(|| streamed(&store, &path, r.clone(), &sizes)).await
                     }
                 })
                 .buffered(concurrency())
