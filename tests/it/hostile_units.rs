@@ -26,7 +26,8 @@ enum Event {
 struct Fake {
     leases: Mutex<Vec<(Vec<u8>, String)>>,
     next_id: Mutex<u64>,
-    events: Arc<Mutex<Vec<Event>>>,
+    /// (lease id, what the worker reported for it).
+    events: Arc<Mutex<Vec<(u64, Event)>>>,
 }
 
 fn deadline() -> u64 {
@@ -85,19 +86,25 @@ impl Coordinator for Fake {
         req: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
-        self.events.lock().unwrap().push(Event::Complete {
-            file_name: r.file_name,
-            size: r.size,
-        });
+        self.events.lock().unwrap().push((
+            r.lease_id,
+            Event::Complete {
+                file_name: r.file_name,
+                size: r.size,
+            },
+        ));
         Ok(Response::new(CompleteResponse { accepted: true }))
     }
 
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
         let r = req.into_inner();
-        self.events.lock().unwrap().push(Event::Fail {
-            error: r.error,
-            retryable: r.retryable,
-        });
+        self.events.lock().unwrap().push((
+            r.lease_id,
+            Event::Fail {
+                error: r.error,
+                retryable: r.retryable,
+            },
+        ));
         Ok(Response::new(FailResponse {}))
     }
 
@@ -142,8 +149,11 @@ fn replay(leases: Vec<(Vec<u8>, String)>, cwd: &Path, args: &[&str]) -> (Vec<Eve
     let log = worker.log();
     assert!(status.success(), "the worker failed ({status}):\n{log}");
     drop(rt);
-    let events = events.lock().unwrap().clone();
-    (events, log)
+    // In lease order: a worker that reads ahead leases (and may refuse) the
+    // next unit while it still computes the current one.
+    let mut events = events.lock().unwrap().clone();
+    events.sort_by_key(|e| e.0);
+    (events.into_iter().map(|e| e.1).collect(), log)
 }
 
 /// A fixture unit with its input paths pointed at `examples/models` and the
