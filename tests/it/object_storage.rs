@@ -1039,19 +1039,11 @@ fn open_uploads(endpoint: &str, bucket: &str) -> usize {
     xml.matches("<Upload>").count()
 }
 
-/// Two shards written by three units each (`--unit-size`): by two remote
-/// workers whose parts go into one multipart upload per shard, with the coordinator killed
-/// once parts are journaled, and by `run`'s in-process workers. Both are
-/// byte for byte the merge with whole-shard units; nothing is left in the
-/// bucket but the model and its journal.
-#[test]
-fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
-    let endpoint = s3();
-    let (dir, _) = big(endpoint);
-    let env = s3_env(endpoint);
-    let env = env_refs(&env);
-    create_bucket(endpoint, "out-parts");
-    let whole = dir.join("parts-reference");
+/// The local merge of `big`'s models with 20M shards written as whole
+/// units (`--unit-size 100G`), into `dir/name`: what a merge in parts must
+/// equal byte for byte.
+fn whole_shards_reference(dir: &Path, name: &str) -> PathBuf {
+    let whole = dir.join(name);
     let _ = std::fs::remove_dir_all(&whole);
     let o = fleetmerge(
         dir,
@@ -1067,6 +1059,22 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    whole
+}
+
+/// Two shards written by three units each (`--unit-size`): by two remote
+/// workers whose parts go into one multipart upload per shard, with the coordinator killed
+/// once parts are journaled, and by `run`'s in-process workers. Both are
+/// byte for byte the merge with whole-shard units; nothing is left in the
+/// bucket but the model and its journal.
+#[test]
+fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
+    let endpoint = s3();
+    let (dir, _) = big(endpoint);
+    let env = s3_env(endpoint);
+    let env = env_refs(&env);
+    create_bucket(endpoint, "out-parts");
+    let whole = whole_shards_reference(dir, "parts-reference");
 
     let listen = format!("127.0.0.1:{}", free_port());
     let start = |name: &str| {
@@ -1196,22 +1204,7 @@ fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
     let env = s3_env(endpoint);
     let env = env_refs(&env);
     create_bucket(endpoint, "out-lie");
-    let whole = dir.join("lie-reference");
-    let _ = std::fs::remove_dir_all(&whole);
-    let o = fleetmerge(
-        dir,
-        &[
-            "run",
-            "local.yaml",
-            whole.to_str().unwrap(),
-            "--quiet",
-            "--out-shard-size",
-            "20M",
-            "--unit-size",
-            "100G",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let whole = whole_shards_reference(dir, "lie-reference");
     let mut coordinator = Proc::start(
         "coordinator-lie",
         dir,
