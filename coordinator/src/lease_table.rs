@@ -704,26 +704,46 @@ impl LeaseTable {
     /// leased before another of the same holder is read whole. With several
     /// slots the latest leases share the bytes: each is credited with all of
     /// them, which can only make a unit look faster (no copy).
-    fn read_progress(&self, i: usize, now_ms: u64) -> Option<(u64, u64)> {
+    /// `latest`: each holder's most recent lease time ([`Self::latest_leases`]).
+    fn read_progress(
+        &self,
+        i: usize,
+        now_ms: u64,
+        latest: &HashMap<&str, u64>,
+    ) -> Option<(u64, u64)> {
         let u = &self.units[i];
         let State::Leased { worker, .. } = &u.state else {
             return None;
         };
         let info = self.workers.get(worker)?;
         let total = u.unit.input_bytes();
-        let later = self.units.iter().any(|o| {
-            (o.leased_ms > u.leased_ms
-                && matches!(&o.state, State::Leased { worker: w, .. } if w == worker))
-                || o.backup
-                    .as_ref()
-                    .is_some_and(|b| b.leased_ms > u.leased_ms && &b.worker == worker)
-        });
+        let later = latest
+            .get(worker.as_str())
+            .is_some_and(|&t| t > u.leased_ms);
         let read = if later {
             total
         } else {
             info.bytes_read.saturating_sub(u.read_at_lease).min(total)
         };
         Some((read, now_ms.saturating_sub(u.leased_ms)))
+    }
+
+    /// When each holder took its most recent lease (first copies and second
+    /// copies alike).
+    fn latest_leases(&self) -> HashMap<&str, u64> {
+        let mut latest: HashMap<&str, u64> = HashMap::new();
+        for u in &self.units {
+            let held = match &u.state {
+                State::Leased { worker, .. } => Some((worker.as_str(), u.leased_ms)),
+                _ => None,
+            };
+            let backup = u.backup.as_ref().map(|b| (b.worker.as_str(), b.leased_ms));
+            for (w, t) in held.into_iter().chain(backup) {
+                let e = latest.entry(w).or_insert(t);
+                *e = (*e).max(t);
+            }
+        }
+        latest
     }
 
     /// A second copy of a straggler *before* the queue runs dry (after
@@ -741,9 +761,10 @@ impl LeaseTable {
         }
         // (unit, bytes read, ms it ran) of every unit being read for long
         // enough to tell.
+        let latest = self.latest_leases();
         let reading: Vec<(usize, u64, u64)> = (0..self.units.len())
             .filter_map(|i| {
-                let (read, ran) = self.read_progress(i, now_ms)?;
+                let (read, ran) = self.read_progress(i, now_ms, &latest)?;
                 let total = self.units[i].unit.input_bytes();
                 (ran >= SPECULATE_MIN_MS && read < total).then_some((i, read, ran))
             })
