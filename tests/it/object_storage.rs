@@ -1313,3 +1313,78 @@ fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
     let o = fleetmerge_env(dir, &["verify", "s3://out-lie/m"], &s3_env(endpoint));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A worker whose lease is revoked (another worker's copy of its unit
+/// finished first) stops reading that unit at once and gives its link back,
+/// instead of fetching the rest of a result that will not count. The slow
+/// worker reads through a proxy trickling 40 kB/s: its 9 MB unit would take
+/// minutes; the fast worker does every other unit, then a copy of the slow
+/// one, and the slow worker must be gone soon after the coordinator.
+#[test]
+fn a_revoked_lease_stops_its_reads_and_the_worker_moves_on() {
+    use crate::common::faults::{fault_proxy, FaultPlan};
+    let endpoint = s3();
+    let (dir, reference) = big(endpoint);
+    create_bucket(endpoint, "out-revoked");
+    let (slow_endpoint, stats) = fault_proxy(
+        endpoint,
+        FaultPlan {
+            seed: 0,
+            error_5xx: 0,
+            drop_request: 0,
+            drop_answer: 0,
+            cut_body: 0,
+            slow: 0,
+            slow_ms: (0, 0),
+            bytes_per_s: Some(40_000),
+        },
+    );
+    let (fast_env, slow_env) = (s3_env(endpoint), s3_env(&slow_endpoint));
+    let (fast_env, slow_env) = (env_refs(&fast_env), env_refs(&slow_env));
+    let mut c = Proc::start(
+        "coordinator",
+        dir,
+        &[
+            "coordinator",
+            "--config",
+            "s3.yaml",
+            "--out",
+            "s3://out-revoked/x",
+            "--listen",
+            "127.0.0.1:0",
+            "--out-shard-size",
+            "4M",
+            "--lease-timeout",
+            "3",
+        ],
+        &fast_env,
+    );
+    let line = c.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
+    let addr = field(&line, "listen").unwrap().to_string();
+    // The slow worker takes its unit first, then the fast one joins.
+    let mut slow = worker("slow", &addr, &slow_env);
+    let working = slow.wait_for("a unit", MINUTE, |l| l.contains("working"));
+    let unit = field(&working, "unit").unwrap().to_string();
+    let mut fast = worker("fast", &addr, &fast_env);
+    c.succeeds(MINUTE * 2);
+    let merged = Instant::now();
+    fast.succeeds(MINUTE);
+    // Without stopping, the slow worker would read on for minutes.
+    slow.succeeds(Duration::from_secs(30));
+    let after = merged.elapsed();
+    let log = slow.log();
+    assert!(
+        log.contains("stopped: lease revoked"),
+        "the slow worker did not stop its unit {unit} ({after:?} after the merge; proxy: {}):\n{log}",
+        stats.summary()
+    );
+    assert!(
+        !log.contains("unit failed"),
+        "a cancelled unit is not a failure:\n{log}"
+    );
+    let got = dir.join("got-revoked");
+    let _ = std::fs::remove_dir_all(&got);
+    download_dir(endpoint, "out-revoked", "x", &got);
+    assert_same_files(&got, reference);
+    assert_eq!(open_uploads(endpoint, "out-revoked"), 0);
+}

@@ -14,7 +14,10 @@
 //! - every unit checked before anything reads it ([`WorkUnit::validate`]),
 //!   and, with a [`paths::PathPolicy`], where it reads and writes;
 //! - heartbeats for the leases in flight, with the bytes read since the last
-//!   one, when the source wants them;
+//!   one, when the source wants them; a lease the source says it revoked
+//!   (another worker's copy of the unit finished first, or it expired) stops
+//!   reading at once ([`Progress::cancelled`]: remote fetches are dropped
+//!   mid-body), so a slow link is given back to the next unit;
 //! - draining: once the stop flag is set (SIGTERM, the source saying the
 //!   merge is over or telling a heartbeat to shut down, or a slot failing),
 //!   no slot takes a new unit and those running finish theirs;
@@ -34,10 +37,10 @@ use fleetmerge_engine::storage::StorageError;
 use fleetmerge_engine::unit::UnitOutput;
 use fleetmerge_engine::unit::WorkUnit;
 use paths::{PathError, PathPolicy};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// A unit handed to a worker under a lease.
@@ -215,11 +218,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Passes progress on, counting the bytes read (for heartbeats and reports),
-/// and gives back the unit's read turn once its inputs are read.
+/// gives back the unit's read turn once its inputs are read, and tells the
+/// executor when the lease was revoked.
 struct Counted<'a> {
     inner: &'a dyn Progress,
     read: &'a AtomicU64,
     turn: Option<&'a ReadTurn<'a>>,
+    revoked: &'a AtomicBool,
 }
 
 impl Progress for Counted<'_> {
@@ -238,6 +243,9 @@ impl Progress for Counted<'_> {
             turn.release();
         }
         self.inner.inputs_read();
+    }
+    fn cancelled(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
     }
 }
 
@@ -293,8 +301,10 @@ struct Loop<'a> {
     progress: &'a dyn Progress,
     /// Memory each slot's unit may use.
     budget: Option<u64>,
-    /// Leases being computed (renewed by heartbeats).
-    active: Mutex<BTreeSet<u64>>,
+    /// Leases being computed (renewed by heartbeats), each with the flag a
+    /// heartbeat sets when the source revoked it (the unit then stops
+    /// reading: see [`Progress::cancelled`]).
+    active: Mutex<BTreeMap<u64, Arc<AtomicBool>>>,
     /// Bytes read since the last heartbeat or report.
     read: AtomicU64,
     /// With read-ahead: the read turns taken (at most `opts.slots`).
@@ -328,7 +338,7 @@ pub fn work(
         stop,
         progress,
         budget: opts.max_memory.map(|m| m / slots as u64),
-        active: Mutex::new(BTreeSet::new()),
+        active: Mutex::new(BTreeMap::new()),
         read: AtomicU64::new(0),
         turns: (Mutex::new(0), Condvar::new()),
     };
@@ -375,14 +385,14 @@ impl Loop<'_> {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn active(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+    fn active(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<AtomicBool>>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every `period` until `end` closes: renews the leases in flight.
     fn heartbeats(&self, period: Duration, end: mpsc::Receiver<()>) {
         while let Err(mpsc::RecvTimeoutError::Timeout) = end.recv_timeout(period) {
-            let leases: Vec<u64> = self.active().iter().copied().collect();
+            let leases: Vec<u64> = self.active().keys().copied().collect();
             match self
                 .source
                 .heartbeat(&leases, self.read.swap(0, Ordering::Relaxed))
@@ -394,8 +404,12 @@ impl Loop<'_> {
                     for l in h.revoked {
                         tracing::warn!(
                             lease = l,
-                            "lease revoked by the coordinator; its result will not count"
+                            "lease revoked by the coordinator; its result will not count: \
+                             stopping its reads"
                         );
+                        if let Some(flag) = self.active().get(&l) {
+                            flag.store(true, Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
@@ -466,16 +480,19 @@ impl Loop<'_> {
             };
             let (id, unit) = (lease.id, lease.unit.id);
             held.set(Some((id, unit, lease.unit.file_name.clone())));
-            self.active().insert(id);
+            let revoked = Arc::new(AtomicBool::new(false));
+            self.active().insert(id, revoked.clone());
             announce!(announce, slot, unit, lease = id, file = %lease.unit.file_name, "working");
-            let result = catch_unwind(AssertUnwindSafe(|| self.compute(&mut lease, turn.as_ref())))
-                .unwrap_or_else(|p| {
-                    Err(UnitFailure::Panicked {
-                        unit,
-                        file: lease.unit.file_name.clone(),
-                        message: panic_message(p.as_ref()),
-                    })
-                });
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                self.compute(&mut lease, turn.as_ref(), &revoked)
+            }))
+            .unwrap_or_else(|p| {
+                Err(UnitFailure::Panicked {
+                    unit,
+                    file: lease.unit.file_name.clone(),
+                    message: panic_message(p.as_ref()),
+                })
+            });
             self.active().remove(&id);
             // Read or not, this unit reads no more.
             drop(turn);
@@ -495,6 +512,13 @@ impl Loop<'_> {
                         }
                     }
                 }
+                // Stopped because the lease was revoked: nothing to report
+                // (the source no longer counts this lease).
+                Err(UnitFailure::Exec(ExecError::Storage(StorageError::Cancelled { .. })))
+                    if revoked.load(Ordering::Relaxed) =>
+                {
+                    announce!(announce, slot, unit, lease = id, "stopped: lease revoked")
+                }
                 Err(failure) => self.report_failure(slot, id, Some(unit), &failure)?,
             }
             held.set(None);
@@ -507,6 +531,7 @@ impl Loop<'_> {
         &self,
         lease: &mut Lease,
         turn: Option<&ReadTurn<'_>>,
+        revoked: &AtomicBool,
     ) -> Result<UnitOutput, UnitFailure> {
         // Checked before anything else looks at it (the executor checks again).
         lease.unit.validate().map_err(ExecError::from)?;
@@ -519,6 +544,7 @@ impl Loop<'_> {
             inner: self.progress,
             read: &self.read,
             turn,
+            revoked,
         };
         Ok(exec::execute_unit_on(
             &lease.unit,

@@ -4,6 +4,7 @@
 use super::*;
 use fleetmerge_engine::config::MergeConfig;
 use fleetmerge_engine::plan::{self, PlanOptions};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;

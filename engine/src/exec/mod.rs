@@ -132,6 +132,14 @@ pub trait Progress: Sync {
     /// left is compute and writing. A worker that reads ahead takes its next
     /// unit now. Called at most once per unit, from the read stage's thread.
     fn inputs_read(&self) {}
+    /// Whether the unit's result is no longer wanted (a worker's lease was
+    /// revoked: another copy finished it). The read stage asks before each
+    /// window and while remote bytes arrive, a streamed tensor before each
+    /// segment; the unit then ends with [`StorageError::Cancelled`], having
+    /// written nothing that counts (its output is never committed).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// No progress reporting.
@@ -254,7 +262,7 @@ pub fn compute_tensor(unit: &WorkUnit, index: usize) -> Result<Vec<u8>, ExecErro
         return Ok(Vec::new());
     };
     let maps = read::Maps::open(tensors)?;
-    let loaded = read::load(tensors, &maps, &|_| {})?;
+    let loaded = read::load(tensors, &maps, &|_| true)?;
     let views = loaded.views(tensors, &maps)?;
     let mut out = vec![0u8; tensors[0].byte_len() as usize];
     tensor::compute_loaded(unit, method, &tensors[0], &views[0], &mut out, &Device::Cpu)?;

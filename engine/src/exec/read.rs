@@ -286,10 +286,11 @@ impl Loaded {
 }
 
 /// Fetches byte ranges of remote objects, all at the same time, in order;
-/// `arrived` hears the bytes as they arrive (from the fetching threads).
+/// `arrived` hears the bytes as they arrive (from the fetching threads) and
+/// answers whether to go on (see [`storage::Storage::read_range_reporting`]).
 pub fn fetch_all(
     ranges: &[(&str, Range<u64>)],
-    arrived: &(dyn Fn(u64) + Sync),
+    arrived: &(dyn Fn(u64) -> bool + Sync),
 ) -> Vec<Result<Vec<u8>, StorageError>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = ranges
@@ -316,12 +317,14 @@ pub fn fetch_all(
 }
 
 /// Loads a window: fetches its remote inputs (coalesced, concurrently; each
-/// piece's size told to `arrived` as it arrives) and maps its local ones ahead
-/// of use; of a vocabulary tensor, only the rows its alignment uses.
+/// piece's size told to `arrived` as it arrives, which answers whether to go
+/// on: `false` stops the fetches with [`StorageError::Cancelled`]) and maps
+/// its local ones ahead of use; of a vocabulary tensor, only the rows its
+/// alignment uses.
 pub fn load(
     tensors: &[OutputTensor],
     maps: &Maps,
-    arrived: &(dyn Fn(u64) + Sync),
+    arrived: &(dyn Fn(u64) -> bool + Sync),
 ) -> Result<Loaded, StorageError> {
     let parts = parts(tensors);
     let mut bytes = 0;
@@ -360,9 +363,7 @@ pub fn load(
             .fetch_update(Relaxed, Relaxed, |t| Some((t + n).min(remote_bytes)))
             .unwrap_or_else(|t| t);
         let after = (before + n).min(remote_bytes);
-        if after > before {
-            arrived(after - before);
-        }
+        arrived(after - before)
     };
     if !remote.is_empty() {
         let spans = spans(

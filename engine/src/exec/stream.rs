@@ -48,6 +48,8 @@ pub struct Stream<'a> {
     emitted: Mutex<u64>,
     /// A vocabulary tensor's inputs, aligned.
     vocab: Option<VocabSource<'a>>,
+    /// Asked before each segment: whether the unit was cancelled.
+    cancelled: Option<&'a (dyn Fn() -> bool + Sync)>,
 }
 
 impl<'a> Stream<'a> {
@@ -67,6 +69,16 @@ impl<'a> Stream<'a> {
             error: Mutex::new(None),
             emitted: Mutex::new(0),
             vocab: None,
+            cancelled: None,
+        }
+    }
+
+    /// Stops before the next segment, with [`StorageError::Cancelled`], once
+    /// `cancelled` says so.
+    pub fn cancel_when(self, cancelled: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Stream {
+            cancelled: Some(cancelled),
+            ..self
         }
     }
 
@@ -113,6 +125,14 @@ impl<'a> Stream<'a> {
     /// Reads elements `range` of every input: local ones mapped (and made
     /// resident), remote ones fetched at the same time.
     fn read(&self, range: &Range<usize>) -> Result<Vec<Input<'a>>, StorageError> {
+        if self.cancelled.is_some_and(|c| c()) {
+            return Err(StorageError::Cancelled {
+                location: self
+                    .refs
+                    .first()
+                    .map_or(String::new(), |r| r.location.clone()),
+            });
+        }
         if let Some(v) = &self.vocab {
             let aligned = v.read(range.clone())?;
             return Ok(aligned.into_iter().map(Input::Fetched).collect());
@@ -139,7 +159,7 @@ impl<'a> Stream<'a> {
                 (r.location.as_str(), Self::bytes_of(r, range))
             })
             .collect();
-        let fetched = super::read::fetch_all(&ranges, &|_| {});
+        let fetched = super::read::fetch_all(&ranges, &|_| true);
         for (&i, data) in remote.iter().zip(fetched) {
             inputs[i] = Input::Fetched(data?);
         }

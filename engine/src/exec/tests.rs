@@ -954,3 +954,54 @@ fn streamed_vocabulary_tensors_give_the_bytes_of_whole_ones() {
         );
     }
 }
+
+/// A unit whose progress says it is cancelled (a worker's revoked lease)
+/// stops before its next window, or its streamed tensor before its next
+/// segment, with `StorageError::Cancelled`, and leaves no shard behind.
+#[test]
+fn a_cancelled_unit_stops_before_its_next_read_and_writes_nothing() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    struct CancelsOnceWritten(AtomicU64);
+    impl Progress for CancelsOnceWritten {
+        fn written(&self, bytes: u64) {
+            self.0.fetch_add(bytes, Ordering::SeqCst);
+        }
+        fn cancelled(&self) -> bool {
+            self.0.load(Ordering::SeqCst) > 0
+        }
+    }
+    let unit = ties_unit();
+    assert!(unit.tensors.len() >= 3, "{} tensors", unit.tensors.len());
+    let smallest = unit.tensors.iter().map(|t| t.numel()).min().unwrap();
+    for (what, limits) in [
+        (
+            "a window per tensor",
+            ExecLimits {
+                window_bytes: 1,
+                read_ahead: false,
+                stream: false,
+            },
+        ),
+        (
+            "streamed in segments",
+            ExecLimits {
+                // Several segments of even the smallest tensor.
+                window_bytes: smallest * 2,
+                read_ahead: false,
+                stream: true,
+            },
+        ),
+    ] {
+        let (dir, out) = out_dir();
+        let progress = CancelsOnceWritten(AtomicU64::new(0));
+        let e = execute_unit_with(&unit, &out, &progress, &limits).unwrap_err();
+        assert!(
+            matches!(e, ExecError::Storage(StorageError::Cancelled { .. })),
+            "{what}: {e}"
+        );
+        let written = progress.0.load(Ordering::SeqCst);
+        let total: u64 = unit.tensors.iter().map(|t| t.byte_len()).sum();
+        assert!(written < total, "{what}: wrote {written} of {total} bytes");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{what}");
+    }
+}

@@ -37,6 +37,10 @@ pub enum StorageError {
     /// A conditional write found the object created or changed by someone else.
     #[error("{location}: changed by another writer")]
     Conflict { location: String },
+    /// The reader asked to stop (see [`Storage::read_range_reporting`]): a
+    /// worker whose lease was revoked gives its link back.
+    #[error("{location}: reading stopped: the work it was for was cancelled")]
+    Cancelled { location: String },
 }
 
 impl StorageError {
@@ -119,12 +123,21 @@ pub trait Storage: Send + Sync {
     /// this thread): in pieces where the store fetches a large range in
     /// parts, or all at the end. Workers report reads in heartbeats, which
     /// is how the coordinator tells a slow node (see the lease table).
+    /// `arrived` answers whether to go on: `false` stops the read, its
+    /// requests dropped, with [`StorageError::Cancelled`]; a store that
+    /// streams also calls it with 0 while it waits, so that a read can stop
+    /// before its first byte.
     fn read_range_reporting(
         &self,
         location: &str,
         range: Range<u64>,
-        arrived: &dyn Fn(u64),
+        arrived: &dyn Fn(u64) -> bool,
     ) -> Result<Vec<u8>, StorageError> {
+        if !arrived(0) {
+            return Err(StorageError::Cancelled {
+                location: location.to_string(),
+            });
+        }
         let bytes = self.read_range(location, range)?;
         arrived(bytes.len() as u64);
         Ok(bytes)

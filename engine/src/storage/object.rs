@@ -352,7 +352,7 @@ impl ObjectStorage {
         &self,
         location: &str,
         range: Range<u64>,
-        arrived: Option<&dyn Fn(u64)>,
+        arrived: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Vec<Bytes>, StorageError> {
         let path = self.path(location)?;
         let store = self.store.clone();
@@ -388,12 +388,24 @@ impl ObjectStorage {
             return block(location, fut);
         };
         let (done, result) = std::sync::mpsc::sync_channel(1);
-        runtime().spawn(async move {
+        let task = runtime().spawn(async move {
             let _ = done.send(fut.await);
         });
-        // Every sender is dropped once the fetch ends, either way.
-        for n in heard {
-            arrived(n);
+        // Every sender is dropped once the fetch ends, either way; while it
+        // runs, `arrived` hears each piece, or 0 now and then, and may stop it.
+        loop {
+            let n = match heard.recv_timeout(std::time::Duration::from_millis(250)) {
+                Ok(n) => n,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => 0,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            if !arrived(n) {
+                // Dropping the task's future drops its requests.
+                task.abort();
+                return Err(StorageError::Cancelled {
+                    location: location.to_string(),
+                });
+            }
         }
         result
             .recv()
@@ -406,14 +418,16 @@ impl ObjectStorage {
         location: &str,
         offset: u64,
         buf: &mut [u8],
-        arrived: Option<&dyn Fn(u64)>,
+        arrived: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<(), StorageError> {
         let end = offset + buf.len() as u64;
         let parts = match self.get_range(location, offset..end, arrived) {
             Ok(p) => p,
-            Err(e @ (StorageError::NotFound { .. } | StorageError::Denied { .. })) => {
-                return Err(e)
-            }
+            Err(
+                e @ (StorageError::NotFound { .. }
+                | StorageError::Denied { .. }
+                | StorageError::Cancelled { .. }),
+            ) => return Err(e),
             Err(e) => {
                 // A range past the end reads as an error: say so plainly.
                 return match self.size(location) {
@@ -475,7 +489,7 @@ impl Storage for ObjectStorage {
         &self,
         location: &str,
         range: Range<u64>,
-        arrived: &dyn Fn(u64),
+        arrived: &dyn Fn(u64) -> bool,
     ) -> Result<Vec<u8>, StorageError> {
         let len = usize::try_from(range.end.saturating_sub(range.start))
             .map_err(|e| StorageError::io(location, e))?;

@@ -81,6 +81,7 @@ impl Compute<'_> {
             method,
             maps,
             limits,
+            progress,
             ..
         } = *self;
         // Block scales and LoRA factors are small: read whole.
@@ -99,6 +100,7 @@ impl Compute<'_> {
         inputs.extend(scales.iter().map(|s| &s[..]));
         let elements = stream::segment_elements(t, limits.window_bytes);
         let emit = |bytes: &[u8]| output.emit(bytes);
+        let cancelled = || progress.cancelled();
         let source = match &t.vocab {
             // Rows read, adapted and aligned a segment at a time (validated
             // units carry no scales with a vocabulary tensor: the side
@@ -108,7 +110,8 @@ impl Compute<'_> {
                 stream::Stream::vocab(t, v, maps, factors, elements, &emit)
             }
             None => stream::Stream::new(&t.inputs, maps, elements, &emit),
-        };
+        }
+        .cancel_when(&cancelled);
         let out_len = stream::max_segment_elements(t, elements) * t.dtype.size();
         let mut buf = output.take(out_len)?;
         let computed = compute(

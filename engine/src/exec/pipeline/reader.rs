@@ -19,6 +19,14 @@ use std::thread::Scope;
 /// tensor, or the error (or panic) that ended the stage.
 type LoadedWindow = Result<Option<read::Loaded>, ExecError>;
 
+/// Why the read stage stopped before `t`: the unit was cancelled.
+fn cancelled(t: &OutputTensor) -> ExecError {
+    StorageError::Cancelled {
+        location: t.name.clone(),
+    }
+    .into()
+}
+
 /// The compute stage's end of the read stage.
 pub(super) struct Windows {
     loaded: mpsc::Receiver<LoadedWindow>,
@@ -49,10 +57,14 @@ impl Windows {
                     }
                     let ts = &tensors[w.clone()];
                     let loaded = match ts {
+                        _ if progress.cancelled() => Err(cancelled(&ts[0])),
                         [t] if limits.streams(t) => Ok(None),
-                        _ => read::load(ts, maps, &|n| progress.read(n))
-                            .map(Some)
-                            .map_err(ExecError::from),
+                        _ => read::load(ts, maps, &|n| {
+                            progress.read(n);
+                            !progress.cancelled()
+                        })
+                        .map(Some)
+                        .map_err(ExecError::from),
                     };
                     let failed = loaded.is_err();
                     if failed {
