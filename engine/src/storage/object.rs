@@ -194,6 +194,31 @@ fn both<T: ObjectStore + MultipartStore>(
 
 type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
 
+/// Timeouts for merges, which move large ranges on links of any speed:
+/// object_store's default (30 s for a whole request, body included) fails
+/// every 16 MiB range or upload chunk that shares a slow link with others
+/// (25 Mbit/s and 32 in flight: minutes each), and a failed upload chunk is
+/// sent again from its start. Instead a request may take 10 minutes in all,
+/// but a download that receives nothing for 60 s is retried (object_store
+/// resumes a GET from the bytes it has). An environment variable
+/// (`AWS_TIMEOUT`, `GOOGLE_READ_TIMEOUT`, ...) or a storage setting
+/// (`timeout`, `read_timeout`) overrides each.
+pub const CLIENT_DEFAULTS: [(&str, &str); 2] = [("timeout", "10m"), ("read_timeout", "60s")];
+
+/// [`CLIENT_DEFAULTS`] that the environment does not set for the client
+/// whose variables start with `prefix` (`AWS`, `GOOGLE`, `AZURE`; empty for
+/// plain HTTP, which reads none).
+fn client_defaults(prefix: &str) -> Vec<(String, String)> {
+    CLIENT_DEFAULTS
+        .iter()
+        .filter(|(k, _)| {
+            prefix.is_empty()
+                || std::env::var_os(format!("{prefix}_{}", k.to_ascii_uppercase())).is_none()
+        })
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn build(root: &str, options: &[(String, String)]) -> Result<Clients, String> {
     use std::str::FromStr;
     install_crypto_provider();
@@ -206,6 +231,17 @@ fn build(root: &str, options: &[(String, String)]) -> Result<Clients, String> {
             .unwrap_or(10),
         ..Default::default()
     };
+    // Our client defaults first, so that the settings' own win.
+    let prefix = match url.scheme() {
+        "s3" | "s3a" => "AWS",
+        "gs" => "GOOGLE",
+        "az" | "abfs" | "abfss" => "AZURE",
+        _ => "",
+    };
+    let options: Vec<(String, String)> = client_defaults(prefix)
+        .into_iter()
+        .chain(options.iter().cloned())
+        .collect();
     let store: Clients = match url.scheme() {
         "s3" | "s3a" => both(
             options
@@ -1035,5 +1071,30 @@ mod tests {
             matches!(&e, StorageError::Io { location, .. } if location == "s3://b/x.json"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod client_default_tests {
+    use super::*;
+
+    /// Our timeouts parse for every backend, a storage setting may override
+    /// them, and an environment variable keeps them from being set at all.
+    #[test]
+    fn client_defaults_parse_everywhere_and_give_way() {
+        let account = ("account_name".to_string(), "a".to_string());
+        for (root, needs) in [
+            ("s3://b", vec![]),
+            ("az://c", vec![account]),
+            ("http://127.0.0.1:1", vec![]),
+        ] {
+            build(root, &needs).unwrap_or_else(|e| panic!("{root}: {e}"));
+            let own = [needs, vec![("timeout".to_string(), "5s".to_string())]].concat();
+            build(root, &own).unwrap_or_else(|e| panic!("{root}: {e}"));
+        }
+        let keys = |v: Vec<(String, String)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(client_defaults("")), ["timeout", "read_timeout"]);
+        std::env::set_var("FLEETMERGE_TEST_CLIENT_READ_TIMEOUT", "1s");
+        assert_eq!(keys(client_defaults("FLEETMERGE_TEST_CLIENT")), ["timeout"]);
     }
 }
