@@ -750,9 +750,12 @@ impl LeaseTable {
     /// LATE, Zaharia et al., OSDI 2008): a unit whose holder reads it at less
     /// than half the median rate of the units being read, and would need
     /// more than twice as long for the rest of it as a worker at that median
-    /// rate needs for all of it, goes to the asking worker instead of a queued
+    /// rate needs for all of it, and longer than all workers together need
+    /// for all the work left, goes to the asking worker instead of a queued
     /// unit. Otherwise the merge would wait for it at the end (a unit taken at
-    /// the start by a node at a quarter of the others' rate). Rates come from
+    /// the start by a node at a quarter of the others' rate); a slow node's
+    /// unit that ends before the rest is done is left to it (copying it would
+    /// throw its work away: the slow node's units would all be copied). Rates come from
     /// the holders' heartbeats (input bytes read), so only remote workers' units
     /// are copied, and only those that ran at least [`SPECULATE_MIN_MS`].
     fn speculate_early(&mut self, worker: &str, now_ms: u64) -> Option<LeaseReply> {
@@ -778,6 +781,24 @@ impl LeaseTable {
         if rates.len() < 2 {
             return None;
         }
+        // All of them together: how long the work left takes at that rate
+        // (a straggler that ends before then is not the merge's tail: its
+        // copy would cost the asking worker a queued unit and gain nothing).
+        let aggregate: f64 = rates.iter().sum();
+        let left: u64 = (0..self.units.len())
+            .map(|i| {
+                let total = self.units[i].unit.input_bytes();
+                match &self.units[i].state {
+                    State::Pending => total,
+                    State::Leased { .. } => {
+                        let read = self.read_progress(i, now_ms, &latest).map_or(0, |r| r.0);
+                        total - read.min(total)
+                    }
+                    _ => 0,
+                }
+            })
+            .sum();
+        let drain = left as f64 / aggregate;
         rates.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
         if median <= 0.0 {
@@ -802,7 +823,8 @@ impl LeaseTable {
                 }
                 let rate = read as f64 / ran as f64;
                 let remaining = (total - read) as f64 / rate;
-                (rate < median / 2.0 && remaining > 2.0 * fresh).then_some((i, remaining))
+                (rate < median / 2.0 && remaining > 2.0 * fresh && remaining > drain)
+                    .then_some((i, remaining))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1))?;
         tracing::info!(
@@ -1346,6 +1368,51 @@ mod tests {
                 assert_eq!(c.speculative, 0);
             }
         }
+    }
+
+    /// A node at a quarter of the others' rate whose unit ends well before
+    /// the queued work is done keeps it: nothing is copied. Late in the
+    /// merge, when its rest would outlast all the work left, it is.
+    #[test]
+    fn a_slow_units_copy_waits_until_it_would_be_the_tail() {
+        const M: u64 = 1 << 20;
+        let mut c = LeaseTable::new(sized_units(&[40 * M; 22]), BTreeMap::new(), 600_000, 3, 1);
+        for w in ["slow", "f1", "f2"] {
+            c.register(w, WorkerInfo::default()).unwrap();
+        }
+        let (lease_slow, slow_unit) = lease(&mut c, "slow", 0);
+        let (l1, u1) = lease(&mut c, "f1", 0);
+        let (l2, u2) = lease(&mut c, "f2", 0);
+        // 4 s in: slow read 10 MiB (2.5 MiB/s), f1 and f2 30 (7.5 MiB/s).
+        // Slow's rest takes 12 s (more than twice the 5.3 s a fresh copy
+        // takes at the median rate), but the work left takes 46 s at 17.5
+        // MiB/s: slow's unit is not the tail.
+        read(&mut c, "slow", 10 * M);
+        read(&mut c, "f1", 30 * M);
+        read(&mut c, "f2", 30 * M);
+        c.heartbeat("slow", &[lease_slow], 4_000);
+        let (l, u) = lease(&mut c, "f2", 4_000);
+        assert_ne!(u, slow_unit, "a copy now would gain nothing");
+        assert_eq!(c.speculative, 0);
+        // f1 and f2 do all the queued units but one while slow crawls.
+        done(&mut c, "f1", l1, u1);
+        done(&mut c, "f2", l2, u2);
+        done(&mut c, "f2", l, u);
+        while c.queue.len() > 2 {
+            let (l, u) = lease(&mut c, "f2", 50_000);
+            assert_ne!(u, slow_unit);
+            done(&mut c, "f2", l, u);
+        }
+        // At 100 s f1 reads one of the last two at 7.5 MiB/s; slow has read
+        // 11 MiB (0.11 MiB/s): its rest (~260 s) outlasts the work left
+        // (~9 s at all rates together). f2 asks: it gets the copy.
+        lease(&mut c, "f1", 96_000);
+        read(&mut c, "f1", 30 * M);
+        read(&mut c, "slow", M);
+        c.heartbeat("slow", &[lease_slow], 100_000);
+        let (_, got) = lease(&mut c, "f2", 100_000);
+        assert_eq!(got, slow_unit, "now slow's unit is the tail");
+        assert_eq!(c.speculative, 1);
     }
 
     /// A unit whose holder has told no bytes yet (a window fetched in one
