@@ -541,7 +541,13 @@ fn gates(
             .iter()
             .filter(|t| !t.is_empty())
             .find_map(|t| tokenizer.token_to_id(t));
-        return super::hidden::gates(mode.name(), models, base, gated, &ids, pad, l, h);
+        // Problems of the base (its config.json, its weights) at `base_model`.
+        return super::hidden::gates(mode.name(), models, base, gated, &ids, pad, l, h).map_err(
+            |e| match e {
+                MoeError::Inputs(m) => cfg_err(cfg, "base_model", cfg.base_model.span, m),
+                other => other,
+            },
+        );
     }
     // cheap_embed: the embedding rows of the tokens.
     let mut wanted: Vec<u32> = ids
