@@ -712,7 +712,7 @@ fn the_default_gate_mode_is_hidden_and_plan_shows_its_cost() {
         "of the base read (",
         "of embedding rows), f32 on the CPU, peak about ",
     ] {
-        assert!(text.contains(&s), "plan lacks {s:?}:\n{text}");
+        assert!(text.contains(s), "plan lacks {s:?}:\n{text}");
     }
     // A base with a RoPE scaling the forward pass does not run.
     let yarn = dir.path().join("yarn-base");
