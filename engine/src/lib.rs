@@ -5,8 +5,10 @@
 //! the planner that turns a config into work units (`plan`), the merge methods
 //! (`methods`), the executor that runs one work unit (`exec`), the output
 //! files around the tensors (`output`), tokenizer merging: the output
-//! vocabulary and each input's rows in it (`tokenizer`), and `fleetmerge moe`'s
-//! planner: a Mixture of Experts built from dense models (`moe`).
+//! vocabulary and each input's rows in it (`tokenizer`), `fleetmerge moe`'s
+//! planner: a Mixture of Experts built from dense models (`moe`), and the
+//! layer-by-layer forward pass of a dense decoder its `hidden` routers run
+//! (`forward`).
 //!
 //! # Layers
 //!
@@ -17,6 +19,7 @@
 //! |------------------|-----------------------------------------------------------------|
 //! | `dtype`, `size`  | nothing of the crate                                            |
 //! | `yaml`           | nothing (a YAML reader that keeps positions; no meaning)        |
+//! | `forward`        | nothing of the crate (candle's tensors, one decoder layer at a time) |
 //! | `storage`        | `yaml` (its `--storage-config` file); `storage::hub` is its Hugging Face Hub backend |
 //! | `config`         | `yaml`, `dtype`                                                 |
 //! | `checkpoint`     | `storage`, `dtype`                                              |
@@ -28,7 +31,7 @@
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
 //! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `tokenizer` (the output vocabulary and each vocabulary tensor's alignment), `methods`, `unit`, `yaml`, `size`, `dtype` |
 //! | `exec`           | `plan` (only to report its memory estimate: `plan::summary::PeakMemory`), `gpu`, `methods`, `unit`, `checkpoint`, `storage`, `output`, `size`, `dtype` |
-//! | `moe`            | `plan` (its input models, shards and plan types), `config` (model references, errors), `methods` (the random streams), `storage`, `output`, `unit`, `yaml`, `dtype` |
+//! | `moe`            | `plan` (its input models, shards and plan types), `config` (model references, errors), `methods` (the random streams, LoRA factors), `forward` (the `hidden` routers), `storage`, `output`, `unit`, `yaml`, `dtype` |
 //!
 //! `unit` is split in two on purpose: its types are below `methods` (a
 //! method's kernel reads the unit's parameter values), while the checks of
@@ -38,6 +41,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod exec;
+pub mod forward;
 pub mod gpu;
 pub mod methods;
 pub mod moe;
@@ -61,6 +65,7 @@ mod layering {
         ("dtype", &[]),
         ("size", &[]),
         ("yaml", &[]),
+        ("forward", &[]),
         ("storage", &["yaml"]),
         ("config", &["yaml", "dtype"]),
         ("checkpoint", &["storage", "dtype"]),
@@ -105,7 +110,8 @@ mod layering {
         (
             "moe",
             &[
-                "plan", "config", "methods", "storage", "output", "unit", "yaml", "dtype",
+                "plan", "config", "methods", "forward", "storage", "output", "unit", "yaml",
+                "dtype",
             ],
         ),
     ];

@@ -41,15 +41,21 @@ fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-#[test]
-fn cheap_embed_gives_mergekit_moes_bytes() {
+/// Builds fixture `case` and compares it with mergekit-moe 0.1.5's output
+/// (`CASE.expected.json`): the same tensors, dtypes and shapes, every tensor
+/// byte-identical but the routers, which `router(name, ours, mergekit's
+/// bytes)` judges. Returns the expected JSON and the output folder's parent.
+fn matches_mergekit(
+    case: &str,
+    router: impl Fn(&str, &Tensor, &[u8]),
+) -> (serde_json::Value, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let config = moe_fixture("cheap_embed.yml");
-    built(&config, &out, &[]);
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(moe_fixture("cheap_embed.expected.json")).unwrap())
-            .unwrap();
+    built(&moe_fixture(&format!("{case}.yml")), &out, &[]);
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(moe_fixture(&format!("{case}.expected.json"))).unwrap(),
+    )
+    .unwrap();
     let want = expected["tensors"].as_object().unwrap();
     let got = read_model(&out);
     assert_eq!(
@@ -71,19 +77,26 @@ fn cheap_embed_gives_mergekit_moes_bytes() {
         assert_eq!(t.shape, shape, "{name}");
         if let Some(hex) = w.get("hex") {
             routers += 1;
+            router(name, t, &hex::decode(hex.as_str().unwrap()).unwrap());
+        } else {
             assert_eq!(
-                hex::encode(&t.bytes),
-                hex.as_str().unwrap(),
-                "router {name}"
+                hex::encode(Sha256::digest(&t.bytes)),
+                w["sha256"].as_str().unwrap(),
+                "{name} differs from mergekit-moe's"
             );
         }
-        assert_eq!(
-            hex::encode(Sha256::digest(&t.bytes)),
-            w["sha256"].as_str().unwrap(),
-            "{name} differs from mergekit-moe's"
-        );
     }
     assert_eq!(routers, 6, "a router per layer");
+    (expected, dir)
+}
+
+#[test]
+fn cheap_embed_gives_mergekit_moes_bytes() {
+    let config = moe_fixture("cheap_embed.yml");
+    let (expected, dir) = matches_mergekit("cheap_embed", |name, t, want| {
+        assert_eq!(hex::encode(&t.bytes), hex::encode(want), "router {name}");
+    });
+    let out = dir.path().join("out");
     // config.json: mergekit's values for everything a loader reads.
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
@@ -269,10 +282,9 @@ fn bad_configs_are_refused_at_their_key_before_anything_is_written() {
             "architecture (line 3, column 15): No output architecture found that matches",
         ),
         (
-            "base_model: models/llama-base\nexperts:\n  - source_model: models/llama-ft-a\n    \
-             positive_prompts: [a]\n  - source_model: models/llama-ft-b\n    positive_prompts: [b]\n",
-            "gate_mode hidden (a forward pass of the base model over the prompts) is not \
-             supported yet",
+            "base_model: models/gptoss-base\nexperts:\n  - source_model: models/gptoss-ft-a\n    \
+             positive_prompts: [a]\n  - source_model: models/gptoss-ft-b\n    positive_prompts: [b]\n",
+            "Mixtral requires all input models to be Llama or Mistral models (model type: gpt_oss)",
         ),
         (
             "base_model: models/llama-base\ngate_mode: random\nexperts:\n  \
@@ -327,8 +339,21 @@ fn run_and_moe_refuse_each_others_configs() {
 
 #[test]
 fn a_coordinator_and_workers_build_what_moe_builds() {
+    cluster_builds_what_moe_builds("cheap_embed.yml");
+}
+
+/// The routers of `hidden` are computed by the planner (the coordinator):
+/// the workers write the same bytes.
+#[test]
+fn a_coordinator_and_workers_build_hidden_routers_as_moe() {
+    cluster_builds_what_moe_builds("hidden.yml");
+}
+
+/// Fixture `name` built by a coordinator and two workers, in small shards,
+/// against `fleetmerge moe`'s build of it.
+fn cluster_builds_what_moe_builds(name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let config = moe_fixture("cheap_embed.yml");
+    let config = moe_fixture(name);
     let reference = dir.path().join("reference");
     built(&config, &reference, &["--out-shard-size", "300K"]);
     let out = dir.path().join("out");
@@ -499,4 +524,232 @@ fn an_ungated_shared_expert_makes_a_deepseek_moe() {
             && text.contains("DeepSeek MoE: chosen"),
         "{text}"
     );
+}
+
+/// The gate values of each of `layers` layers of a built MoE: the experts'
+/// rows, then the shared expert's gate (Qwen2-MoE), f64.
+fn routers_of(out: &Path, layers: usize) -> Vec<Vec<f64>> {
+    let m = read_model(out);
+    (0..layers)
+        .map(|l| {
+            let names = [
+                format!("model.layers.{l}.block_sparse_moe.gate.weight"),
+                format!("model.layers.{l}.mlp.gate.weight"),
+                format!("model.layers.{l}.mlp.shared_expert_gate.weight"),
+            ];
+            let v: Vec<f64> = names
+                .iter()
+                .filter_map(|n| m.get(n))
+                .flat_map(|t| t.values())
+                .collect();
+            assert!(!v.is_empty(), "layer {l} has a router");
+            v
+        })
+        .collect()
+}
+
+/// Two experts of BASE: prompts of unequal lengths (mergekit pads them, which
+/// `hidden_avg` counts), and negative prompts; longer than the Mistral
+/// base's sliding window of 3.
+const HIDDEN_EXPERTS: &str = "experts:\n  - source_model: BASE\n    positive_prompts: \
+     [\"tok5 tok9 tok12 tok13 tok14 tok15\", \"tok7\"]\n  - source_model: BASE\n    \
+     positive_prompts: [\"tok40 tok41\"]\n    negative_prompts: [\"tok5\", \"tok6 tok7 tok8 tok9 \
+     tok10\"]\n";
+
+/// The hidden states of the base at each layer's input, through the routers
+/// they make (a single prompt's router is its normalised state; the others
+/// average, pad and subtract as mergekit): ours against transformers' in f32
+/// (hidden_reference.py), for the kit's Llama and tiny Qwen2 (q/k/v biases),
+/// Qwen3 (q/k norms), Mistral (sliding window) and Llama (llama3 RoPE, biases)
+/// bases, in every hidden mode.
+#[test]
+fn hidden_states_match_transformers_in_f32() {
+    let python = torch_python();
+    let dir = tempfile::tempdir().unwrap();
+    let reference = moe_fixture("hidden_reference.py");
+    let o = std::process::Command::new(&python)
+        .arg(&reference)
+        .arg("models")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let kit = examples().join("models/llama-base");
+    let shared = "shared_experts:\n  - source_model: BASE\n    positive_prompts: \
+                  [\"tok300 tok301 tok302\", \"tok9\"]\n";
+    let bases = [
+        (kit.to_str().unwrap(), 6, ""),
+        ("qwen2-base", 3, shared),
+        ("qwen3-base", 3, ""),
+        ("mistral-base", 3, ""),
+        ("llama3-base", 3, ""),
+    ];
+    let mut configs = Vec::new();
+    for (base, layers, extra) in bases {
+        for mode in ["hidden", "hidden_avg", "hidden_last"] {
+            let name = format!(
+                "{}-{mode}",
+                Path::new(base).file_name().unwrap().to_str().unwrap()
+            );
+            let yaml = format!(
+                "base_model: {base}\ngate_mode: {mode}\ndtype: float32\n{HIDDEN_EXPERTS}{extra}"
+            )
+            .replace("BASE", base);
+            let config = write_config(dir.path(), &format!("{name}.yml"), &yaml);
+            let out = dir.path().join(&name);
+            let o = fleetmerge(
+                dir.path(),
+                &[
+                    "moe",
+                    config.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                    "--quiet",
+                    "--i-understand-this-is-not-useful-without-training",
+                ],
+            );
+            assert!(o.status.success(), "{name}: {}", stderr(&o));
+            configs.push((format!("{name}.yml"), out, layers));
+        }
+    }
+    let o = std::process::Command::new(&python)
+        .arg(&reference)
+        .arg("routers")
+        .args(configs.iter().map(|c| &c.0))
+        .current_dir(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (config, out, layers) in &configs {
+        let got = routers_of(out, *layers);
+        let layers_want = want[config]["layers"].as_array().unwrap();
+        assert_eq!(layers_want.len(), *layers, "{config}");
+        for (l, (g, w)) in got.iter().zip(layers_want).enumerate() {
+            let w: Vec<f64> = w
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|e| e.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+                .collect();
+            assert_eq!(g.len(), w.len(), "{config} layer {l}");
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let diff = g
+                .iter()
+                .zip(&w)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{config} layer {l}: ours differ from transformers' by {diff} (largest {scale})"
+            );
+        }
+    }
+    // hidden_last is mergekit's alias of hidden: the same bytes.
+    for name in ["llama-base", "qwen2-base", "mistral-base"] {
+        assert_eq!(
+            read_model(&dir.path().join(format!("{name}-hidden"))),
+            read_model(&dir.path().join(format!("{name}-hidden_last"))),
+            "{name}"
+        );
+    }
+}
+
+/// mergekit runs the base in bfloat16 (and writes bf16 routers); we run it in
+/// f32 and round once. Per router element at most 0.01 apart (the values are
+/// up to ~0.4, where a bf16 step is 2^-9; mergekit's rounding through six
+/// layers gave up to 0.0044) and each expert's row within cosine 0.9995.
+/// A wrong layer (adjacent layers' routers differ by more than 0.17 here) or
+/// mode (hidden against hidden_avg: more than 0.27) is far outside that.
+/// Every other tensor is byte-identical.
+#[test]
+fn hidden_routers_are_mergekit_moes_within_bf16() {
+    for case in ["hidden", "hidden_avg"] {
+        matches_mergekit(case, |name, t, want| {
+            let ours = t.values();
+            let theirs: Vec<f64> = want
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64)
+                .collect();
+            assert_eq!(ours.len(), theirs.len());
+            for (r, (a, b)) in ours.chunks(64).zip(theirs.chunks(64)).enumerate() {
+                let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let cos = dot / (norm(a) * norm(b));
+                assert!(
+                    diff <= 0.01 && cos >= 0.9995,
+                    "{case}: {name} row {r}: max difference {diff}, cosine {cos}"
+                );
+            }
+        });
+    }
+}
+
+/// mergekit-moe's default gate_mode is hidden: a config without one builds
+/// (the hidden fixture's routers), `plan` says what the forward pass costs,
+/// and a base the forward pass cannot run is refused at `base_model`, naming
+/// the config.json key.
+#[test]
+fn the_default_gate_mode_is_hidden_and_plan_shows_its_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let hidden = std::fs::read_to_string(moe_fixture("hidden.yml")).unwrap();
+    let default = hidden.replace("gate_mode: hidden\n", "");
+    assert_ne!(default, hidden);
+    let config = write_config(dir.path(), "default.yml", &default);
+    let out = dir.path().join("default");
+    built(&config, &out, &[]);
+    let reference = dir.path().join("hidden");
+    built(&moe_fixture("hidden.yml"), &reference, &[]);
+    assert_eq!(read_model(&out), read_model(&reference));
+    let o = fleetmerge(&examples(), &["plan", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for s in [
+        "routers: gate_mode hidden: a forward pass of the base over 7 distinct prompts (26 \
+         tokens)",
+        "through 5 of its 6 layers, one at a time (5 layers × 26 prompt tokens)",
+        "of the base read (",
+        "of embedding rows), f32 on the CPU, peak about ",
+    ] {
+        assert!(text.contains(s), "plan lacks {s:?}:\n{text}");
+    }
+    // A base with a RoPE scaling the forward pass does not run.
+    let yarn = dir.path().join("yarn-base");
+    std::fs::create_dir(&yarn).unwrap();
+    let kit = examples().join("models/llama-base");
+    for e in std::fs::read_dir(&kit).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap();
+        if name == "config.json" {
+            let mut c: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+            std::fs::write(yarn.join(name), serde_json::to_vec(&c).unwrap()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&p, yarn.join(name)).unwrap();
+        }
+    }
+    let bad = write_config(
+        dir.path(),
+        "yarn.yml",
+        &default.replace(
+            "base_model: models/llama-base",
+            &format!("base_model: {}", yarn.display()),
+        ),
+    );
+    let out = dir.path().join("yarn-out");
+    let o = build(&bad, &out, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    for s in [
+        "yarn.yml",
+        "base_model (line 5",
+        "gate_mode hidden runs the base model",
+        "config.json: `rope_scaling.rope_type` \"yarn\": only the plain RoPE and the llama3 \
+         scaling are supported",
+    ] {
+        assert!(err.contains(s), "lacks {s:?}: {err}");
+    }
+    assert!(!out.exists(), "nothing written");
 }

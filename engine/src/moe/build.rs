@@ -87,22 +87,6 @@ pub fn plan(
     allow_all_same: bool,
 ) -> Result<MoePlan, MoeError> {
     cfg.validate(allow_all_same)?;
-    if matches!(
-        cfg.gate_mode.value,
-        GateMode::Hidden | GateMode::HiddenAvg | GateMode::HiddenLast
-    ) {
-        return Err(cfg_err(
-            cfg,
-            "gate_mode",
-            cfg.gate_mode.span,
-            format!(
-                "gate_mode {} (a forward pass of the base model over the prompts) is not \
-                 supported yet; use cheap_embed (token embeddings of the prompts), random or \
-                 uniform_random (the default gate_mode is hidden)",
-                cfg.gate_mode.value.name(),
-            ),
-        ));
-    }
     let mut mentions: Vec<Mention> = vec![(
         cfg.base_model.value.clone(),
         "base_model".into(),
@@ -536,54 +520,43 @@ fn gates(
             ),
         ));
     }
-    // cheap_embed: the base's tokenizer, and the embedding rows of the tokens.
+    // The prompts, tokenized with the base's tokenizer.
     let loc = models.location(base);
     let st = storage::for_location(loc);
     let tok_loc = st.join(loc, "tokenizer.json");
     let bytes = st.read_all(&tok_loc).map_err(|e| {
         MoeError::Inputs(format!(
-            "gate_mode cheap_embed tokenizes the prompts with the base's tokenizer.json: {e}"
+            "gate_mode {} tokenizes the prompts with the base's tokenizer.json: {e}",
+            mode.name()
         ))
     })?;
     let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
         .map_err(|e| MoeError::Inputs(format!("{tok_loc}: not a tokenizer.json: {e}")))?;
-    let bos = bos_token(st.as_ref(), loc)?;
+    let bos = special_token(st.as_ref(), loc, "bos_token")?;
     let ids = router::tokenize(&tokenizer, &bos, gated).map_err(MoeError::Inputs)?;
-    let embed = "model.embed_tokens.weight";
-    let e = models.location_of(base, embed).ok_or_else(|| {
-        MoeError::Inputs(format!(
-            "gate_mode cheap_embed reads the base's {embed}, which '{}' ({loc}) does not have",
-            models.reference(base)
-        ))
-    })?;
-    let rows_n = e.info.shape.first().copied().unwrap_or(0);
-    let row_len = e.info.shape.get(1).copied().unwrap_or(0) as usize;
-    if row_len != h {
-        return Err(MoeError::Inputs(format!(
-            "{embed} of the base is {:?}, but hidden_size is {h}",
-            e.info.shape
-        )));
+    if mode != GateMode::CheapEmbed {
+        // mergekit pads with the BOS token, else the EOS token.
+        let eos = special_token(st.as_ref(), loc, "eos_token")?;
+        let pad = [bos, eos]
+            .iter()
+            .filter(|t| !t.is_empty())
+            .find_map(|t| tokenizer.token_to_id(t));
+        // Problems of the base (its config.json, its weights) at `base_model`.
+        return super::hidden::gates(mode.name(), models, base, gated, &ids, pad, l, h).map_err(
+            |e| match e {
+                MoeError::Inputs(m) => cfg_err(cfg, "base_model", cfg.base_model.span, m),
+                other => other,
+            },
+        );
     }
+    // cheap_embed: the embedding rows of the tokens.
     let mut wanted: Vec<u32> = ids
         .iter()
         .flat_map(|(p, n)| p.iter().chain(n).flatten().copied())
         .collect();
     wanted.sort_unstable();
     wanted.dedup();
-    let row_bytes = (row_len * e.info.dtype.size()) as u64;
-    let mut rows = BTreeMap::new();
-    for id in &wanted {
-        if *id as u64 >= rows_n {
-            return Err(MoeError::Inputs(format!(
-                "a prompt has token id {id}, but the base's {embed} has {rows_n} rows"
-            )));
-        }
-        let start = e.info.offset + *id as u64 * row_bytes;
-        let raw = st.read_range(&e.file, start..start + row_bytes)?;
-        let mut row = vec![0f32; row_len];
-        crate::dtype::decode_f32(e.info.dtype, &raw, &mut row);
-        rows.insert(*id, row);
-    }
+    let (rows, read) = super::hidden::embedding_rows(models, base, &wanted, h, mode.name())?;
     let tokens: usize = ids
         .iter()
         .map(|(p, n)| p.iter().chain(n).map(Vec::len).sum::<usize>())
@@ -592,24 +565,23 @@ fn gates(
     Ok((
         g,
         format!(
-            "{tokens} prompt tokens; {} embedding rows read ({} bytes) from the base",
+            "{tokens} prompt tokens; {} embedding rows read ({read} bytes) from the base",
             wanted.len(),
-            wanted.len() as u64 * row_bytes
         ),
     ))
 }
 
-/// The BOS token string of the base's tokenizer (`tokenizer_config.json`'s
-/// `bos_token`, a string or an added-token mapping), or empty (mergekit:
-/// `tokenizer.bos_token or ""`).
-fn bos_token(st: &dyn storage::Storage, loc: &str) -> Result<String, MoeError> {
+/// A special token's string in the base's `tokenizer_config.json` (`key`:
+/// `bos_token` or `eos_token`, a string or an added-token mapping), or empty
+/// (mergekit: `tokenizer.bos_token or ""`).
+fn special_token(st: &dyn storage::Storage, loc: &str, key: &str) -> Result<String, MoeError> {
     let at = st.join(loc, "tokenizer_config.json");
     if !st.exists(&at)? {
         return Ok(String::new());
     }
     let v: serde_json::Value = serde_json::from_slice(&st.read_all(&at)?)
         .map_err(|e| MoeError::Inputs(format!("{at}: not JSON: {e}")))?;
-    Ok(match v.get("bos_token") {
+    Ok(match v.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Object(m)) => m
             .get("content")

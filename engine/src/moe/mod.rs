@@ -1,7 +1,8 @@
 //! `fleetmerge moe`: a Mixture-of-Experts model built from dense models, as
 //! mergekit-moe builds it. The config and its rules (`config`), the output
 //! families with their tensor names and config.json (`family`), the routers
-//! (`router`), the model card (`card`), and the planner (`build`), whose
+//! (`router`; the `hidden` modes, a forward pass of the base over the
+//! prompts, in `hidden`), the model card (`card`), and the planner (`build`), whose
 //! [`Plan`](crate::plan::Plan) is made of the same work units as a merge's —
 //! expert MLPs copied by range, routers given as literal tensors — so that
 //! `run`'s driver and the cluster build it unchanged.
@@ -10,6 +11,7 @@ pub mod build;
 mod card;
 pub mod config;
 pub mod family;
+mod hidden;
 pub mod router;
 
 pub use build::{plan, MoePlan, MoeReport};

@@ -85,7 +85,7 @@ pub fn tokenize(
 }
 
 /// `x / max(‖x‖, 1e-8)` (torch's `norm` then `clamp`).
-fn normalize(x: &mut [f32]) {
+pub(super) fn normalize(x: &mut [f32]) {
     let norm = x
         .iter()
         .map(|v| (*v as f64) * (*v as f64))
