@@ -30,10 +30,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge on this machine: plan, compute every shard with all cores, write the model.
+    #[command(mut_arg("allow_all_same", |a| a.hide(true)))]
     Run(cmd::run::RunArgs),
     /// Build a Mixture of Experts from dense models (mergekit-moe's YAML: base_model,
     /// experts with prompts, gate_mode), on this machine; `coordinator` takes the
     /// same config.
+    #[command(
+        mut_arg("allow_crimes", |a| a.hide(true)),
+        mut_arg("keep_fp8", |a| a.hide(true))
+    )]
     Moe(cmd::moe::MoeArgs),
     /// Coordinate a merge across workers on other machines (gRPC).
     Coordinator(cmd::coordinator::CoordinatorArgs),

@@ -189,12 +189,31 @@ impl PlanArgs {
         if kind == ConfigKind::Moe {
             return Ok(self.plan_moe(config)?.plan);
         }
+        if self.allow_all_same {
+            anyhow::bail!(
+                "{}: --i-understand-this-is-not-useful-without-training is for mergekit-moe \
+                 configs (`fleetmerge moe`); this is a merge config",
+                config.display()
+            );
+        }
         let config = MergeConfig::load(config)?;
         Ok(plan::plan(&config, &self.options()?)?)
     }
 
     /// Plans the MoE build of `config`, logging mergekit-moe's warnings.
     pub fn plan_moe(&self, config: &Path) -> Result<fleetmerge_engine::moe::MoePlan> {
+        for (set, flag) in [
+            (self.allow_crimes, "--allow-crimes"),
+            (self.keep_fp8, "--keep-fp8"),
+        ] {
+            if set {
+                anyhow::bail!(
+                    "{}: {flag} is for merges (`fleetmerge run`); a MoE build copies each \
+                     expert's tensors as they are and takes no such option",
+                    config.display()
+                );
+            }
+        }
         let config = fleetmerge_engine::moe::MoeConfig::load(config)?;
         let planned = fleetmerge_engine::moe::plan(&config, &self.options()?, self.allow_all_same)?;
         for w in &planned.report.warnings {

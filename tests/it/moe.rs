@@ -248,6 +248,28 @@ fn a_lora_expert_is_the_adapted_weight_run_computes() {
     // uniform_random: within ±1/√64.
     let g = &m["model.layers.0.block_sparse_moe.gate.weight"];
     assert!(g.values().iter().all(|v| v.abs() <= 0.125 && v.is_finite()));
+    // `plan` counts the adapter's factors in what the adapted expert reads.
+    let o = fleetmerge(&examples(), &["plan", moe.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let bytes_of = |i: usize| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("expert {i}:")))
+            .unwrap_or_else(|| panic!("no expert {i} in:\n{text}"));
+        line.split(" of MLPs")
+            .next()
+            .unwrap()
+            .rsplit('(')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(
+        bytes_of(0),
+        bytes_of(1),
+        "the adapter's factors count:\n{text}"
+    );
 }
 
 #[test]
@@ -334,6 +356,49 @@ fn run_and_moe_refuse_each_others_configs() {
     let o = build(&merge, &out, &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("`fleetmerge run "), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// Each command's help lists only the options that do something for it,
+/// and the other command's options are refused by name, nothing written.
+#[test]
+fn run_and_moe_show_and_take_only_their_own_options() {
+    let help = |cmd: &str| {
+        let o = fleetmerge(&examples(), &[cmd, "--help"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (moe_help, run_help) = (help("moe"), help("run"));
+    for only_run in ["--allow-crimes", "--keep-fp8"] {
+        assert!(!moe_help.contains(only_run), "{only_run} in moe --help");
+        assert!(run_help.contains(only_run), "{only_run} not in run --help");
+    }
+    let same = "--i-understand-this-is-not-useful-without-training";
+    assert!(moe_help.contains(same) && !run_help.contains(same));
+
+    let dir = tempfile::tempdir().unwrap();
+    let moe = write_config(dir.path(), "moe.yml", RANDOM);
+    let out = dir.path().join("out");
+    for flag in ["--allow-crimes", "--keep-fp8"] {
+        let o = build(&moe, &out, &[flag]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains(&format!("{flag} is for merges")),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let merge = examples().join("ties.yaml");
+    let o = fleetmerge(
+        &examples(),
+        &["run", merge.to_str().unwrap(), out.to_str().unwrap(), same],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is for mergekit-moe configs"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
 }
 

@@ -426,7 +426,12 @@ pub fn plan(
 
     let report_of = |e: &Expert, refs: &[[TensorRef; 3]]| ExpertReport {
         reference: e.source_model.value.to_string(),
-        bytes: refs.iter().flatten().map(|r| r.len).sum(),
+        // An adapted expert also reads its LoRA factors.
+        bytes: refs
+            .iter()
+            .flatten()
+            .map(|r| r.len + r.lora.as_ref().map_or(0, |l| l.a.len + l.b.len))
+            .sum(),
         positive_prompts: e.positive_prompts.as_ref().map_or(0, Vec::len),
         negative_prompts: e.negative_prompts.as_ref().map_or(0, Vec::len),
     };
