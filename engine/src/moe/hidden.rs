@@ -141,17 +141,7 @@ pub(super) fn embedding_rows(
 
 /// `12.3 MB`: powers of 1000, as the plan's other sizes.
 fn human(n: u64) -> String {
-    let units = ["B", "KB", "MB", "GB", "TB"];
-    let (mut v, mut u) = (n as f64, 0);
-    while v >= 1000.0 && u < units.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", units[u])
-    }
+    crate::exec::human_bytes(n as f64)
 }
 
 /// What one run of the forward pass keeps per distinct prompt: per layer,
