@@ -31,7 +31,7 @@
 //! | `gpu`            | `methods`, `unit`, `dtype`                                      |
 //! | `plan`           | `config`, `checkpoint`, `storage`, `output`, `tokenizer` (the output vocabulary and each vocabulary tensor's alignment), `methods`, `unit`, `yaml`, `size`, `dtype` |
 //! | `exec`           | `plan` (only to report its memory estimate: `plan::summary::PeakMemory`), `gpu`, `methods`, `unit`, `checkpoint`, `storage`, `output`, `size`, `dtype` |
-//! | `moe`            | `plan` (its input models, shards and plan types), `config` (model references, errors), `methods` (the random streams, LoRA factors), `forward` (the `hidden` routers), `storage`, `output`, `unit`, `yaml`, `dtype` |
+//! | `moe`            | `plan` (its input models, shards and plan types), `config` (model references, errors), `methods` (the random streams, LoRA factors), `forward` (the `hidden` routers), `storage`, `output`, `unit`, `yaml`, `size`, `dtype` |
 //!
 //! `unit` is split in two on purpose: its types are below `methods` (a
 //! method's kernel reads the unit's parameter values), while the checks of
@@ -111,7 +111,7 @@ mod layering {
             "moe",
             &[
                 "plan", "config", "methods", "forward", "storage", "output", "unit", "yaml",
-                "dtype",
+                "size", "dtype",
             ],
         ),
     ];

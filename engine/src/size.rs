@@ -4,6 +4,24 @@
 //! `--out-shard-size 5B`); `Ki`, `Mi`, `Gi`, `Ti` are powers of 1024; a
 //! trailing `B` after a unit is allowed (`20MB`, `2GiB`). Case does not matter.
 //! Fractions are allowed (`1.5G`); the result is rounded down to whole bytes.
+//! And the other way: [`human_bytes`], how sizes are shown.
+
+/// A byte count for people: `812 B`, `3.71 GB` (powers of 1000, as disk and
+/// network sizes are quoted).
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
 
 /// A text that is not a size; each variant holds the text as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

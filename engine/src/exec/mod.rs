@@ -198,22 +198,8 @@ impl ExecLimits {
     }
 }
 
-/// A byte count for people: `812 B`, `3.71 GB` (powers of 1000, as disk and
-/// network sizes are quoted).
-pub fn human_bytes(n: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
-}
+/// A byte count for people (see [`crate::size::human_bytes`]).
+pub use crate::size::human_bytes;
 
 /// Executes `unit`, writing its shard into `out_dir`.
 pub fn execute_unit(

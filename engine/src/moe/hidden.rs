@@ -141,7 +141,7 @@ pub(super) fn embedding_rows(
 
 /// `12.3 MB`: powers of 1000, as the plan's other sizes.
 fn human(n: u64) -> String {
-    crate::exec::human_bytes(n as f64)
+    crate::size::human_bytes(n as f64)
 }
 
 /// What one run of the forward pass keeps per distinct prompt: per layer,
