@@ -612,22 +612,30 @@ fn coordinator(
     listen: &str,
     env: &[(&str, &str)],
 ) -> (Proc, String) {
-    let mut p = Proc::start(
-        name,
-        cwd,
-        &[
-            "coordinator",
-            "--config",
-            "s3.yaml",
-            "--out",
-            out,
-            "--listen",
-            listen,
-            "--out-shard-size",
-            "4M",
-        ],
-        env,
-    );
+    coordinator_with(name, cwd, out, listen, env, &["--out-shard-size", "4M"])
+}
+
+/// `fleetmerge coordinator` on `s3.yaml` into `out`, listening on `listen`
+/// with `args` besides; its process and the address it listens on.
+fn coordinator_with(
+    name: &str,
+    cwd: &Path,
+    out: &str,
+    listen: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Proc, String) {
+    let mut all = vec![
+        "coordinator",
+        "--config",
+        "s3.yaml",
+        "--out",
+        out,
+        "--listen",
+        listen,
+    ];
+    all.extend_from_slice(args);
+    let mut p = Proc::start(name, cwd, &all, env);
     let line = p.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
     (p, field(&line, "listen").unwrap().to_string())
 }
@@ -1078,26 +1086,14 @@ fn a_shard_written_in_parts_by_a_cluster_into_s3_survives_a_coordinator_kill() {
 
     let listen = format!("127.0.0.1:{}", free_port());
     let start = |name: &str| {
-        let mut p = Proc::start(
+        coordinator_with(
             name,
             dir,
-            &[
-                "coordinator",
-                "--config",
-                "s3.yaml",
-                "--out",
-                "s3://out-parts/m",
-                "--listen",
-                &listen,
-                "--out-shard-size",
-                "20M",
-                "--unit-size",
-                "18M",
-            ],
+            "s3://out-parts/m",
+            &listen,
             &env,
-        );
-        let line = p.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
-        (p, field(&line, "listen").unwrap().to_string())
+            &["--out-shard-size", "20M", "--unit-size", "18M"],
+        )
     };
     let (mut first, addr) = start("coordinator-1");
     let mut ws: Vec<Proc> = ["w1", "w2"]
@@ -1205,26 +1201,14 @@ fn a_lying_worker_s_part_makes_the_coordinator_write_the_shard_again() {
     let env = env_refs(&env);
     create_bucket(endpoint, "out-lie");
     let whole = whole_shards_reference(dir, "lie-reference");
-    let mut coordinator = Proc::start(
+    let (mut coordinator, addr) = coordinator_with(
         "coordinator-lie",
         dir,
-        &[
-            "coordinator",
-            "--config",
-            "s3.yaml",
-            "--out",
-            "s3://out-lie/m",
-            "--listen",
-            "127.0.0.1:0",
-            "--out-shard-size",
-            "20M",
-            "--unit-size",
-            "18M",
-        ],
+        "s3://out-lie/m",
+        "127.0.0.1:0",
         &env,
+        &["--out-shard-size", "20M", "--unit-size", "18M"],
     );
-    let line = coordinator.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
-    let addr = field(&line, "listen").unwrap().to_string();
 
     // The liar: a real gRPC client in this process.
     let rt = grpc::runtime();
@@ -1341,26 +1325,14 @@ fn a_revoked_lease_stops_its_reads_and_the_worker_moves_on() {
     );
     let (fast_env, slow_env) = (s3_env(endpoint), s3_env(&slow_endpoint));
     let (fast_env, slow_env) = (env_refs(&fast_env), env_refs(&slow_env));
-    let mut c = Proc::start(
+    let (mut c, addr) = coordinator_with(
         "coordinator",
         dir,
-        &[
-            "coordinator",
-            "--config",
-            "s3.yaml",
-            "--out",
-            "s3://out-revoked/x",
-            "--listen",
-            "127.0.0.1:0",
-            "--out-shard-size",
-            "4M",
-            "--lease-timeout",
-            "3",
-        ],
+        "s3://out-revoked/x",
+        "127.0.0.1:0",
         &fast_env,
+        &["--out-shard-size", "4M", "--lease-timeout", "3"],
     );
-    let line = c.wait_for("listening", MINUTE, |l| l.contains("coordinator listening"));
-    let addr = field(&line, "listen").unwrap().to_string();
     // The slow worker takes its unit first, then the fast one joins.
     let mut slow = worker("slow", &addr, &slow_env);
     let working = slow.wait_for("a unit", MINUTE, |l| l.contains("working"));
